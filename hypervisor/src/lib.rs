@@ -1,0 +1,19 @@
+//! The COLO hypervisor library.
+//!
+//! Two halves live here:
+//! - pure logic that compiles and is unit-tested on the host (`config`, `memory::frames`, `colo`),
+//!   each module `#![deny(unsafe_code)]`;
+//! - the hardware layer (`host`, `kernel`), built only with the `bare-metal` feature, which the
+//!   `boot` crate enables when it links the kernel.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod colo;
+pub mod config;
+pub mod memory;
+
+#[cfg(feature = "bare-metal")]
+pub mod host;
+#[cfg(feature = "bare-metal")]
+pub mod kernel;

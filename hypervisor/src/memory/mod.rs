@@ -1,0 +1,1 @@
+//! Physical memory bookkeeping (to be written).

@@ -1,1 +1,387 @@
-//! Kernel command-line configuration (to be written).
+//! The hypervisor's configuration, parsed from the kernel command line.
+//!
+//! The command line is a list of `key=value` words separated by spaces (GRUB may put the kernel's
+//! path first; a leading word that starts with `/` is skipped). Every key has one accepted form,
+//! listed in [`KEYS`]; an unknown key, a missing value, a repeated key or a value that does not
+//! parse stops the boot with a [`ConfigError`] that names the key, the value and the accepted form.
+#![deny(unsafe_code)]
+
+use core::fmt;
+use core::net::{Ipv4Addr, SocketAddrV4};
+
+/// What this host does in the COLO pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Runs the PVM, holds its output in the comparator, streams checkpoints.
+    Primary,
+    /// Runs the SVM, applies checkpoints, takes over when the primary dies.
+    Secondary,
+    /// Runs guests without replication.
+    Standalone,
+}
+
+/// What the hypervisor does once it has nothing left to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnIdle {
+    /// Leave the emulator with the success status (isa-debug-exit / Bochs shutdown port).
+    Exit,
+    /// Halt the CPU forever (bare metal, or to inspect the machine).
+    Halt,
+}
+
+/// A deliberate fault raised after boot, to test the exception path. Test use only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestFault {
+    /// `int3`: vector 3, no error code.
+    Breakpoint,
+    /// `ud2`: vector 6.
+    InvalidOpcode,
+    /// A read of the unmapped null page: vector 14 with CR2 = 0.
+    PageFault,
+    /// A Rust `panic!`: exercises the panic handler rather than the IDT.
+    Panic,
+}
+
+/// An IPv4 address with its prefix length, such as `10.0.0.1/24`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    /// The address.
+    pub addr: Ipv4Addr,
+    /// The prefix length, 0..=32.
+    pub prefix: u8,
+}
+
+/// The parsed configuration. Every field has a default except where a role requires it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `role=`.
+    pub role: Role,
+    /// `guest_mem=`: RAM given to each guest, in bytes.
+    pub guest_mem_bytes: u64,
+    /// `mgmt_addr=`: the management endpoint's address on the management network.
+    pub mgmt_addr: Option<Ipv4Cidr>,
+    /// `peer_addr=`: the other host's replication endpoint.
+    pub peer_addr: Option<SocketAddrV4>,
+    /// `heartbeat_ms=`: interval between heartbeats on the replication link.
+    pub heartbeat_ms: u32,
+    /// `checkpoint_ms=`: the periodic checkpoint interval.
+    pub checkpoint_ms: u32,
+    /// `log=`: the most verbose level printed on the serial console.
+    pub log_level: log::LevelFilter,
+    /// `on_idle=`.
+    pub on_idle: OnIdle,
+    /// `test_fault=`: raise a deliberate fault after boot.
+    pub test_fault: Option<TestFault>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            role: Role::Standalone,
+            guest_mem_bytes: 64 << 20,
+            mgmt_addr: None,
+            peer_addr: None,
+            heartbeat_ms: 100,
+            checkpoint_ms: 1000,
+            log_level: log::LevelFilter::Info,
+            on_idle: OnIdle::Exit,
+            test_fault: None,
+        }
+    }
+}
+
+/// One accepted key and the form of its value, as printed in error messages.
+#[derive(Clone, Copy, Debug)]
+pub struct KeySpec {
+    /// The key, without `=`.
+    pub key: &'static str,
+    /// The accepted form of the value.
+    pub form: &'static str,
+}
+
+/// Every key the command line accepts.
+pub const KEYS: &[KeySpec] = &[
+    KeySpec { key: "role", form: "primary|secondary|standalone" },
+    KeySpec { key: "guest_mem", form: "a size from 2M to 4G, with suffix K, M or G (e.g. 64M)" },
+    KeySpec { key: "mgmt_addr", form: "an IPv4 address with prefix length (e.g. 10.0.0.1/24)" },
+    KeySpec { key: "peer_addr", form: "an IPv4 address and port (e.g. 10.0.1.2:7000)" },
+    KeySpec { key: "heartbeat_ms", form: "milliseconds from 10 to 10000" },
+    KeySpec { key: "checkpoint_ms", form: "milliseconds from 10 to 600000" },
+    KeySpec { key: "log", form: "off|error|warn|info|debug|trace" },
+    KeySpec { key: "on_idle", form: "exit|halt" },
+    KeySpec { key: "test_fault", form: "breakpoint|invalid_opcode|page_fault|panic" },
+];
+
+/// The accepted form of `key`'s value.
+fn form_of(key: &str) -> &'static str {
+    KEYS.iter().find(|spec| spec.key == key).map_or("", |spec| spec.form)
+}
+
+/// Why a command line was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigError<'a> {
+    /// A key that is not in [`KEYS`].
+    UnknownKey {
+        /// The key as written.
+        key: &'a str,
+    },
+    /// A word without `=`, or with nothing after it.
+    MissingValue {
+        /// The key as written.
+        key: &'a str,
+    },
+    /// A value that does not have the key's accepted form.
+    BadValue {
+        /// The key.
+        key: &'a str,
+        /// The value as written.
+        value: &'a str,
+        /// The accepted form.
+        expected: &'static str,
+    },
+    /// The same key given twice.
+    Repeated {
+        /// The key.
+        key: &'a str,
+    },
+    /// A key the chosen role needs and the command line lacks.
+    Required {
+        /// The missing key.
+        key: &'static str,
+        /// The role that needs it.
+        role: Role,
+    },
+}
+
+impl fmt::Display for ConfigError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownKey { key } => {
+                write!(f, "unknown key `{key}`; accepted keys:")?;
+                for spec in KEYS {
+                    write!(f, " {}", spec.key)?;
+                }
+                Ok(())
+            }
+            Self::MissingValue { key } => {
+                write!(f, "key `{key}` has no value; accepted form: {key}={}", form_of(key))
+            }
+            Self::BadValue { key, value, expected } => {
+                write!(f, "bad value `{value}` for key `{key}`; accepted form: {key}={expected}")
+            }
+            Self::Repeated { key } => write!(f, "key `{key}` is given more than once"),
+            Self::Required { key, role } => write!(
+                f,
+                "role={} requires key `{key}`; accepted form: {key}={}",
+                role_name(*role),
+                form_of(key)
+            ),
+        }
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "primary",
+        Role::Secondary => "secondary",
+        Role::Standalone => "standalone",
+    }
+}
+
+/// Parses a kernel command line into a [`Config`].
+pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
+    let mut config = Config::default();
+    let mut seen = [false; KEYS.len()];
+    let mut words = cmdline.split_ascii_whitespace().peekable();
+    if words.peek().is_some_and(|first| first.starts_with('/')) {
+        words.next();
+    }
+    for word in words {
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        let index = KEYS
+            .iter()
+            .position(|spec| spec.key == key)
+            .ok_or(ConfigError::UnknownKey { key })?;
+        if value.is_empty() {
+            return Err(ConfigError::MissingValue { key });
+        }
+        if core::mem::replace(&mut seen[index], true) {
+            return Err(ConfigError::Repeated { key });
+        }
+        let bad = || ConfigError::BadValue { key, value, expected: KEYS[index].form };
+        match key {
+            "role" => {
+                config.role = match value {
+                    "primary" => Role::Primary,
+                    "secondary" => Role::Secondary,
+                    "standalone" => Role::Standalone,
+                    _ => return Err(bad()),
+                }
+            }
+            "guest_mem" => config.guest_mem_bytes = parse_size(value, 2 << 20, 4 << 30).ok_or_else(bad)?,
+            "mgmt_addr" => config.mgmt_addr = Some(parse_cidr(value).ok_or_else(bad)?),
+            "peer_addr" => config.peer_addr = Some(value.parse().map_err(|_| bad())?),
+            "heartbeat_ms" => config.heartbeat_ms = parse_in_range(value, 10, 10_000).ok_or_else(bad)?,
+            "checkpoint_ms" => config.checkpoint_ms = parse_in_range(value, 10, 600_000).ok_or_else(bad)?,
+            "log" => config.log_level = value.parse().map_err(|_| bad())?,
+            "on_idle" => {
+                config.on_idle = match value {
+                    "exit" => OnIdle::Exit,
+                    "halt" => OnIdle::Halt,
+                    _ => return Err(bad()),
+                }
+            }
+            "test_fault" => {
+                config.test_fault = Some(match value {
+                    "breakpoint" => TestFault::Breakpoint,
+                    "invalid_opcode" => TestFault::InvalidOpcode,
+                    "page_fault" => TestFault::PageFault,
+                    "panic" => TestFault::Panic,
+                    _ => return Err(bad()),
+                })
+            }
+            _ => unreachable!("every key in KEYS has a parser"),
+        }
+    }
+    if matches!(config.role, Role::Primary | Role::Secondary) && config.peer_addr.is_none() {
+        return Err(ConfigError::Required { key: "peer_addr", role: config.role });
+    }
+    Ok(config)
+}
+
+/// A decimal number within `min..=max`. Leading `+`, signs and blanks are refused.
+fn parse_in_range(value: &str, min: u32, max: u32) -> Option<u32> {
+    if !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok().filter(|n| (min..=max).contains(n))
+}
+
+/// A size such as `64M`, a multiple of 4 KiB, within `min..=max` bytes.
+fn parse_size(value: &str, min: u64, max: u64) -> Option<u64> {
+    let (digits, shift) = match value.as_bytes().last()? {
+        b'K' | b'k' => (&value[..value.len() - 1], 10),
+        b'M' | b'm' => (&value[..value.len() - 1], 20),
+        b'G' | b'g' => (&value[..value.len() - 1], 30),
+        _ => return None,
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n)?;
+    (bytes % 4096 == 0 && (min..=max).contains(&bytes)).then_some(bytes)
+}
+
+fn parse_cidr(value: &str) -> Option<Ipv4Cidr> {
+    let (addr, prefix) = value.split_once('/')?;
+    let prefix = parse_in_range(prefix, 0, 32)?;
+    Some(Ipv4Cidr { addr: addr.parse().ok()?, prefix: prefix as u8 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn empty_line_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(parse("   ").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn leading_kernel_path_is_skipped() {
+        let config = parse("/boot/colo-kernel role=standalone on_idle=halt").unwrap();
+        assert_eq!(config.on_idle, OnIdle::Halt);
+    }
+
+    #[test]
+    fn full_primary_line_parses() {
+        let config = parse(
+            "role=primary peer_addr=10.0.1.2:7000 mgmt_addr=10.0.0.1/24 guest_mem=128M \
+             heartbeat_ms=50 checkpoint_ms=2000 log=debug test_fault=page_fault",
+        )
+        .unwrap();
+        assert_eq!(config.role, Role::Primary);
+        assert_eq!(config.peer_addr, Some("10.0.1.2:7000".parse().unwrap()));
+        assert_eq!(config.mgmt_addr, Some(Ipv4Cidr { addr: Ipv4Addr::new(10, 0, 0, 1), prefix: 24 }));
+        assert_eq!(config.guest_mem_bytes, 128 << 20);
+        assert_eq!(config.heartbeat_ms, 50);
+        assert_eq!(config.checkpoint_ms, 2000);
+        assert_eq!(config.log_level, log::LevelFilter::Debug);
+        assert_eq!(config.test_fault, Some(TestFault::PageFault));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_accepted_keys() {
+        let err = parse("role=standalone colour=blue").unwrap_err();
+        assert_eq!(err, ConfigError::UnknownKey { key: "colour" });
+        let msg = err.to_string();
+        assert!(msg.contains("`colour`") && msg.contains("role") && msg.contains("peer_addr"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_key_value_and_form() {
+        let err = parse("role=tertiary").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad value `tertiary` for key `role`; accepted form: role=primary|secondary|standalone"
+        );
+    }
+
+    #[test]
+    fn missing_value_and_bare_word_are_refused() {
+        assert_eq!(parse("role=").unwrap_err(), ConfigError::MissingValue { key: "role" });
+        assert_eq!(parse("role").unwrap_err(), ConfigError::MissingValue { key: "role" });
+        assert!(parse("role").unwrap_err().to_string().contains("role=primary|secondary|standalone"));
+    }
+
+    #[test]
+    fn repeated_key_is_refused() {
+        assert_eq!(
+            parse("log=info log=debug").unwrap_err(),
+            ConfigError::Repeated { key: "log" }
+        );
+    }
+
+    #[test]
+    fn replicating_roles_need_a_peer() {
+        let err = parse("role=secondary").unwrap_err();
+        assert_eq!(err, ConfigError::Required { key: "peer_addr", role: Role::Secondary });
+        assert!(err.to_string().contains("role=secondary requires key `peer_addr`"));
+    }
+
+    #[test]
+    fn numbers_outside_their_range_are_refused() {
+        for line in [
+            "heartbeat_ms=9",
+            "heartbeat_ms=10001",
+            "heartbeat_ms=-5",
+            "heartbeat_ms=+5",
+            "heartbeat_ms=5x",
+            "heartbeat_ms=99999999999999999999",
+            "checkpoint_ms=0",
+        ] {
+            assert!(matches!(parse(line), Err(ConfigError::BadValue { .. })), "{line}");
+        }
+    }
+
+    #[test]
+    fn sizes_need_suffix_alignment_and_range() {
+        assert_eq!(parse("guest_mem=2M").unwrap().guest_mem_bytes, 2 << 20);
+        assert_eq!(parse("guest_mem=4G").unwrap().guest_mem_bytes, 4 << 30);
+        assert_eq!(parse("guest_mem=8192k").unwrap().guest_mem_bytes, 8 << 20);
+        for bad in ["64", "1M", "5G", "M", "4097K", "18446744073709551615G", "1.5G"] {
+            let line = std::format!("guest_mem={bad}");
+            assert!(matches!(parse(&line), Err(ConfigError::BadValue { .. })), "{line}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_checked() {
+        for bad in ["mgmt_addr=10.0.0.1", "mgmt_addr=10.0.0.1/33", "mgmt_addr=10.0.0/24", "peer_addr=10.0.0.1"] {
+            assert!(matches!(parse(bad), Err(ConfigError::BadValue { .. })), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The hypervisor's start-up sequence, from the boot information `boot` hands over to idle.
+//!
+//! Order matters: the console comes first (so everything after can report), then GDT/IDT (so a
+//! fault is reported, not a silent triple fault), then the configuration (a bad command line stops
+//! here with a named error), then memory: frame allocator, host page tables, heap.
+
+use core::fmt::Write;
+
+use crate::config::{self, Config, OnIdle, TestFault};
+use crate::host::{cpu, gdt, heap, idt, paging, serial, shutdown};
+use crate::memory::{FrameAllocator, PhysRange};
+
+/// Most memory ranges and modules taken from the boot information.
+pub const MAX_BOOT_RANGES: usize = 64;
+/// Most multiboot2 modules.
+pub const MAX_MODULES: usize = 16;
+
+/// The kernel heap size.
+const HEAP_BYTES: u64 = 16 << 20;
+
+/// A module the boot loader loaded (a guest image or a disk image).
+#[derive(Clone, Copy, Debug)]
+pub struct BootModule<'a> {
+    /// Where it sits in physical memory.
+    pub range: PhysRange,
+    /// The module's own command line (its name).
+    pub cmdline: &'a str,
+}
+
+/// What the boot loader told us, already parsed by `boot`.
+#[derive(Debug)]
+pub struct BootInfo<'a> {
+    /// Which loader booted us.
+    pub loader: &'a str,
+    /// The kernel command line.
+    pub cmdline: &'a str,
+    /// RAM the firmware reports as available.
+    pub available: heapless::Vec<PhysRange, MAX_BOOT_RANGES>,
+    /// Memory in use that the allocator must not hand out: the kernel image, the boot
+    /// information, the modules.
+    pub reserved: heapless::Vec<PhysRange, MAX_BOOT_RANGES>,
+    /// The kernel image (the only executable memory).
+    pub kernel_image: PhysRange,
+    /// Loaded modules.
+    pub modules: heapless::Vec<BootModule<'a>, MAX_MODULES>,
+}
+
+/// Runs the hypervisor. Never returns: it ends in [`shutdown::exit`] or halts.
+pub fn run(boot: &BootInfo<'_>) -> ! {
+    serial::init();
+    serial::init_logger(log::LevelFilter::Info);
+    log::info!("COLO hypervisor {} starting (loader: {})", env!("CARGO_PKG_VERSION"), boot.loader);
+    gdt::init();
+    idt::init();
+    log::info!("GDT, TSS (4 IST stacks) and IDT loaded");
+
+    let config = match config::parse(boot.cmdline) {
+        Ok(config) => config,
+        Err(err) => {
+            log::error!("config error: {err}");
+            log::error!("kernel command line was: `{}`", boot.cmdline);
+            shutdown::exit(shutdown::ExitStatus::Failure);
+        }
+    };
+    serial::init_logger(config.log_level);
+    log::info!("command line: `{}`", boot.cmdline);
+    log::info!("config: role={:?} guest_mem={} MiB", config.role, config.guest_mem_bytes >> 20);
+
+    let mut frames = FrameAllocator::new();
+    let phys_end = init_frames(&mut frames, boot);
+    if let Err(err) = paging::init(&mut frames, phys_end, boot.kernel_image) {
+        fail(format_args!("host page tables: {err}"));
+    }
+    log::info!("host page tables loaded: identity map to {:#x}, null page unmapped", phys_end.max(4 << 30));
+    match heap::init(&mut frames, HEAP_BYTES) {
+        Ok(range) => log::info!("heap: {} MiB at {:#x}", range.len() >> 20, range.start),
+        Err(err) => fail(format_args!("heap: {err}")),
+    }
+    heap_self_check();
+
+    let vendor = cpu::vendor();
+    log::info!("cpu vendor: {}", core::str::from_utf8(&vendor).unwrap_or("?"));
+    for module in &boot.modules {
+        log::info!(
+            "module `{}` at {:#x}..{:#x} ({} KiB)",
+            module.cmdline,
+            module.range.start,
+            module.range.end,
+            module.range.len() >> 10
+        );
+    }
+    log::info!("free memory after start-up: {} MiB", frames.free_bytes() >> 20);
+
+    if let Some(fault) = config.test_fault {
+        raise_test_fault(fault);
+    }
+    log::info!("boot complete");
+    idle(&config)
+}
+
+/// Feeds the allocator with available RAM minus reservations; returns the end of RAM.
+fn init_frames(frames: &mut FrameAllocator, boot: &BootInfo<'_>) -> u64 {
+    let mut phys_end = 0;
+    for &range in &boot.available {
+        phys_end = phys_end.max(range.end);
+        if let Err(err) = frames.add(range) {
+            log::warn!("memory range {:#x}..{:#x} not used: {err}", range.start, range.end);
+        }
+    }
+    // The first MiB holds the IVT, BIOS data and option ROMs; the kernel never allocates there.
+    let low_memory = PhysRange { start: 0, end: 1 << 20 };
+    let kernel = boot.kernel_image;
+    for &range in boot.reserved.iter().chain([low_memory, kernel].iter()) {
+        if let Err(err) = frames.reserve(range) {
+            fail(format_args!("reserving {:#x}..{:#x}: {err}", range.start, range.end));
+        }
+    }
+    log::info!(
+        "memory: {} MiB available in {} ranges, RAM ends at {:#x}",
+        frames.free_bytes() >> 20,
+        frames.free_ranges().len(),
+        phys_end
+    );
+    phys_end
+}
+
+/// Proves the heap works before anything depends on it.
+fn heap_self_check() {
+    let mut v = alloc::vec::Vec::with_capacity(1000);
+    v.extend(0..1000u32);
+    let boxed = alloc::boxed::Box::new(v.iter().sum::<u32>());
+    if *boxed != 499_500 {
+        fail(format_args!("heap self-check: sum {} != 499500", *boxed));
+    }
+}
+
+fn raise_test_fault(fault: TestFault) {
+    log::warn!("raising deliberate test fault: {fault:?}");
+    match fault {
+        // SAFETY: a deliberate breakpoint; the IDT reports it and stops the machine.
+        TestFault::Breakpoint => unsafe { core::arch::asm!("int3") },
+        // SAFETY: a deliberate #UD; the IDT reports it and stops the machine.
+        TestFault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        TestFault::PageFault => {
+            let value: u64;
+            // SAFETY: a deliberate read of address 0, which `paging::init` leaves unmapped: it
+            // raises #PF with CR2 = 0, which the IDT reports before stopping the machine.
+            unsafe { core::arch::asm!("mov {}, qword ptr [0]", out(reg) value, options(nostack, readonly)) };
+            log::error!("null read returned {value:#x}: the null page is mapped");
+        }
+        TestFault::Panic => panic!("deliberate test panic"),
+    }
+}
+
+fn idle(config: &Config) -> ! {
+    match config.on_idle {
+        OnIdle::Exit => {
+            log::info!("nothing left to run; exiting");
+            shutdown::exit(shutdown::ExitStatus::Success)
+        }
+        OnIdle::Halt => {
+            log::info!("nothing left to run; halting");
+            serial::drain();
+            cpu::halt_forever()
+        }
+    }
+}
+
+/// Reports a fatal start-up error and stops with a failure status.
+fn fail(args: core::fmt::Arguments<'_>) -> ! {
+    let _ = writeln!(serial::emergency_writer(), "FATAL: {args}");
+    shutdown::exit(shutdown::ExitStatus::Failure)
+}

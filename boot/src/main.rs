@@ -223,10 +223,7 @@ extern "C" fn kernel_main(magic: u32, info_address: u32) -> ! {
         cmdline: info.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or(""),
         available: heapless::Vec::new(),
         reserved: heapless::Vec::new(),
-        kernel_image: PhysRange {
-            start: (&raw const __kernel_start) as u64,
-            end: (&raw const __kernel_end) as u64,
-        },
+        kernel_image: PhysRange { start: (&raw const __kernel_start) as u64, end: (&raw const __kernel_end) as u64 },
         modules: heapless::Vec::new(),
     };
     let Some(memory_map) = info.memory_map_tag() else {

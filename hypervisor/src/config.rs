@@ -170,12 +170,9 @@ impl fmt::Display for ConfigError<'_> {
                 write!(f, "bad value `{value}` for key `{key}`; accepted form: {key}={expected}")
             }
             Self::Repeated { key } => write!(f, "key `{key}` is given more than once"),
-            Self::Required { key, role } => write!(
-                f,
-                "role={} requires key `{key}`; accepted form: {key}={}",
-                role_name(*role),
-                form_of(key)
-            ),
+            Self::Required { key, role } => {
+                write!(f, "role={} requires key `{key}`; accepted form: {key}={}", role_name(*role), form_of(key))
+            }
         }
     }
 }
@@ -198,10 +195,7 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
     }
     for word in words {
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
-        let index = KEYS
-            .iter()
-            .position(|spec| spec.key == key)
-            .ok_or(ConfigError::UnknownKey { key })?;
+        let index = KEYS.iter().position(|spec| spec.key == key).ok_or(ConfigError::UnknownKey { key })?;
         if value.is_empty() {
             return Err(ConfigError::MissingValue { key });
         }
@@ -339,10 +333,7 @@ mod tests {
 
     #[test]
     fn repeated_key_is_refused() {
-        assert_eq!(
-            parse("log=info log=debug").unwrap_err(),
-            ConfigError::Repeated { key: "log" }
-        );
+        assert_eq!(parse("log=info log=debug").unwrap_err(), ConfigError::Repeated { key: "log" });
     }
 
     #[test]

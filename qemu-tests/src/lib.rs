@@ -172,16 +172,13 @@ pub fn make_image(kernel: &Path, cmdline: &str, modules: &[ImageModule], out: &P
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent)?;
     }
-    let output = Command::new("grub-mkrescue")
-        .arg("-o")
-        .arg(out)
-        .arg(staging.path())
-        .output()
-        .map_err(|error| HarnessError::Spawn {
+    let output = Command::new("grub-mkrescue").arg("-o").arg(out).arg(staging.path()).output().map_err(|error| {
+        HarnessError::Spawn {
             program: "grub-mkrescue".into(),
             error,
             hint: "install the boot tools with `cargo xtask deps`",
-        })?;
+        }
+    })?;
     if !output.status.success() {
         return Err(HarnessError::ToolFailed {
             program: "grub-mkrescue".into(),
@@ -199,6 +196,8 @@ pub enum Emulator {
     Qemu,
     /// Bochs (VT-x with EPT and PML on the `tigerlake` model).
     Bochs,
+    /// QEMU with KVM and the host CPU passed through (nested VT-x on Intel hosts that allow it).
+    QemuKvm,
 }
 
 /// How the image is attached.
@@ -235,6 +234,7 @@ impl MachineConfig {
         let cpu = match emulator {
             Emulator::Qemu => "max",
             Emulator::Bochs => "tigerlake",
+            Emulator::QemuKvm => "host,+vmx",
         };
         Self { emulator, medium, image: image.into(), memory_mib: 512, cpu: cpu.into(), extra: Vec::new() }
     }
@@ -284,7 +284,7 @@ impl Machine {
         let serial_path = scratch.path().join("serial.log");
         fs::write(&serial_path, b"")?;
         let mut command = match config.emulator {
-            Emulator::Qemu => qemu_command(&config, &serial_path)?,
+            Emulator::Qemu | Emulator::QemuKvm => qemu_command(&config, &serial_path)?,
             Emulator::Bochs => bochs_command(&config, &serial_path, scratch.path())?,
         };
         let program = format!("{:?}", command.get_program());
@@ -342,6 +342,34 @@ impl Machine {
         }
     }
 
+    /// Hands every serial line to `show` as it appears, until the emulator exits (or `timeout`).
+    pub fn stream(&mut self, timeout: Option<Duration>, mut show: impl FnMut(&SerialLine)) -> Result<(), HarnessError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut shown = 0;
+        loop {
+            let exited = self.child.try_wait()?.is_some();
+            if exited {
+                self.stop_following();
+            }
+            let lines = self.lines();
+            for line in &lines[shown..] {
+                show(line);
+            }
+            shown = lines.len();
+            if exited {
+                return Ok(());
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(HarnessError::Timeout {
+                    what: format!("{:?} to exit", self.config.emulator),
+                    after: self.started.elapsed(),
+                    serial: self.serial(),
+                });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the emulator to exit by itself, then reports how it ended.
     pub fn wait_exit(mut self, timeout: Duration) -> Result<Outcome, HarnessError> {
         let deadline = Instant::now() + timeout;
@@ -361,9 +389,7 @@ impl Machine {
         let elapsed = self.started.elapsed();
         self.stop_following();
         let serial = self.serial();
-        let verdict = serial
-            .lines()
-            .find_map(|l| l.split_once(EXIT_MARKER).and_then(|(_, v)| v.trim().parse().ok()));
+        let verdict = serial.lines().find_map(|l| l.split_once(EXIT_MARKER).and_then(|(_, v)| v.trim().parse().ok()));
         Ok(Outcome { exit_code: status.code(), verdict, serial, elapsed })
     }
 
@@ -386,7 +412,9 @@ impl Drop for Machine {
 /// Follows the serial file, splitting it into timestamped lines, until told to stop (and then
 /// reads what is left).
 fn follow_serial(path: &Path, started: Instant, lines: &Mutex<Vec<SerialLine>>, stop: &AtomicBool) {
-    let Ok(mut file) = fs::File::open(path) else { return };
+    let Ok(mut file) = fs::File::open(path) else {
+        return;
+    };
     let mut pending = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -416,7 +444,8 @@ fn follow_serial(path: &Path, started: Instant, lines: &Mutex<Vec<SerialLine>>, 
 
 fn qemu_command(config: &MachineConfig, serial: &Path) -> Result<Command, HarnessError> {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-machine", "q35", "-accel", "tcg", "-cpu", &config.cpu, "-m", &config.memory_mib.to_string()]);
+    let accel = if config.emulator == Emulator::QemuKvm { "kvm" } else { "tcg" };
+    c.args(["-machine", "q35", "-accel", accel, "-cpu", &config.cpu, "-m", &config.memory_mib.to_string()]);
     c.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"]);
     c.arg("-serial").arg(format!("file:{}", serial.display()));
     c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
@@ -435,7 +464,10 @@ fn qemu_command(config: &MachineConfig, serial: &Path) -> Result<Command, Harnes
     if config.medium == BootMedium::UsbUefi {
         let firmware = Path::new(OVMF_FIRMWARE);
         if !firmware.is_file() {
-            return Err(HarnessError::Missing { path: firmware.into(), hint: "install `ovmf` with `cargo xtask deps`" });
+            return Err(HarnessError::Missing {
+                path: firmware.into(),
+                hint: "install `ovmf` with `cargo xtask deps`",
+            });
         }
         c.arg("-bios").arg(firmware);
     }

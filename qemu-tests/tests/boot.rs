@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use qemu_tests::{
-    built_kernel, make_image, BootMedium, Emulator, Machine, MachineConfig, Outcome, ScratchDir,
-    FIRST_RUST_LINE, QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS,
+    built_kernel, make_image, BootMedium, Emulator, Machine, MachineConfig, Outcome, ScratchDir, FIRST_RUST_LINE,
+    QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS,
 };
 
 const QEMU_TIMEOUT: Duration = Duration::from_secs(90);
@@ -18,7 +18,8 @@ fn boot(name: &str, emulator: Emulator, medium: BootMedium, cmdline: &str) -> (O
     let scratch = ScratchDir::new(name).expect("scratch dir");
     let image = scratch.path().join("colo.img");
     make_image(&kernel, cmdline, &[], &image).unwrap_or_else(|e| panic!("{e}"));
-    let mut machine = Machine::start(MachineConfig::new(emulator, medium, &image), name).unwrap_or_else(|e| panic!("{e}"));
+    let mut machine =
+        Machine::start(MachineConfig::new(emulator, medium, &image), name).unwrap_or_else(|e| panic!("{e}"));
     let timeout = if emulator == Emulator::Bochs { BOCHS_TIMEOUT } else { QEMU_TIMEOUT };
     let first = machine.wait_for(FIRST_RUST_LINE, timeout).unwrap_or_else(|e| panic!("{e}"));
     let outcome = machine.wait_exit(timeout).unwrap_or_else(|e| panic!("{e}"));

@@ -1,6 +1,6 @@
 //! Small CPU helpers: control registers for reports, CPUID, halting.
 
-use core::arch::x86_64::{CpuidResult, __cpuid_count};
+use core::arch::x86_64::{__cpuid_count, CpuidResult};
 
 /// CPUID with a sub-leaf.
 pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {

@@ -175,10 +175,8 @@ pub fn init() {
         };
         idt.0[vector as usize] = IdtGate::new(stubs + vector as u64 * STUB_SIZE as u64, code, ist);
     }
-    let pointer = DescriptorTablePointer {
-        limit: (size_of::<Idt>() - 1) as u16,
-        base: VirtAddr::new((&raw const IDT) as u64),
-    };
+    let pointer =
+        DescriptorTablePointer { limit: (size_of::<Idt>() - 1) as u16, base: VirtAddr::new((&raw const IDT) as u64) };
     // SAFETY: the IDT is 'static, fully initialised, and every present gate points at a stub
     // above that runs on an IST stack and ends in `iretq` with the frame it was given.
     unsafe { lidt(&pointer) };
@@ -187,13 +185,38 @@ pub fn init() {
 /// The architectural name of an exception vector.
 pub fn vector_name(vector: u64) -> &'static str {
     const NAMES: [&str; 32] = [
-        "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound range",
-        "#UD invalid opcode", "#NM device not available", "#DF double fault", "coprocessor overrun",
-        "#TS invalid TSS", "#NP segment not present", "#SS stack fault", "#GP general protection",
-        "#PF page fault", "reserved", "#MF x87 error", "#AC alignment check", "#MC machine check",
-        "#XM SIMD exception", "#VE virtualization exception", "#CP control protection", "reserved",
-        "reserved", "reserved", "reserved", "reserved", "reserved", "#HV hypervisor injection",
-        "#VC VMM communication", "#SX security exception", "reserved",
+        "#DE divide error",
+        "#DB debug",
+        "NMI",
+        "#BP breakpoint",
+        "#OF overflow",
+        "#BR bound range",
+        "#UD invalid opcode",
+        "#NM device not available",
+        "#DF double fault",
+        "coprocessor overrun",
+        "#TS invalid TSS",
+        "#NP segment not present",
+        "#SS stack fault",
+        "#GP general protection",
+        "#PF page fault",
+        "reserved",
+        "#MF x87 error",
+        "#AC alignment check",
+        "#MC machine check",
+        "#XM SIMD exception",
+        "#VE virtualization exception",
+        "#CP control protection",
+        "reserved",
+        "reserved",
+        "reserved",
+        "reserved",
+        "reserved",
+        "reserved",
+        "#HV hypervisor injection",
+        "#VC VMM communication",
+        "#SX security exception",
+        "reserved",
     ];
     NAMES.get(vector as usize).copied().unwrap_or("unknown")
 }
@@ -218,10 +241,6 @@ extern "C" fn colo_exception_dispatch(frame: &mut ExceptionFrame) {
     let _ = writeln!(out, "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}", f.rsi, f.rdi, f.rbp, f.r8);
     let _ = writeln!(out, "  r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}", f.r9, f.r10, f.r11, f.r12);
     let _ = writeln!(out, "  r13={:#018x} r14={:#018x} r15={:#018x}", f.r13, f.r14, f.r15);
-    let _ = writeln!(
-        out,
-        "  cr0={:#018x} cr3={:#018x} cr4={:#018x} efer={:#018x}",
-        cr.cr0, cr.cr3, cr.cr4, cr.efer
-    );
+    let _ = writeln!(out, "  cr0={:#018x} cr3={:#018x} cr4={:#018x} efer={:#018x}", cr.cr0, cr.cr3, cr.cr4, cr.efer);
     shutdown::exit(shutdown::ExitStatus::Failure)
 }

@@ -152,8 +152,12 @@ impl FrameAllocator {
         }
         for i in 0..self.free.len() {
             let cur = self.free[i];
-            let Some(start) = cur.start.checked_next_multiple_of(align) else { continue };
-            let Some(end) = start.checked_add(bytes) else { continue };
+            let Some(start) = cur.start.checked_next_multiple_of(align) else {
+                continue;
+            };
+            let Some(end) = start.checked_add(bytes) else {
+                continue;
+            };
             if end > cur.end {
                 continue;
             }
@@ -235,10 +239,7 @@ mod tests {
         a.reserve(PhysRange { start: 2 * MIB, end: 3 * MIB + 1 }).unwrap();
         assert_eq!(
             a.free_ranges(),
-            &[
-                PhysRange { start: MIB, end: 2 * MIB },
-                PhysRange { start: 3 * MIB + PAGE_SIZE, end: 16 * MIB }
-            ]
+            &[PhysRange { start: MIB, end: 2 * MIB }, PhysRange { start: 3 * MIB + PAGE_SIZE, end: 16 * MIB }]
         );
         assert_eq!(a.free_bytes(), 14 * MIB - PAGE_SIZE);
     }

@@ -163,9 +163,7 @@ static mut IDT: Idt = Idt([IdtGate::MISSING; 256]);
 pub fn init() {
     let code = gdt::selectors().expect("gdt::init runs before idt::init").code.0;
     let stubs = (&raw const colo_exception_stubs) as u64;
-    // SAFETY: single CPU, interrupts are off at boot and nothing has loaded this IDT yet, so
-    // this is the only access; the pointer comes from a 'static.
-    let idt = unsafe { &mut *(&raw mut IDT) };
+    let mut table = Idt([IdtGate::MISSING; 256]);
     for vector in 0..32u8 {
         let ist = match vector {
             2 => IST_NMI,
@@ -173,8 +171,11 @@ pub fn init() {
             18 => IST_MACHINE_CHECK,
             _ => IST_GENERAL,
         };
-        idt.0[vector as usize] = IdtGate::new(stubs + vector as u64 * STUB_SIZE as u64, code, ist);
+        table.0[vector as usize] = IdtGate::new(stubs + vector as u64 * STUB_SIZE as u64, code, ist);
     }
+    // SAFETY: single CPU, interrupts are off at boot and the IDT is written before `lidt` makes
+    // the CPU read it; no reference to the static exists.
+    unsafe { (&raw mut IDT).write(table) };
     let pointer =
         DescriptorTablePointer { limit: (size_of::<Idt>() - 1) as u16, base: VirtAddr::new((&raw const IDT) as u64) };
     // SAFETY: the IDT is 'static, fully initialised, and every present gate points at a stub

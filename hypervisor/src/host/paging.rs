@@ -39,7 +39,7 @@ pub fn init(frames: &mut FrameAllocator, phys_end: u64, executable: PhysRange) -
             *entry = if base == 0 {
                 let pt = new_table(frames)?;
                 for (k, pte) in pt.iter_mut().enumerate().skip(1) {
-                    *pte = k as u64 * PAGE_SIZE | PRESENT | WRITABLE | NO_EXECUTE;
+                    *pte = (k as u64 * PAGE_SIZE) | PRESENT | WRITABLE | NO_EXECUTE;
                 }
                 table_entry(pt)
             } else {

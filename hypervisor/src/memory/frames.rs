@@ -147,7 +147,7 @@ impl FrameAllocator {
     /// Allocates `bytes` (a multiple of 4 KiB) at an address aligned to `align` (a power of two
     /// of at least 4 KiB). Takes the lowest fitting address.
     pub fn allocate(&mut self, bytes: u64, align: u64) -> Result<PhysRange, FrameError> {
-        if bytes == 0 || bytes % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) || !align.is_power_of_two() || align < PAGE_SIZE {
             return Err(FrameError::BadRequest { bytes, align });
         }
         for i in 0..self.free.len() {
@@ -175,7 +175,7 @@ impl FrameAllocator {
 
     /// Gives back a range obtained from [`Self::allocate`].
     pub fn free(&mut self, range: PhysRange) -> Result<(), FrameError> {
-        if range.is_empty() || range.start % PAGE_SIZE != 0 || range.end % PAGE_SIZE != 0 {
+        if range.is_empty() || !range.start.is_multiple_of(PAGE_SIZE) || !range.end.is_multiple_of(PAGE_SIZE) {
             return Err(FrameError::BadRequest { bytes: range.len(), align: PAGE_SIZE });
         }
         if self.free.iter().any(|f| f.start < range.end && range.start < f.end) {

@@ -1,1 +1,1454 @@
-//! (to be written)
+//! The output comparator: the primary's gatekeeper between the VMs and the clients.
+//!
+//! Every frame the PVM sends toward clients is pushed with [`OutputComparator::push_pvm`] and
+//! *held*; every frame the SVM sends (over the replication link, never to clients) is pushed with
+//! [`OutputComparator::push_svm`]. A held PVM frame is *released* (drained with
+//! [`OutputComparator::drain_released`]) once the SVM has produced everything it carries; a
+//! disagreement, a held frame that waits too long, memory pressure or the periodic timer make the
+//! comparator ask for a checkpoint ([`CheckpointRequest`]). After the secondary acknowledges a
+//! checkpoint the caller calls [`OutputComparator::on_checkpoint_committed`], which releases all
+//! held output (the checkpoint made it the SVM's own history) and re-bases connection state.
+//!
+//! The COLO rules this module implements each live in one function, with a doc comment that
+//! starts with "**COLO rule**":
+//! - TCP stream comparison by offset: [`TcpConn::feed`] and [`TcpConn::compare_pending`];
+//! - ISN / offset learning: [`Side::learn_anchor`];
+//! - control (SYN/FIN/RST) comparison: [`TcpConn::check_controls`];
+//! - when a held TCP frame (data, control, pure ACK, window update) may be released:
+//!   [`TcpNeed::satisfied`];
+//! - datagram comparison: [`OutputComparator::push_datagram`];
+//! - per-flow release order: [`OutputComparator::release_ready`];
+//! - never drop a frame, pressure becomes a checkpoint: [`OutputComparator::check_pressure`];
+//! - checkpoint triggers and their priority: [`OutputComparator::poll`];
+//! - what a committed checkpoint does: [`OutputComparator::on_checkpoint_committed`].
+//!
+//! Memory: held PVM frames are copied into buffers recycled through a pool (up to
+//! `max_held_frames` of them) and indexed by a slot table reserved up front; TCP bytes waiting
+//! for the other side live in per-connection `VecDeque`s that are reused; out-of-order TCP
+//! pieces and unmatched SVM datagrams are copied into their own `Vec`s. All of it is bounded by
+//! [`ComparatorLimits`] through the pressure rule (crossing a limit asks for a checkpoint, whose
+//! commit frees everything).
+//!
+//! Caller contract: SVM frames pushed after `on_checkpoint_committed` must come from the SVM
+//! *after* it applied that checkpoint (the replication link delivers in order, and the secondary
+//! drops SVM output produced before it applied the checkpoint).
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use super::packet::{parse_frame_with, ChecksumPolicy, FlowKey, FrameClass, ParseError, TcpFlags};
+
+/// Coarse time as the hypervisor counts it (timer ticks).
+pub type Tick = u64;
+
+/// Resource limits. Crossing one asks for a checkpoint; it never drops a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComparatorLimits {
+    /// Held PVM frames above which a checkpoint is requested.
+    pub max_held_frames: usize,
+    /// Bytes (held PVM frames + buffered unmatched SVM output) above which a checkpoint is
+    /// requested.
+    pub max_held_bytes: usize,
+    /// Tracked flows (TCP connections and datagram flows) above which a checkpoint is requested.
+    pub max_connections: usize,
+    /// A held frame older than this many ticks requests a checkpoint.
+    pub held_frame_timeout: Tick,
+    /// Ticks between periodic checkpoints (0 = no periodic checkpoints).
+    pub periodic_ticks: Tick,
+    /// Per-connection bytes of already-matched stream kept to re-compare retransmissions.
+    pub retransmit_history: usize,
+    /// Whether parsing verifies checksums.
+    pub checksums: ChecksumPolicy,
+}
+
+impl Default for ComparatorLimits {
+    fn default() -> Self {
+        ComparatorLimits {
+            max_held_frames: 4096,
+            max_held_bytes: 4 << 20,
+            max_connections: 1024,
+            held_frame_timeout: 100,
+            periodic_ticks: 0,
+            retransmit_history: 16 << 10,
+            checksums: ChecksumPolicy::Verify,
+        }
+    }
+}
+
+/// Which limit was crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PressureResource {
+    /// [`ComparatorLimits::max_held_frames`].
+    HeldFrames,
+    /// [`ComparatorLimits::max_held_bytes`].
+    HeldBytes,
+    /// [`ComparatorLimits::max_connections`].
+    Connections,
+}
+
+/// Why the comparator wants a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointRequest {
+    /// PVM and SVM output differ on `conn` at stream `offset` (TCP: bytes after the ISN, the
+    /// first data byte is offset 0; SYN differences are reported at 0, FIN/RST at their
+    /// position).
+    PayloadMismatch {
+        /// The flow.
+        conn: FlowKey,
+        /// First differing stream offset.
+        offset: u64,
+    },
+    /// The oldest held frame of `conn` has waited `age` ticks.
+    HeldFrameTimeout {
+        /// The flow (or [`FlowKey::OPAQUE`] for frames of untracked flows).
+        conn: FlowKey,
+        /// Its age.
+        age: Tick,
+    },
+    /// A limit was crossed.
+    MemoryPressure {
+        /// Which limit.
+        resource: PressureResource,
+        /// Current use.
+        used: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The periodic timer expired.
+    Periodic,
+}
+
+/// What happened to a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// PVM frame held until the SVM matches it (or a checkpoint commits).
+    Held,
+    /// PVM frame released at once (it is in the release queue).
+    Released,
+    /// SVM frame fully matched PVM output already seen.
+    Matched,
+    /// SVM frame buffered, waiting for the PVM's output.
+    Buffered,
+    /// SVM frame not compared: its flow already diverged or is untracked; the coming checkpoint
+    /// replaces the SVM's state anyway.
+    Discarded,
+    /// Frame accepted (PVM frames are always kept), and a checkpoint is needed.
+    CheckpointRequired(CheckpointRequest),
+}
+
+/// Counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ComparatorStats {
+    /// PVM frames pushed.
+    pub pvm_frames: u64,
+    /// SVM frames pushed.
+    pub svm_frames: u64,
+    /// PVM frames released to clients.
+    pub released_frames: u64,
+    /// Bytes of released PVM frames.
+    pub released_bytes: u64,
+    /// Frames released because a checkpoint committed.
+    pub released_by_checkpoint: u64,
+    /// TCP stream bytes matched between PVM and SVM (each byte counted once).
+    pub compared_bytes: u64,
+    /// TCP bytes re-sent below the matched frontier (re-compared where history allows).
+    pub retransmitted_bytes: u64,
+    /// Retransmitted bytes older than the history that could not be re-compared.
+    pub uncompared_retransmitted_bytes: u64,
+    /// Datagrams matched.
+    pub matched_datagrams: u64,
+    /// SVM frames discarded (diverged or untracked flow).
+    pub svm_discarded_frames: u64,
+    /// Opaque PVM frames.
+    pub opaque_pvm_frames: u64,
+    /// Opaque SVM frames.
+    pub opaque_svm_frames: u64,
+    /// Opaque frames by reason, indexed by [`ParseError::index`].
+    pub parse_errors: [u64; ParseError::ALL.len()],
+    /// Mismatches detected.
+    pub mismatches: u64,
+    /// Held-frame timeouts detected.
+    pub timeouts: u64,
+    /// Limit crossings detected.
+    pub pressure_events: u64,
+    /// Periodic checkpoint requests.
+    pub periodic_requests: u64,
+    /// Checkpoints committed.
+    pub checkpoints_committed: u64,
+    /// Currently held PVM frames.
+    pub held_frames: usize,
+    /// Bytes of currently held PVM frames.
+    pub held_bytes: usize,
+    /// Bytes of SVM output buffered unmatched.
+    pub svm_buffered_bytes: usize,
+    /// Tracked flows.
+    pub connections: usize,
+}
+
+/// Per-side TCP state (PVM or SVM).
+#[derive(Debug, Default)]
+struct Side {
+    /// (sequence number, stream offset) pair that maps this side's sequence space to offsets.
+    anchor: Option<(u32, u64)>,
+    /// SYN seen, with whether it carried ACK.
+    syn: Option<bool>,
+    /// Offset of the FIN.
+    fin: Option<u64>,
+    /// Offset of the RST.
+    rst: Option<u64>,
+    /// Highest acknowledgement number sent (client sequence space).
+    max_ack: Option<u32>,
+    /// Highest data end offset seen.
+    high: u64,
+    /// Unmatched bytes contiguous from the connection's `matched` offset.
+    pend: VecDeque<u8>,
+    /// Unmatched bytes beyond a gap: (start offset, bytes); may overlap each other.
+    ooo: Vec<(u64, Vec<u8>)>,
+}
+
+impl Side {
+    /// **COLO rule (offset learning)**: stream offset 0 is the first data byte. A side learns
+    /// its ISN from its SYN / SYN-ACK (offset 0 = ISN + 1); a side first seen mid-connection
+    /// takes the first segment's sequence number as offset 0. The PVM/SVM sequence offset of a
+    /// connection is the difference of the two anchors ([`OutputComparator::seq_offset`]). A
+    /// committed checkpoint copies the PVM's anchor to the SVM (the SVM now *is* the PVM).
+    fn learn_anchor(&mut self, seq: u32, syn: bool) {
+        if self.anchor.is_none() {
+            self.anchor = Some(if syn { (seq.wrapping_add(1), 0) } else { (seq, 0) });
+        }
+    }
+
+    /// Stream offset of `seq` (negative: before offset 0). Anchor must be known.
+    fn offset(&self, seq: u32) -> i64 {
+        let (aseq, aoff) = self.anchor.unwrap_or((seq, 0));
+        aoff as i64 + i64::from(seq.wrapping_sub(aseq) as i32)
+    }
+
+    /// Move the anchor forward so 32-bit wraparound never confuses [`Side::offset`].
+    fn advance_anchor(&mut self, end: u64) {
+        if let Some((aseq, aoff)) = self.anchor {
+            if end > aoff + (1 << 30) {
+                self.anchor = Some((aseq.wrapping_add((end - aoff) as u32), end));
+            }
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.pend.len() + self.ooo.iter().map(|(_, v)| v.len()).sum::<usize>()
+    }
+}
+
+/// What a held PVM TCP frame waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TcpNeed {
+    data_end: u64,
+    syn: Option<bool>,
+    fin: Option<u64>,
+    rst: Option<u64>,
+    ack: Option<u32>,
+}
+
+impl TcpNeed {
+    /// **COLO rule (TCP release)**: a held PVM TCP frame is released when everything it tells
+    /// the client is something the SVM has told it too:
+    /// - its payload: all stream bytes up to its end are matched;
+    /// - SYN: the SVM sent a SYN with the same ACK flag (SYN vs SYN-ACK);
+    /// - FIN: the SVM sent a FIN at the same offset and all bytes before it matched;
+    /// - RST: the SVM sent an RST at the same offset;
+    /// - its acknowledgement number (data segments, pure ACKs and window updates alike): the SVM
+    ///   has acknowledged at least as far. Releasing an ACK the SVM has not sent would let the
+    ///   client discard data the SVM may never have received, which a failover would lose.
+    ///
+    /// The advertised window is not compared: it is flow control, not state a client can lose,
+    /// and TCP tolerates a window that shrinks after failover. So a pure ACK or window update is
+    /// released as soon as its ACK is not ahead of the SVM's and the frames before it in its flow
+    /// are released (see [`OutputComparator::release_ready`]).
+    fn satisfied(&self, tc: &TcpConn) -> bool {
+        self.data_end <= tc.matched
+            && self.syn.is_none_or(|a| tc.svm.syn == Some(a))
+            && self.fin.is_none_or(|f| tc.svm.fin == Some(f) && tc.matched >= f)
+            && self.rst.is_none_or(|r| tc.svm.rst == Some(r))
+            && self.ack.is_none_or(|a| tc.svm.max_ack.is_some_and(|m| m.wrapping_sub(a) as i32 >= 0))
+    }
+}
+
+/// Per-connection TCP comparison state.
+#[derive(Debug, Default)]
+struct TcpConn {
+    pvm: Side,
+    svm: Side,
+    /// Every stream byte before this offset was produced identically by both sides (or is
+    /// covered by a committed checkpoint).
+    matched: u64,
+    /// The last matched bytes, ending at `matched`, for re-comparing retransmissions.
+    history: VecDeque<u8>,
+}
+
+/// Outcome of feeding bytes: counters and an optional mismatch offset.
+#[derive(Debug, Default)]
+struct FeedResult {
+    mismatch: Option<u64>,
+    retransmitted: u64,
+    uncompared: u64,
+    compared: u64,
+}
+
+fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a == b {
+        None
+    } else {
+        a.iter().zip(b).position(|(x, y)| x != y)
+    }
+}
+
+fn deque_diff(d: &VecDeque<u8>, start: usize, data: &[u8]) -> Option<usize> {
+    let (a, b) = d.as_slices();
+    let mut i = 0;
+    while i < data.len() {
+        let idx = start + i;
+        let (src, off) = if idx < a.len() { (a, idx) } else { (b, idx - a.len()) };
+        let n = (src.len() - off).min(data.len() - i);
+        if let Some(p) = first_diff(&src[off..off + n], &data[i..i + n]) {
+            return Some(i + p);
+        }
+        i += n;
+    }
+    None
+}
+
+impl TcpConn {
+    fn side(&mut self, pvm: bool) -> &mut Side {
+        if pvm {
+            &mut self.pvm
+        } else {
+            &mut self.svm
+        }
+    }
+
+    /// **COLO rule (TCP byte streams)**: payload is placed by stream offset, so how either side
+    /// segments its output never matters. Bytes below the matched frontier are a retransmission:
+    /// they are re-compared against the retained history (not counted again); older ones were
+    /// matched or checkpointed already and pass. Bytes this side already sent but the other has
+    /// not matched yet are compared against that side's own earlier copy. New bytes are buffered
+    /// (out-of-order ones beyond a gap until the gap fills) for [`TcpConn::compare_pending`].
+    fn feed(&mut self, pvm: bool, start: i64, mut data: &[u8]) -> FeedResult {
+        let mut r = FeedResult::default();
+        let mut s = start;
+        // Part before offset 0 (before the ISN this comparator knows): nothing to compare.
+        if s < 0 {
+            let skip = ((-s) as usize).min(data.len());
+            data = &data[skip..];
+            s += skip as i64;
+            r.uncompared += skip as u64;
+        }
+        let matched = self.matched as i64;
+        if s < matched && !data.is_empty() {
+            let old_end = (s + data.len() as i64).min(matched);
+            let hist_start = matched - self.history.len() as i64;
+            r.retransmitted += (old_end - s) as u64;
+            let cmp_start = s.max(hist_start);
+            if cmp_start < old_end {
+                let part = &data[(cmp_start - s) as usize..(old_end - s) as usize];
+                if let Some(p) = deque_diff(&self.history, (cmp_start - hist_start) as usize, part) {
+                    r.mismatch = Some((cmp_start + p as i64) as u64);
+                    return r;
+                }
+            }
+            r.uncompared += (cmp_start.min(old_end) - s) as u64;
+            data = &data[(old_end - s) as usize..];
+            s = old_end;
+        }
+        if data.is_empty() {
+            return r;
+        }
+        let side = self.side(pvm);
+        let s = s as u64;
+        if let Some(off) = Self::insert(side, matched as u64, s, data) {
+            r.mismatch = Some(off);
+            return r;
+        }
+        // Merge out-of-order pieces the new bytes made contiguous.
+        loop {
+            let pend_end = matched as u64 + side.pend.len() as u64;
+            let Some(i) = side.ooo.iter().position(|(o, _)| *o <= pend_end) else {
+                break;
+            };
+            let (o, v) = side.ooo.swap_remove(i);
+            if let Some(off) = Self::insert(side, matched as u64, o, &v) {
+                r.mismatch = Some(off);
+                return r;
+            }
+        }
+        r
+    }
+
+    /// Put `data` at offset `s` (>= matched) into `side`'s pending bytes; returns the offset of a
+    /// self-inconsistency (the side re-sent different bytes at an offset).
+    fn insert(side: &mut Side, matched: u64, s: u64, data: &[u8]) -> Option<u64> {
+        let pend_end = matched + side.pend.len() as u64;
+        if s > pend_end {
+            side.ooo.push((s, data.to_vec()));
+            return None;
+        }
+        let rel = (s - matched) as usize;
+        let overlap = (side.pend.len() - rel).min(data.len());
+        if let Some(p) = deque_diff(&side.pend, rel, &data[..overlap]) {
+            return Some(s + p as u64);
+        }
+        side.pend.extend(&data[overlap..]);
+        None
+    }
+
+    /// **COLO rule (TCP byte streams, comparison)**: the bytes both sides have produced past the
+    /// matched frontier are compared; equal bytes advance the frontier (and enter the retransmit
+    /// history), the first differing byte is a mismatch at its stream offset.
+    fn compare_pending(&mut self, hist_cap: usize) -> FeedResult {
+        let mut r = FeedResult::default();
+        let n = self.pvm.pend.len().min(self.svm.pend.len());
+        if n == 0 {
+            return r;
+        }
+        let a = &self.pvm.pend.make_contiguous()[..n];
+        let b = &self.svm.pend.make_contiguous()[..n];
+        let eq = match first_diff(a, b) {
+            None => n,
+            Some(p) => {
+                r.mismatch = Some(self.matched + p as u64);
+                p
+            }
+        };
+        if hist_cap > 0 {
+            let keep = eq.min(hist_cap);
+            self.history.extend(&a[eq - keep..eq]);
+            let excess = self.history.len().saturating_sub(hist_cap);
+            self.history.drain(..excess);
+        }
+        self.pvm.pend.drain(..eq);
+        self.svm.pend.drain(..eq);
+        self.matched += eq as u64;
+        r.compared = eq as u64;
+        r
+    }
+
+    /// **COLO rule (TCP control)**: SYN (with or without ACK), FIN and RST are compared by
+    /// position: both SYNs must agree on the ACK flag (reported at offset 0); FINs and RSTs must
+    /// sit at the same offset; data past the other side's FIN is a mismatch at the FIN.
+    fn check_controls(&self) -> Option<u64> {
+        let (p, s) = (&self.pvm, &self.svm);
+        if let (Some(a), Some(b)) = (p.syn, s.syn) {
+            if a != b {
+                return Some(0);
+            }
+        }
+        if let (Some(a), Some(b)) = (p.fin, s.fin) {
+            if a != b {
+                return Some(a.min(b));
+            }
+        }
+        if let Some(f) = p.fin {
+            if s.high > f {
+                return Some(f);
+            }
+        }
+        if let Some(f) = s.fin {
+            if p.high > f {
+                return Some(f);
+            }
+        }
+        if let (Some(a), Some(b)) = (p.rst, s.rst) {
+            if a != b {
+                return Some(a.min(b));
+            }
+        }
+        None
+    }
+
+    fn closed(&self) -> bool {
+        self.pvm.rst.is_some() || (self.pvm.fin.is_some() && self.svm.fin.is_some())
+    }
+}
+
+/// Per-flow datagram state.
+#[derive(Debug, Default)]
+struct DgramConn {
+    /// SVM datagram contents not matched by a PVM datagram yet.
+    svm_unmatched: VecDeque<Vec<u8>>,
+}
+
+#[derive(Debug)]
+enum ConnState {
+    Tcp(Box<TcpConn>),
+    Dgram(DgramConn),
+}
+
+#[derive(Debug)]
+struct Conn {
+    /// Held PVM frames of this flow, oldest first (slot indices).
+    held: VecDeque<u32>,
+    state: ConnState,
+    /// A mismatch was found: nothing more is compared or released until the checkpoint commits.
+    diverged: bool,
+}
+
+impl Conn {
+    fn svm_buffered(&self) -> usize {
+        match &self.state {
+            ConnState::Tcp(t) => t.svm.buffered(),
+            ConnState::Dgram(d) => d.svm_unmatched.iter().map(Vec::len).sum(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Tcp(TcpNeed),
+    Datagram {
+        matched: bool,
+    },
+    /// Frame of an untracked flow (connection table full): waits for the checkpoint.
+    Checkpoint,
+}
+
+#[derive(Debug)]
+struct HeldFrame {
+    data: Vec<u8>,
+    arrived: Tick,
+    order: u64,
+    content: Range<usize>,
+    need: Need,
+}
+
+/// The per-connection output comparator. See the module documentation.
+#[derive(Debug)]
+pub struct OutputComparator {
+    limits: ComparatorLimits,
+    conns: BTreeMap<FlowKey, Conn>,
+    slots: Vec<Option<HeldFrame>>,
+    free_slots: Vec<u32>,
+    /// Frames of untracked flows, oldest first.
+    overflow: VecDeque<u32>,
+    released: VecDeque<u32>,
+    pool: Vec<Vec<u8>>,
+    next_order: u64,
+    request: Option<CheckpointRequest>,
+    epoch_start: Option<Tick>,
+    stats: ComparatorStats,
+}
+
+impl OutputComparator {
+    /// A comparator with the given limits; queues are reserved up front.
+    pub fn new(limits: ComparatorLimits) -> Self {
+        let frames = limits.max_held_frames.min(1 << 16);
+        OutputComparator {
+            limits,
+            conns: BTreeMap::new(),
+            slots: Vec::with_capacity(frames),
+            free_slots: Vec::with_capacity(frames),
+            overflow: VecDeque::new(),
+            released: VecDeque::with_capacity(frames),
+            pool: Vec::with_capacity(frames),
+            next_order: 0,
+            request: None,
+            epoch_start: None,
+            stats: ComparatorStats::default(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &ComparatorLimits {
+        &self.limits
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ComparatorStats {
+        &self.stats
+    }
+
+    /// Number of released frames not drained yet.
+    pub fn released_pending(&self) -> usize {
+        self.released.len()
+    }
+
+    /// The checkpoint request recorded so far (mismatch, pressure, timeout), if any.
+    pub fn pending_request(&self) -> Option<CheckpointRequest> {
+        self.request
+    }
+
+    /// `svm_seq - pvm_seq` (mod 2^32) for a TCP connection whose both anchors are known. The
+    /// [`super::rewriter::SequenceRewriter`]'s delta (`pvm - svm`) is its negation:
+    /// `set_delta(conn, offset.wrapping_neg())`.
+    pub fn seq_offset(&self, conn: &FlowKey) -> Option<u32> {
+        match &self.conns.get(conn)?.state {
+            ConnState::Tcp(t) => {
+                let (ps, po) = t.pvm.anchor?;
+                let (ss, so) = t.svm.anchor?;
+                let p0 = ps.wrapping_sub(po as u32);
+                let s0 = ss.wrapping_sub(so as u32);
+                Some(s0.wrapping_sub(p0))
+            }
+            ConnState::Dgram(_) => None,
+        }
+    }
+
+    /// Hand every released PVM frame, in release order, to `out`, and recycle its buffer.
+    pub fn drain_released(&mut self, mut out: impl FnMut(&[u8])) {
+        while let Some(slot) = self.released.pop_front() {
+            if let Some(f) = self.slots[slot as usize].take() {
+                out(&f.data);
+                self.recycle(slot, f.data);
+            }
+        }
+    }
+
+    /// Take the next released PVM frame (allocating convenience form of
+    /// [`OutputComparator::drain_released`]).
+    pub fn pop_released(&mut self) -> Option<Vec<u8>> {
+        let slot = self.released.pop_front()?;
+        let f = self.slots[slot as usize].take()?;
+        self.free_slots.push(slot);
+        Some(f.data)
+    }
+
+    fn recycle(&mut self, slot: u32, buf: Vec<u8>) {
+        self.free_slots.push(slot);
+        if self.pool.len() < self.limits.max_held_frames.min(1 << 16) {
+            self.pool.push(buf);
+        }
+    }
+
+    fn store(&mut self, frame: &[u8], now: Tick, content: Range<usize>, need: Need) -> u32 {
+        let mut data = self.pool.pop().unwrap_or_default();
+        data.clear();
+        data.extend_from_slice(frame);
+        let held = HeldFrame { data, arrived: now, order: self.next_order, content, need };
+        self.next_order += 1;
+        self.stats.held_frames += 1;
+        self.stats.held_bytes += frame.len();
+        match self.free_slots.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(held);
+                s
+            }
+            None => {
+                self.slots.push(Some(held));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn release_slot(&mut self, slot: u32) {
+        if let Some(f) = &self.slots[slot as usize] {
+            self.stats.held_frames -= 1;
+            self.stats.held_bytes -= f.data.len();
+            self.stats.released_frames += 1;
+            self.stats.released_bytes += f.data.len() as u64;
+        }
+        self.released.push_back(slot);
+    }
+
+    fn note_request(&mut self, r: CheckpointRequest) {
+        match r {
+            CheckpointRequest::PayloadMismatch { .. } => self.stats.mismatches += 1,
+            CheckpointRequest::HeldFrameTimeout { .. } => self.stats.timeouts += 1,
+            CheckpointRequest::MemoryPressure { .. } => self.stats.pressure_events += 1,
+            CheckpointRequest::Periodic => self.stats.periodic_requests += 1,
+        }
+        if self.request.is_none() {
+            self.request = Some(r);
+        }
+    }
+
+    /// **COLO rule (never drop; pressure becomes a checkpoint)**: limits are checked *after* a
+    /// frame is stored. A PVM frame is always kept (storage grows past the reservation if it
+    /// must) and the push answers [`Verdict::CheckpointRequired`]; the caller is expected to stop
+    /// feeding the PVM's NIC until the checkpoint commits, which releases everything held. So no
+    /// client output is ever lost, and memory stays bounded by the limit plus what is in flight
+    /// while the checkpoint is taken. SVM output beyond the limits is likewise kept (it is only
+    /// discarded by a committed checkpoint, or when its flow already diverged).
+    fn check_pressure(&mut self) -> Option<CheckpointRequest> {
+        let l = self.limits;
+        let bytes = self.stats.held_bytes + self.stats.svm_buffered_bytes;
+        let r = if self.stats.held_frames > l.max_held_frames {
+            Some((PressureResource::HeldFrames, self.stats.held_frames, l.max_held_frames))
+        } else if bytes > l.max_held_bytes {
+            Some((PressureResource::HeldBytes, bytes, l.max_held_bytes))
+        } else if self.conns.len() >= l.max_connections && !self.overflow.is_empty() {
+            Some((PressureResource::Connections, self.conns.len() + 1, l.max_connections))
+        } else {
+            None
+        };
+        r.map(|(resource, used, limit)| CheckpointRequest::MemoryPressure { resource, used, limit })
+    }
+
+    fn finish_push(&mut self, own: Option<CheckpointRequest>, ok: Verdict) -> Verdict {
+        if let Some(r) = own {
+            if self.request != Some(r) {
+                self.note_request(r);
+            }
+            return Verdict::CheckpointRequired(r);
+        }
+        if let Some(r) = self.check_pressure() {
+            if self.request.is_none() {
+                self.note_request(r);
+            }
+            return Verdict::CheckpointRequired(r);
+        }
+        ok
+    }
+
+    fn start_epoch(&mut self, now: Tick) {
+        if self.epoch_start.is_none() {
+            self.epoch_start = Some(now);
+        }
+    }
+
+    /// Push a frame the PVM sent toward clients. The frame is copied and held (or released at
+    /// once if the SVM already produced everything it carries).
+    pub fn push_pvm(&mut self, frame: &[u8], now: Tick) -> Verdict {
+        self.start_epoch(now);
+        self.stats.pvm_frames += 1;
+        self.push(true, frame, now)
+    }
+
+    /// Push a frame the SVM sent (arriving over the replication link). It is compared and
+    /// buffered as needed, never sent to clients.
+    pub fn push_svm(&mut self, frame: &[u8], now: Tick) -> Verdict {
+        self.start_epoch(now);
+        self.stats.svm_frames += 1;
+        self.push(false, frame, now)
+    }
+
+    fn push(&mut self, pvm: bool, frame: &[u8], now: Tick) -> Verdict {
+        let parsed = parse_frame_with(frame, self.limits.checksums);
+        if let Some(e) = parsed.parse_error() {
+            self.stats.parse_errors[e.index()] += 1;
+            if pvm {
+                self.stats.opaque_pvm_frames += 1;
+            } else {
+                self.stats.opaque_svm_frames += 1;
+            }
+        }
+        let key = parsed.flow;
+        if !self.conns.contains_key(&key) {
+            if self.conns.len() >= self.limits.max_connections {
+                // Untracked flow: keep PVM frames until the checkpoint, ignore SVM frames.
+                if pvm {
+                    let slot = self.store(frame, now, 0..0, Need::Checkpoint);
+                    self.overflow.push_back(slot);
+                    return self.finish_push(None, Verdict::Held);
+                }
+                self.stats.svm_discarded_frames += 1;
+                return self.finish_push(None, Verdict::Discarded);
+            }
+            let state = match parsed.class {
+                FrameClass::Tcp(_) => ConnState::Tcp(Box::default()),
+                _ => ConnState::Dgram(DgramConn::default()),
+            };
+            self.conns.insert(key, Conn { held: VecDeque::new(), state, diverged: false });
+            self.stats.connections = self.conns.len();
+        }
+        let diverged = self.conns.get(&key).is_some_and(|c| c.diverged);
+        if diverged && !pvm {
+            self.stats.svm_discarded_frames += 1;
+            return self.finish_push(None, Verdict::Discarded);
+        }
+        if diverged && !matches!(parsed.class, FrameClass::Tcp(_)) {
+            let slot = self.store(frame, now, 0..0, Need::Checkpoint);
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.held.push_back(slot);
+            }
+            return self.finish_push(self.request, Verdict::Held);
+        }
+        match parsed.class {
+            FrameClass::Tcp(seg) => self.push_tcp(pvm, key, frame, &seg, now),
+            _ => self.push_datagram(pvm, key, frame, parsed.content, now),
+        }
+    }
+
+    fn push_tcp(
+        &mut self,
+        pvm: bool,
+        key: FlowKey,
+        frame: &[u8],
+        seg: &super::packet::TcpSegment,
+        now: Tick,
+    ) -> Verdict {
+        let hist_cap = self.limits.retransmit_history;
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return Verdict::Discarded;
+        };
+        let before = conn.svm_buffered();
+        let ConnState::Tcp(tc) = &mut conn.state else {
+            // Cannot happen: the protocol is part of the flow key.
+            return Verdict::Discarded;
+        };
+        let syn = seg.flags.contains(TcpFlags::SYN);
+        let side = tc.side(pvm);
+        side.learn_anchor(seg.seq, syn);
+        let data_seq = if syn { seg.seq.wrapping_add(1) } else { seg.seq };
+        let start = side.offset(data_seq);
+        let payload = &frame[seg.payload.clone()];
+        let end = start + payload.len() as i64;
+        if end > 0 {
+            side.high = side.high.max(end as u64);
+            side.advance_anchor(end as u64);
+        }
+        let end_off = end.max(0) as u64;
+        if syn {
+            side.syn = Some(seg.flags.contains(TcpFlags::ACK));
+        }
+        if seg.flags.contains(TcpFlags::FIN) && side.fin.is_none() {
+            side.fin = Some(end_off);
+        }
+        if seg.flags.contains(TcpFlags::RST) && side.rst.is_none() {
+            side.rst = Some(start.max(0) as u64);
+        }
+        if seg.flags.contains(TcpFlags::ACK) {
+            side.max_ack = Some(match side.max_ack {
+                Some(m) if m.wrapping_sub(seg.ack) as i32 >= 0 => m,
+                _ => seg.ack,
+            });
+        }
+        let mut mismatch = None;
+        let diverged = conn.diverged;
+        let mut fr = FeedResult::default();
+        if !diverged {
+            // A diverged flow only tracks the PVM side (anchor, high, controls, above) so
+            // the commit re-bases correctly; nothing is compared until then.
+            fr = tc.feed(pvm, start, payload);
+            if fr.mismatch.is_none() {
+                let c = tc.compare_pending(hist_cap);
+                fr.compared = c.compared;
+                fr.mismatch = c.mismatch;
+            }
+            if let Some(off) = fr.mismatch.or_else(|| tc.check_controls()) {
+                mismatch = Some(off);
+            }
+        }
+        self.stats.compared_bytes += fr.compared;
+        self.stats.retransmitted_bytes += fr.retransmitted;
+        self.stats.uncompared_retransmitted_bytes += fr.uncompared;
+        let after = conn.svm_buffered();
+        self.stats.svm_buffered_bytes = self.stats.svm_buffered_bytes + after - before;
+        let own = mismatch.map(|offset| {
+            conn.diverged = true;
+            CheckpointRequest::PayloadMismatch { conn: key, offset }
+        });
+        let own = own.or(if diverged { self.request } else { None });
+        let ok = if pvm {
+            let need = if diverged {
+                Need::Checkpoint
+            } else {
+                Need::Tcp(TcpNeed {
+                    data_end: end_off,
+                    syn: syn.then(|| seg.flags.contains(TcpFlags::ACK)),
+                    fin: seg.flags.contains(TcpFlags::FIN).then_some(end_off),
+                    rst: seg.flags.contains(TcpFlags::RST).then_some(start.max(0) as u64),
+                    ack: seg.flags.contains(TcpFlags::ACK).then_some(seg.ack),
+                })
+            };
+            let slot = self.store(frame, now, 0..0, need);
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.held.push_back(slot);
+            }
+            self.release_ready(&key);
+            if self.flow_drained(&key) {
+                Verdict::Released
+            } else {
+                Verdict::Held
+            }
+        } else {
+            self.release_ready(&key);
+            let buffered = self.conns.get(&key).is_some_and(|c| c.svm_buffered() > 0);
+            if buffered {
+                Verdict::Buffered
+            } else {
+                Verdict::Matched
+            }
+        };
+        self.finish_push(own, ok)
+    }
+
+    /// The flow holds nothing: the frame just pushed (its newest) was released.
+    fn flow_drained(&self, key: &FlowKey) -> bool {
+        self.conns.get(key).is_none_or(|c| c.held.is_empty())
+    }
+
+    /// **COLO rule (datagrams)**: UDP, ICMP, ARP, other IP, other ethertypes and opaque frames
+    /// are compared as whole datagrams (their [`super::packet::ParsedFrame::content`]) within
+    /// their flow, in any order: a PVM datagram is matched by the first equal unmatched SVM
+    /// datagram of the flow and vice versa. A datagram the SVM never produces is found by the
+    /// held-frame timeout.
+    fn push_datagram(&mut self, pvm: bool, key: FlowKey, frame: &[u8], content: Range<usize>, now: Tick) -> Verdict {
+        let body = &frame[content.clone()];
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return Verdict::Discarded;
+        };
+        let ConnState::Dgram(dc) = &mut conn.state else {
+            return Verdict::Discarded;
+        };
+        if pvm {
+            let pos = dc.svm_unmatched.iter().position(|d| d.as_slice() == body);
+            let matched = if let Some(p) = pos {
+                if let Some(d) = dc.svm_unmatched.remove(p) {
+                    self.stats.svm_buffered_bytes -= d.len();
+                }
+                self.stats.matched_datagrams += 1;
+                true
+            } else {
+                false
+            };
+            let slot = self.store(frame, now, content, Need::Datagram { matched });
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.held.push_back(slot);
+            }
+            self.release_ready(&key);
+            let v = if self.flow_drained(&key) { Verdict::Released } else { Verdict::Held };
+            return self.finish_push(None, v);
+        }
+        let slots = &mut self.slots;
+        let hit = conn.held.iter().copied().find(|&s| {
+            slots[s as usize]
+                .as_ref()
+                .is_some_and(|f| f.need == Need::Datagram { matched: false } && &f.data[f.content.clone()] == body)
+        });
+        let v = match hit {
+            Some(s) => {
+                if let Some(f) = slots[s as usize].as_mut() {
+                    f.need = Need::Datagram { matched: true };
+                }
+                self.stats.matched_datagrams += 1;
+                self.release_ready(&key);
+                Verdict::Matched
+            }
+            None => {
+                dc.svm_unmatched.push_back(body.to_vec());
+                self.stats.svm_buffered_bytes += body.len();
+                Verdict::Buffered
+            }
+        };
+        self.finish_push(None, v)
+    }
+
+    /// **COLO rule (release order)**: a flow's held PVM frames leave in the order the PVM sent
+    /// them: the oldest is released as soon as its own need is met ([`TcpNeed::satisfied`], or a
+    /// matched datagram), then the next, and so on; a frame whose need is met waits behind an
+    /// older unmatched one. Nothing is released from a diverged flow before the checkpoint.
+    fn release_ready(&mut self, key: &FlowKey) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            if conn.diverged {
+                return;
+            }
+            let Some(&slot) = conn.held.front() else {
+                return;
+            };
+            let Some(f) = self.slots[slot as usize].as_ref() else {
+                conn.held.pop_front();
+                continue;
+            };
+            let ready = match (&f.need, &conn.state) {
+                (Need::Tcp(n), ConnState::Tcp(tc)) => n.satisfied(tc),
+                (Need::Datagram { matched }, _) => *matched,
+                _ => false,
+            };
+            if !ready {
+                return;
+            }
+            conn.held.pop_front();
+            self.release_slot(slot);
+        }
+    }
+
+    /// **COLO rule (checkpoint triggers)**: level-triggered; returns a request while one is
+    /// needed and no checkpoint has committed since. In priority order: a recorded mismatch or
+    /// limit crossing (the first one recorded), current memory pressure, the oldest held frame
+    /// older than [`ComparatorLimits::held_frame_timeout`], then the periodic timer (measured
+    /// from the first push/poll after the last commit).
+    pub fn poll(&mut self, now: Tick) -> Option<CheckpointRequest> {
+        self.start_epoch(now);
+        if let Some(r) = self.request {
+            return Some(r);
+        }
+        if let Some(r) = self.check_pressure() {
+            self.note_request(r);
+            return Some(r);
+        }
+        let mut oldest: Option<(FlowKey, Tick)> = None;
+        let mut consider = |k: FlowKey, slot: Option<&u32>, slots: &Vec<Option<HeldFrame>>| {
+            if let Some(f) = slot.and_then(|&s| slots[s as usize].as_ref()) {
+                if oldest.is_none_or(|(_, t)| f.arrived < t) {
+                    oldest = Some((k, f.arrived));
+                }
+            }
+        };
+        for (k, c) in &self.conns {
+            consider(*k, c.held.front(), &self.slots);
+        }
+        consider(FlowKey::OPAQUE, self.overflow.front(), &self.slots);
+        if let Some((conn, t)) = oldest {
+            let age = now.saturating_sub(t);
+            if age >= self.limits.held_frame_timeout {
+                let r = CheckpointRequest::HeldFrameTimeout { conn, age };
+                self.note_request(r);
+                return Some(r);
+            }
+        }
+        if self.limits.periodic_ticks > 0 {
+            if let Some(s) = self.epoch_start {
+                if now.saturating_sub(s) >= self.limits.periodic_ticks {
+                    self.note_request(CheckpointRequest::Periodic);
+                    return Some(CheckpointRequest::Periodic);
+                }
+            }
+        }
+        None
+    }
+
+    /// **COLO rule (checkpoint commit)**: call once the secondary acknowledged the checkpoint.
+    /// All held PVM frames are released in their original global order (the checkpoint made them
+    /// the SVM's own history); SVM state (buffered output, divergence) is discarded; each TCP
+    /// connection is re-based: the SVM side takes the PVM side's sequence anchor, control state
+    /// and ACK (the SVM now runs the PVM's state), the matched frontier moves to the end of
+    /// everything the PVM has sent, so the next bytes either side sends compare at the right
+    /// offsets. Closed connections, connections the PVM never spoke on and datagram flows are
+    /// forgotten. Pending requests and the periodic timer are reset.
+    pub fn on_checkpoint_committed(&mut self) {
+        let mut all: Vec<u32> = Vec::with_capacity(self.stats.held_frames);
+        all.extend(self.overflow.drain(..));
+        for c in self.conns.values_mut() {
+            all.extend(c.held.drain(..));
+        }
+        let slots = &self.slots;
+        all.sort_unstable_by_key(|&s| slots[s as usize].as_ref().map_or(0, |f| f.order));
+        self.stats.released_by_checkpoint += all.len() as u64;
+        for s in all {
+            self.release_slot(s);
+        }
+        let hist_cap = self.limits.retransmit_history;
+        self.conns.retain(|_, c| {
+            c.diverged = false;
+            match &mut c.state {
+                ConnState::Dgram(_) => false,
+                ConnState::Tcp(tc) => {
+                    if tc.pvm.anchor.is_none() || tc.closed() {
+                        return false;
+                    }
+                    let p = &mut tc.pvm;
+                    let contiguous_end = tc.matched + p.pend.len() as u64;
+                    if p.ooo.is_empty() && contiguous_end >= p.high && hist_cap > 0 {
+                        tc.history.extend(p.pend.iter());
+                        let excess = tc.history.len().saturating_sub(hist_cap);
+                        tc.history.drain(..excess);
+                        tc.matched = contiguous_end;
+                    } else {
+                        tc.history.clear();
+                        tc.matched = contiguous_end.max(p.high);
+                    }
+                    p.pend.clear();
+                    p.ooo.clear();
+                    let s = &mut tc.svm;
+                    s.anchor = p.anchor;
+                    s.syn = p.syn;
+                    s.fin = p.fin;
+                    s.rst = p.rst;
+                    s.max_ack = p.max_ack;
+                    s.high = p.high;
+                    s.pend.clear();
+                    s.ooo.clear();
+                    true
+                }
+            }
+        });
+        self.stats.connections = self.conns.len();
+        self.stats.svm_buffered_bytes = 0;
+        self.stats.checkpoints_committed += 1;
+        self.request = None;
+        self.epoch_start = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr,
+        TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    };
+
+    const SRV: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
+    const CLI: Ipv4Address = Ipv4Address::new(10, 0, 0, 2);
+
+    fn ip_frame(proto: IpProtocol, l4_len: usize, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        let ip = Ipv4Repr { src_addr: SRV, dst_addr: CLI, next_header: proto, payload_len: l4_len, hop_limit: 64 };
+        let mut buf = vec![0u8; 14 + 20 + l4_len];
+        let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
+        EthernetRepr {
+            src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
+            ethertype: EthernetProtocol::Ipv4,
+        }
+        .emit(&mut f);
+        let mut p = Ipv4Packet::new_unchecked(&mut buf[14..]);
+        ip.emit(&mut p, &ChecksumCapabilities::default());
+        fill(p.payload_mut());
+        buf
+    }
+
+    fn seg(port: u16, seq: u32, ack: Option<u32>, ctl: TcpControl, payload: &[u8]) -> Vec<u8> {
+        let repr = TcpRepr {
+            src_port: port,
+            dst_port: 40000,
+            control: ctl,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        ip_frame(IpProtocol::Tcp, repr.buffer_len(), |b| {
+            let mut t = TcpPacket::new_unchecked(b);
+            repr.emit(&mut t, &SRV.into(), &CLI.into(), &ChecksumCapabilities::default());
+        })
+    }
+
+    fn data(seq: u32, payload: &[u8]) -> Vec<u8> {
+        seg(80, seq, Some(1), TcpControl::None, payload)
+    }
+
+    fn udp(port: u16, payload: &[u8]) -> Vec<u8> {
+        ip_frame(IpProtocol::Udp, 8 + payload.len(), |b| {
+            let mut u = UdpPacket::new_unchecked(b);
+            UdpRepr { src_port: port, dst_port: 9 }.emit(
+                &mut u,
+                &SRV.into(),
+                &CLI.into(),
+                payload.len(),
+                |p| p.copy_from_slice(payload),
+                &ChecksumCapabilities::default(),
+            );
+        })
+    }
+
+    fn cmp() -> OutputComparator {
+        OutputComparator::new(ComparatorLimits::default())
+    }
+
+    fn drain(c: &mut OutputComparator) -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        c.drain_released(|f| v.push(f.to_vec()));
+        v
+    }
+
+    #[test]
+    fn different_segmentation_matches() {
+        let mut c = cmp();
+        let stream: Vec<u8> = (0..100u8).collect();
+        // PVM: 3 segments; SVM: 2 different ones, different ISN.
+        let p = [data(1000, &stream[..30]), data(1030, &stream[30..70]), data(1070, &stream[70..])];
+        for f in &p {
+            assert_eq!(c.push_pvm(f, 0), Verdict::Held);
+        }
+        assert_eq!(c.push_svm(&data(5000, &stream[..50]), 0), Verdict::Matched);
+        assert_eq!(drain(&mut c), vec![p[0].clone()]);
+        assert_eq!(c.push_svm(&data(5050, &stream[50..]), 0), Verdict::Matched);
+        assert_eq!(drain(&mut c), vec![p[1].clone(), p[2].clone()]);
+        assert_eq!(c.poll(1), None);
+        assert_eq!(c.stats().compared_bytes, 100);
+        assert_eq!(c.stats().held_frames, 0);
+    }
+
+    #[test]
+    fn svm_first_releases_pvm_at_once() {
+        let mut c = cmp();
+        assert_eq!(c.push_svm(&data(9, b"abcdef"), 0), Verdict::Buffered);
+        assert_eq!(c.push_pvm(&data(100, b"abc"), 0), Verdict::Released);
+        assert_eq!(c.push_pvm(&data(103, b"def"), 0), Verdict::Released);
+        assert_eq!(drain(&mut c).len(), 2);
+    }
+
+    #[test]
+    fn single_byte_mismatch_reports_offset_and_holds() {
+        let mut c = cmp();
+        let key = crate::colo::packet::parse_frame(&data(1, b"x")).flow;
+        c.push_pvm(&data(1, b"hello world"), 0);
+        let v = c.push_svm(&data(7, b"hello World"), 0);
+        let want = CheckpointRequest::PayloadMismatch { conn: key, offset: 6 };
+        assert_eq!(v, Verdict::CheckpointRequired(want));
+        assert_eq!(c.poll(0), Some(want));
+        assert!(drain(&mut c).is_empty());
+        // Further output on the diverged flow is held, SVM output discarded.
+        assert_eq!(c.push_pvm(&data(12, b"!"), 0), Verdict::CheckpointRequired(want));
+        c.on_checkpoint_committed();
+        assert_eq!(drain(&mut c).len(), 2);
+        assert_eq!(c.poll(1), None);
+    }
+
+    #[test]
+    fn retransmission_recompared_not_double_counted() {
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"abcdef"), 0);
+        c.push_svm(&data(1, b"abcdef"), 0);
+        assert_eq!(c.stats().compared_bytes, 6);
+        // PVM retransmits part of it, overlapping new bytes.
+        assert_eq!(c.push_pvm(&data(4, b"defgh"), 0), Verdict::Held);
+        assert_eq!(c.push_svm(&data(7, b"gh"), 0), Verdict::Matched);
+        assert_eq!(c.stats().compared_bytes, 8);
+        assert_eq!(c.stats().retransmitted_bytes, 3);
+        assert_eq!(drain(&mut c).len(), 2);
+        // A "retransmission" with different bytes is a mismatch at that offset.
+        let v = c.push_pvm(&data(2, b"XY"), 0);
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 1, .. })));
+    }
+
+    #[test]
+    fn out_of_order_segments() {
+        let mut c = cmp();
+        c.push_pvm(&data(100, b"ab"), 0);
+        c.push_pvm(&data(102, b"cd"), 0);
+        c.push_svm(&data(50, b"ab"), 0); // anchors the SVM
+        c.push_svm(&data(54, b"ef"), 0); // beyond a gap
+        assert_eq!(drain(&mut c).len(), 1);
+        c.push_pvm(&data(104, b"ef"), 0);
+        assert!(drain(&mut c).is_empty());
+        c.push_svm(&data(52, b"cd"), 0); // fills the gap
+        assert_eq!(drain(&mut c).len(), 2);
+        assert_eq!(c.stats().svm_buffered_bytes, 0);
+        assert_eq!(c.poll(0), None);
+    }
+
+    #[test]
+    fn syn_learns_isn_and_offset() {
+        let mut c = cmp();
+        let synack_p = seg(80, 1000, Some(501), TcpControl::Syn, b"");
+        let synack_s = seg(80, 7000, Some(501), TcpControl::Syn, b"");
+        assert_eq!(c.push_pvm(&synack_p, 0), Verdict::Held);
+        assert_eq!(c.push_svm(&synack_s, 0), Verdict::Matched);
+        assert_eq!(drain(&mut c), vec![synack_p]);
+        let key = crate::colo::packet::parse_frame(&synack_s).flow;
+        assert_eq!(c.seq_offset(&key), Some(6000));
+        c.push_pvm(&data(1001, b"hi"), 0);
+        c.push_svm(&data(7001, b"hi"), 0);
+        assert_eq!(drain(&mut c).len(), 1);
+    }
+
+    #[test]
+    fn syn_vs_synack_is_mismatch() {
+        let mut c = cmp();
+        c.push_pvm(&seg(80, 1, Some(5), TcpControl::Syn, b""), 0);
+        let v = c.push_svm(&seg(80, 1, None, TcpControl::Syn, b""), 0);
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 0, .. })));
+    }
+
+    #[test]
+    fn fin_compared_by_position() {
+        let mut c = cmp();
+        let f = seg(80, 1, Some(1), TcpControl::Fin, b"bye");
+        c.push_pvm(&f, 0);
+        c.push_svm(&data(1, b"bye"), 0);
+        assert!(drain(&mut c).is_empty(), "FIN not matched yet");
+        c.push_svm(&seg(80, 4, Some(1), TcpControl::Fin, b""), 0);
+        assert_eq!(drain(&mut c), vec![f]);
+        // FIN at a different offset.
+        let mut c = cmp();
+        c.push_pvm(&seg(81, 1, Some(1), TcpControl::Fin, b"bye"), 0);
+        let v = c.push_svm(&seg(81, 1, Some(1), TcpControl::Fin, b"by"), 0);
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 2, .. })));
+        // Data past the other side's FIN.
+        let mut c = cmp();
+        c.push_pvm(&seg(82, 1, Some(1), TcpControl::Fin, b"ab"), 0);
+        let v = c.push_svm(&seg(82, 1, Some(1), TcpControl::None, b"abc"), 0);
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 2, .. })));
+    }
+
+    #[test]
+    fn rst_compared_by_position() {
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"ab"), 0);
+        c.push_svm(&data(1, b"ab"), 0);
+        let r = seg(80, 3, None, TcpControl::Rst, b"");
+        assert_eq!(c.push_pvm(&r, 0), Verdict::Held);
+        c.push_svm(&seg(80, 3, None, TcpControl::Rst, b""), 0);
+        assert_eq!(drain(&mut c).len(), 2);
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"ab"), 0);
+        c.push_svm(&data(1, b"ab"), 0);
+        c.push_pvm(&seg(80, 3, None, TcpControl::Rst, b""), 0);
+        let v = c.push_svm(&seg(80, 2, None, TcpControl::Rst, b""), 0);
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 1, .. })));
+    }
+
+    #[test]
+    fn pure_ack_waits_for_svm_ack() {
+        let mut c = cmp();
+        let ack = |a| seg(80, 1, Some(a), TcpControl::None, b"");
+        assert_eq!(c.push_pvm(&ack(100), 0), Verdict::Held);
+        c.push_svm(&ack(50), 0);
+        assert!(drain(&mut c).is_empty(), "SVM has not acked as far");
+        c.push_svm(&ack(100), 0);
+        assert_eq!(drain(&mut c).len(), 1);
+        // A window update / duplicate ACK not ahead of the SVM's goes at once.
+        assert_eq!(c.push_pvm(&ack(90), 0), Verdict::Released);
+        // Data segments carry ACKs too: held until the SVM acks as far.
+        assert_eq!(c.push_svm(&seg(80, 1, Some(100), TcpControl::None, b"z"), 0), Verdict::Buffered);
+        assert_eq!(c.push_pvm(&seg(80, 1, Some(120), TcpControl::None, b"z"), 0), Verdict::Held);
+        c.push_svm(&ack(130), 0);
+        assert_eq!(drain(&mut c).len(), 2);
+    }
+
+    #[test]
+    fn datagrams_match_in_any_order() {
+        let mut c = cmp();
+        let (a, b) = (udp(53, b"one"), udp(53, b"two"));
+        assert_eq!(c.push_pvm(&a, 0), Verdict::Held);
+        assert_eq!(c.push_pvm(&b, 0), Verdict::Held);
+        assert_eq!(c.push_svm(&udp(53, b"two"), 0), Verdict::Matched);
+        assert!(drain(&mut c).is_empty(), "order per flow: b waits for a");
+        assert_eq!(c.push_svm(&udp(53, b"one"), 0), Verdict::Matched);
+        assert_eq!(drain(&mut c), vec![a, b]);
+        assert_eq!(c.push_svm(&udp(53, b"three"), 0), Verdict::Buffered);
+        assert_eq!(c.push_pvm(&udp(53, b"three"), 0), Verdict::Released);
+        // Different flow (port) does not match.
+        assert_eq!(c.push_pvm(&udp(54, b"x"), 0), Verdict::Held);
+        assert_eq!(c.push_svm(&udp(55, b"x"), 0), Verdict::Buffered);
+        assert_eq!(c.stats().matched_datagrams, 3);
+    }
+
+    #[test]
+    fn opaque_frames_counted_and_compared() {
+        let mut c = cmp();
+        let mut bad = data(1, b"abc");
+        let n = bad.len();
+        bad[n - 1] ^= 0x55;
+        assert_eq!(c.push_pvm(&bad, 0), Verdict::Held);
+        assert_eq!(c.stats().opaque_pvm_frames, 1);
+        assert_eq!(c.stats().parse_errors[ParseError::TcpChecksum.index()], 1);
+        assert_eq!(c.push_svm(&bad, 0), Verdict::Matched);
+        assert_eq!(drain(&mut c), vec![bad]);
+    }
+
+    #[test]
+    fn held_frame_timeout() {
+        let mut c = OutputComparator::new(ComparatorLimits { held_frame_timeout: 10, ..ComparatorLimits::default() });
+        c.push_pvm(&udp(53, b"lonely"), 5);
+        assert_eq!(c.poll(14), None);
+        let key = crate::colo::packet::parse_frame(&udp(53, b"")).flow;
+        assert_eq!(c.poll(15), Some(CheckpointRequest::HeldFrameTimeout { conn: key, age: 10 }));
+        c.on_checkpoint_committed();
+        assert_eq!(drain(&mut c).len(), 1);
+        assert_eq!(c.poll(100), None);
+    }
+
+    #[test]
+    fn pressure_requests_checkpoint_and_keeps_frames() {
+        let mut c = OutputComparator::new(ComparatorLimits { max_held_frames: 3, ..ComparatorLimits::default() });
+        for i in 0..3 {
+            assert_eq!(c.push_pvm(&data(1 + i, b"a"), 0), Verdict::Held);
+        }
+        let v = c.push_pvm(&data(4, b"a"), 0);
+        let want = CheckpointRequest::MemoryPressure { resource: PressureResource::HeldFrames, used: 4, limit: 3 };
+        assert_eq!(v, Verdict::CheckpointRequired(want));
+        assert!(matches!(c.push_pvm(&data(5, b"a"), 0), Verdict::CheckpointRequired(_)));
+        assert_eq!(c.stats().held_frames, 5);
+        assert_eq!(c.poll(0), Some(want));
+        c.on_checkpoint_committed();
+        assert_eq!(drain(&mut c).len(), 5);
+        // Byte limit.
+        let mut c = OutputComparator::new(ComparatorLimits { max_held_bytes: 100, ..ComparatorLimits::default() });
+        let v = c.push_svm(&data(1, &[7u8; 120]), 0);
+        assert!(matches!(
+            v,
+            Verdict::CheckpointRequired(CheckpointRequest::MemoryPressure {
+                resource: PressureResource::HeldBytes,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn connection_limit_keeps_untracked_frames() {
+        let mut c = OutputComparator::new(ComparatorLimits { max_connections: 1, ..ComparatorLimits::default() });
+        c.push_pvm(&udp(1, b"a"), 0);
+        let v = c.push_pvm(&udp(2, b"b"), 0);
+        assert!(matches!(
+            v,
+            Verdict::CheckpointRequired(CheckpointRequest::MemoryPressure {
+                resource: PressureResource::Connections,
+                ..
+            })
+        ));
+        assert_eq!(c.push_svm(&udp(2, b"b"), 0), Verdict::CheckpointRequired(c.pending_request().unwrap()));
+        c.on_checkpoint_committed();
+        assert_eq!(drain(&mut c), vec![udp(1, b"a"), udp(2, b"b")]);
+    }
+
+    #[test]
+    fn periodic_checkpoint() {
+        let mut c = OutputComparator::new(ComparatorLimits { periodic_ticks: 50, ..ComparatorLimits::default() });
+        assert_eq!(c.poll(10), None);
+        assert_eq!(c.poll(59), None);
+        assert_eq!(c.poll(60), Some(CheckpointRequest::Periodic));
+        c.on_checkpoint_committed();
+        assert_eq!(c.poll(61), None);
+        assert_eq!(c.poll(111), Some(CheckpointRequest::Periodic));
+    }
+
+    #[test]
+    fn commit_rebases_connection() {
+        let mut c = cmp();
+        // SVM uses a different ISN before the checkpoint.
+        c.push_pvm(&data(1000, b"abc"), 0);
+        c.push_svm(&data(9000, b"abX"), 0);
+        assert!(c.pending_request().is_some());
+        c.push_pvm(&data(1003, b"def"), 0);
+        c.on_checkpoint_committed();
+        assert_eq!(drain(&mut c).len(), 2);
+        // After the checkpoint the SVM runs the PVM's state: same sequence numbers.
+        assert_eq!(c.push_pvm(&data(1006, b"ghi"), 1), Verdict::Held);
+        assert_eq!(c.push_svm(&data(1006, b"ghi"), 1), Verdict::Matched);
+        assert_eq!(drain(&mut c).len(), 1);
+        // A PVM retransmission of checkpointed bytes is released (re-compared with history).
+        assert_eq!(c.push_pvm(&data(1003, b"def"), 1), Verdict::Released);
+        assert_eq!(c.poll(2), None);
+    }
+
+    #[test]
+    fn release_order_per_flow_and_global_on_commit() {
+        let mut c = cmp();
+        let a1 = udp(1, b"a1");
+        let b1 = udp(2, b"b1");
+        let a2 = udp(1, b"a2");
+        c.push_pvm(&a1, 0);
+        c.push_pvm(&b1, 0);
+        c.push_pvm(&a2, 0);
+        c.push_svm(&udp(1, b"a2"), 0);
+        assert!(drain(&mut c).is_empty());
+        c.on_checkpoint_committed();
+        assert_eq!(drain(&mut c), vec![a1, b1, a2]);
+    }
+
+    #[test]
+    fn sequence_wraparound() {
+        let mut c = cmp();
+        let start = u32::MAX - 2;
+        c.push_pvm(&data(start, b"abcdef"), 0);
+        c.push_svm(&data(start.wrapping_add(3), b"def"), 0); // anchors SVM at "def"
+                                                             // SVM anchored mid-stream: offset 0 is its first byte, PVM's is "a" -> mismatch.
+        assert!(c.pending_request().is_some());
+        let mut c = cmp();
+        c.push_pvm(&data(start, b"abc"), 0);
+        c.push_pvm(&data(start.wrapping_add(3), b"def"), 0);
+        c.push_svm(&data(7, b"abcdef"), 0);
+        assert_eq!(drain(&mut c).len(), 2);
+    }
+}

@@ -9,9 +9,10 @@
 #![no_std]
 #![no_main]
 
-mod mem;
-
 use core::fmt::Write;
+
+// Links the C memory functions and `rust_eh_personality` a freestanding binary needs.
+use guest_shim as _;
 
 use hypervisor::host::{heap, serial, shutdown};
 use hypervisor::kernel::{BootInfo, BootModule};
@@ -276,7 +277,3 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     let _ = heap::HEAP.try_lock().map(|h| writeln!(out, "heap: {} of {} bytes used", h.used(), h.size()));
     shutdown::exit(shutdown::ExitStatus::Failure)
 }
-
-/// The precompiled `core` refers to this symbol even with `panic = "abort"`; it is never called.
-#[no_mangle]
-extern "C" fn rust_eh_personality() {}

@@ -1,5 +1,8 @@
-//! The C memory functions LLVM emits calls to. Their bodies are `rep movsb` / `rep stosb` and
-//! plain loops the compiler cannot turn back into calls to themselves.
+//! What a freestanding binary built for `x86_64-unknown-linux-gnu` must provide itself: the C
+//! memory functions LLVM emits calls to, and `rust_eh_personality`, which the precompiled `core`
+//! refers to even with `panic = "abort"`. Shared by the kernel (`boot`) and every guest.
+//! The bodies are `rep movsb` / `rep stosb` and volatile loops that the compiler cannot turn back
+//! into calls to themselves.
 
 /// Copies `n` bytes forward.
 ///
@@ -90,3 +93,7 @@ pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
     }
     n
 }
+
+/// Never called: nothing unwinds with `panic = "abort"`.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

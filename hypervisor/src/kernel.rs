@@ -7,7 +7,7 @@
 use core::fmt::Write;
 
 use crate::config::{self, Config, OnIdle, TestFault};
-use crate::host::{cpu, gdt, heap, idt, paging, serial, shutdown};
+use crate::host::{cpu, gdt, heap, idt, paging, serial, shutdown, time};
 use crate::memory::{FrameAllocator, PhysRange};
 
 /// Most memory ranges and modules taken from the boot information.
@@ -78,6 +78,8 @@ pub fn run(boot: &BootInfo<'_>) -> ! {
     }
     heap_self_check();
 
+    let tsc_per_ms = time::calibrate();
+    log::info!("TSC: {} kHz (calibrated against PIT channel 2)", tsc_per_ms);
     let vendor = cpu::vendor();
     log::info!("cpu vendor: {}", core::str::from_utf8(&vendor).unwrap_or("?"));
     for module in &boot.modules {

@@ -1,7 +1,8 @@
 //! The COLO hypervisor library.
 //!
 //! Two halves live here:
-//! - pure logic that compiles and is unit-tested on the host (`config`, `memory::frames`, `colo`),
+//! - pure logic that compiles and is unit-tested on the host (`config`, `memory::frames`, `colo`,
+//!   `vcpu`),
 //!   each module `#![deny(unsafe_code)]`;
 //! - the hardware layer (`host`, `kernel`), built only with the `bare-metal` feature, which the
 //!   `boot` crate enables when it links the kernel.
@@ -12,6 +13,7 @@ extern crate alloc;
 pub mod colo;
 pub mod config;
 pub mod memory;
+pub mod vcpu;
 
 #[cfg(feature = "bare-metal")]
 pub mod host;

@@ -7,7 +7,8 @@
 //! - [`paging`]: the host's own identity page tables;
 //! - [`heap`]: the kernel heap (`linked_list_allocator`) carved from the frame allocator;
 //! - [`cpu`]: control registers, CPUID, halting;
-//! - [`shutdown`]: the one way out of the emulator, with a pass/fail status.
+//! - [`shutdown`]: the one way out of the emulator, with a pass/fail status;
+//! - [`time`]: the TSC, calibrated against the PIT.
 
 pub mod cpu;
 pub mod gdt;
@@ -16,3 +17,4 @@ pub mod idt;
 pub mod paging;
 pub mod serial;
 pub mod shutdown;
+pub mod time;

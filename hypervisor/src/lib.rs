@@ -12,6 +12,7 @@ extern crate alloc;
 
 pub mod colo;
 pub mod config;
+pub mod guest;
 pub mod memory;
 pub mod vcpu;
 

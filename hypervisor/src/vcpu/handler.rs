@@ -1,1 +1,451 @@
-//! (being written)
+//! The vendor-neutral exit handler: one place that decides what every [`VmExit`] means for a
+//! guest. Backends only translate hardware exits into `VmExit`s and apply [`Decision`]s.
+//!
+//! Guest time is the coarse clock: ticks since the guest started, supplied by the runner. Guests
+//! never see host time: RDTSC exits and returns `ticks * VIRTUAL_TSC_PER_TICK`.
+#![deny(unsafe_code)]
+
+use guest_shim::abi::{Hypercall, HypercallError, CONSOLE_WRITE_MAX};
+
+use super::cpuid::{self, CpuidValues};
+use super::msr::{self, GuestMsrs, MsrSlot};
+use super::{Decision, Exception, ExitCounters, GuestEnd, HardwareMsr, Vcpu, VmExit};
+use crate::guest::GuestMemory;
+
+/// The guest's virtual TSC rate: 1 GHz at one tick per millisecond.
+pub const VIRTUAL_TSC_PER_TICK: u64 = 1_000_000;
+/// Longest panic message kept.
+const PANIC_MESSAGE_MAX: u64 = 256;
+/// Console lines are cut at this length.
+const CONSOLE_LINE_MAX: usize = 200;
+
+/// What the handler needs from the host for one exit.
+pub struct HostServices<'a> {
+    /// The guest clock now, in ticks since the guest started.
+    pub now_ticks: u64,
+    /// The host's CPUID.
+    pub cpuid: &'a dyn Fn(u32, u32) -> CpuidValues,
+    /// Prints one complete line of the guest's console.
+    pub console_line: &'a mut dyn FnMut(&str),
+}
+
+impl core::fmt::Debug for HostServices<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HostServices").field("now_ticks", &self.now_ticks).finish_non_exhaustive()
+    }
+}
+
+/// Per-guest handler state.
+#[derive(Debug)]
+pub struct ExitHandler {
+    msrs: GuestMsrs,
+    console: heapless::Vec<u8, CONSOLE_LINE_MAX>,
+    time_limit_ticks: u64,
+    /// Exits seen, by kind.
+    pub counters: ExitCounters,
+    /// Hypercalls refused with an error code.
+    pub refused_hypercalls: u64,
+    /// Port I/O the guest attempted (there are no devices behind ports).
+    pub ignored_port_io: u64,
+}
+
+impl ExitHandler {
+    /// A handler for a guest that may run for `time_limit_ticks` ticks.
+    pub fn new(time_limit_ticks: u64) -> Self {
+        Self {
+            msrs: GuestMsrs::default(),
+            console: heapless::Vec::new(),
+            time_limit_ticks,
+            counters: ExitCounters::default(),
+            refused_hypercalls: 0,
+            ignored_port_io: 0,
+        }
+    }
+
+    /// The guest's end if it has used up its time.
+    pub fn check_time_limit(&self, now_ticks: u64) -> Option<GuestEnd> {
+        (now_ticks >= self.time_limit_ticks).then_some(GuestEnd::TimeLimit { ticks: self.time_limit_ticks })
+    }
+
+    /// Decides what `exit` means. Register results are written to `vcpu` here; RIP is not: the
+    /// runner applies the decision.
+    pub fn handle(
+        &mut self,
+        exit: &VmExit,
+        vcpu: &mut dyn Vcpu,
+        mem: &mut dyn GuestMemory,
+        host: &mut HostServices<'_>,
+    ) -> Decision {
+        self.counters.record(exit);
+        match *exit {
+            VmExit::Cpuid { leaf, subleaf } => {
+                let v = cpuid::filter(leaf, subleaf, (host.cpuid)(leaf, subleaf));
+                let r = vcpu.registers();
+                (r.rax, r.rbx, r.rcx, r.rdx) = (v.eax.into(), v.ebx.into(), v.ecx.into(), v.edx.into());
+                Decision::Advance
+            }
+            VmExit::MsrRead { msr } => match self.read_msr(msr, vcpu, host.now_ticks) {
+                Some(value) => {
+                    let r = vcpu.registers();
+                    (r.rax, r.rdx) = (value & 0xFFFF_FFFF, value >> 32);
+                    Decision::Advance
+                }
+                None => Decision::Inject(Exception::GENERAL_PROTECTION),
+            },
+            VmExit::MsrWrite { msr, value } => {
+                if self.write_msr(msr, value, vcpu) {
+                    Decision::Advance
+                } else {
+                    Decision::Inject(Exception::GENERAL_PROTECTION)
+                }
+            }
+            VmExit::Io { string: true, .. } => {
+                Decision::End(GuestEnd::Unsupported { what: "string port I/O (no port devices)", exit: *exit })
+            }
+            VmExit::Io { size, write, .. } => {
+                self.ignored_port_io += 1;
+                if !write {
+                    // No device answers: the bus floats high.
+                    let ones = if size >= 4 { 0xFFFF_FFFF } else { (1u64 << (8 * size)) - 1 };
+                    let r = vcpu.registers();
+                    r.rax = (r.rax & !ones) | ones;
+                }
+                Decision::Advance
+            }
+            VmExit::Hlt => Decision::End(GuestEnd::HaltedForever),
+            VmExit::Hypercall => self.hypercall(vcpu, mem, host),
+            VmExit::Rdtsc => {
+                let tsc = host.now_ticks.wrapping_mul(VIRTUAL_TSC_PER_TICK);
+                let r = vcpu.registers();
+                (r.rax, r.rdx) = (tsc & 0xFFFF_FFFF, tsc >> 32);
+                Decision::Advance
+            }
+            VmExit::Xsetbv | VmExit::VirtualizationInstruction => Decision::Inject(Exception::INVALID_OPCODE),
+            VmExit::NestedPageFault { gpa, access } => Decision::End(GuestEnd::MemoryViolation { gpa, access }),
+            VmExit::NestedPageMisconfig { .. } => {
+                Decision::End(GuestEnd::Unsupported { what: "second-level page table entry (hypervisor bug)", exit: *exit })
+            }
+            VmExit::ExternalInterrupt { .. } | VmExit::PreemptionTimer | VmExit::DirtyLogFull => Decision::Resume,
+            VmExit::TripleFault => Decision::End(GuestEnd::TripleFault),
+            VmExit::ControlRegisterAccess { .. } => {
+                Decision::End(GuestEnd::Unsupported { what: "write to a control-register bit the hypervisor owns", exit: *exit })
+            }
+            VmExit::EntryFailed { reason, qualification } => Decision::End(GuestEnd::EntryFailed { reason, qualification }),
+            VmExit::Unhandled { .. } => Decision::End(GuestEnd::Unsupported { what: "exit reason", exit: *exit }),
+        }
+    }
+
+    fn read_msr(&self, msr: u32, vcpu: &dyn Vcpu, now_ticks: u64) -> Option<u64> {
+        Some(match msr::slot(msr)? {
+            MsrSlot::Hardware(which) => vcpu.hardware_msr(which),
+            MsrSlot::Stored(index) => self.msrs.get(index),
+            MsrSlot::Tsc => now_ticks.wrapping_mul(VIRTUAL_TSC_PER_TICK),
+            MsrSlot::Constant(value) => value,
+        })
+    }
+
+    /// Applies an allowed, valid MSR write; false means #GP.
+    fn write_msr(&mut self, msr: u32, value: u64, vcpu: &mut dyn Vcpu) -> bool {
+        let Some(slot) = msr::slot(msr) else { return false };
+        match slot {
+            MsrSlot::Hardware(HardwareMsr::Efer) => {
+                let current = vcpu.hardware_msr(HardwareMsr::Efer);
+                if (current ^ value) & !msr::EFER_GUEST_WRITABLE != 0 {
+                    return false;
+                }
+                vcpu.set_hardware_msr(HardwareMsr::Efer, value);
+            }
+            MsrSlot::Hardware(which @ (HardwareMsr::FsBase | HardwareMsr::GsBase)) => {
+                if !msr::is_canonical(value) {
+                    return false;
+                }
+                vcpu.set_hardware_msr(which, value);
+            }
+            MsrSlot::Hardware(HardwareMsr::Pat) => {
+                if !msr::is_valid_pat(value) {
+                    return false;
+                }
+                vcpu.set_hardware_msr(HardwareMsr::Pat, value);
+            }
+            MsrSlot::Stored(index) => {
+                let address_msr = matches!(
+                    msr,
+                    msr::numbers::IA32_LSTAR | msr::numbers::IA32_CSTAR | msr::numbers::IA32_KERNEL_GS_BASE
+                );
+                let tsc_aux_bad = msr == msr::numbers::IA32_TSC_AUX && value >> 32 != 0;
+                if (address_msr && !msr::is_canonical(value)) || tsc_aux_bad {
+                    return false;
+                }
+                self.msrs.set(index, value);
+            }
+            // The guest clock is the hypervisor's to keep.
+            MsrSlot::Tsc => return false,
+            MsrSlot::Constant(expected) => return value == expected,
+        }
+        true
+    }
+
+    fn hypercall(&mut self, vcpu: &mut dyn Vcpu, mem: &mut dyn GuestMemory, host: &mut HostServices<'_>) -> Decision {
+        let r = *vcpu.registers();
+        let result: Result<u64, HypercallError> = match Hypercall::from_number(r.rax) {
+            None => Err(HypercallError::UnknownHypercall),
+            Some(Hypercall::ConsoleWrite) => {
+                if r.rsi > CONSOLE_WRITE_MAX {
+                    Err(HypercallError::TooLong)
+                } else {
+                    match mem.slice(r.rdi, r.rsi) {
+                        Ok(bytes) => {
+                            self.console_bytes(bytes, host.console_line);
+                            Ok(r.rsi)
+                        }
+                        Err(_) => Err(HypercallError::BadAddress),
+                    }
+                }
+            }
+            Some(Hypercall::ClockNow) => Ok(host.now_ticks),
+            Some(Hypercall::BlockUntil) => {
+                if r.rdi <= host.now_ticks {
+                    Ok(host.now_ticks)
+                } else {
+                    return Decision::BlockUntil { deadline: r.rdi.min(self.time_limit_ticks) };
+                }
+            }
+            Some(Hypercall::Shutdown) => {
+                self.flush_console(host.console_line);
+                return Decision::End(GuestEnd::Shutdown { status: r.rdi });
+            }
+            Some(Hypercall::Panic) => match mem.slice(r.rdi, r.rsi.min(PANIC_MESSAGE_MAX)) {
+                Ok(bytes) => {
+                    self.flush_console(host.console_line);
+                    let mut message = heapless::String::new();
+                    for c in bytes.utf8_chunks().flat_map(|c| c.valid().chars()) {
+                        if message.push(c).is_err() {
+                            break;
+                        }
+                    }
+                    return Decision::End(GuestEnd::Panic { message });
+                }
+                Err(_) => Err(HypercallError::BadAddress),
+            },
+        };
+        vcpu.registers().rax = match result {
+            Ok(value) => value,
+            Err(e) => {
+                self.refused_hypercalls += 1;
+                e.to_rax()
+            }
+        };
+        Decision::Advance
+    }
+
+    /// Buffers console bytes into lines; control characters other than newline and tab become '.'.
+    fn console_bytes(&mut self, bytes: &[u8], out: &mut dyn FnMut(&str)) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.flush_console(out);
+                continue;
+            }
+            let b = if b == b'\t' || (0x20..0x7F).contains(&b) || b >= 0x80 { b } else { b'.' };
+            if self.console.push(b).is_err() {
+                self.flush_console(out);
+                let _ = self.console.push(b);
+            }
+        }
+    }
+
+    /// Emits a partial line, if any (at guest end, so nothing is lost).
+    pub fn flush_console(&mut self, out: &mut dyn FnMut(&str)) {
+        if !self.console.is_empty() {
+            let text = core::str::from_utf8(&self.console).unwrap_or("<invalid UTF-8>");
+            out(text);
+            self.console.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::GuestRam;
+    use crate::vcpu::{GuestRegisters, VcpuError};
+    use std::string::{String, ToString};
+    use std::vec::Vec;
+
+    #[derive(Default)]
+    struct FakeVcpu {
+        regs: GuestRegisters,
+        efer: u64,
+        fs: u64,
+    }
+
+    impl Vcpu for FakeVcpu {
+        fn run(&mut self) -> Result<VmExit, VcpuError> {
+            unreachable!()
+        }
+        fn registers(&mut self) -> &mut GuestRegisters {
+            &mut self.regs
+        }
+        fn rip(&self) -> u64 {
+            0
+        }
+        fn rflags(&self) -> u64 {
+            2
+        }
+        fn skip_instruction(&mut self) {}
+        fn inject(&mut self, _: Exception) {}
+        fn hardware_msr(&self, msr: HardwareMsr) -> u64 {
+            match msr {
+                HardwareMsr::Efer => self.efer,
+                HardwareMsr::FsBase => self.fs,
+                _ => 0,
+            }
+        }
+        fn set_hardware_msr(&mut self, msr: HardwareMsr, value: u64) {
+            match msr {
+                HardwareMsr::Efer => self.efer = value,
+                HardwareMsr::FsBase => self.fs = value,
+                _ => {}
+            }
+        }
+        fn set_time_slice(&mut self, _: u64) {}
+        fn hypercall_insn(&self) -> guest_shim::abi::HypercallInsn {
+            guest_shim::abi::HypercallInsn::Vmcall
+        }
+        fn dump(&self, _: &mut dyn core::fmt::Write) -> core::fmt::Result {
+            Ok(())
+        }
+        fn backend_name(&self) -> &'static str {
+            "fake"
+        }
+        fn release(&mut self, _: &mut crate::memory::FrameAllocator) {}
+    }
+
+    struct Rig {
+        handler: ExitHandler,
+        vcpu: FakeVcpu,
+        ram: Vec<u8>,
+        lines: Vec<String>,
+        now: u64,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            let vcpu = FakeVcpu { efer: crate::guest::boot::GUEST_EFER, ..Default::default() };
+            Self { handler: ExitHandler::new(1000), vcpu, ram: std::vec![0; 1 << 20], lines: Vec::new(), now: 5 }
+        }
+
+        fn exit(&mut self, exit: VmExit) -> Decision {
+            let cpuid = |leaf: u32, _| CpuidValues { eax: leaf, ebx: 0, ecx: u32::MAX, edx: 0 };
+            let lines = &mut self.lines;
+            let mut console = |l: &str| lines.push(l.to_string());
+            let mut host = HostServices { now_ticks: self.now, cpuid: &cpuid, console_line: &mut console };
+            let mut mem = GuestRam::new(&mut self.ram);
+            self.handler.handle(&exit, &mut self.vcpu, &mut mem, &mut host)
+        }
+
+        fn hypercall(&mut self, number: u64, a0: u64, a1: u64) -> Decision {
+            (self.vcpu.regs.rax, self.vcpu.regs.rdi, self.vcpu.regs.rsi) = (number, a0, a1);
+            self.exit(VmExit::Hypercall)
+        }
+    }
+
+    #[test]
+    fn cpuid_results_are_filtered_into_registers() {
+        let mut rig = Rig::new();
+        rig.vcpu.regs.rbx = u64::MAX;
+        assert_eq!(rig.exit(VmExit::Cpuid { leaf: 1, subleaf: 0 }), Decision::Advance);
+        assert_eq!(rig.vcpu.regs.rcx & (1 << 5), 0, "VMX hidden");
+        assert_eq!(rig.vcpu.regs.rbx, 0, "upper half cleared");
+    }
+
+    #[test]
+    fn msrs_outside_the_allow_list_get_gp() {
+        let mut rig = Rig::new();
+        assert_eq!(rig.exit(VmExit::MsrRead { msr: 0x480 }), Decision::Inject(Exception::GENERAL_PROTECTION));
+        assert_eq!(rig.exit(VmExit::MsrWrite { msr: 0x3A, value: 5 }), Decision::Inject(Exception::GENERAL_PROTECTION));
+        assert_eq!(rig.exit(VmExit::MsrWrite { msr: 0x10, value: 5 }), Decision::Inject(Exception::GENERAL_PROTECTION));
+    }
+
+    #[test]
+    fn msr_writes_are_validated_and_read_back() {
+        let mut rig = Rig::new();
+        let lme_off = crate::guest::boot::GUEST_EFER & !(1 << 8);
+        assert_eq!(
+            rig.exit(VmExit::MsrWrite { msr: msr::numbers::IA32_EFER, value: lme_off }),
+            Decision::Inject(Exception::GENERAL_PROTECTION)
+        );
+        let sce = crate::guest::boot::GUEST_EFER | 1;
+        assert_eq!(rig.exit(VmExit::MsrWrite { msr: msr::numbers::IA32_EFER, value: sce }), Decision::Advance);
+        assert_eq!(rig.vcpu.efer, sce);
+        assert_eq!(
+            rig.exit(VmExit::MsrWrite { msr: msr::numbers::IA32_FS_BASE, value: 0x8000_0000_0000 }),
+            Decision::Inject(Exception::GENERAL_PROTECTION)
+        );
+        assert_eq!(rig.exit(VmExit::MsrWrite { msr: msr::numbers::IA32_LSTAR, value: 0x1234 }), Decision::Advance);
+        assert_eq!(rig.exit(VmExit::MsrRead { msr: msr::numbers::IA32_LSTAR }), Decision::Advance);
+        assert_eq!((rig.vcpu.regs.rax, rig.vcpu.regs.rdx), (0x1234, 0));
+    }
+
+    #[test]
+    fn console_hypercall_checks_pointer_and_length() {
+        let mut rig = Rig::new();
+        rig.ram[0x2000..0x200C].copy_from_slice(b"hello\nworld\n");
+        assert_eq!(rig.hypercall(1, 0x2000, 12), Decision::Advance);
+        assert_eq!(rig.vcpu.regs.rax, 12);
+        assert_eq!(rig.lines, ["hello", "world"]);
+        rig.hypercall(1, 1 << 20, 1);
+        assert_eq!(rig.vcpu.regs.rax, HypercallError::BadAddress.to_rax());
+        rig.hypercall(1, u64::MAX, 2);
+        assert_eq!(rig.vcpu.regs.rax, HypercallError::BadAddress.to_rax());
+        rig.hypercall(1, 0, CONSOLE_WRITE_MAX + 1);
+        assert_eq!(rig.vcpu.regs.rax, HypercallError::TooLong.to_rax());
+        rig.hypercall(0xdead, 0, 0);
+        assert_eq!(rig.vcpu.regs.rax, HypercallError::UnknownHypercall.to_rax());
+        assert_eq!(rig.handler.refused_hypercalls, 4);
+    }
+
+    #[test]
+    fn clock_block_shutdown_and_panic() {
+        let mut rig = Rig::new();
+        rig.hypercall(2, 0, 0);
+        assert_eq!(rig.vcpu.regs.rax, 5);
+        assert_eq!(rig.hypercall(3, 3, 0), Decision::Advance, "a deadline in the past returns at once");
+        assert_eq!(rig.hypercall(3, 50, 0), Decision::BlockUntil { deadline: 50 });
+        assert_eq!(rig.hypercall(3, u64::MAX, 0), Decision::BlockUntil { deadline: 1000 }, "capped at the time limit");
+        rig.ram[0x3000..0x3004].copy_from_slice(b"boom");
+        assert_eq!(rig.hypercall(5, 1 << 21, 4), Decision::Advance, "bad panic pointer is refused, not fatal");
+        match rig.hypercall(5, 0x3000, 4) {
+            Decision::End(GuestEnd::Panic { message }) => assert_eq!(message.as_str(), "boom"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rig.hypercall(4, 7, 0), Decision::End(GuestEnd::Shutdown { status: 7 }));
+    }
+
+    #[test]
+    fn rdtsc_is_the_coarse_clock_and_io_floats_high() {
+        let mut rig = Rig::new();
+        rig.exit(VmExit::Rdtsc);
+        assert_eq!(rig.vcpu.regs.rax, 5 * VIRTUAL_TSC_PER_TICK);
+        rig.vcpu.regs.rax = 0x1234_5600;
+        rig.exit(VmExit::Io { port: 0x60, size: 1, write: false, string: false });
+        assert_eq!(rig.vcpu.regs.rax, 0x1234_56FF);
+        assert!(matches!(
+            rig.exit(VmExit::Io { port: 0x60, size: 1, write: false, string: true }),
+            Decision::End(GuestEnd::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn faults_end_the_guest_with_a_reason() {
+        let mut rig = Rig::new();
+        assert_eq!(rig.exit(VmExit::TripleFault), Decision::End(GuestEnd::TripleFault));
+        let npf = VmExit::NestedPageFault { gpa: 0x400_1000, access: crate::vcpu::MemoryAccess::Write };
+        let violation = GuestEnd::MemoryViolation { gpa: 0x400_1000, access: crate::vcpu::MemoryAccess::Write };
+        assert_eq!(rig.exit(npf), Decision::End(violation));
+        assert_eq!(rig.exit(VmExit::VirtualizationInstruction), Decision::Inject(Exception::INVALID_OPCODE));
+        assert_eq!(rig.handler.check_time_limit(999), None);
+        assert_eq!(rig.handler.check_time_limit(1000), Some(GuestEnd::TimeLimit { ticks: 1000 }));
+        assert_eq!(rig.handler.counters.get("triple-fault"), 1);
+        assert_eq!(rig.handler.counters.total(), 3);
+    }
+}

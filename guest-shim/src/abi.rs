@@ -159,7 +159,8 @@ mod tests {
 
     #[test]
     fn numbers_round_trip() {
-        for h in [Hypercall::ConsoleWrite, Hypercall::ClockNow, Hypercall::BlockUntil, Hypercall::Shutdown, Hypercall::Panic]
+        for h in
+            [Hypercall::ConsoleWrite, Hypercall::ClockNow, Hypercall::BlockUntil, Hypercall::Shutdown, Hypercall::Panic]
         {
             assert_eq!(Hypercall::from_number(h as u64), Some(h));
         }

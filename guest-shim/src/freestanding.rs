@@ -97,3 +97,12 @@ pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
 /// Never called: nothing unwinds with `panic = "abort"`.
 #[no_mangle]
 pub extern "C" fn rust_eh_personality() {}
+
+/// The precompiled `alloc` has unwinding cleanup paths that name this symbol. With
+/// `panic = "abort"` no unwind ever starts, so it can never be reached.
+#[no_mangle]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
+}

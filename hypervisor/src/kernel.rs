@@ -92,12 +92,33 @@ pub fn run(boot: &BootInfo<'_>) -> ! {
         );
     }
     log::info!("free memory after start-up: {} MiB", frames.free_bytes() >> 20);
+    if let Err(err) = crate::net::bring_up(&config) {
+        fail(format_args!("network: {err}"));
+    }
 
     if let Some(fault) = config.test_fault {
         raise_test_fault(fault);
     }
+    cpu::mask_legacy_pic();
     log::info!("boot complete");
+    run_guest_modules(&mut frames, boot, &config);
     idle(&config)
+}
+
+/// Starts the virtualization backend and runs the guest modules, if there are any.
+fn run_guest_modules(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) {
+    if !boot.modules.iter().any(|m| m.cmdline.starts_with(crate::runner::GUEST_PREFIX)) {
+        return;
+    }
+    match crate::backend::Backend::detect(frames) {
+        Ok(mut backend) => {
+            log::info!("backend: {}: {}", backend.name(), backend.describe());
+            log::info!("dirty tracking: {}", backend.dirty_tracking());
+            crate::runner::run_guests(&mut backend, frames, &boot.modules, config.guest_mem_bytes);
+            log::info!("all guests done");
+        }
+        Err(e) => log::error!("no guest can run: {e}"),
+    }
 }
 
 /// Feeds the allocator with available RAM minus reservations; returns the end of RAM.
@@ -155,6 +176,9 @@ fn raise_test_fault(fault: TestFault) {
 }
 
 fn idle(config: &Config) -> ! {
+    if crate::net::is_up() {
+        crate::net::serve_until_shutdown()
+    }
     match config.on_idle {
         OnIdle::Exit => {
             log::info!("nothing left to run; exiting");

@@ -14,9 +14,16 @@ pub mod colo;
 pub mod config;
 pub mod guest;
 pub mod memory;
+pub mod net;
+pub mod stats;
 pub mod vcpu;
+pub mod vmx;
 
+#[cfg(feature = "bare-metal")]
+pub mod backend;
 #[cfg(feature = "bare-metal")]
 pub mod host;
 #[cfg(feature = "bare-metal")]
 pub mod kernel;
+#[cfg(feature = "bare-metal")]
+pub mod runner;

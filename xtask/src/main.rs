@@ -124,7 +124,33 @@ fn check_flags(args: &[String], known: &[&str]) -> Result {
     Ok(())
 }
 
+/// The guest binaries `guest-shim` builds (reference and test guests).
+const GUESTS: &[&str] = &["guest-hello", "guest-bad-write", "guest-hostile", "guest-triple-fault", "guest-spinner"];
+
+/// Builds the kernel and the guests; returns the kernel's path. Guests go to `target/guests/`.
 fn build_kernel() -> Result<PathBuf> {
+    step("building the guests (release, freestanding)");
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--package",
+        "colo-guest-shim",
+        "--features",
+        "guest",
+        "--bins",
+        "--release",
+        "--target",
+        KERNEL_TARGET,
+    ]);
+    c.env("RUSTFLAGS", KERNEL_RUSTFLAGS).env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run_checked(&mut c, "guest build")?;
+    let root = workspace_root();
+    let guests = root.join("target/guests");
+    fs::create_dir_all(&guests).map_err(|e| format!("creating {}: {e}", guests.display()))?;
+    for guest in GUESTS {
+        let built = root.join("target").join(KERNEL_TARGET).join("release").join(guest);
+        fs::copy(&built, guests.join(guest)).map_err(|e| format!("copying {}: {e}", built.display()))?;
+    }
     step("building the kernel (release, freestanding)");
     let mut c = cargo();
     c.args(["build", "--package", "colo-boot", "--release", "--target", KERNEL_TARGET]);

@@ -39,7 +39,8 @@ fn main(env: &Env) -> i32 {
 /// Loads a pattern into xmm0..xmm15, makes a hypercall (the hypervisor formats text with SSE in
 /// between), and checks the pattern is still there.
 fn sse_survives_hypercalls() -> bool {
-    let pattern: [u64; 32] = core::array::from_fn(|i| 0x0123_4567_89AB_CDEF ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let pattern: [u64; 32] =
+        core::array::from_fn(|i| 0x0123_4567_89AB_CDEF ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut after = [0u64; 32];
     // SAFETY: reads `pattern` and writes `after` (both 256 bytes, 16-aligned access not required
     // by movdqu); the hypercall changes only RAX, which is declared clobbered.

@@ -52,3 +52,15 @@ pub fn halt_forever() -> ! {
         x86_64::instructions::hlt();
     }
 }
+
+/// Masks every line of both legacy 8259 PICs. The hypervisor polls its devices; an unmasked PIC
+/// would raise interrupts that VM exits acknowledge and nothing would end (no EOI).
+pub fn mask_legacy_pic() {
+    use x86_64::instructions::port::Port;
+    // SAFETY: 0x21 and 0xA1 are the PICs' interrupt-mask registers; masking all lines only stops
+    // interrupts the hypervisor never handles.
+    unsafe {
+        Port::<u8>::new(0x21).write(0xFF);
+        Port::<u8>::new(0xA1).write(0xFF);
+    }
+}

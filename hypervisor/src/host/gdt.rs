@@ -80,3 +80,8 @@ pub fn init() {
 pub fn selectors() -> Option<Selectors> {
     GDT.get().map(|(_, s)| *s)
 }
+
+/// The TSS's address (the host TR base VT-x reloads on every exit).
+pub fn tss_base() -> u64 {
+    TSS.get().map_or(0, |tss| tss as *const TaskStateSegment as u64)
+}

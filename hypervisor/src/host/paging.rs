@@ -80,3 +80,32 @@ fn child(entry: u64) -> &'static mut Table {
     // allocated; the tables under construction are reached only through this function.
     unsafe { &mut *(frame as *mut Table) }
 }
+
+/// Page tables (EPT, NPT) in host frames, reached through the identity map. Every frame it
+/// allocates is recorded in `owned` so its owner can give them back.
+#[derive(Debug)]
+pub struct FrameTables<'a> {
+    /// Where new tables come from; `None` for walking existing tables only.
+    pub frames: Option<&'a mut FrameAllocator>,
+    /// The frames holding the tables.
+    pub owned: &'a mut alloc::vec::Vec<u64>,
+}
+
+impl crate::memory::pagetable::TableMemory for FrameTables<'_> {
+    fn allocate_table(&mut self) -> Result<u64, FrameError> {
+        let frames =
+            self.frames.as_deref_mut().ok_or(FrameError::OutOfMemory { bytes: PAGE_SIZE, align: PAGE_SIZE })?;
+        let frame = frames.allocate_frame()?;
+        // SAFETY: the frame was just allocated, is identity-mapped, page-aligned and unshared.
+        unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE_SIZE as usize) };
+        self.owned.push(frame);
+        Ok(frame)
+    }
+
+    fn table(&mut self, phys: u64) -> &mut [u64; 512] {
+        assert!(self.owned.contains(&phys), "table {phys:#x} does not belong to this page table");
+        // SAFETY: `phys` is one of our own table frames (checked above), identity-mapped, and
+        // only reached through this `&mut self`.
+        unsafe { &mut *(phys as *mut [u64; 512]) }
+    }
+}

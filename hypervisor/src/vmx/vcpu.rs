@@ -1,0 +1,914 @@
+//! The VT-x backend: VMX bring-up ([`VmxBackend`]) and one vCPU per guest ([`VmxVcpu`]) behind
+//! the vendor-neutral [`Vcpu`] trait.
+//!
+//! Section numbers are Intel SDM Vol. 3C unless noted. Every VMCS field the hardware checks on VM
+//! entry (§27.2 controls and host state, §27.3 guest state) is written in `setup_vmcs`, with the
+//! rule it satisfies next to it, so the same image runs under Bochs, nested KVM and real hardware.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::fmt;
+
+use guest_shim::abi::HypercallInsn;
+
+use super::controls::{self, ept_cap, MissingControls};
+use super::fields::{VmcsField, DUMP_FIELDS};
+use super::instructions::{self as insn, rdmsr, vmread, VmxFail};
+use crate::host::{gdt, paging::FrameTables};
+use crate::memory::pagetable::{EptFormat, PageTable};
+use crate::memory::{FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
+use crate::vcpu::{Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, Vcpu, VcpuError, VmExit};
+
+/// Capability and control MSRs (§A.1-A.10).
+mod msr {
+    pub const IA32_FEATURE_CONTROL: u32 = 0x3A;
+    pub const IA32_SYSENTER_CS: u32 = 0x174;
+    pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    pub const IA32_SYSENTER_EIP: u32 = 0x176;
+    pub const IA32_PAT: u32 = 0x277;
+    pub const IA32_VMX_BASIC: u32 = 0x480;
+    pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
+    pub const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
+    pub const IA32_VMX_EXIT_CTLS: u32 = 0x483;
+    pub const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
+    pub const IA32_VMX_MISC: u32 = 0x485;
+    pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
+    pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
+    pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
+    pub const IA32_VMX_CR4_FIXED1: u32 = 0x489;
+    pub const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48B;
+    pub const IA32_VMX_EPT_VPID_CAP: u32 = 0x48C;
+    pub const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48D;
+    pub const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48E;
+    pub const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48F;
+    pub const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
+    pub const IA32_EFER: u32 = 0xC000_0080;
+    pub const IA32_FS_BASE: u32 = 0xC000_0100;
+    pub const IA32_GS_BASE: u32 = 0xC000_0101;
+}
+
+const CR4_VMXE: u64 = 1 << 13;
+/// Guest CR0 bits the host owns: PE, NE, NW, CD, PG. A guest write that would change them exits.
+const CR0_HOST_OWNED: u64 = (1 << 0) | (1 << 5) | (1 << 29) | (1 << 30) | (1 << 31);
+/// Guest CR4 bits the host owns: PAE, VMXE, SMXE, OSXSAVE (XSAVE is hidden from guests).
+const CR4_HOST_OWNED: u64 = (1 << 5) | (1 << 13) | (1 << 14) | (1 << 18);
+/// The power-on IA32_PAT value (SDM Vol. 3A §13.12.4).
+const DEFAULT_PAT: u64 = 0x0007_0406_0007_0406;
+/// Access rights (§25.4.1, Table 25-2): 64-bit code, execute/read, accessed, present, G.
+const AR_CODE64: u64 = 0xA09B;
+/// Read/write data, accessed, present, D/B, G.
+const AR_DATA: u64 = 0xC093;
+/// 64-bit busy TSS, present.
+const AR_TSS_BUSY: u64 = 0x8B;
+/// Bit 16: segment unusable.
+const AR_UNUSABLE: u64 = 1 << 16;
+/// Interruption-information valid bit and hardware-exception type (§25.8.3, Table 25-17).
+const INTR_INFO_VALID: u64 = 1 << 31;
+const INTR_TYPE_HW_EXCEPTION: u64 = 3 << 8;
+const INTR_DELIVER_ERROR_CODE: u64 = 1 << 11;
+
+/// Why the VT-x backend could not start or make a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmxError {
+    /// A CPU feature the backend needs is missing.
+    MissingFeature {
+        /// Its name and where it is reported.
+        feature: &'static str,
+    },
+    /// A VMX control the backend needs cannot be set.
+    Controls(MissingControls),
+    /// The firmware locked VMX off.
+    DisabledByFirmware {
+        /// IA32_FEATURE_CONTROL.
+        feature_control: u64,
+    },
+    /// A VMX instruction failed.
+    Instruction(VmxFail),
+    /// No memory for VMX structures.
+    Memory(FrameError),
+    /// Building the EPT failed.
+    Ept(crate::memory::pagetable::MapError),
+}
+
+impl fmt::Display for VmxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MissingFeature { feature } => write!(f, "VT-x: missing CPU feature: {feature}"),
+            Self::Controls(m) => write!(f, "VT-x: {m}"),
+            Self::DisabledByFirmware { feature_control } => write!(
+                f,
+                "VT-x: disabled by firmware: IA32_FEATURE_CONTROL={feature_control:#x} is locked without \
+                 bit 2 (VMXON outside SMX)"
+            ),
+            Self::Instruction(e) => write!(f, "VT-x: {e}"),
+            Self::Memory(e) => write!(f, "VT-x: {e}"),
+            Self::Ept(e) => write!(f, "VT-x: EPT: {e}"),
+        }
+    }
+}
+
+impl From<VmxFail> for VmxError {
+    fn from(e: VmxFail) -> Self {
+        Self::Instruction(e)
+    }
+}
+
+impl From<FrameError> for VmxError {
+    fn from(e: FrameError) -> Self {
+        Self::Memory(e)
+    }
+}
+
+/// What VMX bring-up found and chose.
+#[derive(Clone, Copy, Debug)]
+pub struct VmxCapabilities {
+    revision: u32,
+    pin: u32,
+    primary: u32,
+    secondary: u32,
+    exit: u32,
+    entry: u32,
+    cr0_fixed: (u64, u64),
+    cr4_fixed: (u64, u64),
+    ept_vpid: u64,
+    pml_available: bool,
+    /// TSC ticks per preemption-timer tick is `1 << preemption_shift` (§25.5.1, IA32_VMX_MISC[4:0]).
+    preemption_shift: u32,
+}
+
+impl VmxCapabilities {
+    /// EPT accessed/dirty flags are available and enabled.
+    pub fn ept_accessed_dirty(&self) -> bool {
+        self.ept_vpid & ept_cap::ACCESSED_DIRTY != 0
+    }
+
+    /// The CPU has the page-modification log (and the EPT A/D flags it needs).
+    pub fn pml(&self) -> bool {
+        self.pml_available
+    }
+
+    /// VPIDs are in use.
+    pub fn vpid(&self) -> bool {
+        self.secondary & controls::secondary::ENABLE_VPID != 0
+    }
+
+    /// The dirty-tracking method this CPU gives.
+    pub fn dirty_tracking(&self) -> &'static str {
+        if self.pml() {
+            "PML (page-modification log) available"
+        } else if self.ept_accessed_dirty() {
+            "EPT A/D-bit scan available"
+        } else {
+            "none (no PML, no EPT A/D flags)"
+        }
+    }
+}
+
+/// VMX operation on this CPU.
+#[derive(Debug)]
+pub struct VmxBackend {
+    caps: VmxCapabilities,
+    vmxon_region: u64,
+    next_vpid: u16,
+}
+
+impl VmxBackend {
+    /// Checks every capability the backend relies on, then enters VMX operation (§24.7, §24.8).
+    pub fn init(frames: &mut FrameAllocator) -> Result<Self, VmxError> {
+        let leaf1 = crate::host::cpu::cpuid(1, 0);
+        if leaf1.ecx & (1 << 5) == 0 {
+            return Err(VmxError::MissingFeature { feature: "VMX (CPUID.1:ECX[5])" });
+        }
+        // §24.7: VMXON outside SMX needs IA32_FEATURE_CONTROL bits 0 (lock) and 2.
+        let fc = rdmsr(msr::IA32_FEATURE_CONTROL);
+        if fc & 1 == 0 {
+            // SAFETY: unlocked: set "VMXON outside SMX" and lock, as firmware would.
+            unsafe { insn::wrmsr(msr::IA32_FEATURE_CONTROL, fc | 0b101) };
+        } else if fc & 0b100 == 0 {
+            return Err(VmxError::DisabledByFirmware { feature_control: fc });
+        }
+        let basic = rdmsr(msr::IA32_VMX_BASIC);
+        // §A.1: bits 53:50 memory type for VMCS access must be write-back (6).
+        if (basic >> 50) & 0xF != 6 {
+            return Err(VmxError::MissingFeature { feature: "write-back VMCS memory type (IA32_VMX_BASIC[53:50])" });
+        }
+        if (basic >> 32) & 0x1FFF > PAGE_SIZE {
+            return Err(VmxError::MissingFeature { feature: "VMCS region of at most 4 KiB (IA32_VMX_BASIC[44:32])" });
+        }
+        // §A.2: bit 55 says the TRUE capability MSRs exist; use them (they let default-1 controls go to 0).
+        let true_ctls = basic & (1 << 55) != 0;
+        let pick = |plain, r#true| rdmsr(if true_ctls { r#true } else { plain });
+        use controls::{entry, exit, pin, primary, secondary};
+        let pin_ctls = controls::adjust(
+            "pin-based",
+            pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING | pin::PREEMPTION_TIMER,
+            0,
+            pick(msr::IA32_VMX_PINBASED_CTLS, msr::IA32_VMX_TRUE_PINBASED_CTLS),
+        )
+        .map_err(VmxError::Controls)?;
+        let primary_ctls = controls::adjust(
+            "primary processor-based",
+            primary::HLT_EXITING
+                | primary::RDTSC_EXITING
+                | primary::USE_IO_BITMAPS
+                | primary::USE_MSR_BITMAPS
+                | primary::SECONDARY_CONTROLS,
+            0,
+            pick(msr::IA32_VMX_PROCBASED_CTLS, msr::IA32_VMX_TRUE_PROCBASED_CTLS),
+        )
+        .map_err(VmxError::Controls)?;
+        let ept_vpid_raw = rdmsr(msr::IA32_VMX_EPT_VPID_CAP);
+        for (bit, feature) in [
+            (ept_cap::WALK_LENGTH_4, "4-level EPT walk (IA32_VMX_EPT_VPID_CAP[6])"),
+            (ept_cap::MEMORY_TYPE_WB, "write-back EPT structures (IA32_VMX_EPT_VPID_CAP[14])"),
+            (ept_cap::INVEPT, "INVEPT (IA32_VMX_EPT_VPID_CAP[20])"),
+        ] {
+            if ept_vpid_raw & bit == 0 {
+                return Err(VmxError::MissingFeature { feature });
+            }
+        }
+        let secondary_cap = rdmsr(msr::IA32_VMX_PROCBASED_CTLS2);
+        let secondary_ctls =
+            controls::adjust("secondary processor-based", secondary::ENABLE_EPT, secondary::ENABLE_VPID, secondary_cap)
+                .map_err(VmxError::Controls)?;
+        // PML needs EPT A/D flags (§29.3.6). It is switched on per vCPU only when a dirty log
+        // buffer is attached, so here it is only recorded.
+        let pml_available =
+            (secondary_cap >> 32) as u32 & secondary::ENABLE_PML != 0 && ept_vpid_raw & ept_cap::ACCESSED_DIRTY != 0;
+        let exit_ctls = controls::adjust(
+            "VM-exit",
+            exit::HOST_ADDRESS_SPACE_SIZE
+                | exit::ACK_INTERRUPT_ON_EXIT
+                | exit::SAVE_PAT
+                | exit::LOAD_PAT
+                | exit::SAVE_EFER
+                | exit::LOAD_EFER,
+            0,
+            pick(msr::IA32_VMX_EXIT_CTLS, msr::IA32_VMX_TRUE_EXIT_CTLS),
+        )
+        .map_err(VmxError::Controls)?;
+        let entry_ctls = controls::adjust(
+            "VM-entry",
+            entry::IA32E_MODE_GUEST | entry::LOAD_PAT | entry::LOAD_EFER,
+            0,
+            pick(msr::IA32_VMX_ENTRY_CTLS, msr::IA32_VMX_TRUE_ENTRY_CTLS),
+        )
+        .map_err(VmxError::Controls)?;
+        // Only advertise A/D when the VPID/EPT side also supports it; PML was enabled only then.
+        let ept_vpid = ept_vpid_raw;
+        let caps = VmxCapabilities {
+            revision: basic as u32 & 0x7FFF_FFFF,
+            pin: pin_ctls,
+            primary: primary_ctls,
+            secondary: secondary_ctls,
+            exit: exit_ctls,
+            entry: entry_ctls,
+            cr0_fixed: (rdmsr(msr::IA32_VMX_CR0_FIXED0), rdmsr(msr::IA32_VMX_CR0_FIXED1)),
+            cr4_fixed: (rdmsr(msr::IA32_VMX_CR4_FIXED0), rdmsr(msr::IA32_VMX_CR4_FIXED1)),
+            ept_vpid,
+            pml_available,
+            preemption_shift: (rdmsr(msr::IA32_VMX_MISC) & 0x1F) as u32,
+        };
+
+        // §24.8: CR0 and CR4 must satisfy the fixed bits (CR0.NE in particular) before VMXON.
+        let cr0 = crate::host::cpu::control_registers().cr0;
+        let cr4 = crate::host::cpu::control_registers().cr4 | CR4_VMXE;
+        let cr0 = controls::fix_control_register(cr0, caps.cr0_fixed.0, caps.cr0_fixed.1);
+        let cr4 = controls::fix_control_register(cr4, caps.cr4_fixed.0, caps.cr4_fixed.1);
+        // SAFETY: the new values only add bits the VMX fixed MSRs require (NE, VMXE) to the
+        // running configuration; paging, protection and SSE settings are unchanged.
+        unsafe {
+            core::arch::asm!("mov cr0, {}", in(reg) cr0, options(nostack));
+            core::arch::asm!("mov cr4, {}", in(reg) cr4, options(nostack));
+        }
+        let vmxon_region = revision_page(frames, caps.revision)?;
+        // SAFETY: CR4.VMXE and the fixed bits are set above; the region is a fresh page holding
+        // the revision identifier, and VmxBackend keeps it for the life of VMX operation.
+        unsafe { insn::vmxon(vmxon_region)? };
+        super::set_vmx_on();
+        if ept_vpid & ept_cap::INVEPT_ALL != 0 {
+            // SAFETY: VMX is on and all-context INVEPT is supported: drop stale EPT translations.
+            unsafe { insn::invept(2, 0)? };
+        }
+        Ok(Self { caps, vmxon_region, next_vpid: 1 })
+    }
+
+    /// What bring-up found.
+    pub fn capabilities(&self) -> &VmxCapabilities {
+        &self.caps
+    }
+
+    /// A one-line description for the boot log.
+    pub fn describe(&self) -> impl fmt::Display + '_ {
+        struct D<'a>(&'a VmxBackend);
+        impl fmt::Display for D<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let c = &self.0.caps;
+                write!(
+                    f,
+                    "VMX on (VMCS revision {:#x}); EPT 4-level write-back{}{}; VPID {}; preemption timer at TSC/{}; \
+                     dirty tracking: {}",
+                    c.revision,
+                    if c.ept_vpid & ept_cap::PAGES_2M != 0 { ", 2 MiB pages" } else { "" },
+                    if c.ept_accessed_dirty() { ", A/D flags" } else { "" },
+                    if c.vpid() { "on" } else { "off" },
+                    1u64 << c.preemption_shift,
+                    c.dirty_tracking()
+                )
+            }
+        }
+        D(self)
+    }
+
+    /// A vCPU for a guest whose RAM is `ram` (host-physical; mapped at guest-physical 0).
+    pub fn create_vcpu(
+        &mut self,
+        frames: &mut FrameAllocator,
+        ram: PhysRange,
+        entry: &GuestEntryState,
+    ) -> Result<VmxVcpu, VmxError> {
+        let mut owned = Vec::new();
+        let result = self.build_vcpu(frames, ram, entry, &mut owned);
+        if result.is_err() {
+            for frame in owned {
+                let _ = frames.free(PhysRange::new(frame, PAGE_SIZE));
+            }
+        }
+        result
+    }
+
+    fn build_vcpu(
+        &mut self,
+        frames: &mut FrameAllocator,
+        ram: PhysRange,
+        entry: &GuestEntryState,
+        owned: &mut Vec<u64>,
+    ) -> Result<VmxVcpu, VmxError> {
+        let vmcs = revision_page(frames, self.caps.revision)?;
+        owned.push(vmcs);
+        // All ones: every MSR access and every port exits (§25.6.4, §25.6.9).
+        let msr_bitmap = filled_page(frames, 0xFF)?;
+        owned.push(msr_bitmap);
+        let io_a = filled_page(frames, 0xFF)?;
+        owned.push(io_a);
+        let io_b = filled_page(frames, 0xFF)?;
+        owned.push(io_b);
+        let mut ept_frames = Vec::new();
+        let ept = {
+            let mut tables = FrameTables { frames: Some(frames), owned: &mut ept_frames };
+            let mut ept = PageTable::<EptFormat>::new(&mut tables)?;
+            let large = self.caps.ept_vpid & ept_cap::PAGES_2M != 0;
+            ept.map(&mut tables, 0, ram.start, ram.len(), large).map_err(VmxError::Ept)?;
+            ept
+        };
+        owned.extend_from_slice(&ept_frames);
+        let eptp = controls::ept_pointer(ept.root(), self.caps.ept_accessed_dirty());
+        let vpid = if self.caps.vpid() { self.allocate_vpid()? } else { 0 };
+
+        let mut vcpu = VmxVcpu {
+            caps: self.caps,
+            vmcs,
+            ept,
+            eptp,
+            ept_frames,
+            bitmaps: [msr_bitmap, io_a, io_b],
+            context: Box::new(SwitchContext::new()),
+            ram,
+            last_exit: ExitInfo::default(),
+            pending_event: None,
+        };
+        // SAFETY: VMX is on; `vmcs` is a fresh region with the right revision, owned by the vCPU.
+        unsafe {
+            insn::vmclear(vmcs)?;
+            insn::vmptrld(vmcs)?;
+        }
+        vcpu.setup_vmcs(entry, vpid)?;
+        if self.caps.ept_vpid & ept_cap::INVEPT_SINGLE != 0 {
+            // SAFETY: VMX is on; flush anything cached for this EPTP (a new table may reuse the
+            // address of an old one).
+            unsafe { insn::invept(1, eptp)? };
+        }
+        Ok(vcpu)
+    }
+
+    fn allocate_vpid(&mut self) -> Result<u16, VmxError> {
+        let vpid = self.next_vpid;
+        self.next_vpid = self.next_vpid.checked_add(1).unwrap_or(1);
+        if self.next_vpid == 1 && self.caps.ept_vpid & ept_cap::INVVPID_ALL != 0 {
+            // SAFETY: VMX is on and all-context INVVPID is supported: VPIDs are about to be reused.
+            unsafe { insn::invvpid(2, 0)? };
+        }
+        Ok(vpid)
+    }
+
+    /// The VMXON region (kept for the life of VMX operation).
+    pub fn vmxon_region(&self) -> u64 {
+        self.vmxon_region
+    }
+}
+
+/// A zeroed page with the VMCS revision identifier in its first 4 bytes (§25.2).
+fn revision_page(frames: &mut FrameAllocator, revision: u32) -> Result<u64, VmxError> {
+    let page = filled_page(frames, 0)?;
+    // SAFETY: the page was just allocated, identity-mapped and 4 KiB long.
+    unsafe { (page as *mut u32).write(revision) };
+    Ok(page)
+}
+
+fn filled_page(frames: &mut FrameAllocator, byte: u8) -> Result<u64, VmxError> {
+    let page = frames.allocate_frame()?;
+    // SAFETY: the page was just allocated: identity-mapped, unshared, 4 KiB long.
+    unsafe { core::ptr::write_bytes(page as *mut u8, byte, PAGE_SIZE as usize) };
+    Ok(page)
+}
+
+/// FXSAVE area (SDM Vol. 1 §10.5.1): 512 bytes, 16-byte aligned.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct FxArea([u8; 512]);
+
+/// What the world-switch assembly reads and writes.
+#[repr(C, align(64))]
+struct SwitchContext {
+    regs: GuestRegisters,
+    launched: u64,
+    guest_fx: FxArea,
+    host_fx: FxArea,
+}
+
+const CTX_LAUNCHED: usize = core::mem::offset_of!(SwitchContext, launched);
+const CTX_GUEST_FX: usize = core::mem::offset_of!(SwitchContext, guest_fx);
+const CTX_HOST_FX: usize = core::mem::offset_of!(SwitchContext, host_fx);
+const _: () = assert!(core::mem::offset_of!(SwitchContext, regs) == 0);
+const _: () = assert!(CTX_LAUNCHED == 120);
+const _: () = assert!(CTX_GUEST_FX.is_multiple_of(16) && CTX_HOST_FX.is_multiple_of(16));
+
+impl SwitchContext {
+    fn new() -> Self {
+        // FXSAVE image of the power-on x87/SSE state: FCW = 0x037F, MXCSR = 0x1F80 (Vol. 1 §10.5.1).
+        let mut guest_fx = FxArea([0; 512]);
+        guest_fx.0[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        guest_fx.0[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
+        Self { regs: GuestRegisters::default(), launched: 0, guest_fx, host_fx: FxArea([0; 512]) }
+    }
+}
+
+/// Enters the guest and returns at the next VM exit (0), or at once if VMLAUNCH/VMRESUME failed
+/// (RFLAGS of the failure, never 0). Host callee-saved registers survive; host x87/SSE state is
+/// swapped with the guest's inside the switch so no compiled code runs with guest FPU state.
+///
+/// # Safety
+/// A VMCS is current and fully set up, `ctx` is valid, and the caller handles the result.
+#[unsafe(naked)]
+unsafe extern "C" fn vmx_world_switch(ctx: *mut SwitchContext) -> u64 {
+    core::arch::naked_asm!(
+        "push rbp",
+        "push rbx",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "push rdi",
+        "fxsave64 [rdi + {host_fx}]",
+        "fxrstor64 [rdi + {guest_fx}]",
+        // The exit lands at 5: with RSP pointing at the saved context pointer.
+        "mov rax, {host_rsp}",
+        "vmwrite rax, rsp",
+        "lea rdx, [rip + 5f]",
+        "mov rax, {host_rip}",
+        "vmwrite rax, rdx",
+        "cmp qword ptr [rdi + {launched}], 0",
+        "mov rax, [rdi + 0]",
+        "mov rbx, [rdi + 8]",
+        "mov rcx, [rdi + 16]",
+        "mov rdx, [rdi + 24]",
+        "mov rsi, [rdi + 32]",
+        "mov rbp, [rdi + 48]",
+        "mov r8, [rdi + 56]",
+        "mov r9, [rdi + 64]",
+        "mov r10, [rdi + 72]",
+        "mov r11, [rdi + 80]",
+        "mov r12, [rdi + 88]",
+        "mov r13, [rdi + 96]",
+        "mov r14, [rdi + 104]",
+        "mov r15, [rdi + 112]",
+        "mov rdi, [rdi + 40]",
+        "jne 2f",
+        "vmlaunch",
+        "jmp 3f",
+        "2:",
+        "vmresume",
+        // Entry failed: RFLAGS says how; the guest registers are in ours, the context is on the stack.
+        "3:",
+        "pushfq",
+        "pop rax",
+        "pop rdi",
+        "fxrstor64 [rdi + {host_fx}]",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbx",
+        "pop rbp",
+        "ret",
+        // VM exit.
+        "5:",
+        "push rdi",
+        "mov rdi, [rsp + 8]",
+        "mov [rdi + 0], rax",
+        "mov [rdi + 8], rbx",
+        "mov [rdi + 16], rcx",
+        "mov [rdi + 24], rdx",
+        "mov [rdi + 32], rsi",
+        "mov [rdi + 48], rbp",
+        "mov [rdi + 56], r8",
+        "mov [rdi + 64], r9",
+        "mov [rdi + 72], r10",
+        "mov [rdi + 80], r11",
+        "mov [rdi + 88], r12",
+        "mov [rdi + 96], r13",
+        "mov [rdi + 104], r14",
+        "mov [rdi + 112], r15",
+        "pop rax",
+        "mov [rdi + 40], rax",
+        "add rsp, 8",
+        "fxsave64 [rdi + {guest_fx}]",
+        "fxrstor64 [rdi + {host_fx}]",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbx",
+        "pop rbp",
+        "xor eax, eax",
+        "ret",
+        host_rsp = const VmcsField::HostRsp as u32,
+        host_rip = const VmcsField::HostRip as u32,
+        launched = const CTX_LAUNCHED,
+        guest_fx = const CTX_GUEST_FX,
+        host_fx = const CTX_HOST_FX,
+    )
+}
+
+/// What the last exit left in the read-only VMCS fields.
+#[derive(Clone, Copy, Debug, Default)]
+struct ExitInfo {
+    qualification: u64,
+    instruction_length: u64,
+    idt_vectoring: u64,
+    idt_vectoring_error: u64,
+}
+
+/// One guest's vCPU under VT-x.
+#[derive(Debug)]
+pub struct VmxVcpu {
+    caps: VmxCapabilities,
+    vmcs: u64,
+    ept: PageTable<EptFormat>,
+    eptp: u64,
+    ept_frames: Vec<u64>,
+    /// MSR bitmap, I/O bitmap A, I/O bitmap B.
+    bitmaps: [u64; 3],
+    context: Box<SwitchContext>,
+    ram: PhysRange,
+    last_exit: ExitInfo,
+    pending_event: Option<Exception>,
+}
+
+impl fmt::Debug for SwitchContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SwitchContext").field("regs", &self.regs).field("launched", &self.launched).finish()
+    }
+}
+
+/// Writes a VMCS field during setup, where any failure is a hypervisor bug worth a named error.
+fn write(field: VmcsField, value: u64) -> Result<(), VmxError> {
+    // SAFETY: only called from `setup_vmcs` and the vCPU's own methods on its current VMCS, with
+    // values derived from the SDM rules cited at each call.
+    unsafe { insn::vmwrite(field, value) }.map_err(VmxError::Instruction)
+}
+
+fn read(field: VmcsField) -> u64 {
+    vmread(field).unwrap_or(0)
+}
+
+impl VmxVcpu {
+    /// Fills the current VMCS: controls (§25.6-25.8), host state (§25.5, checked per §27.2.2-27.2.4)
+    /// and guest state (§25.4, checked per §27.3.1).
+    fn setup_vmcs(&mut self, e: &GuestEntryState, vpid: u16) -> Result<(), VmxError> {
+        use VmcsField as F;
+        let c = self.caps;
+        // Controls.
+        write(F::PinBasedControls, c.pin.into())?;
+        write(F::PrimaryProcControls, c.primary.into())?;
+        write(F::SecondaryProcControls, c.secondary.into())?;
+        write(F::ExitControls, c.exit.into())?;
+        write(F::EntryControls, c.entry.into())?;
+        write(F::ExceptionBitmap, 0)?;
+        write(F::PageFaultErrorCodeMask, 0)?;
+        write(F::PageFaultErrorCodeMatch, 0)?;
+        write(F::Cr3TargetCount, 0)?;
+        write(F::ExitMsrStoreCount, 0)?;
+        write(F::ExitMsrLoadCount, 0)?;
+        write(F::EntryMsrLoadCount, 0)?;
+        write(F::EntryInterruptionInfo, 0)?;
+        write(F::MsrBitmap, self.bitmaps[0])?;
+        write(F::IoBitmapA, self.bitmaps[1])?;
+        write(F::IoBitmapB, self.bitmaps[2])?;
+        write(F::TscOffset, 0)?;
+        write(F::EptPointer, self.eptp)?;
+        if c.vpid() {
+            // §27.2.1.1: with "enable VPID" the VPID must not be 0.
+            write(F::Vpid, vpid.into())?;
+        }
+        // §27.3.1.5: the VMCS link pointer must be all ones when shadowing is off.
+        write(F::VmcsLinkPointer, u64::MAX)?;
+        write(F::Cr0GuestHostMask, CR0_HOST_OWNED)?;
+        write(F::Cr4GuestHostMask, CR4_HOST_OWNED)?;
+        write(F::Cr0ReadShadow, e.cr0)?;
+        write(F::Cr4ReadShadow, e.cr4)?;
+
+        // Host state: what the CPU loads on every VM exit.
+        let cr = crate::host::cpu::control_registers();
+        write(F::HostCr0, cr.cr0)?;
+        write(F::HostCr3, cr.cr3)?;
+        write(F::HostCr4, cr.cr4)?;
+        let sel = gdt::selectors().expect("GDT loaded before VMX");
+        // §27.2.3: host selectors have RPL 0 and TI 0; CS and TR are not null.
+        write(F::HostCsSelector, (sel.code.0 & !7).into())?;
+        for field in [F::HostSsSelector, F::HostDsSelector, F::HostEsSelector, F::HostFsSelector, F::HostGsSelector] {
+            write(field, (sel.data.0 & !7).into())?;
+        }
+        write(F::HostTrSelector, (sel.tss.0 & !7).into())?;
+        write(F::HostFsBase, rdmsr(msr::IA32_FS_BASE))?;
+        write(F::HostGsBase, rdmsr(msr::IA32_GS_BASE))?;
+        write(F::HostTrBase, gdt::tss_base())?;
+        let (gdtr, idtr) = (x86_64::instructions::tables::sgdt(), x86_64::instructions::tables::sidt());
+        write(F::HostGdtrBase, gdtr.base.as_u64())?;
+        write(F::HostIdtrBase, idtr.base.as_u64())?;
+        write(F::HostSysenterCs, rdmsr(msr::IA32_SYSENTER_CS))?;
+        write(F::HostSysenterEsp, rdmsr(msr::IA32_SYSENTER_ESP))?;
+        write(F::HostSysenterEip, rdmsr(msr::IA32_SYSENTER_EIP))?;
+        write(F::HostIa32Efer, rdmsr(msr::IA32_EFER))?;
+        write(F::HostIa32Pat, rdmsr(msr::IA32_PAT))?;
+
+        // Guest state: the boot protocol's 64-bit entry state.
+        // §27.3.1.1: CR0/CR4 meet the fixed bits (CR4.VMXE in particular, hidden by the shadow).
+        write(F::GuestCr0, controls::fix_control_register(e.cr0, c.cr0_fixed.0, c.cr0_fixed.1))?;
+        write(F::GuestCr4, controls::fix_control_register(e.cr4 | CR4_VMXE, c.cr4_fixed.0, c.cr4_fixed.1))?;
+        write(F::GuestCr3, e.cr3)?;
+        // §27.3.1.1: with "IA-32e mode guest", EFER.LMA = EFER.LME = 1 and CR0.PG = CR4.PAE = 1.
+        write(F::GuestIa32Efer, e.efer)?;
+        write(F::GuestIa32Pat, DEFAULT_PAT)?;
+        write(F::GuestIa32Debugctl, 0)?;
+        // §27.3.1.1: DR7 bits 63:32 are 0; 0x400 is its reset value.
+        write(F::GuestDr7, 0x400)?;
+        // §27.3.1.2: CS is a present 64-bit code segment (L=1, D=0) with DPL = SS.DPL = 0.
+        write(F::GuestCsSelector, e.code_selector.into())?;
+        write(F::GuestCsBase, 0)?;
+        write(F::GuestCsLimit, 0xFFFF_FFFF)?;
+        write(F::GuestCsAccessRights, AR_CODE64)?;
+        for (selector, base, limit, rights) in [
+            (F::GuestSsSelector, F::GuestSsBase, F::GuestSsLimit, F::GuestSsAccessRights),
+            (F::GuestDsSelector, F::GuestDsBase, F::GuestDsLimit, F::GuestDsAccessRights),
+            (F::GuestEsSelector, F::GuestEsBase, F::GuestEsLimit, F::GuestEsAccessRights),
+            (F::GuestFsSelector, F::GuestFsBase, F::GuestFsLimit, F::GuestFsAccessRights),
+            (F::GuestGsSelector, F::GuestGsBase, F::GuestGsLimit, F::GuestGsAccessRights),
+        ] {
+            write(selector, e.data_selector.into())?;
+            write(base, 0)?;
+            // §27.3.1.2: with G=1 the low 12 limit bits must be all ones.
+            write(limit, 0xFFFF_FFFF)?;
+            write(rights, AR_DATA)?;
+        }
+        // §27.3.1.2: TR must be usable, a busy 64-bit TSS (type 11), S=0, present. The guest never
+        // switches tasks; a zero base and minimal limit satisfy the checks.
+        write(F::GuestTrSelector, 0)?;
+        write(F::GuestTrBase, 0)?;
+        write(F::GuestTrLimit, 0x67)?;
+        write(F::GuestTrAccessRights, AR_TSS_BUSY)?;
+        write(F::GuestLdtrSelector, 0)?;
+        write(F::GuestLdtrBase, 0)?;
+        write(F::GuestLdtrLimit, 0)?;
+        write(F::GuestLdtrAccessRights, AR_UNUSABLE)?;
+        write(F::GuestGdtrBase, e.gdt_base)?;
+        write(F::GuestGdtrLimit, e.gdt_limit.into())?;
+        // No IDT yet: the guest installs its own; any exception before that escalates to a
+        // triple fault, which exits.
+        write(F::GuestIdtrBase, 0)?;
+        write(F::GuestIdtrLimit, 0)?;
+        write(F::GuestRip, e.rip)?;
+        write(F::GuestRsp, e.rsp)?;
+        // §27.3.1.4: RFLAGS bit 1 set, reserved bits clear, VM = 0.
+        write(F::GuestRflags, e.rflags)?;
+        write(F::GuestPendingDebugExceptions, 0)?;
+        write(F::GuestInterruptibility, 0)?;
+        write(F::GuestActivityState, 0)?;
+        write(F::GuestSysenterCs, 0)?;
+        write(F::GuestSysenterEsp, 0)?;
+        write(F::GuestSysenterEip, 0)?;
+        write(F::GuestPreemptionTimer, u32::MAX.into())?;
+        self.context.regs = GuestRegisters { rdi: e.rdi, ..GuestRegisters::default() };
+        Ok(())
+    }
+
+    /// Decodes the exit the CPU just reported (§28.2, reasons from Appendix C).
+    fn decode_exit(&mut self) -> VmExit {
+        use VmcsField as F;
+        let reason = read(F::ExitReason) as u32;
+        self.last_exit = ExitInfo {
+            qualification: read(F::ExitQualification),
+            instruction_length: read(F::ExitInstructionLength),
+            idt_vectoring: read(F::IdtVectoringInfo),
+            idt_vectoring_error: read(F::IdtVectoringErrorCode),
+        };
+        let q = self.last_exit.qualification;
+        let regs = &self.context.regs;
+        if reason & (1 << 31) != 0 {
+            // §28.8: VM-entry failure during or after loading guest state.
+            return VmExit::EntryFailed { reason: reason & 0xFFFF, qualification: q };
+        }
+        match reason & 0xFFFF {
+            0 => {
+                let info = read(F::ExitInterruptionInfo);
+                if info & 0x7FF == (2 << 8) | 2 {
+                    VmExit::ExternalInterrupt { vector: Some(2) }
+                } else {
+                    VmExit::Unhandled { reason: 0 }
+                }
+            }
+            1 => {
+                let info = read(F::ExitInterruptionInfo);
+                VmExit::ExternalInterrupt { vector: (info & INTR_INFO_VALID != 0).then_some(info as u8) }
+            }
+            2 => VmExit::TripleFault,
+            10 => VmExit::Cpuid { leaf: regs.rax as u32, subleaf: regs.rcx as u32 },
+            12 => VmExit::Hlt,
+            16 => VmExit::Rdtsc,
+            18 => VmExit::Hypercall,
+            19..=27 | 50 | 53 => VmExit::VirtualizationInstruction,
+            // §28.2.1, Table 28-3.
+            28 => VmExit::ControlRegisterAccess { cr: (q & 0xF) as u8 },
+            // Table 28-5.
+            30 => {
+                VmExit::Io { port: (q >> 16) as u16, size: ((q & 7) + 1) as u8, write: q & 8 == 0, string: q & 16 != 0 }
+            }
+            31 => VmExit::MsrRead { msr: regs.rcx as u32 },
+            32 => VmExit::MsrWrite { msr: regs.rcx as u32, value: (regs.rdx << 32) | (regs.rax & 0xFFFF_FFFF) },
+            // Table 28-7: bit 1 = write, bit 2 = instruction fetch.
+            48 => VmExit::NestedPageFault {
+                gpa: read(F::GuestPhysicalAddress),
+                access: if q & 2 != 0 {
+                    MemoryAccess::Write
+                } else if q & 4 != 0 {
+                    MemoryAccess::Execute
+                } else {
+                    MemoryAccess::Read
+                },
+            },
+            49 => VmExit::NestedPageMisconfig { gpa: read(F::GuestPhysicalAddress) },
+            52 => VmExit::PreemptionTimer,
+            55 => VmExit::Xsetbv,
+            62 => VmExit::DirtyLogFull,
+            other => VmExit::Unhandled { reason: other },
+        }
+    }
+
+    /// The EPT (for dirty tracking).
+    pub fn ept(&self) -> &PageTable<EptFormat> {
+        &self.ept
+    }
+
+    /// The guest's RAM.
+    pub fn ram(&self) -> PhysRange {
+        self.ram
+    }
+}
+
+impl Vcpu for VmxVcpu {
+    fn run(&mut self) -> Result<VmExit, VcpuError> {
+        use VmcsField as F;
+        // Events: ours first; otherwise re-deliver an event the last exit interrupted (§28.2.4).
+        let event = if let Some(e) = self.pending_event.take() {
+            let code = if e.error_code.is_some() { INTR_DELIVER_ERROR_CODE } else { 0 };
+            Some((INTR_INFO_VALID | INTR_TYPE_HW_EXCEPTION | code | e.vector as u64, e.error_code.unwrap_or(0).into()))
+        } else if self.last_exit.idt_vectoring & INTR_INFO_VALID != 0 {
+            Some((self.last_exit.idt_vectoring & !(1 << 12), self.last_exit.idt_vectoring_error))
+        } else {
+            None
+        };
+        if let Some((info, code)) = event {
+            write(F::EntryInterruptionInfo, info).map_err(|_| VcpuError::EntryInstructionFailed { code: 0 })?;
+            write(F::EntryExceptionErrorCode, code).map_err(|_| VcpuError::EntryInstructionFailed { code: 0 })?;
+            write(F::EntryInstructionLength, self.last_exit.instruction_length)
+                .map_err(|_| VcpuError::EntryInstructionFailed { code: 0 })?;
+        }
+        self.last_exit.idt_vectoring = 0;
+        // SAFETY: this vCPU's VMCS is current (made so at creation; one vCPU runs at a time) and
+        // fully set up; the context is boxed, so its address is stable across the switch.
+        let result = unsafe { vmx_world_switch(&mut *self.context) };
+        if result != 0 {
+            let code = if result & 1 != 0 { 0 } else { read(F::VmInstructionError) as u32 };
+            return Err(VcpuError::EntryInstructionFailed { code });
+        }
+        self.context.launched = 1;
+        // Event injection is one-shot (§27.6).
+        let _ = write(F::EntryInterruptionInfo, 0);
+        Ok(self.decode_exit())
+    }
+
+    fn registers(&mut self) -> &mut GuestRegisters {
+        &mut self.context.regs
+    }
+
+    fn rip(&self) -> u64 {
+        read(VmcsField::GuestRip)
+    }
+
+    fn rflags(&self) -> u64 {
+        read(VmcsField::GuestRflags)
+    }
+
+    fn skip_instruction(&mut self) {
+        let rip = read(VmcsField::GuestRip) + self.last_exit.instruction_length;
+        let _ = write(VmcsField::GuestRip, rip);
+        // Emulating an instruction ends STI / MOV-SS blocking (§26.4.2 for the hardware case).
+        let interruptibility = read(VmcsField::GuestInterruptibility) & !0b11;
+        let _ = write(VmcsField::GuestInterruptibility, interruptibility);
+    }
+
+    fn inject(&mut self, exception: Exception) {
+        self.pending_event = Some(exception);
+    }
+
+    fn hardware_msr(&self, which: HardwareMsr) -> u64 {
+        read(match which {
+            HardwareMsr::Efer => VmcsField::GuestIa32Efer,
+            HardwareMsr::FsBase => VmcsField::GuestFsBase,
+            HardwareMsr::GsBase => VmcsField::GuestGsBase,
+            HardwareMsr::Pat => VmcsField::GuestIa32Pat,
+        })
+    }
+
+    fn set_hardware_msr(&mut self, which: HardwareMsr, value: u64) {
+        let field = match which {
+            HardwareMsr::Efer => VmcsField::GuestIa32Efer,
+            HardwareMsr::FsBase => VmcsField::GuestFsBase,
+            HardwareMsr::GsBase => VmcsField::GuestGsBase,
+            HardwareMsr::Pat => VmcsField::GuestIa32Pat,
+        };
+        let _ = write(field, value);
+    }
+
+    fn set_time_slice(&mut self, tsc_ticks: u64) {
+        let value = (tsc_ticks >> self.caps.preemption_shift).clamp(1, u32::MAX.into());
+        let _ = write(VmcsField::GuestPreemptionTimer, value);
+    }
+
+    fn hypercall_insn(&self) -> HypercallInsn {
+        HypercallInsn::Vmcall
+    }
+
+    fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+        let r = &self.context.regs;
+        writeln!(out, "VT-x vCPU (VMCS at {:#x}, guest RAM {:#x}..{:#x}):", self.vmcs, self.ram.start, self.ram.end)?;
+        writeln!(out, "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}", r.rax, r.rbx, r.rcx, r.rdx)?;
+        writeln!(out, "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}", r.rsi, r.rdi, r.rbp, r.r8)?;
+        writeln!(out, "  r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}", r.r9, r.r10, r.r11, r.r12)?;
+        writeln!(out, "  r13={:#018x} r14={:#018x} r15={:#018x}", r.r13, r.r14, r.r15)?;
+        dump_vmcs(out)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "VT-x"
+    }
+
+    fn release(&mut self, frames: &mut FrameAllocator) {
+        // SAFETY: VMX is on and the VMCS is ours; VMCLEAR flushes it so the page can be reused.
+        let _ = unsafe { insn::vmclear(self.vmcs) };
+        let mut pages = Vec::new();
+        pages.push(self.vmcs);
+        pages.extend_from_slice(&self.bitmaps);
+        pages.append(&mut self.ept_frames);
+        for page in pages {
+            if let Err(e) = frames.free(PhysRange::new(page, PAGE_SIZE)) {
+                log::error!("VT-x: freeing vCPU page {page:#x}: {e}");
+            }
+        }
+        self.vmcs = 0;
+    }
+}
+
+/// Prints the current VMCS's key fields (for unhandled exits and panics).
+pub fn dump_vmcs(out: &mut dyn fmt::Write) -> fmt::Result {
+    for (field, name) in DUMP_FIELDS {
+        match vmread(*field) {
+            Ok(value) => writeln!(out, "  {name:28} {value:#018x}")?,
+            Err(_) => {
+                writeln!(out, "  (no current VMCS)")?;
+                break;
+            }
+        }
+    }
+    Ok(())
+}

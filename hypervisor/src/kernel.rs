@@ -91,7 +91,7 @@ pub fn run(boot: &BootInfo<'_>) -> ! {
             module.range.len() >> 10
         );
     }
-    log::info!("free memory after start-up: {} MiB", frames.free_bytes() >> 20);
+    log::info!("free memory after start-up: {} KiB", frames.free_bytes() >> 10);
     if let Err(err) = crate::net::bring_up(&config) {
         fail(format_args!("network: {err}"));
     }

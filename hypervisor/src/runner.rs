@@ -92,7 +92,7 @@ pub fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &
             }
             Err(e) => log::error!("guest `{name}` not started: {e}"),
         }
-        log::info!("free memory: {} MiB", frames.free_bytes() >> 20);
+        log::info!("free memory: {} KiB", frames.free_bytes() >> 10);
     }
 }
 

@@ -6,6 +6,10 @@
 //! `xtask` uses the same code for `image`, `run` and `demo`, so what the tests boot is what a
 //! user boots.
 
+pub mod netns;
+
+pub mod guests;
+
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
@@ -145,8 +149,10 @@ impl Drop for ScratchDir {
 pub struct ImageModule {
     /// The file on the host.
     pub path: PathBuf,
-    /// Its name inside the image and its module command line.
+    /// Its name inside the image; the module command line starts with it.
     pub name: String,
+    /// The rest of the module command line (`key=value` words), possibly empty.
+    pub args: String,
 }
 
 /// Writes a hybrid BIOS+UEFI GRUB image (ISO 9660 with MBR and EFI partition, so the same file
@@ -162,7 +168,8 @@ pub fn make_image(kernel: &Path, cmdline: &str, modules: &[ImageModule], out: &P
     let mut module_lines = String::new();
     for module in modules {
         fs::copy(&module.path, boot.join(&module.name))?;
-        module_lines += &format!("  module2 /boot/{0} {0}\n", module.name);
+        let line = format!("{} {}", module.name, module.args);
+        module_lines += &format!("  module2 /boot/{} {}\n", module.name, line.trim_end());
     }
     let grub_cfg = format!(
         "set timeout=0\nset default=0\n\

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+mod ctl;
+
 use qemu_tests::{make_image, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
 
 const KERNEL_TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -30,6 +32,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "grub-efi-amd64-bin",
     "xorriso",
     "mtools",
+    "iproute2",
+    "iputils-ping",
+    "curl",
+    "prometheus",
 ];
 
 /// Named test suites, in the order `cargo xtask test` runs them.
@@ -38,9 +44,11 @@ const SUITES: &[(&str, &str)] = &[
     ("host", "every host unit and property test (includes `core`)"),
     ("core", "the COLO engine: comparator, rewriter, checkpoint stream, block cache, failover"),
     ("boot", "the GRUB image boots under QEMU (CD-ROM, USB SeaBIOS, USB UEFI) and Bochs"),
+    ("vtx", "the VT-x backend under Bochs: reference guest, isolation guests, preemption"),
+    ("net", "e1000 + management plane: ping, ctl, metrics, malformed input, shutdown (QEMU tap, netns; root)"),
 ];
 /// `core` is part of `host`, so the full run skips it.
-const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot"];
+const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx"];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -54,6 +62,9 @@ commands:
   test [--suite NAME]...      run the tests (all suites, or the named ones; --list shows them)
   demo                        build, boot under QEMU and Bochs, and summarise what happened
   bench                       run the benchmarks; figures go to target/bench-report.md
+  ctl <command> [--addr IP:PORT]
+                              send one management request (status, stats, tunables, set KEY VALUE,
+                              checkpoint, failover, shutdown, raw 'JSON') and print the reply
 ";
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -68,6 +79,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench(),
+        Some("ctl") => ctl::ctl(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             Ok(())
@@ -125,7 +137,8 @@ fn check_flags(args: &[String], known: &[&str]) -> Result {
 }
 
 /// The guest binaries `guest-shim` builds (reference and test guests).
-const GUESTS: &[&str] = &["guest-hello", "guest-bad-write", "guest-hostile", "guest-triple-fault", "guest-spinner"];
+const GUESTS: &[&str] =
+    &["guest-hello", "guest-bad-write", "guest-hostile", "guest-triple-fault", "guest-spinner", "guest-cr-write"];
 
 /// Builds the kernel and the guests; returns the kernel's path. Guests go to `target/guests/`.
 fn build_kernel() -> Result<PathBuf> {
@@ -351,16 +364,30 @@ fn run_suite(suite: &str) -> Result {
             }
             run_checked(&mut c, "core property tests")
         }
-        "boot" => {
+        "boot" => emulator_suite("boot"),
+        "net" => {
             ensure_deps()?;
             build_kernel()?;
+            // The tests run the real `ctl` from inside the client's namespace.
+            run_checked(cargo().args(["build", "-p", "xtask"]), "xtask build")?;
             run_checked(
-                cargo().args(["test", "-p", "qemu-tests", "--test", "boot", "--", "--test-threads=2", "--nocapture"]),
-                "boot tests",
+                cargo().args(["test", "-p", "qemu-tests", "--test", "net", "--", "--test-threads=1", "--nocapture"]),
+                "net tests",
             )
         }
+        "vtx" => emulator_suite("vtx"),
         other => Err(format!("suite `{other}` has no runner")),
     }
+}
+
+/// Builds the kernel and guests, then runs `qemu-tests/tests/<name>.rs`.
+fn emulator_suite(name: &str) -> Result {
+    ensure_deps()?;
+    build_kernel()?;
+    run_checked(
+        cargo().args(["test", "-p", "qemu-tests", "--test", name, "--", "--test-threads=2", "--nocapture"]),
+        &format!("{name} tests"),
+    )
 }
 
 /// Integration test targets in `dir` whose file names start with `prefix`.

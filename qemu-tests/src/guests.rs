@@ -1,0 +1,143 @@
+//! Guest scenarios shared by the vCPU backend suites (`vtx`, `amdv`): each function boots the
+//! real image with guest modules on one [`Platform`] and asserts what the serial console shows.
+//! The suites differ only in the platform they pass.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{
+    built_kernel, make_image, workspace_root, BootMedium, Emulator, ImageModule, Machine, MachineConfig, Outcome,
+    ScratchDir,
+};
+
+/// An emulator and CPU model that gives the hypervisor one backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Platform {
+    /// The emulator.
+    pub emulator: Emulator,
+    /// Its CPU model (`-cpu` for QEMU, `cpu: model=` for Bochs).
+    pub cpu: &'static str,
+    /// The backend the boot log must name: "VT-x" or "AMD-V".
+    pub backend: &'static str,
+    /// How long a whole boot may take.
+    pub timeout: Duration,
+}
+
+/// VT-x with EPT under Bochs' Tiger Lake model.
+pub const BOCHS_VTX: Platform =
+    Platform { emulator: Emulator::Bochs, cpu: "tigerlake", backend: "VT-x", timeout: Duration::from_secs(300) };
+
+/// A built guest binary (`cargo xtask build` puts them in `target/guests/`).
+pub fn guest_path(name: &str) -> PathBuf {
+    workspace_root().join("target/guests").join(name)
+}
+
+/// Boots the hypervisor with `cmdline` and the guests `modules` (name, extra module arguments),
+/// waits for it to leave by itself, and returns the outcome. The hypervisor itself must end well.
+pub fn boot_guests(platform: &Platform, test: &str, cmdline: &str, modules: &[(&str, &str)]) -> Outcome {
+    let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let scratch = ScratchDir::new(test).expect("scratch dir");
+    let image = scratch.path().join("colo.img");
+    let modules: Vec<ImageModule> = modules
+        .iter()
+        .map(|(name, args)| {
+            let path = guest_path(name);
+            assert!(path.is_file(), "{} missing: run `cargo xtask build`", path.display());
+            ImageModule { path, name: name.to_string(), args: args.to_string() }
+        })
+        .collect();
+    make_image(&kernel, cmdline, &modules, &image).unwrap_or_else(|e| panic!("{e}"));
+    let mut config = MachineConfig::new(platform.emulator, BootMedium::Cdrom, &image);
+    config.cpu = platform.cpu.to_string();
+    let machine = Machine::start(config, test).unwrap_or_else(|e| panic!("{e}"));
+    let outcome = machine.wait_exit(platform.timeout).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome.verdict, Some(0), "the hypervisor itself must end well:\n{}", outcome.serial);
+    assert!(
+        outcome.serial.contains(&format!("backend: {}", platform.backend)),
+        "boot log does not name the {} backend:\n{}",
+        platform.backend,
+        outcome.serial
+    );
+    outcome
+}
+
+/// The line the runner prints when guest `name` ends.
+pub fn end_line<'a>(serial: &'a str, name: &str) -> &'a str {
+    let prefix = format!("guest `{name}` ");
+    serial
+        .lines()
+        .find(|l| l.contains(&prefix) && l.contains("exits: total="))
+        .unwrap_or_else(|| panic!("no end line for `{name}`:\n{serial}"))
+}
+
+/// The reference guest prints, computes, keeps its SSE state across exits, reads only virtual
+/// time, sleeps on the coarse clock and exits with the status it was given.
+pub fn reference_guest_runs(platform: &Platform) {
+    let outcome = boot_guests(platform, "reference", "guest_mem=16M", &[("guest-hello", "status=3")]);
+    let s = &outcome.serial;
+    for expected in [
+        "[guest-hello] hello from guest `guest-hello status=3`: 16 MiB of RAM, 1000 ticks/s",
+        "[guest-hello] primes below 20000: 2262",
+        "[guest-hello] harmonic(200) = 5.878030948",
+        "[guest-hello] sse registers across hypercalls: preserved",
+        "[guest-hello] slept 60 ms: tick",
+        "[guest-hello] exiting with status 3",
+    ] {
+        assert!(s.contains(expected), "missing `{expected}`:\n{s}");
+    }
+    // RDTSC must give the coarse clock times 1,000,000, never host TSC.
+    let rdtsc_line = s.lines().find(|l| l.contains("rdtsc reads")).expect("rdtsc line");
+    let value: u64 = rdtsc_line.split("rdtsc reads ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(value % 1_000_000, 0, "guest read host time through RDTSC: {rdtsc_line}");
+    let end = end_line(s, "guest-hello");
+    assert!(end.contains("shut down with status 3"), "{end}");
+    assert!(end.contains(" hypercall="), "{end}");
+    eprintln!("[figures] {}: {end}", platform.backend);
+    if let Some(rt) = s.lines().find(|l| l.contains("hypercall round trip")) {
+        eprintln!("[figures] {}: {rt}", platform.backend);
+    }
+    eprintln!("[figures] {}: whole boot took {:.1} s", platform.backend, outcome.elapsed.as_secs_f64());
+}
+
+/// Hostile guests are ended (or refused) by name, one after the other, and the hypervisor keeps
+/// running: the reference guest after them still succeeds, and no memory leaks between guests.
+pub fn isolation_guests_are_contained(platform: &Platform) {
+    let outcome = boot_guests(
+        platform,
+        "isolation",
+        "guest_mem=16M",
+        &[
+            ("guest-bad-write", ""),
+            ("guest-hostile", ""),
+            ("guest-triple-fault", ""),
+            ("guest-spinner", "time_limit_ms=300"),
+            ("guest-cr-write", ""),
+            ("guest-hello", ""),
+        ],
+    );
+    let s = &outcome.serial;
+    let bad_write = end_line(s, "guest-bad-write");
+    assert!(bad_write.contains("ended: Write access to guest-physical 0x1001000 outside its RAM"), "{bad_write}");
+    assert!(!s.contains("ERROR: the write outside guest RAM succeeded"), "{s}");
+
+    let hostile = end_line(s, "guest-hostile");
+    assert!(s.contains("[guest-hostile] all hostile hypercalls refused"), "{s}");
+    assert!(!s.contains("[guest-hostile] WRONG"), "{s}");
+    assert!(hostile.contains("shut down with status 0") && hostile.contains("refused hypercalls: 9"), "{hostile}");
+
+    assert!(end_line(s, "guest-triple-fault").contains("ended: triple fault"), "{s}");
+
+    let spinner = end_line(s, "guest-spinner");
+    assert!(spinner.contains("ended: ran past its time limit of 300 ticks"), "{spinner}");
+    assert!(spinner.contains("preemption-timer="), "the spinner must be preempted: {spinner}");
+
+    let cr = end_line(s, "guest-cr-write");
+    assert!(cr.contains("ended: unsupported write to a control-register bit the hypervisor owns"), "{cr}");
+    assert!(!s.contains("ERROR: CR0.PE write was not intercepted"), "{s}");
+    assert!(s.contains(&format!("{} vCPU dump:", platform.backend)) && s.contains("guest RIP"), "no vCPU dump:\n{s}");
+
+    assert!(end_line(s, "guest-hello").contains("shut down with status 0"), "{s}");
+    let free: Vec<&str> = s.lines().filter(|l| l.contains("] free memory: ")).collect();
+    assert_eq!(free.len(), 6, "{s}");
+    assert!(free.windows(2).all(|w| w[0] == w[1]), "memory leaked between guests: {free:?}");
+}

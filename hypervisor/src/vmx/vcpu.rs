@@ -199,11 +199,29 @@ impl VmxBackend {
         let true_ctls = basic & (1 << 55) != 0;
         let pick = |plain, r#true| rdmsr(if true_ctls { r#true } else { plain });
         use controls::{entry, exit, pin, primary, secondary};
+        let pin_cap = pick(msr::IA32_VMX_PINBASED_CTLS, msr::IA32_VMX_TRUE_PINBASED_CTLS);
+        let primary_cap = pick(msr::IA32_VMX_PROCBASED_CTLS, msr::IA32_VMX_TRUE_PROCBASED_CTLS);
+        let exit_cap = pick(msr::IA32_VMX_EXIT_CTLS, msr::IA32_VMX_TRUE_EXIT_CTLS);
+        let entry_cap = pick(msr::IA32_VMX_ENTRY_CTLS, msr::IA32_VMX_TRUE_ENTRY_CTLS);
+        // Name the features the backend cannot do without, in an order that never reads an MSR
+        // the CPU lacks: IA32_VMX_PROCBASED_CTLS2 exists only with secondary controls (§A.3.3),
+        // IA32_VMX_EPT_VPID_CAP only with EPT or VPID (§A.10).
+        require(
+            primary_cap,
+            primary::SECONDARY_CONTROLS,
+            "secondary processor-based controls (IA32_VMX_PROCBASED_CTLS[63])",
+        )?;
+        let secondary_cap = rdmsr(msr::IA32_VMX_PROCBASED_CTLS2);
+        require(secondary_cap, secondary::ENABLE_EPT, "EPT (IA32_VMX_PROCBASED_CTLS2[33])")?;
+        require(pin_cap, pin::PREEMPTION_TIMER, "VMX-preemption timer (IA32_VMX_PINBASED_CTLS[38])")?;
+        require(entry_cap, entry::IA32E_MODE_GUEST, "IA-32e mode guests (IA32_VMX_ENTRY_CTLS[41])")?;
+        require(entry_cap, entry::LOAD_EFER, "loading IA32_EFER on VM entry (IA32_VMX_ENTRY_CTLS[47])")?;
+        require(exit_cap, exit::LOAD_EFER, "loading IA32_EFER on VM exit (IA32_VMX_EXIT_CTLS[53])")?;
         let pin_ctls = controls::adjust(
             "pin-based",
             pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING | pin::PREEMPTION_TIMER,
             0,
-            pick(msr::IA32_VMX_PINBASED_CTLS, msr::IA32_VMX_TRUE_PINBASED_CTLS),
+            pin_cap,
         )
         .map_err(VmxError::Controls)?;
         let primary_ctls = controls::adjust(
@@ -214,7 +232,7 @@ impl VmxBackend {
                 | primary::USE_MSR_BITMAPS
                 | primary::SECONDARY_CONTROLS,
             0,
-            pick(msr::IA32_VMX_PROCBASED_CTLS, msr::IA32_VMX_TRUE_PROCBASED_CTLS),
+            primary_cap,
         )
         .map_err(VmxError::Controls)?;
         let ept_vpid_raw = rdmsr(msr::IA32_VMX_EPT_VPID_CAP);
@@ -227,7 +245,6 @@ impl VmxBackend {
                 return Err(VmxError::MissingFeature { feature });
             }
         }
-        let secondary_cap = rdmsr(msr::IA32_VMX_PROCBASED_CTLS2);
         let secondary_ctls =
             controls::adjust("secondary processor-based", secondary::ENABLE_EPT, secondary::ENABLE_VPID, secondary_cap)
                 .map_err(VmxError::Controls)?;
@@ -244,16 +261,12 @@ impl VmxBackend {
                 | exit::SAVE_EFER
                 | exit::LOAD_EFER,
             0,
-            pick(msr::IA32_VMX_EXIT_CTLS, msr::IA32_VMX_TRUE_EXIT_CTLS),
+            exit_cap,
         )
         .map_err(VmxError::Controls)?;
-        let entry_ctls = controls::adjust(
-            "VM-entry",
-            entry::IA32E_MODE_GUEST | entry::LOAD_PAT | entry::LOAD_EFER,
-            0,
-            pick(msr::IA32_VMX_ENTRY_CTLS, msr::IA32_VMX_TRUE_ENTRY_CTLS),
-        )
-        .map_err(VmxError::Controls)?;
+        let entry_ctls =
+            controls::adjust("VM-entry", entry::IA32E_MODE_GUEST | entry::LOAD_PAT | entry::LOAD_EFER, 0, entry_cap)
+                .map_err(VmxError::Controls)?;
         // Only advertise A/D when the VPID/EPT side also supports it; PML was enabled only then.
         let ept_vpid = ept_vpid_raw;
         let caps = VmxCapabilities {
@@ -404,6 +417,15 @@ impl VmxBackend {
     /// The VMXON region (kept for the life of VMX operation).
     pub fn vmxon_region(&self) -> u64 {
         self.vmxon_region
+    }
+}
+
+/// Fails with `feature` unless the capability MSR `cap` allows control `bit` to be 1 (§A.3.1).
+fn require(cap: u64, bit: u32, feature: &'static str) -> Result<(), VmxError> {
+    if (cap >> 32) as u32 & bit == 0 {
+        Err(VmxError::MissingFeature { feature })
+    } else {
+        Ok(())
     }
 }
 

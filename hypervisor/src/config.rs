@@ -51,6 +51,39 @@ pub struct Ipv4Cidr {
     pub prefix: u8,
 }
 
+/// Most host NICs the `nics=` key can describe.
+pub const MAX_NICS: usize = 4;
+
+/// The roles one host NIC carries (`nics=` key): management, client traffic, replication link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NicRoles {
+    /// Carries the management address (JSON API, metrics).
+    pub mgmt: bool,
+    /// Carries client traffic to and from the guests.
+    pub client: bool,
+    /// Carries the replication link to the peer host.
+    pub repl: bool,
+}
+
+impl NicRoles {
+    /// Every role.
+    pub const ALL: NicRoles = NicRoles { mgmt: true, client: true, repl: true };
+}
+
+impl fmt::Display for NicRoles {
+    /// `mgmt+client`, as written on the command line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut sep = "";
+        for (on, name) in [(self.mgmt, "mgmt"), (self.client, "client"), (self.repl, "repl")] {
+            if on {
+                write!(f, "{sep}{name}")?;
+                sep = "+";
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The parsed configuration. Every field has a default except where a role requires it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -72,6 +105,14 @@ pub struct Config {
     pub on_idle: OnIdle,
     /// `test_fault=`: raise a deliberate fault after boot.
     pub test_fault: Option<TestFault>,
+    /// `mgmt_port=`: TCP port of the JSON management API on the management address.
+    pub mgmt_port: u16,
+    /// `metrics_port=`: TCP port of the Prometheus metrics page on the management address.
+    pub metrics_port: u16,
+    /// `mgmt_gw=`: default gateway of the management network, if any.
+    pub mgmt_gw: Option<Ipv4Addr>,
+    /// `nics=`: the roles of each host NIC, in PCI enumeration order.
+    pub nics: heapless::Vec<NicRoles, MAX_NICS>,
 }
 
 impl Default for Config {
@@ -86,6 +127,10 @@ impl Default for Config {
             log_level: log::LevelFilter::Info,
             on_idle: OnIdle::Exit,
             test_fault: None,
+            mgmt_port: 7070,
+            metrics_port: 9100,
+            mgmt_gw: None,
+            nics: heapless::Vec::from_slice(&[NicRoles::ALL]).unwrap_or_default(),
         }
     }
 }
@@ -110,6 +155,14 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { key: "log", form: "off|error|warn|info|debug|trace" },
     KeySpec { key: "on_idle", form: "exit|halt" },
     KeySpec { key: "test_fault", form: "breakpoint|invalid_opcode|page_fault|panic" },
+    KeySpec { key: "mgmt_port", form: "a TCP port from 1 to 65535 (default 7070)" },
+    KeySpec { key: "metrics_port", form: "a TCP port from 1 to 65535 (default 9100)" },
+    KeySpec { key: "mgmt_gw", form: "an IPv4 address (e.g. 10.0.0.254)" },
+    KeySpec {
+        key: "nics",
+        form: "up to 4 comma-separated NICs, each a +-joined set of mgmt, client, repl, every role on at \
+               most one NIC (e.g. mgmt+client,repl; default mgmt+client+repl)",
+    },
 ];
 
 /// The accepted form of `key`'s value.
@@ -234,6 +287,10 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
                     _ => return Err(bad()),
                 })
             }
+            "mgmt_port" => config.mgmt_port = parse_in_range(value, 1, 65_535).ok_or_else(bad)? as u16,
+            "metrics_port" => config.metrics_port = parse_in_range(value, 1, 65_535).ok_or_else(bad)? as u16,
+            "mgmt_gw" => config.mgmt_gw = Some(value.parse().map_err(|_| bad())?),
+            "nics" => config.nics = parse_nics(value).ok_or_else(bad)?,
             _ => unreachable!("every key in KEYS has a parser"),
         }
     }
@@ -265,6 +322,29 @@ fn parse_size(value: &str, min: u64, max: u64) -> Option<u64> {
     let n: u64 = digits.parse().ok()?;
     let bytes = n.checked_shl(shift).filter(|b| b >> shift == n)?;
     (bytes % 4096 == 0 && (min..=max).contains(&bytes)).then_some(bytes)
+}
+
+/// `mgmt+client,repl`: NIC role groups; no empty group, no unknown or repeated role.
+fn parse_nics(value: &str) -> Option<heapless::Vec<NicRoles, MAX_NICS>> {
+    let mut nics = heapless::Vec::new();
+    let mut seen = NicRoles::default();
+    for group in value.split(',') {
+        let mut roles = NicRoles::default();
+        for role in group.split('+') {
+            let (slot, taken) = match role {
+                "mgmt" => (&mut roles.mgmt, &mut seen.mgmt),
+                "client" => (&mut roles.client, &mut seen.client),
+                "repl" => (&mut roles.repl, &mut seen.repl),
+                _ => return None,
+            };
+            if core::mem::replace(taken, true) {
+                return None;
+            }
+            *slot = true;
+        }
+        nics.push(roles).ok()?;
+    }
+    Some(nics)
 }
 
 fn parse_cidr(value: &str) -> Option<Ipv4Cidr> {
@@ -366,6 +446,43 @@ mod tests {
         for bad in ["64", "1M", "5G", "M", "4097K", "18446744073709551615G", "1.5G"] {
             let line = std::format!("guest_mem={bad}");
             assert!(matches!(parse(&line), Err(ConfigError::BadValue { .. })), "{line}");
+        }
+    }
+
+    #[test]
+    fn network_keys_parse() {
+        let config = parse("mgmt_addr=10.77.0.2/24 mgmt_port=7000 metrics_port=9000 mgmt_gw=10.77.0.1 nics=mgmt+client,repl")
+            .unwrap();
+        assert_eq!((config.mgmt_port, config.metrics_port), (7000, 9000));
+        assert_eq!(config.mgmt_gw, Some(Ipv4Addr::new(10, 77, 0, 1)));
+        let mgmt_client = NicRoles { mgmt: true, client: true, repl: false };
+        let repl = NicRoles { repl: true, ..NicRoles::default() };
+        assert_eq!(config.nics.as_slice(), &[mgmt_client, repl]);
+        assert_eq!(mgmt_client.to_string(), "mgmt+client");
+        let defaults = Config::default();
+        assert_eq!((defaults.mgmt_port, defaults.metrics_port, defaults.mgmt_gw), (7070, 9100, None));
+        assert_eq!(defaults.nics.as_slice(), &[NicRoles::ALL]);
+        assert_eq!(parse("nics=repl,client,mgmt").unwrap().nics.len(), 3);
+    }
+
+    #[test]
+    fn bad_network_values_are_refused() {
+        for bad in [
+            "mgmt_port=0",
+            "mgmt_port=65536",
+            "metrics_port=http",
+            "mgmt_gw=10.77.0",
+            "mgmt_gw=10.77.0.1/24",
+            "nics=mgmt,mgmt",
+            "nics=mgmt+mgmt",
+            "nics=mgmt,,repl",
+            "nics=mgmt+",
+            "nics=storage",
+            "nics=mgmt,client,repl,mgmt",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(matches!(err, ConfigError::BadValue { .. }), "{bad}");
+            assert!(err.to_string().contains("accepted form"), "{bad}: {err}");
         }
     }
 

@@ -141,3 +141,19 @@ pub fn isolation_guests_are_contained(platform: &Platform) {
     assert_eq!(free.len(), 6, "{s}");
     assert!(free.windows(2).all(|w| w[0] == w[1]), "memory leaked between guests: {free:?}");
 }
+
+/// CPUID is filtered, allowed MSRs work, empty ports float high, and an MSR outside the
+/// allow-list gets #GP (which, with no guest IDT, ends the guest in a triple fault).
+pub fn cpuid_msr_and_io_exits_behave(platform: &Platform) {
+    let outcome = boot_guests(platform, "probe", "guest_mem=16M", &[("guest-probe", "")]);
+    let s = &outcome.serial;
+    assert!(s.contains("[guest-probe] probe checks done: 0 wrong"), "{s}");
+    assert!(!s.contains("[guest-probe] WRONG"), "{s}");
+    assert!(s.contains("[guest-probe] reading IA32_FEATURE_CONTROL (expect #GP"), "{s}");
+    assert!(!s.contains("ERROR: IA32_FEATURE_CONTROL read returned"), "the denied MSR read returned:\n{s}");
+    let end = end_line(s, "guest-probe");
+    assert!(end.contains("ended: triple fault"), "{end}");
+    for counter in [" cpuid=", " rdmsr=", " wrmsr=1", " io=1"] {
+        assert!(end.contains(counter), "missing `{counter}` in {end}");
+    }
+}

@@ -45,6 +45,7 @@ const SUITES: &[(&str, &str)] = &[
     ("core", "the COLO engine: comparator, rewriter, checkpoint stream, block cache, failover"),
     ("boot", "the GRUB image boots under QEMU (CD-ROM, USB SeaBIOS, USB UEFI) and Bochs"),
     ("vtx", "the VT-x backend under Bochs: reference guest, isolation guests, preemption"),
+    ("amdv", "the AMD-V backend under QEMU TCG and Bochs ryzen: the same scenarios as `vtx`"),
     ("net", "e1000 + management plane: ping, ctl, metrics, malformed input, shutdown (QEMU tap, netns; root)"),
 ];
 /// `core` is part of `host`, so the full run skips it.
@@ -138,7 +139,7 @@ fn check_flags(args: &[String], known: &[&str]) -> Result {
 
 /// The guest binaries `guest-shim` builds (reference and test guests).
 const GUESTS: &[&str] =
-    &["guest-hello", "guest-bad-write", "guest-hostile", "guest-triple-fault", "guest-spinner", "guest-cr-write"];
+    &["guest-hello", "guest-bad-write", "guest-hostile", "guest-triple-fault", "guest-spinner", "guest-cr-write", "guest-probe"];
 
 /// Builds the kernel and the guests; returns the kernel's path. Guests go to `target/guests/`.
 fn build_kernel() -> Result<PathBuf> {
@@ -376,6 +377,7 @@ fn run_suite(suite: &str) -> Result {
             )
         }
         "vtx" => emulator_suite("vtx"),
+        "amdv" => emulator_suite("amdv"),
         other => Err(format!("suite `{other}` has no runner")),
     }
 }

@@ -15,6 +15,7 @@ pub mod gdt;
 pub mod heap;
 pub mod idt;
 pub mod paging;
+pub mod pci;
 pub mod serial;
 pub mod shutdown;
 pub mod time;

@@ -1,0 +1,949 @@
+//! The management API: one JSON object per line over TCP, one JSON reply line per request.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"stats"}`, `{"cmd":"tunables"}`,
+//! `{"cmd":"set","key":"heartbeat_ms","value":50}`, `{"cmd":"checkpoint"}`, `{"cmd":"failover"}`,
+//! `{"cmd":"shutdown"}`. Every reply has `"ok"`; an error reply has `"error"` (a short code) and
+//! `"detail"` (a sentence naming the offending value and what was expected). Bad input never
+//! panics: [`handle`] turns every byte string into a reply.
+//!
+//! Pure logic: the transport (`net::stack`) hands complete lines to [`handle`] and does what the
+//! returned [`Action`] says.
+#![deny(unsafe_code)]
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt::{self, Write};
+
+use crate::stats::{HypervisorStats, NicEntry, Tunables};
+use crate::vcpu::VmExit;
+
+/// The longest request line accepted, in bytes (without the newline).
+pub const MAX_REQUEST_BYTES: usize = 4096;
+/// How deep JSON may nest.
+const MAX_DEPTH: usize = 16;
+
+/// Every command, as accepted in `"cmd"`.
+pub const COMMANDS: &[&str] = &["status", "stats", "tunables", "set", "checkpoint", "failover", "shutdown"];
+
+/// A parsed JSON value. Numbers keep their text; the command that uses one parses it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Json {
+    /// `null`.
+    Null,
+    /// `true` or `false`.
+    Bool(bool),
+    /// A number, as written.
+    Number(String),
+    /// A string, unescaped.
+    Str(String),
+    /// An array.
+    Array(Vec<Json>),
+    /// An object, members in order.
+    Object(Vec<(String, Json)>),
+}
+
+impl Json {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Null => "null",
+            Self::Bool(_) => "a boolean",
+            Self::Number(_) => "a number",
+            Self::Str(_) => "a string",
+            Self::Array(_) => "an array",
+            Self::Object(_) => "an object",
+        }
+    }
+
+    fn field(&self, name: &str) -> Option<&Json> {
+        match self {
+            Self::Object(members) => members.iter().find(|(k, _)| k == name).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+}
+
+/// Why a byte string is not JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonError {
+    /// Byte offset of the problem.
+    pub at: usize,
+    /// What the parser expected there.
+    pub expected: &'static str,
+    /// What it found (a character, or `end of input`).
+    pub found: String,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "expected {} at byte {}, found {}", self.expected, self.at, self.found)
+    }
+}
+
+struct Parser<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    depth: usize,
+}
+
+impl Parser<'_> {
+    fn error(&self, expected: &'static str) -> JsonError {
+        let found = match self.bytes.get(self.pos) {
+            None => "end of input".to_string(),
+            Some(&b) if b.is_ascii_graphic() => crate::net::mgmt::format(format_args!("`{}`", b as char)),
+            Some(&b) => crate::net::mgmt::format(format_args!("byte {b:#04x}")),
+        };
+        JsonError { at: self.pos, expected, found }
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.bytes.get(self.pos), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+            self.pos += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8, expected: &'static str) -> Result<(), JsonError> {
+        self.skip_ws();
+        if self.bytes.get(self.pos) == Some(&byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.error(expected))
+        }
+    }
+
+    fn value(&mut self) -> Result<Json, JsonError> {
+        self.skip_ws();
+        match self.bytes.get(self.pos) {
+            Some(b'{') => self.nested(Self::object),
+            Some(b'[') => self.nested(Self::array),
+            Some(b'"') => self.string().map(Json::Str),
+            Some(b't') => self.literal("true", Json::Bool(true)),
+            Some(b'f') => self.literal("false", Json::Bool(false)),
+            Some(b'n') => self.literal("null", Json::Null),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => Err(self.error("a JSON value")),
+        }
+    }
+
+    fn nested(&mut self, f: fn(&mut Self) -> Result<Json, JsonError>) -> Result<Json, JsonError> {
+        if self.depth >= MAX_DEPTH {
+            return Err(self.error("at most 16 levels of nesting"));
+        }
+        self.depth += 1;
+        let value = f(self);
+        self.depth -= 1;
+        value
+    }
+
+    fn literal(&mut self, word: &'static str, value: Json) -> Result<Json, JsonError> {
+        if self.bytes[self.pos..].starts_with(word.as_bytes()) {
+            self.pos += word.len();
+            Ok(value)
+        } else {
+            Err(self.error("true, false or null"))
+        }
+    }
+
+    fn number(&mut self) -> Result<Json, JsonError> {
+        let start = self.pos;
+        if self.bytes.get(self.pos) == Some(&b'-') {
+            self.pos += 1;
+        }
+        let digits = |p: &mut Self| {
+            let s = p.pos;
+            while p.bytes.get(p.pos).is_some_and(u8::is_ascii_digit) {
+                p.pos += 1;
+            }
+            p.pos > s
+        };
+        if !digits(self) {
+            return Err(self.error("a digit"));
+        }
+        if self.bytes.get(self.pos) == Some(&b'.') {
+            self.pos += 1;
+            if !digits(self) {
+                return Err(self.error("a digit after `.`"));
+            }
+        }
+        if matches!(self.bytes.get(self.pos), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if matches!(self.bytes.get(self.pos), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            if !digits(self) {
+                return Err(self.error("a digit in the exponent"));
+            }
+        }
+        // The slice is ASCII digits and signs only.
+        Ok(Json::Number(crate::net::mgmt::lossy(&self.bytes[start..self.pos])))
+    }
+
+    fn string(&mut self) -> Result<String, JsonError> {
+        self.eat(b'"', "`\"`")?;
+        let mut out = Vec::new();
+        loop {
+            match self.bytes.get(self.pos) {
+                None => return Err(self.error("a closing `\"`")),
+                Some(b'"') => {
+                    self.pos += 1;
+                    break;
+                }
+                Some(b'\\') => {
+                    self.pos += 1;
+                    let escaped = match self.bytes.get(self.pos) {
+                        Some(b'"') => '"',
+                        Some(b'\\') => '\\',
+                        Some(b'/') => '/',
+                        Some(b'b') => '\u{8}',
+                        Some(b'f') => '\u{c}',
+                        Some(b'n') => '\n',
+                        Some(b'r') => '\r',
+                        Some(b't') => '\t',
+                        Some(b'u') => {
+                            let hex =
+                                self.bytes.get(self.pos + 1..self.pos + 5).ok_or_else(|| self.error("4 hex digits"))?;
+                            let code = core::str::from_utf8(hex)
+                                .ok()
+                                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                                .ok_or_else(|| self.error("4 hex digits"))?;
+                            self.pos += 4;
+                            // Lone surrogates become U+FFFD rather than an error.
+                            char::from_u32(code).unwrap_or('\u{fffd}')
+                        }
+                        _ => return Err(self.error("an escape (\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)")),
+                    };
+                    self.pos += 1;
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(escaped.encode_utf8(&mut buf).as_bytes());
+                }
+                Some(&b) if b < 0x20 => return Err(self.error("no control characters inside a string")),
+                Some(&b) => {
+                    out.push(b);
+                    self.pos += 1;
+                }
+            }
+        }
+        String::from_utf8(out).map_err(|_| self.error("UTF-8 text"))
+    }
+
+    fn array(&mut self) -> Result<Json, JsonError> {
+        self.eat(b'[', "`[`")?;
+        let mut items = Vec::new();
+        self.skip_ws();
+        if self.bytes.get(self.pos) == Some(&b']') {
+            self.pos += 1;
+            return Ok(Json::Array(items));
+        }
+        loop {
+            items.push(self.value()?);
+            self.skip_ws();
+            match self.bytes.get(self.pos) {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(Json::Array(items));
+                }
+                _ => return Err(self.error("`,` or `]`")),
+            }
+        }
+    }
+
+    fn object(&mut self) -> Result<Json, JsonError> {
+        self.eat(b'{', "`{`")?;
+        let mut members = Vec::new();
+        self.skip_ws();
+        if self.bytes.get(self.pos) == Some(&b'}') {
+            self.pos += 1;
+            return Ok(Json::Object(members));
+        }
+        loop {
+            self.skip_ws();
+            if self.bytes.get(self.pos) != Some(&b'"') {
+                return Err(self.error("a member name in quotes"));
+            }
+            let key = self.string()?;
+            self.eat(b':', "`:`")?;
+            let value = self.value()?;
+            members.push((key, value));
+            self.skip_ws();
+            match self.bytes.get(self.pos) {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(Json::Object(members));
+                }
+                _ => return Err(self.error("`,` or `}`")),
+            }
+        }
+    }
+}
+
+/// Parses one complete JSON text (trailing whitespace allowed, nothing else).
+pub fn parse_json(bytes: &[u8]) -> Result<Json, JsonError> {
+    let mut p = Parser { bytes, pos: 0, depth: 0 };
+    let value = p.value()?;
+    p.skip_ws();
+    if p.pos != bytes.len() {
+        return Err(p.error("end of input after the JSON value"));
+    }
+    Ok(value)
+}
+
+/// A tunable the `set` command can change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tunable {
+    /// `heartbeat_ms`.
+    HeartbeatMs,
+    /// `checkpoint_ms`.
+    CheckpointMs,
+}
+
+impl Tunable {
+    /// Every tunable with its name and accepted range.
+    pub const ALL: [(Tunable, &'static str, u32, u32); 2] =
+        [(Self::HeartbeatMs, "heartbeat_ms", 10, 10_000), (Self::CheckpointMs, "checkpoint_ms", 10, 600_000)];
+
+    fn spec(self) -> (&'static str, u32, u32) {
+        let (_, name, min, max) = Self::ALL.iter().copied().find(|t| t.0 == self).unwrap_or(Self::ALL[0]);
+        (name, min, max)
+    }
+
+    fn get(self, t: &Tunables) -> u32 {
+        match self {
+            Self::HeartbeatMs => t.heartbeat_ms,
+            Self::CheckpointMs => t.checkpoint_ms,
+        }
+    }
+
+    fn set(self, t: &mut Tunables, value: u32) {
+        match self {
+            Self::HeartbeatMs => t.heartbeat_ms = value,
+            Self::CheckpointMs => t.checkpoint_ms = value,
+        }
+    }
+}
+
+/// A valid request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Role, uptime, NIC and guest summary.
+    Status,
+    /// Every counter.
+    Stats,
+    /// The tunables and their ranges.
+    Tunables,
+    /// Change one tunable.
+    Set {
+        /// Which.
+        tunable: Tunable,
+        /// The new value (already range-checked).
+        value: u32,
+    },
+    /// Take a checkpoint now.
+    Checkpoint,
+    /// Promote this host now.
+    Failover,
+    /// End the hypervisor with the success status.
+    Shutdown,
+}
+
+/// Why a request was refused. Every message names the value and what was expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestError {
+    /// The line is longer than [`MAX_REQUEST_BYTES`].
+    TooLarge {
+        /// Bytes received so far.
+        len: usize,
+    },
+    /// The line is not JSON.
+    BadJson(JsonError),
+    /// The JSON is not an object.
+    NotAnObject {
+        /// What it was.
+        found: &'static str,
+    },
+    /// A required member is missing.
+    MissingField {
+        /// The member.
+        field: &'static str,
+        /// What it should hold.
+        expected: &'static str,
+    },
+    /// A member has the wrong type.
+    WrongType {
+        /// The member.
+        field: &'static str,
+        /// What it should hold.
+        expected: &'static str,
+        /// What it holds.
+        found: &'static str,
+    },
+    /// `cmd` names no command.
+    UnknownCommand {
+        /// The command as sent.
+        cmd: String,
+    },
+    /// `set` names no tunable.
+    UnknownTunable {
+        /// The key as sent.
+        key: String,
+    },
+    /// `set` value out of range or not an integer.
+    BadValue {
+        /// The tunable.
+        key: &'static str,
+        /// The value as sent.
+        value: String,
+        /// Accepted range, low end.
+        min: u32,
+        /// Accepted range, high end.
+        max: u32,
+    },
+}
+
+impl RequestError {
+    /// The short code sent in `"error"`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::BadJson(_) => "bad_json",
+            Self::NotAnObject { .. } | Self::MissingField { .. } | Self::WrongType { .. } => "bad_request",
+            Self::UnknownCommand { .. } => "unknown_command",
+            Self::UnknownTunable { .. } => "unknown_tunable",
+            Self::BadValue { .. } => "bad_value",
+        }
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { len } => {
+                write!(f, "request of {len} bytes is too large; expected at most {MAX_REQUEST_BYTES} bytes per line")
+            }
+            Self::BadJson(e) => write!(f, "request is not JSON: {e}"),
+            Self::NotAnObject { found } => {
+                write!(f, "request is {found}; expected an object like {{\"cmd\":\"status\"}}")
+            }
+            Self::MissingField { field, expected } => write!(f, "request has no `{field}`; expected {expected}"),
+            Self::WrongType { field, expected, found } => write!(f, "`{field}` is {found}; expected {expected}"),
+            Self::UnknownCommand { cmd } => write!(f, "unknown command `{cmd}`; accepted: {}", COMMANDS.join(", ")),
+            Self::UnknownTunable { key } => {
+                write!(f, "unknown tunable `{key}`; accepted:")?;
+                for (_, name, _, _) in Tunable::ALL {
+                    write!(f, " {name}")?;
+                }
+                Ok(())
+            }
+            Self::BadValue { key, value, min, max } => {
+                write!(f, "bad value `{value}` for `{key}`; expected an integer from {min} to {max}")
+            }
+        }
+    }
+}
+
+const CMD_FORM: &str = "a command name string (status, stats, tunables, set, checkpoint, failover, shutdown)";
+
+/// Parses one request line.
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(RequestError::TooLarge { len: line.len() });
+    }
+    let json = parse_json(line).map_err(RequestError::BadJson)?;
+    if !matches!(json, Json::Object(_)) {
+        return Err(RequestError::NotAnObject { found: json.kind() });
+    }
+    let cmd = match json.field("cmd") {
+        None => return Err(RequestError::MissingField { field: "cmd", expected: CMD_FORM }),
+        Some(Json::Str(cmd)) => cmd,
+        Some(other) => return Err(RequestError::WrongType { field: "cmd", expected: CMD_FORM, found: other.kind() }),
+    };
+    Ok(match cmd.as_str() {
+        "status" => Request::Status,
+        "stats" => Request::Stats,
+        "tunables" => Request::Tunables,
+        "checkpoint" => Request::Checkpoint,
+        "failover" => Request::Failover,
+        "shutdown" => Request::Shutdown,
+        "set" => parse_set(&json)?,
+        other => return Err(RequestError::UnknownCommand { cmd: truncate(other, 64) }),
+    })
+}
+
+fn parse_set(json: &Json) -> Result<Request, RequestError> {
+    const KEY_FORM: &str = "a tunable name string (heartbeat_ms, checkpoint_ms)";
+    const VALUE_FORM: &str = "an integer";
+    let key = match json.field("key") {
+        None => return Err(RequestError::MissingField { field: "key", expected: KEY_FORM }),
+        Some(Json::Str(key)) => key,
+        Some(other) => return Err(RequestError::WrongType { field: "key", expected: KEY_FORM, found: other.kind() }),
+    };
+    let (tunable, name, min, max) = Tunable::ALL
+        .iter()
+        .copied()
+        .find(|t| t.1 == key)
+        .ok_or_else(|| RequestError::UnknownTunable { key: truncate(key, 64) })?;
+    let text = match json.field("value") {
+        None => return Err(RequestError::MissingField { field: "value", expected: VALUE_FORM }),
+        Some(Json::Number(n)) => n.clone(),
+        Some(Json::Str(s)) => s.clone(),
+        Some(other) => {
+            return Err(RequestError::WrongType { field: "value", expected: VALUE_FORM, found: other.kind() })
+        }
+    };
+    let value = text.parse::<u32>().ok().filter(|v| (min..=max).contains(v)).ok_or(RequestError::BadValue {
+        key: name,
+        value: truncate(&text, 64),
+        min,
+        max,
+    })?;
+    Ok(Request::Set { tunable, value })
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => crate::net::mgmt::format(format_args!("{}...", &s[..i])),
+        None => s.into(),
+    }
+}
+
+/// What the transport must do after sending a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Keep serving.
+    Continue,
+    /// Close this connection (after an oversized request).
+    Close,
+    /// Flush the reply, then end the hypervisor with the success status.
+    Shutdown,
+}
+
+/// A reply line (JSON, no newline) and what to do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The JSON text.
+    pub text: String,
+    /// What next.
+    pub action: Action,
+}
+
+/// What a request can see besides the registry.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// `primary`, `secondary` or `standalone`.
+    pub role: &'static str,
+    /// Milliseconds since the hypervisor started.
+    pub uptime_ms: u64,
+    /// Whether COLO replication is running (checkpoint and failover need it).
+    pub replication_running: bool,
+    /// The registry (requests counted here; `set` changes its tunables).
+    pub stats: &'a mut HypervisorStats,
+}
+
+/// Answers one request line. Never panics, whatever the bytes.
+pub fn handle(line: &[u8], ctx: &mut Context<'_>) -> Reply {
+    ctx.stats.mgmt.requests += 1;
+    match parse_request(line) {
+        Ok(request) => answer(request, ctx),
+        Err(err) => {
+            ctx.stats.mgmt.request_errors += 1;
+            let action = if matches!(err, RequestError::TooLarge { .. }) { Action::Close } else { Action::Continue };
+            Reply { text: error_reply(&err), action }
+        }
+    }
+}
+
+/// The reply to a request the transport refused before parsing (for instance a line that grew
+/// past [`MAX_REQUEST_BYTES`] without a newline).
+pub fn error_reply(err: &RequestError) -> String {
+    let mut o = Obj::new();
+    o.bool("ok", false).str("error", err.code()).str("detail", &err.to_string());
+    o.finish()
+}
+
+fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
+    let mut o = Obj::new();
+    let mut action = Action::Continue;
+    match request {
+        Request::Status => {
+            o.bool("ok", true).str("cmd", "status").str("version", env!("CARGO_PKG_VERSION"));
+            o.str("role", ctx.role).num("uptime_ms", ctx.uptime_ms);
+            o.str("replication", if ctx.replication_running { "running" } else { "not running" });
+            o.raw("nics", &nics_json(&ctx.stats.nics));
+            let mut guests = Arr::new();
+            for g in &ctx.stats.guests {
+                let mut e = Obj::new();
+                e.str("name", &g.name).str("state", g.state.name()).num("exits", g.exits.total());
+                guests.raw(&e.finish());
+            }
+            o.raw("guests", &guests.finish());
+        }
+        Request::Stats => {
+            o.bool("ok", true).str("cmd", "stats").num("uptime_ms", ctx.uptime_ms);
+            o.raw("nics", &nics_json(&ctx.stats.nics));
+            let mut guests = Arr::new();
+            for g in &ctx.stats.guests {
+                let mut exits = Obj::new();
+                exits.num("total", g.exits.total());
+                for name in VmExit::KIND_NAMES {
+                    exits.num(name, g.exits.get(name));
+                }
+                let mut e = Obj::new();
+                e.str("name", &g.name).str("state", g.state.name()).raw("exits", &exits.finish());
+                guests.raw(&e.finish());
+            }
+            o.raw("guests", &guests.finish());
+            let m = &ctx.stats.mgmt;
+            let mut mgmt = Obj::new();
+            mgmt.num("requests", m.requests).num("request_errors", m.request_errors);
+            mgmt.num("scrapes", m.scrapes).num("http_errors", m.http_errors);
+            o.raw("mgmt", &mgmt.finish());
+        }
+        Request::Tunables => {
+            o.bool("ok", true).str("cmd", "tunables").raw("tunables", &tunables_json(&ctx.stats.tunables));
+            let mut ranges = Obj::new();
+            for (_, name, min, max) in Tunable::ALL {
+                ranges.raw(name, &crate::net::mgmt::format(format_args!("[{min},{max}]")));
+            }
+            o.raw("ranges", &ranges.finish());
+        }
+        Request::Set { tunable, value } => {
+            let old = tunable.get(&ctx.stats.tunables);
+            tunable.set(&mut ctx.stats.tunables, value);
+            o.bool("ok", true).str("cmd", "set").str("key", tunable.spec().0);
+            o.num("old", u64::from(old)).num("value", u64::from(value));
+        }
+        Request::Checkpoint | Request::Failover => {
+            let cmd = if request == Request::Checkpoint { "checkpoint" } else { "failover" };
+            o.bool("ok", false).str("cmd", cmd).bool("accepted", true).str("error", "not_available");
+            let detail = crate::net::mgmt::format(format_args!(
+                "{cmd} is not available until replication is running (role={}, replication not running)",
+                ctx.role
+            ));
+            o.str("detail", &detail);
+        }
+        Request::Shutdown => {
+            o.bool("ok", true).str("cmd", "shutdown").str("detail", "the hypervisor is shutting down");
+            action = Action::Shutdown;
+        }
+    }
+    Reply { text: o.finish(), action }
+}
+
+fn tunables_json(t: &Tunables) -> String {
+    let mut o = Obj::new();
+    for (tunable, name, _, _) in Tunable::ALL {
+        o.num(name, u64::from(tunable.get(t)));
+    }
+    o.finish()
+}
+
+fn nics_json(nics: &[NicEntry]) -> String {
+    let mut arr = Arr::new();
+    for n in nics {
+        let c = &n.counters;
+        let mut e = Obj::new();
+        e.str("name", &n.name).str("roles", &n.roles).str("mac", &mac_string(n.mac)).bool("link_up", n.link_up);
+        e.num("rx_frames", c.rx_frames).num("rx_bytes", c.rx_bytes);
+        e.num("tx_frames", c.tx_frames).num("tx_bytes", c.tx_bytes);
+        e.num("rx_dropped", c.rx_dropped).num("rx_errors", c.rx_errors);
+        e.num("tx_dropped", c.tx_dropped).num("tx_errors", c.tx_errors);
+        arr.raw(&e.finish());
+    }
+    arr.finish()
+}
+
+/// `format!` without `alloc::fmt::format`: the precompiled `alloc` builds that one with unwind
+/// landing pads, which a freestanding kernel cannot link (`_Unwind_Resume`).
+pub fn format(args: fmt::Arguments<'_>) -> String {
+    let mut s = String::new();
+    let _ = s.write_fmt(args);
+    s
+}
+
+/// `String::from_utf8_lossy` for the same reason: invalid bytes become U+FFFD, one per byte.
+pub fn lossy(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match core::str::from_utf8(rest) {
+            Ok(text) => {
+                s.push_str(text);
+                break;
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                // `valid` bytes were just checked.
+                s.push_str(core::str::from_utf8(&rest[..valid]).unwrap_or(""));
+                s.push('\u{fffd}');
+                rest = &rest[valid + 1..];
+            }
+        }
+    }
+    s
+}
+
+/// `52:54:00:12:34:56`.
+pub fn mac_string(mac: [u8; 6]) -> String {
+    let mut s = String::new();
+    for (i, b) in mac.iter().enumerate() {
+        let _ = write!(s, "{}{b:02x}", if i > 0 { ":" } else { "" });
+    }
+    s
+}
+
+/// Writes `s` as a JSON string literal.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A JSON object under construction.
+struct Obj(String);
+
+impl Obj {
+    fn new() -> Self {
+        Self(String::from("{"))
+    }
+    fn key(&mut self, key: &str) -> &mut Self {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        push_json_str(&mut self.0, key);
+        self.0.push(':');
+        self
+    }
+    fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key);
+        push_json_str(&mut self.0, value);
+        self
+    }
+    fn num(&mut self, key: &str, value: u64) -> &mut Self {
+        self.key(key);
+        let _ = write!(self.0, "{value}");
+        self
+    }
+    fn bool(&mut self, key: &str, value: bool) -> &mut Self {
+        self.key(key);
+        self.0.push_str(if value { "true" } else { "false" });
+        self
+    }
+    fn raw(&mut self, key: &str, json: &str) -> &mut Self {
+        self.key(key);
+        self.0.push_str(json);
+        self
+    }
+    fn finish(&mut self) -> String {
+        self.0.push('}');
+        core::mem::take(&mut self.0)
+    }
+}
+
+/// A JSON array under construction.
+struct Arr(String);
+
+impl Arr {
+    fn new() -> Self {
+        Self(String::from("["))
+    }
+    fn raw(&mut self, json: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        self.0.push_str(json);
+    }
+    fn finish(&mut self) -> String {
+        self.0.push(']');
+        core::mem::take(&mut self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::GuestState;
+
+    fn ctx(stats: &mut HypervisorStats) -> Context<'_> {
+        Context { role: "standalone", uptime_ms: 1234, replication_running: false, stats }
+    }
+
+    fn reply(line: &str, stats: &mut HypervisorStats) -> (Json, Action) {
+        let r = handle(line.as_bytes(), &mut ctx(stats));
+        let json = parse_json(r.text.as_bytes()).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {}", r.text));
+        (json, r.action)
+    }
+
+    fn s(j: &Json, field: &str) -> String {
+        match j.field(field) {
+            Some(Json::Str(s)) => s.clone(),
+            Some(Json::Number(n)) => n.clone(),
+            Some(Json::Bool(b)) => b.to_string(),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_parser_accepts_the_grammar() {
+        let j = parse_json(br#" {"a": [1, -2.5e3, true, false, null, "x\"\\\/\n\u00e9"], "b": {}} "#).unwrap();
+        let Json::Object(m) = &j else { panic!() };
+        assert_eq!(m.len(), 2);
+        let Some(Json::Array(items)) = j.field("a") else { panic!() };
+        assert_eq!(items[1], Json::Number("-2.5e3".into()));
+        assert_eq!(items[5], Json::Str("x\"\\/\n\u{e9}".into()));
+    }
+
+    #[test]
+    fn json_errors_name_position_and_expectation() {
+        let e = parse_json(b"{\"cmd\" \"status\"}").unwrap_err();
+        assert_eq!(e.to_string(), "expected `:` at byte 7, found `\"`");
+        assert_eq!(parse_json(b"").unwrap_err().found, "end of input");
+        assert!(parse_json(b"{} x").unwrap_err().to_string().contains("end of input after the JSON value"));
+        assert!(parse_json(b"[1,]").is_err());
+        assert!(parse_json(b"\"\x01\"").is_err());
+        assert!(parse_json(b"\"\\q\"").is_err());
+        assert!(parse_json(b"01a").is_err());
+        assert!(parse_json(b"\"\xff\"").unwrap_err().to_string().contains("UTF-8"));
+        let deep = "[".repeat(100) + &"]".repeat(100);
+        assert!(parse_json(deep.as_bytes()).unwrap_err().to_string().contains("nesting"));
+    }
+
+    #[test]
+    fn status_reports_role_uptime_and_nics() {
+        let mut stats = HypervisorStats::new();
+        let nic = stats.nic_mut(0);
+        nic.roles = "mgmt+client".into();
+        nic.mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        nic.counters.rx_frames = 7;
+        stats.guest_mut("g1").state = GuestState::Running;
+        let (j, action) = reply(r#"{"cmd":"status"}"#, &mut stats);
+        assert_eq!(action, Action::Continue);
+        assert_eq!(s(&j, "ok"), "true");
+        assert_eq!(s(&j, "role"), "standalone");
+        assert_eq!(s(&j, "uptime_ms"), "1234");
+        let Some(Json::Array(nics)) = j.field("nics") else { panic!("{j:?}") };
+        assert_eq!(s(&nics[0], "mac"), "52:54:00:12:34:56");
+        assert_eq!(s(&nics[0], "rx_frames"), "7");
+        let Some(Json::Array(guests)) = j.field("guests") else { panic!() };
+        assert_eq!(s(&guests[0], "state"), "running");
+        assert_eq!(stats.mgmt.requests, 1);
+    }
+
+    #[test]
+    fn stats_lists_every_exit_kind_and_mgmt_counters() {
+        let mut stats = HypervisorStats::new();
+        stats.guest_mut("g").exits.record(&VmExit::Hlt);
+        let (j, _) = reply(r#"{"cmd":"stats"}"#, &mut stats);
+        let Some(Json::Array(guests)) = j.field("guests") else { panic!() };
+        let exits = guests[0].field("exits").unwrap();
+        assert_eq!(s(exits, "hlt"), "1");
+        assert_eq!(s(exits, "total"), "1");
+        assert_eq!(s(j.field("mgmt").unwrap(), "requests"), "1");
+    }
+
+    #[test]
+    fn set_changes_a_tunable_within_range() {
+        let mut stats = HypervisorStats::new();
+        let (j, _) = reply(r#"{"cmd":"set","key":"heartbeat_ms","value":50}"#, &mut stats);
+        assert_eq!((s(&j, "ok"), s(&j, "old"), s(&j, "value")), ("true".into(), "100".into(), "50".into()));
+        assert_eq!(stats.tunables.heartbeat_ms, 50);
+        let (j, _) = reply(r#"{"cmd":"tunables"}"#, &mut stats);
+        assert_eq!(s(j.field("tunables").unwrap(), "heartbeat_ms"), "50");
+        for (line, code, needle) in [
+            (r#"{"cmd":"set","key":"heartbeat_ms","value":5}"#, "bad_value", "bad value `5` for `heartbeat_ms`"),
+            (r#"{"cmd":"set","key":"heartbeat_ms","value":1.5}"#, "bad_value", "from 10 to 10000"),
+            (r#"{"cmd":"set","key":"colour","value":5}"#, "unknown_tunable", "`colour`"),
+            (r#"{"cmd":"set","key":"heartbeat_ms"}"#, "bad_request", "no `value`"),
+            (r#"{"cmd":"set","value":5}"#, "bad_request", "no `key`"),
+            (r#"{"cmd":"set","key":"heartbeat_ms","value":[]}"#, "bad_request", "is an array"),
+        ] {
+            let (j, action) = reply(line, &mut stats);
+            assert_eq!(action, Action::Continue);
+            assert_eq!(s(&j, "error"), code, "{line}");
+            assert!(s(&j, "detail").contains(needle), "{line}: {}", s(&j, "detail"));
+        }
+        assert_eq!(stats.tunables.heartbeat_ms, 50);
+    }
+
+    #[test]
+    fn bad_requests_get_named_errors() {
+        let mut stats = HypervisorStats::new();
+        for (line, code, needle) in [
+            ("{\"cmd\":", "bad_json", "expected a JSON value at byte 7, found end of input"),
+            ("garbage", "bad_json", "found `g`"),
+            ("[1]", "bad_request", "request is an array"),
+            ("{}", "bad_request", "no `cmd`"),
+            ("{\"cmd\":7}", "bad_request", "`cmd` is a number"),
+            ("{\"cmd\":\"reboot\"}", "unknown_command", "unknown command `reboot`; accepted: status"),
+        ] {
+            let (j, action) = reply(line, &mut stats);
+            assert_eq!(action, Action::Continue, "{line}");
+            assert_eq!(s(&j, "ok"), "false");
+            assert_eq!(s(&j, "error"), code, "{line}");
+            assert!(s(&j, "detail").contains(needle), "{line}: {}", s(&j, "detail"));
+        }
+        assert_eq!(stats.mgmt.request_errors, 6);
+    }
+
+    #[test]
+    fn oversized_request_closes_the_connection() {
+        let mut stats = HypervisorStats::new();
+        let big = alloc::vec![b' '; MAX_REQUEST_BYTES + 1];
+        let r = handle(&big, &mut ctx(&mut stats));
+        assert_eq!(r.action, Action::Close);
+        assert!(r.text.contains("too_large") && r.text.contains("at most 4096 bytes"), "{}", r.text);
+    }
+
+    #[test]
+    fn checkpoint_and_failover_are_honest() {
+        let mut stats = HypervisorStats::new();
+        for cmd in ["checkpoint", "failover"] {
+            let (j, _) = reply(&crate::net::mgmt::format(format_args!("{{\"cmd\":\"{cmd}\"}}")), &mut stats);
+            assert_eq!(s(&j, "ok"), "false");
+            assert_eq!(s(&j, "accepted"), "true");
+            assert!(s(&j, "detail").contains("not available until replication is running"));
+        }
+    }
+
+    #[test]
+    fn shutdown_asks_the_transport_to_end() {
+        let mut stats = HypervisorStats::new();
+        let (j, action) = reply(r#"{"cmd":"shutdown"}"#, &mut stats);
+        assert_eq!(action, Action::Shutdown);
+        assert_eq!(s(&j, "ok"), "true");
+    }
+
+    #[test]
+    fn long_unknown_names_are_truncated_and_escaped() {
+        let mut stats = HypervisorStats::new();
+        let name = "\"x".repeat(200);
+        let line = crate::net::mgmt::format(format_args!("{{\"cmd\":{}}}", {
+            let mut s = String::new();
+            push_json_str(&mut s, &name);
+            s
+        }));
+        let (j, _) = reply(&line, &mut stats);
+        assert!(s(&j, "detail").contains("..."));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_get_a_json_reply(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut stats = HypervisorStats::new();
+            let r = handle(&bytes, &mut ctx(&mut stats));
+            proptest::prop_assert!(parse_json(r.text.as_bytes()).is_ok());
+        }
+    }
+}

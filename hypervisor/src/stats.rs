@@ -1,0 +1,266 @@
+//! The hypervisor's counter registry: per-NIC traffic counters, per-guest state and VM-exit
+//! counters, management-plane counters and the runtime tunables. The management API (`net::mgmt`)
+//! and the metrics page (`net::metrics`) read it; drivers and the guest runner write it.
+//!
+//! # How other parts update it
+//!
+//! On bare metal there is one global registry behind a spin lock; reach it with [`with`]:
+//!
+//! ```ignore
+//! // a guest runner, after loading a guest and on every exit:
+//! stats::with(|s| s.guest_mut("redis").state = GuestState::Running);
+//! stats::with(|s| s.guest_mut("redis").exits.record(&exit));
+//! // when the guest ends:
+//! stats::with(|s| s.guest_mut("redis").state = GuestState::Stopped);
+//! // a NIC driver:
+//! stats::with(|s| s.nic_mut(0).rx_frames += 1);
+//! ```
+//!
+//! Keep the closure short (no I/O, no nested [`with`]): it runs with the lock held. Guests are
+//! looked up by name and created on first use; NICs by index (created by `net` at bring-up).
+//! The registry itself is pure data and host-tested.
+#![deny(unsafe_code)]
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::vcpu::ExitCounters;
+
+/// Traffic counters of one host NIC.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NicCounters {
+    /// Frames received (all, including those dropped or refused afterwards).
+    pub rx_frames: u64,
+    /// Bytes of received frames.
+    pub rx_bytes: u64,
+    /// Frames sent.
+    pub tx_frames: u64,
+    /// Bytes of sent frames.
+    pub tx_bytes: u64,
+    /// Received frames nobody wanted (unknown protocol, not addressed to us or a guest).
+    pub rx_dropped: u64,
+    /// Received frames that were malformed (bad lengths, bad checksums, truncated headers) or
+    /// that the NIC flagged with a receive error.
+    pub rx_errors: u64,
+    /// Frames not sent because the transmit ring was full.
+    pub tx_dropped: u64,
+    /// Frames not sent because they were empty or larger than a transmit buffer.
+    pub tx_errors: u64,
+}
+
+/// One host NIC in the registry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NicEntry {
+    /// `nic0`, `nic1`, ... in the order of the `nics=` command-line key.
+    pub name: String,
+    /// Its roles as written on the command line, e.g. `mgmt+client`.
+    pub roles: String,
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// Whether the link was up at the last poll.
+    pub link_up: bool,
+    /// Its counters.
+    pub counters: NicCounters,
+}
+
+/// What a guest is doing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestState {
+    /// Known but not started yet.
+    #[default]
+    Loading,
+    /// Running (or runnable).
+    Running,
+    /// Paused (for instance during a checkpoint).
+    Paused,
+    /// Ended normally.
+    Stopped,
+    /// Ended by a fault.
+    Faulted,
+}
+
+impl GuestState {
+    /// Every state, in a fixed order (the metrics page emits one series per state).
+    pub const ALL: [GuestState; 5] = [Self::Loading, Self::Running, Self::Paused, Self::Stopped, Self::Faulted];
+
+    /// The lower-case name used in JSON and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Loading => "loading",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+            Self::Faulted => "faulted",
+        }
+    }
+}
+
+/// One guest in the registry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestEntry {
+    /// Its name (the module's command line).
+    pub name: String,
+    /// Its state.
+    pub state: GuestState,
+    /// Its VM exits by kind.
+    pub exits: ExitCounters,
+}
+
+/// Management-plane counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MgmtCounters {
+    /// JSON requests answered (including errors).
+    pub requests: u64,
+    /// JSON requests answered with an error.
+    pub request_errors: u64,
+    /// Metrics pages served.
+    pub scrapes: u64,
+    /// HTTP requests refused (bad request, wrong path or method).
+    pub http_errors: u64,
+}
+
+/// Tunables the management API can change at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunables {
+    /// Interval between heartbeats on the replication link, ms.
+    pub heartbeat_ms: u32,
+    /// Periodic checkpoint interval, ms.
+    pub checkpoint_ms: u32,
+}
+
+impl Tunables {
+    /// The boot defaults (the command line's `heartbeat_ms=` and `checkpoint_ms=` defaults).
+    pub const DEFAULT: Tunables = Tunables { heartbeat_ms: 100, checkpoint_ms: 1000 };
+}
+
+impl Default for Tunables {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The registry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HypervisorStats {
+    /// Host NICs, by index.
+    pub nics: Vec<NicEntry>,
+    /// Guests, in the order they were first seen.
+    pub guests: Vec<GuestEntry>,
+    /// Management-plane counters.
+    pub mgmt: MgmtCounters,
+    /// The runtime tunables.
+    pub tunables: Tunables,
+}
+
+impl HypervisorStats {
+    /// An empty registry with default tunables (const, for the global).
+    pub const fn new() -> Self {
+        Self { nics: Vec::new(), guests: Vec::new(), mgmt: MgmtCounters::new(), tunables: Tunables::DEFAULT }
+    }
+
+    /// NIC `index`, created (named `nicN`) with every NIC before it if missing.
+    pub fn nic_mut(&mut self, index: usize) -> &mut NicEntry {
+        while self.nics.len() <= index {
+            let name = crate::net::mgmt::format(format_args!("nic{}", self.nics.len()));
+            self.nics.push(NicEntry { name, ..NicEntry::default() });
+        }
+        &mut self.nics[index]
+    }
+
+    /// The guest called `name`, created in state `Loading` if missing.
+    pub fn guest_mut(&mut self, name: &str) -> &mut GuestEntry {
+        let index = match self.guests.iter().position(|g| g.name == name) {
+            Some(index) => index,
+            None => {
+                self.guests.push(GuestEntry { name: name.into(), ..GuestEntry::default() });
+                self.guests.len() - 1
+            }
+        };
+        &mut self.guests[index]
+    }
+
+    /// The guest called `name`, if known.
+    pub fn guest(&self, name: &str) -> Option<&GuestEntry> {
+        self.guests.iter().find(|g| g.name == name)
+    }
+
+    /// Sum of every NIC's counters.
+    pub fn nic_totals(&self) -> NicCounters {
+        let mut t = NicCounters::default();
+        for c in self.nics.iter().map(|n| &n.counters) {
+            t.rx_frames += c.rx_frames;
+            t.rx_bytes += c.rx_bytes;
+            t.tx_frames += c.tx_frames;
+            t.tx_bytes += c.tx_bytes;
+            t.rx_dropped += c.rx_dropped;
+            t.rx_errors += c.rx_errors;
+            t.tx_dropped += c.tx_dropped;
+            t.tx_errors += c.tx_errors;
+        }
+        t
+    }
+}
+
+impl MgmtCounters {
+    const fn new() -> Self {
+        Self { requests: 0, request_errors: 0, scrapes: 0, http_errors: 0 }
+    }
+}
+
+#[cfg(feature = "bare-metal")]
+static REGISTRY: spin::Mutex<HypervisorStats> = spin::Mutex::new(HypervisorStats::new());
+
+/// Runs `f` on the global registry with its lock held (bare metal only). Do not nest.
+#[cfg(feature = "bare-metal")]
+pub fn with<R>(f: impl FnOnce(&mut HypervisorStats) -> R) -> R {
+    f(&mut REGISTRY.lock())
+}
+
+/// A copy of the global registry (bare metal only), for reports that format at leisure.
+#[cfg(feature = "bare-metal")]
+pub fn snapshot() -> HypervisorStats {
+    REGISTRY.lock().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vcpu::VmExit;
+
+    #[test]
+    fn nics_are_created_in_order_with_names() {
+        let mut s = HypervisorStats::new();
+        s.nic_mut(1).counters.rx_frames = 3;
+        assert_eq!(s.nics.len(), 2);
+        assert_eq!(s.nics[0].name, "nic0");
+        assert_eq!(s.nics[1].name, "nic1");
+        assert_eq!(s.nics[1].counters.rx_frames, 3);
+        s.nic_mut(0).counters.rx_frames = 2;
+        s.nic_mut(0).counters.tx_bytes = 100;
+        let t = s.nic_totals();
+        assert_eq!((t.rx_frames, t.tx_bytes), (5, 100));
+    }
+
+    #[test]
+    fn guests_are_found_by_name_and_count_exits() {
+        let mut s = HypervisorStats::new();
+        assert!(s.guest("g").is_none());
+        s.guest_mut("g").state = GuestState::Running;
+        s.guest_mut("g").exits.record(&VmExit::Hlt);
+        s.guest_mut("h");
+        assert_eq!(s.guests.len(), 2);
+        let g = s.guest("g").unwrap();
+        assert_eq!(g.state, GuestState::Running);
+        assert_eq!(g.exits.get("hlt"), 1);
+        assert_eq!(s.guest("h").unwrap().state, GuestState::Loading);
+    }
+
+    #[test]
+    fn state_names_are_distinct() {
+        let names: Vec<_> = GuestState::ALL.iter().map(|s| s.name()).collect();
+        for (i, a) in names.iter().enumerate() {
+            assert!(!names[i + 1..].contains(a));
+        }
+        assert_eq!(HypervisorStats::new().tunables, Tunables::default());
+    }
+}

@@ -1,0 +1,118 @@
+//! `cargo xtask ctl <command> [args] [--addr IP:PORT]`: sends one JSON request to a hypervisor's
+//! management API and prints the reply line.
+//!
+//! Commands: `status`, `stats`, `tunables`, `set KEY VALUE`, `checkpoint`, `failover`,
+//! `shutdown`, and `raw 'JSON'` (sends the text as is, for testing the API's error replies).
+//! The address comes from `--addr`, else `COLO_MGMT_ADDR`, else `10.0.0.1:7070` (the management
+//! address from the README's example command line, with the default `mgmt_port`).
+//! Exit status: 0 when the reply says `"ok":true`, 1 when it says `"ok":false` or the request
+//! could not be sent or answered.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Used when neither `--addr` nor `COLO_MGMT_ADDR` is given.
+const DEFAULT_ADDR: &str = "10.0.0.1:7070";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const USAGE: &str = "\
+usage: cargo xtask ctl <command> [--addr IP:PORT]
+commands: status | stats | tunables | set KEY VALUE | checkpoint | failover | shutdown | raw 'JSON'
+address: --addr, else $COLO_MGMT_ADDR, else 10.0.0.1:7070";
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The request line for `args` (without `--addr`).
+fn request(args: &[String]) -> Result<String, String> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        [cmd @ ("status" | "stats" | "tunables" | "checkpoint" | "failover" | "shutdown")] => {
+            Ok(format!("{{\"cmd\":{}}}", json_string(cmd)))
+        }
+        ["set", key, value] => {
+            let value = if value.bytes().all(|b| b.is_ascii_digit()) && !value.is_empty() {
+                value.to_string()
+            } else {
+                json_string(value)
+            };
+            Ok(format!("{{\"cmd\":\"set\",\"key\":{},\"value\":{value}}}", json_string(key)))
+        }
+        ["set", ..] => Err(format!("`set` needs a key and a value: set KEY VALUE\n{USAGE}")),
+        ["raw", text] => Ok(text.to_string()),
+        [] => Err(format!("no command given\n{USAGE}")),
+        [other, ..] => Err(format!("unknown or malformed command `{}`\n{USAGE}", other)),
+    }
+}
+
+/// Runs `ctl`.
+pub fn ctl(args: &[String]) -> Result<(), String> {
+    let mut rest = Vec::new();
+    let mut addr = std::env::var("COLO_MGMT_ADDR").ok();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--addr" {
+            addr = Some(args.get(i + 1).ok_or("--addr needs a value: --addr IP:PORT")?.clone());
+            i += 2;
+        } else {
+            rest.push(args[i].clone());
+            i += 1;
+        }
+    }
+    let addr_text = addr.unwrap_or_else(|| DEFAULT_ADDR.into());
+    let addr: SocketAddr =
+        addr_text.parse().map_err(|_| format!("bad address `{addr_text}`; expected IP:PORT (e.g. 10.0.0.1:7070)"))?;
+    let line = request(&rest)?;
+    let started = Instant::now();
+    let mut stream =
+        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("sending to {addr}: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(|e| format!("reading the reply from {addr}: {e}"))?;
+    let elapsed = started.elapsed();
+    if reply.is_empty() {
+        return Err(format!("{addr} closed the connection without a reply"));
+    }
+    print!("{reply}");
+    if std::env::var_os("COLO_CTL_TIMING").is_some() {
+        eprintln!("ctl: round trip {:.2} ms", elapsed.as_secs_f64() * 1000.0);
+    }
+    if reply.contains("\"ok\":true") {
+        Ok(())
+    } else {
+        Err("the hypervisor refused the request (see the reply above)".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(words: &[&str]) -> Result<String, String> {
+        request(&words.iter().map(|w| w.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn requests_are_built() {
+        assert_eq!(req(&["status"]).unwrap(), r#"{"cmd":"status"}"#);
+        assert_eq!(req(&["set", "heartbeat_ms", "50"]).unwrap(), r#"{"cmd":"set","key":"heartbeat_ms","value":50}"#);
+        assert_eq!(req(&["set", "k", "x\"y"]).unwrap(), r#"{"cmd":"set","key":"k","value":"x\"y"}"#);
+        assert_eq!(req(&["raw", "garbage"]).unwrap(), "garbage");
+        assert!(req(&["set", "k"]).unwrap_err().contains("set KEY VALUE"));
+        assert!(req(&["reboot"]).unwrap_err().contains("`reboot`"));
+        assert!(req(&[]).is_err());
+    }
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::{
-    built_kernel, make_image, workspace_root, BootMedium, Emulator, ImageModule, Machine, MachineConfig, Outcome,
+    built_kernel, make_image, target_dir, BootMedium, Emulator, ImageModule, Machine, MachineConfig, Outcome,
     ScratchDir,
 };
 
@@ -29,7 +29,7 @@ pub const BOCHS_VTX: Platform =
 
 /// A built guest binary (`cargo xtask build` puts them in `target/guests/`).
 pub fn guest_path(name: &str) -> PathBuf {
-    workspace_root().join("target/guests").join(name)
+    target_dir().join("guests").join(name)
 }
 
 /// Boots the hypervisor with `cmdline` and the guests `modules` (name, extra module arguments),

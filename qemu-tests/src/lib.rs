@@ -102,9 +102,17 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("qemu-tests lives in the workspace").to_path_buf()
 }
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace root) or `target/`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 /// The kernel ELF that `cargo xtask build` leaves behind.
 pub fn kernel_path() -> PathBuf {
-    workspace_root().join("target/colo-kernel")
+    target_dir().join("colo-kernel")
 }
 
 /// The kernel, or an error saying how to build it.
@@ -126,7 +134,7 @@ impl ScratchDir {
     pub fn new(name: &str) -> Result<Self, HarnessError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = workspace_root().join("target/harness").join(format!("{name}-{}-{n}", std::process::id()));
+        let dir = target_dir().join("harness").join(format!("{name}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         Ok(Self(dir))

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use qemu_tests::netns::{self, TestNet};
 use qemu_tests::{
-    built_kernel, make_image, workspace_root, BootMedium, Emulator, Machine, MachineConfig, ScratchDir,
-    QEMU_EXIT_SUCCESS,
+    built_kernel, make_image, BootMedium, Emulator, Machine, MachineConfig, ScratchDir, QEMU_EXIT_SUCCESS,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -91,7 +90,7 @@ impl Setup {
 }
 
 fn xtask_binary() -> PathBuf {
-    let path = workspace_root().join("target/debug/xtask");
+    let path = qemu_tests::target_dir().join("debug/xtask");
     assert!(path.is_file(), "{} is missing: build it with `cargo build -p xtask`", path.display());
     path
 }

@@ -1,7 +1,9 @@
 //! Suite `vtx`: the VT-x backend under Bochs (Tiger Lake: VMX, EPT, VPID, preemption timer).
 //! The scenarios are shared with the AMD-V suite (`qemu_tests::guests`).
 
-use qemu_tests::guests::{cpuid_msr_and_io_exits_behave, isolation_guests_are_contained, reference_guest_runs, BOCHS_VTX};
+use qemu_tests::guests::{
+    cpuid_msr_and_io_exits_behave, isolation_guests_are_contained, reference_guest_runs, BOCHS_VTX,
+};
 
 #[test]
 fn reference_guest_runs_under_vtx() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 mod ctl;
 
-use qemu_tests::{make_image, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
+use qemu_tests::{make_image, target_dir, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
 
 const KERNEL_TARGET: &str = "x86_64-unknown-linux-gnu";
 const KERNEL_RUSTFLAGS: &str = "-C relocation-model=static -C force-frame-pointers=yes";
@@ -138,8 +138,15 @@ fn check_flags(args: &[String], known: &[&str]) -> Result {
 }
 
 /// The guest binaries `guest-shim` builds (reference and test guests).
-const GUESTS: &[&str] =
-    &["guest-hello", "guest-bad-write", "guest-hostile", "guest-triple-fault", "guest-spinner", "guest-cr-write", "guest-probe"];
+const GUESTS: &[&str] = &[
+    "guest-hello",
+    "guest-bad-write",
+    "guest-hostile",
+    "guest-triple-fault",
+    "guest-spinner",
+    "guest-cr-write",
+    "guest-probe",
+];
 
 /// Builds the kernel and the guests; returns the kernel's path. Guests go to `target/guests/`.
 fn build_kernel() -> Result<PathBuf> {
@@ -158,11 +165,11 @@ fn build_kernel() -> Result<PathBuf> {
     ]);
     c.env("RUSTFLAGS", KERNEL_RUSTFLAGS).env_remove("CARGO_ENCODED_RUSTFLAGS");
     run_checked(&mut c, "guest build")?;
-    let root = workspace_root();
-    let guests = root.join("target/guests");
+    let target = target_dir();
+    let guests = target.join("guests");
     fs::create_dir_all(&guests).map_err(|e| format!("creating {}: {e}", guests.display()))?;
     for guest in GUESTS {
-        let built = root.join("target").join(KERNEL_TARGET).join("release").join(guest);
+        let built = target.join(KERNEL_TARGET).join("release").join(guest);
         fs::copy(&built, guests.join(guest)).map_err(|e| format!("copying {}: {e}", built.display()))?;
     }
     step("building the kernel (release, freestanding)");
@@ -170,9 +177,8 @@ fn build_kernel() -> Result<PathBuf> {
     c.args(["build", "--package", "colo-boot", "--release", "--target", KERNEL_TARGET]);
     c.env("RUSTFLAGS", KERNEL_RUSTFLAGS).env_remove("CARGO_ENCODED_RUSTFLAGS");
     run_checked(&mut c, "kernel build")?;
-    let root = workspace_root();
-    let built = root.join("target").join(KERNEL_TARGET).join("release/colo-kernel");
-    let out = root.join("target/colo-kernel");
+    let built = target.join(KERNEL_TARGET).join("release/colo-kernel");
+    let out = target.join("colo-kernel");
     fs::copy(&built, &out).map_err(|e| format!("copying {} to {}: {e}", built.display(), out.display()))?;
     println!("    kernel: {}", out.display());
     Ok(out)
@@ -183,7 +189,7 @@ fn image(args: &[String]) -> Result<PathBuf> {
     let cmdline = option_value(args, "--cmdline", "\"key=value ...\"")?.unwrap_or(DEFAULT_CMDLINE);
     ensure_deps()?;
     let kernel = build_kernel()?;
-    let out = workspace_root().join("target/colo.img");
+    let out = target_dir().join("colo.img");
     step(&format!("making the GRUB image (command line: `{cmdline}`)"));
     make_image(&kernel, cmdline, &[], &out).map_err(|e| e.to_string())?;
     let size = fs::metadata(&out).map(|m| m.len() >> 20).unwrap_or(0);
@@ -446,8 +452,7 @@ fn demo() -> Result {
 }
 
 fn bench() -> Result {
-    let root = workspace_root();
-    let dir = root.join("target/bench");
+    let dir = target_dir().join("bench");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     step("host benchmarks (release)");
@@ -465,7 +470,7 @@ fn bench() -> Result {
         report += &fs::read_to_string(&part).map_err(|e| format!("{}: {e}", part.display()))?;
         report.push('\n');
     }
-    let out = root.join("target/bench-report.md");
+    let out = target_dir().join("bench-report.md");
     fs::write(&out, &report).map_err(|e| format!("{}: {e}", out.display()))?;
     println!("{report}\nreport written to {}", out.display());
     Ok(())

@@ -83,10 +83,9 @@ pub fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &
                     report.handler.refused_hypercalls,
                     report.handler.ignored_port_io
                 );
-                if count > 0 {
+                if let Some(mean) = sum.checked_div(count) {
                     log::info!(
-                        "guest `{name}` hypercall round trip (entry to exit, host TSC cycles): min {min}, mean {}",
-                        sum / count
+                        "guest `{name}` hypercall round trip (entry to exit, host TSC cycles): min {min}, mean {mean}"
                     );
                 }
             }

@@ -217,12 +217,7 @@ impl ExitHandler {
             Some(Hypercall::Panic) => match mem.slice(r.rdi, r.rsi.min(PANIC_MESSAGE_MAX)) {
                 Ok(bytes) => {
                     self.flush_console(host.console_line);
-                    let mut message = heapless::String::new();
-                    for c in bytes.utf8_chunks().flat_map(|c| c.valid().chars()) {
-                        if message.push(c).is_err() {
-                            break;
-                        }
-                    }
+                    let message = bytes.utf8_chunks().flat_map(|c| c.valid().chars()).collect();
                     return Decision::End(GuestEnd::Panic { message });
                 }
                 Err(_) => Err(HypercallError::BadAddress),

@@ -249,8 +249,8 @@ pub enum GuestEnd {
     },
     /// The guest reported a panic.
     Panic {
-        /// Its message (bounded).
-        message: heapless::String<256>,
+        /// Its message (at most 256 bytes, as the handler reads it).
+        message: alloc::string::String,
     },
     /// An access outside the guest's RAM.
     MemoryViolation {

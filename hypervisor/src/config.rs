@@ -451,8 +451,9 @@ mod tests {
 
     #[test]
     fn network_keys_parse() {
-        let config = parse("mgmt_addr=10.77.0.2/24 mgmt_port=7000 metrics_port=9000 mgmt_gw=10.77.0.1 nics=mgmt+client,repl")
-            .unwrap();
+        let config =
+            parse("mgmt_addr=10.77.0.2/24 mgmt_port=7000 metrics_port=9000 mgmt_gw=10.77.0.1 nics=mgmt+client,repl")
+                .unwrap();
         assert_eq!((config.mgmt_port, config.metrics_port), (7000, 9000));
         assert_eq!(config.mgmt_gw, Some(Ipv4Addr::new(10, 77, 0, 1)));
         let mgmt_client = NicRoles { mgmt: true, client: true, repl: false };

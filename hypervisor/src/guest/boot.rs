@@ -4,8 +4,8 @@
 #![deny(unsafe_code)]
 
 use guest_shim::abi::{
-    GuestBootInfo, HypercallInsn, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, GUEST_BOOT_INFO, GUEST_CMDLINE, GUEST_CMDLINE_MAX,
-    GUEST_CODE_SELECTOR, GUEST_DATA_SELECTOR, GUEST_GDT, GUEST_PAGE_TABLES,
+    GuestBootInfo, HypercallInsn, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, GUEST_BOOT_INFO, GUEST_CMDLINE,
+    GUEST_CMDLINE_MAX, GUEST_CODE_SELECTOR, GUEST_DATA_SELECTOR, GUEST_GDT, GUEST_PAGE_TABLES,
 };
 use zerocopy::IntoBytes;
 
@@ -144,7 +144,10 @@ mod tests {
         let mut buf = std::vec![0u8; 16 << 20];
         let mut ram = GuestRam::new(&mut buf);
         let state = prepare(&mut ram, &params()).unwrap();
-        assert_eq!((state.rip, state.rsp, state.rdi, state.cr3), (0x20_0000, 16 << 20, GUEST_BOOT_INFO, GUEST_PAGE_TABLES));
+        assert_eq!(
+            (state.rip, state.rsp, state.rdi, state.cr3),
+            (0x20_0000, 16 << 20, GUEST_BOOT_INFO, GUEST_PAGE_TABLES)
+        );
         let u64_at = |ram: &GuestRam<'_>, gpa| u64::from_le_bytes(ram.slice(gpa, 8).unwrap().try_into().unwrap());
         assert_eq!(u64_at(&ram, GUEST_BOOT_INFO), BOOT_INFO_MAGIC);
         // PD entry 3 maps 6 MiB with a large page.

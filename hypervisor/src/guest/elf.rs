@@ -106,10 +106,11 @@ pub struct GuestImage<'a> {
 }
 
 fn read<const N: usize>(bytes: &[u8], at: usize, what: &'static str) -> Result<[u8; N], ElfError> {
-    bytes
-        .get(at..at + N)
-        .and_then(|s| s.try_into().ok())
-        .ok_or(ElfError::Truncated { what, needed: (at + N) as u64, len: bytes.len() as u64 })
+    bytes.get(at..at + N).and_then(|s| s.try_into().ok()).ok_or(ElfError::Truncated {
+        what,
+        needed: (at + N) as u64,
+        len: bytes.len() as u64,
+    })
 }
 
 fn u16_at(b: &[u8], at: usize, what: &'static str) -> Result<u16, ElfError> {

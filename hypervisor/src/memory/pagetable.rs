@@ -83,7 +83,10 @@ impl fmt::Display for MapError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Misaligned { guest, host, len } => {
-                write!(f, "mapping {guest:#x} -> {host:#x} ({len:#x} bytes): expected 4 KiB-aligned addresses and length")
+                write!(
+                    f,
+                    "mapping {guest:#x} -> {host:#x} ({len:#x} bytes): expected 4 KiB-aligned addresses and length"
+                )
             }
             Self::AlreadyMapped { guest } => write!(f, "guest address {guest:#x} is already mapped"),
             Self::OutOfRange { guest } => write!(f, "guest address {guest:#x} is beyond the 48-bit space"),
@@ -181,7 +184,14 @@ impl<F: EntryFormat> PageTable<F> {
         self.walk(mem, self.root, 3, 0, f);
     }
 
-    fn walk(&self, mem: &mut dyn TableMemory, table: u64, level: u32, base: u64, f: &mut dyn FnMut(u64, PageSize, &mut u64)) {
+    fn walk(
+        &self,
+        mem: &mut dyn TableMemory,
+        table: u64,
+        level: u32,
+        base: u64,
+        f: &mut dyn FnMut(u64, PageSize, &mut u64),
+    ) {
         for i in 0..512 {
             let entry = mem.table(table)[i];
             if !F::is_present(entry) {
@@ -302,7 +312,12 @@ mod tests {
         pt.for_each_leaf(&mut mem, &mut |addr, size, _| leaves.push((addr, size)));
         assert_eq!(
             leaves,
-            [(0, PageSize::Size2M), (2 << 20, PageSize::Size2M), (4 << 20, PageSize::Size4K), ((4 << 20) + 0x1000, PageSize::Size4K)]
+            [
+                (0, PageSize::Size2M),
+                (2 << 20, PageSize::Size2M),
+                (4 << 20, PageSize::Size4K),
+                ((4 << 20) + 0x1000, PageSize::Size4K)
+            ]
         );
         assert_eq!(pt.translate(&mut mem, 0x1234), Some((0x4000_1234, PageSize::Size2M)));
         assert_eq!(pt.translate(&mut mem, (4 << 20) + 0x1010), Some((0x4040_1010, PageSize::Size4K)));

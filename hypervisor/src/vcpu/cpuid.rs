@@ -33,7 +33,8 @@ mod bits {
         (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
     /// AVX512VBMI (1), AVX512VBMI2 (6), VAES (9), VPCLMULQDQ (10), AVX512VNNI (11), AVX512BITALG (12),
     /// AVX512VPOPCNTDQ (14).
-    pub const LEAF7_ECX_AVX_FAMILY: u32 = (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
+    pub const LEAF7_ECX_AVX_FAMILY: u32 =
+        (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
     pub const EXT1_ECX_SVM: u32 = 1 << 2;
 }
 

@@ -122,15 +122,19 @@ impl ExitHandler {
             }
             VmExit::Xsetbv | VmExit::VirtualizationInstruction => Decision::Inject(Exception::INVALID_OPCODE),
             VmExit::NestedPageFault { gpa, access } => Decision::End(GuestEnd::MemoryViolation { gpa, access }),
-            VmExit::NestedPageMisconfig { .. } => {
-                Decision::End(GuestEnd::Unsupported { what: "second-level page table entry (hypervisor bug)", exit: *exit })
-            }
+            VmExit::NestedPageMisconfig { .. } => Decision::End(GuestEnd::Unsupported {
+                what: "second-level page table entry (hypervisor bug)",
+                exit: *exit,
+            }),
             VmExit::ExternalInterrupt { .. } | VmExit::PreemptionTimer | VmExit::DirtyLogFull => Decision::Resume,
             VmExit::TripleFault => Decision::End(GuestEnd::TripleFault),
-            VmExit::ControlRegisterAccess { .. } => {
-                Decision::End(GuestEnd::Unsupported { what: "write to a control-register bit the hypervisor owns", exit: *exit })
+            VmExit::ControlRegisterAccess { .. } => Decision::End(GuestEnd::Unsupported {
+                what: "write to a control-register bit the hypervisor owns",
+                exit: *exit,
+            }),
+            VmExit::EntryFailed { reason, qualification } => {
+                Decision::End(GuestEnd::EntryFailed { reason, qualification })
             }
-            VmExit::EntryFailed { reason, qualification } => Decision::End(GuestEnd::EntryFailed { reason, qualification }),
             VmExit::Unhandled { .. } => Decision::End(GuestEnd::Unsupported { what: "exit reason", exit: *exit }),
         }
     }

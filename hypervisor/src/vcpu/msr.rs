@@ -108,7 +108,9 @@ mod tests {
         assert_eq!(slot(numbers::IA32_EFER), Some(MsrSlot::Hardware(HardwareMsr::Efer)));
         assert_eq!(slot(numbers::IA32_TSC), Some(MsrSlot::Tsc));
         assert!(matches!(slot(numbers::IA32_LSTAR), Some(MsrSlot::Stored(_))));
-        for denied in [0x3A /* FEATURE_CONTROL */, 0x480 /* VMX_BASIC */, 0xC001_0117 /* VM_HSAVE_PA */, 0xDEAD] {
+        for denied in
+            [0x3A /* FEATURE_CONTROL */, 0x480 /* VMX_BASIC */, 0xC001_0117 /* VM_HSAVE_PA */, 0xDEAD]
+        {
             assert_eq!(slot(denied), None, "{denied:#x}");
         }
     }

@@ -7,6 +7,7 @@ use core::fmt;
 use guest_shim::abi::HypercallInsn;
 
 use crate::memory::{FrameAllocator, PhysRange};
+use crate::svm::{SvmBackend, SvmError};
 use crate::vcpu::{GuestEntryState, Vcpu};
 use crate::vmx::{VmxBackend, VmxError};
 
@@ -15,6 +16,8 @@ use crate::vmx::{VmxBackend, VmxError};
 pub enum Backend {
     /// Intel VT-x with EPT.
     Vmx(VmxBackend),
+    /// AMD-V with NPT.
+    Svm(SvmBackend),
 }
 
 /// Why no backend could start, or a vCPU could not be made.
@@ -27,6 +30,8 @@ pub enum BackendError {
     },
     /// VT-x failed.
     Vmx(VmxError),
+    /// AMD-V failed.
+    Svm(SvmError),
 }
 
 impl fmt::Display for BackendError {
@@ -38,6 +43,7 @@ impl fmt::Display for BackendError {
                  or AMD-V (CPUID.8000_0001:ECX[2])"
             ),
             Self::Vmx(e) => write!(f, "{e}"),
+            Self::Svm(e) => write!(f, "AMD-V: {e}"),
         }
     }
 }
@@ -48,12 +54,22 @@ impl From<VmxError> for BackendError {
     }
 }
 
+impl From<SvmError> for BackendError {
+    fn from(e: SvmError) -> Self {
+        Self::Svm(e)
+    }
+}
+
 impl Backend {
     /// Picks and starts the backend for this CPU.
     pub fn detect(frames: &mut FrameAllocator) -> Result<Self, BackendError> {
         let cpu = crate::host::cpu::cpuid(1, 0);
         if cpu.ecx & (1 << 5) != 0 {
             return Ok(Self::Vmx(VmxBackend::init(frames)?));
+        }
+        let ext = crate::host::cpu::cpuid(0x8000_0000, 0).eax;
+        if ext >= 0x8000_0001 && crate::host::cpu::cpuid(0x8000_0001, 0).ecx & (1 << 2) != 0 {
+            return Ok(Self::Svm(SvmBackend::enable(frames)?));
         }
         let vendor = crate::host::cpu::vendor();
         Err(BackendError::NoVirtualization { vendor: String::from_utf8_lossy(&vendor).into_owned() })
@@ -63,6 +79,7 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Vmx(_) => "VT-x",
+            Self::Svm(b) => b.name(),
         }
     }
 
@@ -70,6 +87,7 @@ impl Backend {
     pub fn dirty_tracking(&self) -> &'static str {
         match self {
             Self::Vmx(b) => b.capabilities().dirty_tracking(),
+            Self::Svm(b) => b.dirty_tracking(),
         }
     }
 
@@ -77,6 +95,7 @@ impl Backend {
     pub fn describe(&self) -> String {
         match self {
             Self::Vmx(b) => alloc::format!("{}", b.describe()),
+            Self::Svm(b) => b.describe(),
         }
     }
 
@@ -84,6 +103,7 @@ impl Backend {
     pub fn hypercall_insn(&self) -> HypercallInsn {
         match self {
             Self::Vmx(_) => HypercallInsn::Vmcall,
+            Self::Svm(_) => HypercallInsn::Vmmcall,
         }
     }
 
@@ -96,6 +116,7 @@ impl Backend {
     ) -> Result<Box<dyn Vcpu>, BackendError> {
         match self {
             Self::Vmx(b) => Ok(Box::new(b.create_vcpu(frames, ram, entry)?)),
+            Self::Svm(b) => Ok(Box::new(b.create_vcpu(frames, ram, entry)?)),
         }
     }
 }

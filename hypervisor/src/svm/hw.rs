@@ -1,0 +1,868 @@
+//! SVM on the real (or emulated) CPU: enabling it, the per-guest VMCB and nested page tables, the
+//! VMRUN world switch and the translation of #VMEXITs into [`VmExit`]s. AMD APM Vol. 2 ch. 15.
+//!
+//! Memory the processor reads (VMCB, host save area, permission maps, nested tables) comes from
+//! the frame allocator and is reached through the host's identity map (virtual = physical).
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use core::fmt;
+use core::ptr::NonNull;
+
+use guest_shim::abi::HypercallInsn;
+use x86_64::registers::model_specific::Msr;
+
+use super::decode::{self, Instruction};
+use super::npt::{NestedPageTables, DIRTY_TRACKING};
+use super::timer::{self, ApicTimer};
+use super::vmcb::{
+    attrib, exit_code, intercept3, intercept4, intercept_cr, npf_info, tlb_control, IoExitInfo, Segment, Vmcb,
+    EVENTINJ_EV, EVENTINJ_TYPE_EXCEPTION, EVENTINJ_VALID, NP_ENABLE, V_INTR_MASKING,
+};
+use super::SvmFeatures;
+use crate::host::cpu;
+use crate::memory::pagetable::{MapError, TableMemory};
+use crate::memory::{FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
+use crate::vcpu::cpuid::CpuidValues;
+use crate::vcpu::{Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, Vcpu, VcpuError, VmExit};
+
+/// EFER.SVME (APM Vol. 2 §3.1.7).
+const EFER_SVME: u64 = 1 << 12;
+/// IA32_EFER.
+const MSR_EFER: u32 = 0xC000_0080;
+/// VM_CR (APM Vol. 2 §15.30.1): bit 4 SVMDIS.
+const MSR_VM_CR: u32 = 0xC001_0114;
+const VM_CR_SVMDIS: u64 = 1 << 4;
+/// VM_HSAVE_PA (APM Vol. 2 §15.30.4).
+const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
+/// The MSR permission map: 8 KiB (APM Vol. 2 §15.11).
+const MSRPM_BYTES: u64 = 0x2000;
+/// The I/O permission map: 12 KiB (APM Vol. 2 §15.10.1).
+const IOPM_BYTES: u64 = 0x3000;
+/// #DF.
+const DOUBLE_FAULT_VECTOR: u8 = 8;
+/// The power-on PAT (APM Vol. 2 §7.8.1), the guest's g_PAT.
+const DEFAULT_PAT: u64 = 0x0007_0406_0007_0406;
+
+/// Why the SVM backend could not start or make a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SvmError {
+    /// A required CPU feature is absent (named).
+    MissingFeature(&'static str),
+    /// The firmware disabled SVM (VM_CR.SVMDIS = 1).
+    DisabledByFirmware,
+    /// No memory for a control structure.
+    Memory(FrameError),
+    /// The nested page tables could not be built.
+    Map(MapError),
+    /// Guest RAM is not a page-aligned range.
+    BadGuestRam(PhysRange),
+}
+
+impl fmt::Display for SvmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MissingFeature(what) => write!(f, "the CPU lacks {what}"),
+            Self::DisabledByFirmware => write!(f, "SVM is disabled by the firmware (VM_CR.SVMDIS = 1)"),
+            Self::Memory(e) => write!(f, "SVM control structure: {e}"),
+            Self::Map(e) => write!(f, "nested page tables: {e}"),
+            Self::BadGuestRam(r) => {
+                write!(f, "guest RAM {:#x}..{:#x} is not a non-empty page-aligned range", r.start, r.end)
+            }
+        }
+    }
+}
+
+impl From<FrameError> for SvmError {
+    fn from(e: FrameError) -> Self {
+        Self::Memory(e)
+    }
+}
+
+/// Frames from the allocator, reached through the identity map, as nested-table storage.
+struct IdentityTables<'a>(&'a mut FrameAllocator);
+
+impl TableMemory for IdentityTables<'_> {
+    fn allocate_table(&mut self) -> Result<u64, FrameError> {
+        let pa = self.0.allocate_frame()?;
+        zero_frames(pa, PAGE_SIZE, 0);
+        Ok(pa)
+    }
+    fn table(&mut self, phys: u64) -> &mut [u64; 512] {
+        // SAFETY: `phys` is a 4 KiB-aligned frame this allocator handed out for a table (the
+        // trait's contract), identity-mapped, and owned by the nested tables being built or
+        // walked; the returned borrow is tied to `self`, so no second one exists at the same time.
+        unsafe { &mut *(phys as *mut [u64; 512]) }
+    }
+}
+
+/// Tables already built, walked without allocating.
+struct ExistingTables;
+
+impl TableMemory for ExistingTables {
+    fn allocate_table(&mut self) -> Result<u64, FrameError> {
+        Err(FrameError::TooFragmented)
+    }
+    fn table(&mut self, phys: u64) -> &mut [u64; 512] {
+        // SAFETY: only called by `NestedPageTables` walkers with addresses of its own table
+        // frames, identity-mapped and owned by the vCPU; the borrow is tied to `self`.
+        unsafe { &mut *(phys as *mut [u64; 512]) }
+    }
+}
+
+/// Fills `[pa, pa + len)` with `byte`.
+fn zero_frames(pa: u64, len: u64, byte: u8) {
+    // SAFETY: callers pass frames they just took from the frame allocator, which nothing else
+    // references; the host identity map makes physical address = virtual address.
+    unsafe { core::ptr::write_bytes(pa as *mut u8, byte, len as usize) }
+}
+
+/// SVM enabled on this CPU, with the state every guest shares.
+#[derive(Debug)]
+pub struct SvmBackend {
+    features: SvmFeatures,
+    /// The host save area (VM_HSAVE_PA).
+    host_save_area: u64,
+    /// The page VMSAVE/VMLOAD use for the host's FS/GS/TR/LDTR/syscall MSRs.
+    host_vmcb: u64,
+    /// The MSR permission map: all ones, every RDMSR/WRMSR intercepted.
+    msrpm: u64,
+    /// The I/O permission map: all ones, every port intercepted.
+    iopm: u64,
+    next_asid: u32,
+    timer: &'static ApicTimer,
+}
+
+impl SvmBackend {
+    /// Checks CPUID, enables SVM (EFER.SVME), sets up the host save area, the shared permission
+    /// maps and the preemption timer. APM Vol. 2 §15.4 ("Enabling SVM").
+    pub fn enable(frames: &mut FrameAllocator) -> Result<Self, SvmError> {
+        let features = SvmFeatures::from_cpuid(&|leaf, subleaf| {
+            let r = cpu::cpuid(leaf, subleaf);
+            CpuidValues { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+        })
+        .map_err(SvmError::MissingFeature)?;
+        // SAFETY: VM_CR exists on every CPU reporting SVM (APM Vol. 2 §15.30.1).
+        let vm_cr = unsafe { Msr::new(MSR_VM_CR).read() };
+        if vm_cr & VM_CR_SVMDIS != 0 {
+            return Err(SvmError::DisabledByFirmware);
+        }
+        let host_save_area = frames.allocate_frame()?;
+        zero_frames(host_save_area, PAGE_SIZE, 0);
+        let host_vmcb = frames.allocate_frame()?;
+        zero_frames(host_vmcb, PAGE_SIZE, 0);
+        let msrpm = frames.allocate(MSRPM_BYTES, PAGE_SIZE)?.start;
+        zero_frames(msrpm, MSRPM_BYTES, 0xFF);
+        let iopm = frames.allocate(IOPM_BYTES, PAGE_SIZE)?.start;
+        zero_frames(iopm, IOPM_BYTES, 0xFF);
+        // SAFETY: SVM is present and not disabled (checked above). Setting EFER.SVME changes
+        // nothing else; VM_HSAVE_PA gets a zeroed, 4 KiB-aligned frame the hypervisor keeps
+        // for good (the processor writes host state there on every VMRUN).
+        unsafe {
+            let mut efer = Msr::new(MSR_EFER);
+            let value = efer.read();
+            efer.write(value | EFER_SVME);
+            Msr::new(MSR_VM_HSAVE_PA).write(host_save_area);
+        }
+        let timer: &'static ApicTimer = Box::leak(Box::new(ApicTimer::init()));
+        Ok(Self { features, host_save_area, host_vmcb, msrpm, iopm, next_asid: 1, timer })
+    }
+
+    /// "AMD-V".
+    pub fn name(&self) -> &'static str {
+        "AMD-V"
+    }
+
+    /// The dirty-tracking method, for the boot log.
+    pub fn dirty_tracking(&self) -> &'static str {
+        DIRTY_TRACKING
+    }
+
+    /// A line for the boot log: what SVM offers and how the backend uses it.
+    pub fn describe(&self) -> String {
+        let f = &self.features;
+        format!(
+            "SVM revision {}, {} ASIDs, nested paging, RIP advance by {}, TLB flush {}, host save area {:#x}, \
+             preemption by the local APIC timer at {:#x} ({} counts per 1M TSC ticks) with the INTR intercept",
+            f.revision,
+            f.asids,
+            f.rip_advance_method(),
+            if f.flush_by_asid { "by ASID" } else { "of all ASIDs" },
+            self.host_save_area,
+            self.timer.base(),
+            self.timer.counts_per_million_tsc()
+        )
+    }
+
+    /// The host save area's physical address (VM_HSAVE_PA).
+    pub fn host_save_area(&self) -> u64 {
+        self.host_save_area
+    }
+
+    /// What CPUID reported.
+    pub fn features(&self) -> SvmFeatures {
+        self.features
+    }
+
+    /// Makes a vCPU for a guest whose RAM (guest-physical `[0, len)`) is host-physical
+    /// `guest_ram`, starting in `entry`.
+    pub fn create_vcpu(
+        &mut self,
+        frames: &mut FrameAllocator,
+        guest_ram: PhysRange,
+        entry: &GuestEntryState,
+    ) -> Result<SvmVcpu, SvmError> {
+        if guest_ram.is_empty()
+            || !guest_ram.start.is_multiple_of(PAGE_SIZE)
+            || !guest_ram.len().is_multiple_of(PAGE_SIZE)
+        {
+            return Err(SvmError::BadGuestRam(guest_ram));
+        }
+        let npt = match NestedPageTables::build(&mut IdentityTables(frames), guest_ram, true) {
+            Ok(npt) => npt,
+            Err((e, taken)) => {
+                for pa in taken {
+                    let _ = frames.free(PhysRange::new(pa, PAGE_SIZE));
+                }
+                return Err(SvmError::Map(e));
+            }
+        };
+        let vmcb_pa = match frames.allocate_frame() {
+            Ok(pa) => pa,
+            Err(e) => {
+                for &pa in npt.table_frames() {
+                    let _ = frames.free(PhysRange::new(pa, PAGE_SIZE));
+                }
+                return Err(e.into());
+            }
+        };
+        // ASIDs 1..asids-1, round robin; every vCPU flushes its ASID on its first VMRUN, which
+        // covers reuse after wrap-around (APM Vol. 2 §15.16).
+        let asid = self.next_asid;
+        self.next_asid = if asid + 1 >= self.features.asids { 1 } else { asid + 1 };
+
+        let vmcb_ptr = vmcb_pa as *mut Vmcb;
+        // SAFETY: a fresh 4 KiB frame, identity-mapped, owned by this vCPU from here on; `Vmcb` is
+        // 4096 bytes with alignment 4096 and every bit pattern valid (plain integers).
+        unsafe { vmcb_ptr.write(Vmcb::zeroed()) };
+        let vmcb = NonNull::new(vmcb_ptr).expect("frame allocator never returns 0 (low memory is reserved)");
+        let mut vcpu = SvmVcpu {
+            vmcb,
+            vmcb_pa,
+            npt: Some(npt),
+            guest_ram,
+            ctx: Box::new(SwitchContext {
+                regs: GuestRegisters { rdi: entry.rdi, ..GuestRegisters::default() },
+                guest_vmcb_pa: vmcb_pa,
+                host_vmcb_pa: self.host_vmcb,
+                guest_fx: 0,
+                host_fx: 0,
+            }),
+            guest_fx: Box::new(FxArea::initial()),
+            host_fx: Box::new(FxArea([0; 512])),
+            features: self.features,
+            timer: self.timer,
+            time_slice: None,
+            next_rip: None,
+            last_exit: None,
+            flush_on_entry: true,
+            stats: SwitchStats::default(),
+        };
+        vcpu.ctx.guest_fx = vcpu.guest_fx.0.as_mut_ptr() as u64;
+        vcpu.ctx.host_fx = vcpu.host_fx.0.as_mut_ptr() as u64;
+        vcpu.load_entry_state(asid, self.iopm, self.msrpm, entry);
+        Ok(vcpu)
+    }
+}
+
+/// A 512-byte FXSAVE64 image, 16-byte aligned (APM Vol. 5, FXSAVE).
+#[repr(C, align(16))]
+struct FxArea([u8; 512]);
+
+impl FxArea {
+    /// The state after FNINIT with the SSE defaults: FCW = 0x037F, MXCSR = 0x1F80, all x87
+    /// registers empty (abridged tag 0).
+    fn initial() -> Self {
+        let mut a = [0u8; 512];
+        a[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        a[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
+        Self(a)
+    }
+}
+
+/// What the world-switch assembly reads and writes. The offsets are used by the assembly.
+#[repr(C)]
+struct SwitchContext {
+    regs: GuestRegisters,
+    guest_vmcb_pa: u64,
+    host_vmcb_pa: u64,
+    guest_fx: u64,
+    host_fx: u64,
+}
+
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(SwitchContext, regs) == 0);
+    assert!(offset_of!(GuestRegisters, rbx) == 0x08);
+    assert!(offset_of!(GuestRegisters, rcx) == 0x10);
+    assert!(offset_of!(GuestRegisters, rdx) == 0x18);
+    assert!(offset_of!(GuestRegisters, rsi) == 0x20);
+    assert!(offset_of!(GuestRegisters, rdi) == 0x28);
+    assert!(offset_of!(GuestRegisters, rbp) == 0x30);
+    assert!(offset_of!(GuestRegisters, r8) == 0x38);
+    assert!(offset_of!(GuestRegisters, r15) == 0x70);
+    assert!(offset_of!(SwitchContext, guest_vmcb_pa) == 0x78);
+    assert!(offset_of!(SwitchContext, host_vmcb_pa) == 0x80);
+    assert!(offset_of!(SwitchContext, guest_fx) == 0x88);
+    assert!(offset_of!(SwitchContext, host_fx) == 0x90);
+};
+
+// The world switch (APM Vol. 2 §15.5, §15.5.2 and §15.17):
+// - host FPU/SSE saved, guest FPU/SSE loaded (FXSAVE64/FXRSTOR64; XSAVE is hidden from guests);
+// - CLGI; VMSAVE of the host's FS, GS, TR, LDTR, KernelGsBase, STAR, LSTAR, CSTAR, SFMASK and
+//   SYSENTER MSRs (state VMRUN does not switch); VMLOAD of the guest's;
+// - STI so that, with V_INTR_MASKING, a physical interrupt exits the guest (GIF = 0 holds it
+//   off until VMRUN sets GIF);
+// - guest GPRs loaded (RAX comes from the VMCB), VMRUN;
+// - after #VMEXIT (GIF = 0; RAX, RSP, RFLAGS restored from the host save area) guest GPRs stored,
+//   CLI, VMSAVE of the guest, VMLOAD of the host (TR again points at the host TSS and its IST
+//   stacks), STGI (pending interrupts stay pending: IF = 0), FPU/SSE swapped back.
+core::arch::global_asm!(
+    r#"
+    .section .text.svm_run, "ax"
+    .balign 16
+    .global colo_svm_run
+colo_svm_run:
+    push rbp
+    push rbx
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdi
+    mov rax, [rdi + 0x90]
+    fxsave64 [rax]
+    mov rax, [rdi + 0x88]
+    fxrstor64 [rax]
+    clgi
+    mov rax, [rdi + 0x80]
+    vmsave rax
+    mov rax, [rdi + 0x78]
+    vmload rax
+    sti
+    mov rbx, [rdi + 0x08]
+    mov rcx, [rdi + 0x10]
+    mov rdx, [rdi + 0x18]
+    mov rsi, [rdi + 0x20]
+    mov rbp, [rdi + 0x30]
+    mov r8,  [rdi + 0x38]
+    mov r9,  [rdi + 0x40]
+    mov r10, [rdi + 0x48]
+    mov r11, [rdi + 0x50]
+    mov r12, [rdi + 0x58]
+    mov r13, [rdi + 0x60]
+    mov r14, [rdi + 0x68]
+    mov r15, [rdi + 0x70]
+    mov rdi, [rdi + 0x28]
+    vmrun rax
+    push rdi
+    mov rdi, [rsp + 8]
+    mov [rdi + 0x08], rbx
+    mov [rdi + 0x10], rcx
+    mov [rdi + 0x18], rdx
+    mov [rdi + 0x20], rsi
+    mov [rdi + 0x30], rbp
+    mov [rdi + 0x38], r8
+    mov [rdi + 0x40], r9
+    mov [rdi + 0x48], r10
+    mov [rdi + 0x50], r11
+    mov [rdi + 0x58], r12
+    mov [rdi + 0x60], r13
+    mov [rdi + 0x68], r14
+    mov [rdi + 0x70], r15
+    pop rax
+    mov [rdi + 0x28], rax
+    cli
+    mov rax, [rdi + 0x78]
+    vmsave rax
+    mov rax, [rdi + 0x80]
+    vmload rax
+    stgi
+    mov rax, [rdi + 0x88]
+    fxsave64 [rax]
+    mov rax, [rdi + 0x90]
+    fxrstor64 [rax]
+    pop rdi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+    "#
+);
+
+extern "C" {
+    /// Runs the guest once (see the assembly above). Interrupts must be disabled on entry; they
+    /// are disabled on return.
+    fn colo_svm_run(ctx: *mut SwitchContext);
+}
+
+/// World-switch timings, in host TSC ticks.
+#[derive(Clone, Copy, Debug, Default)]
+struct SwitchStats {
+    runs: u64,
+    /// Sum and minimum of (return from the world switch - call of the world switch), over the
+    /// runs that ended in a VMMCALL: VMRUN, the guest's few instructions up to its next
+    /// VMMCALL, #VMEXIT, and the host state reload.
+    hypercall_runs: u64,
+    hypercall_switch_sum: u64,
+    hypercall_switch_min: u64,
+    /// Host time between a VMMCALL exit and the next entry (handler, decode, bookkeeping).
+    host_side_sum: u64,
+    host_side_min: u64,
+    last_exit_tsc: u64,
+    last_was_hypercall: bool,
+    preemptions: u64,
+}
+
+/// One AMD-V virtual CPU.
+pub struct SvmVcpu {
+    vmcb: NonNull<Vmcb>,
+    vmcb_pa: u64,
+    npt: Option<NestedPageTables>,
+    guest_ram: PhysRange,
+    ctx: Box<SwitchContext>,
+    guest_fx: Box<FxArea>,
+    host_fx: Box<FxArea>,
+    features: SvmFeatures,
+    timer: &'static ApicTimer,
+    time_slice: Option<u64>,
+    /// Where `skip_instruction` moves RIP: known for instruction intercepts.
+    next_rip: Option<u64>,
+    last_exit: Option<VmExit>,
+    flush_on_entry: bool,
+    stats: SwitchStats,
+}
+
+impl fmt::Debug for SvmVcpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SvmVcpu").field("vmcb", &format_args!("{:#x}", self.vmcb_pa)).finish_non_exhaustive()
+    }
+}
+
+impl SvmVcpu {
+    fn vmcb(&self) -> &Vmcb {
+        // SAFETY: `vmcb` points at this vCPU's own VMCB frame (see `create_vcpu`), which lives
+        // until `release`; the processor writes it only inside `colo_svm_run`, while no Rust
+        // reference exists.
+        unsafe { self.vmcb.as_ref() }
+    }
+
+    fn vmcb_mut(&mut self) -> &mut Vmcb {
+        // SAFETY: as in `vmcb`; `&mut self` makes this the only reference.
+        unsafe { self.vmcb.as_mut() }
+    }
+
+    /// Fills the VMCB: intercepts, maps, ASID, nested paging and the boot protocol's entry state
+    /// (APM Vol. 2 §15.5.1 lists the consistency checks VMRUN applies to it).
+    fn load_entry_state(&mut self, asid: u32, iopm: u64, msrpm: u64, entry: &GuestEntryState) {
+        let ncr3 = self.npt.as_ref().map_or(0, |n| n.root());
+        let v = self.vmcb_mut();
+        let c = &mut v.control;
+        // Control registers the host owns: any CR0 or CR4 write exits (without decode assists
+        // the written value is not reported, so the whole write is refused, not just some bits).
+        c.intercept_cr = intercept_cr::WRITE_CR0 | intercept_cr::WRITE_CR4;
+        // #DF: Bochs 2.7 resets the whole machine on a triple fault in an SVM guest instead of
+        // taking the SHUTDOWN intercept, so a guest's double fault ends the guest here, before
+        // the third fault can happen (see `translate_exit`).
+        c.intercept_exceptions = 1 << DOUBLE_FAULT_VECTOR;
+        c.intercept3 = intercept3::INTR
+            | intercept3::CPUID
+            | intercept3::HLT
+            | intercept3::IOIO_PROT
+            | intercept3::MSR_PROT
+            | intercept3::SHUTDOWN
+            | intercept3::RDTSC
+            | intercept3::INVLPGA;
+        c.intercept4 = intercept4::VMRUN
+            | intercept4::VMMCALL
+            | intercept4::VMLOAD
+            | intercept4::VMSAVE
+            | intercept4::STGI
+            | intercept4::CLGI
+            | intercept4::SKINIT
+            | intercept4::RDTSCP
+            | intercept4::XSETBV;
+        c.iopm_base_pa = iopm;
+        c.msrpm_base_pa = msrpm;
+        c.guest_asid = asid;
+        c.tlb_control = tlb_control::DO_NOTHING;
+        c.virtual_interrupt = V_INTR_MASKING;
+        c.nested_control = NP_ENABLE;
+        c.nested_cr3 = ncr3;
+
+        let s = &mut v.save;
+        let data = Segment::new(entry.data_selector, attrib::DATA, 0xFFFF_FFFF, 0);
+        s.cs = Segment::new(entry.code_selector, attrib::CODE64, 0xFFFF_FFFF, 0);
+        (s.ds, s.es, s.ss, s.fs, s.gs) = (data, data, data, data, data);
+        s.gdtr = Segment::new(0, 0, u32::from(entry.gdt_limit), entry.gdt_base);
+        s.idtr = Segment::new(0, 0, 0, 0);
+        s.ldtr = Segment::new(0, 0, 0, 0);
+        s.tr = Segment::new(0, attrib::TSS_BUSY, 0x67, 0);
+        s.cpl = 0;
+        // The APM requires EFER.SVME in the guest's EFER (§15.5.1); reads hide it.
+        s.efer = entry.efer | EFER_SVME;
+        s.cr0 = entry.cr0;
+        s.cr3 = entry.cr3;
+        s.cr4 = entry.cr4;
+        s.dr6 = 0xFFFF_0FF0;
+        s.dr7 = 0x400;
+        s.rflags = entry.rflags;
+        s.rip = entry.rip;
+        s.rsp = entry.rsp;
+        s.rax = 0;
+        s.g_pat = DEFAULT_PAT;
+    }
+
+    /// Reads up to 15 bytes of guest memory at `rip`. Under the boot protocol guest-virtual =
+    /// guest-physical (identity-mapped guest page tables), so RIP is used as a guest-physical
+    /// address; a guest that remapped its code gets a decode error, never a read outside its RAM.
+    fn instruction_bytes(&self, rip: u64) -> ([u8; decode::MAX_INSTRUCTION_LENGTH], usize) {
+        let mut buf = [0u8; decode::MAX_INSTRUCTION_LENGTH];
+        let size = self.guest_ram.len();
+        if rip >= size {
+            return (buf, 0);
+        }
+        let len = (size - rip).min(buf.len() as u64) as usize;
+        let src = (self.guest_ram.start + rip) as *const u8;
+        // SAFETY: `[rip, rip + len)` lies inside guest RAM (checked above), which is host-physical
+        // `guest_ram`, identity-mapped and owned by the runner for the guest's lifetime; the guest
+        // is not running, so nothing writes it concurrently; `buf` has room for `len` bytes.
+        unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), len) };
+        (buf, len)
+    }
+
+    /// The address after the intercepted instruction: NextRIP with NRIPS, else decoded.
+    fn next_rip_for(&self, expected: Instruction) -> Result<u64, decode::DecodeError> {
+        let rip = self.vmcb().save.rip;
+        if self.features.nrips {
+            return Ok(self.vmcb().control.next_rip);
+        }
+        let (bytes, len) = self.instruction_bytes(rip);
+        let decoded = decode::decode_expecting(&bytes[..len], expected)?;
+        Ok(rip.wrapping_add(u64::from(decoded.length)))
+    }
+
+    /// Turns the #VMEXIT in the VMCB into a [`VmExit`], noting where RIP goes on `Advance`.
+    fn translate_exit(&mut self, timer_fired: bool) -> VmExit {
+        let c = &self.vmcb().control;
+        let (code, info1, info2) = (c.exit_code, c.exit_info1, c.exit_info2);
+        let regs = self.ctx.regs;
+        self.next_rip = None;
+        let instruction = match code {
+            exit_code::CPUID => {
+                Some((Instruction::Cpuid, VmExit::Cpuid { leaf: regs.rax as u32, subleaf: regs.rcx as u32 }))
+            }
+            exit_code::MSR if info1 == 0 => Some((Instruction::Rdmsr, VmExit::MsrRead { msr: regs.rcx as u32 })),
+            exit_code::MSR => Some((
+                Instruction::Wrmsr,
+                VmExit::MsrWrite { msr: regs.rcx as u32, value: (regs.rdx << 32) | (regs.rax & 0xFFFF_FFFF) },
+            )),
+            exit_code::HLT => Some((Instruction::Hlt, VmExit::Hlt)),
+            exit_code::VMMCALL => Some((Instruction::Vmmcall, VmExit::Hypercall)),
+            exit_code::RDTSC => Some((Instruction::Rdtsc, VmExit::Rdtsc)),
+            exit_code::XSETBV => Some((Instruction::Xsetbv, VmExit::Xsetbv)),
+            _ => None,
+        };
+        if let Some((insn, exit)) = instruction {
+            return match self.next_rip_for(insn) {
+                Ok(next) => {
+                    self.next_rip = Some(next);
+                    exit
+                }
+                Err(e) => {
+                    log::warn!(
+                        "AMD-V: cannot find the length of the {} at guest RIP {:#x} (no NRIPS): {e}",
+                        insn.name(),
+                        self.vmcb().save.rip
+                    );
+                    VmExit::Unhandled { reason: code as u32 }
+                }
+            };
+        }
+        match code {
+            exit_code::IOIO => {
+                // EXITINFO2 holds the address of the next instruction for IOIO (§15.10.2).
+                self.next_rip = Some(info2);
+                let io = IoExitInfo::from_exit_info1(info1);
+                VmExit::Io { port: io.port, size: io.size, write: io.write, string: io.string }
+            }
+            exit_code::NPF => {
+                if info1 & npf_info::RESERVED != 0 {
+                    VmExit::NestedPageMisconfig { gpa: info2 }
+                } else {
+                    let access = if info1 & npf_info::FETCH != 0 {
+                        MemoryAccess::Execute
+                    } else if info1 & npf_info::WRITE != 0 {
+                        MemoryAccess::Write
+                    } else {
+                        MemoryAccess::Read
+                    };
+                    VmExit::NestedPageFault { gpa: info2, access }
+                }
+            }
+            exit_code::SHUTDOWN => VmExit::TripleFault,
+            c if c == exit_code::EXCEPTION_BASE + u64::from(DOUBLE_FAULT_VECTOR) => {
+                log::warn!(
+                    "AMD-V: guest double fault at RIP {:#x} (intercepted #DF, error code {:#x}): ended as a \
+                     triple fault",
+                    self.vmcb().save.rip,
+                    info1
+                );
+                VmExit::TripleFault
+            }
+            exit_code::WRITE_CR0..=exit_code::WRITE_CR15 => {
+                VmExit::ControlRegisterAccess { cr: (code - exit_code::WRITE_CR0) as u8 }
+            }
+            exit_code::INTR if timer_fired => VmExit::PreemptionTimer,
+            exit_code::INTR => VmExit::ExternalInterrupt { vector: None },
+            exit_code::VMRUN
+            | exit_code::VMLOAD
+            | exit_code::VMSAVE
+            | exit_code::STGI
+            | exit_code::CLGI
+            | exit_code::SKINIT
+            | exit_code::INVLPGA => VmExit::VirtualizationInstruction,
+            exit_code::INVALID => VmExit::EntryFailed { reason: code as u32, qualification: info1 },
+            _ => VmExit::Unhandled { reason: code as u32 },
+        }
+    }
+
+    /// Nested-page dirty bits: calls `f(gpa, bytes)` for each dirty leaf and clears it when
+    /// `clear` (the next VMRUN then flushes this guest's TLB entries). Returns the dirty count.
+    pub fn scan_dirty(&mut self, clear: bool, f: &mut dyn FnMut(u64, u64)) -> u64 {
+        let Some(npt) = &self.npt else { return 0 };
+        let n = npt.scan_dirty(&mut ExistingTables, clear, f);
+        if clear && n > 0 {
+            self.flush_on_entry = true;
+        }
+        n
+    }
+
+    /// The nested page tables' root (nCR3).
+    pub fn nested_cr3(&self) -> u64 {
+        self.vmcb().control.nested_cr3
+    }
+
+    fn log_stats(&self) {
+        let s = &self.stats;
+        if s.hypercall_runs == 0 {
+            log::info!("AMD-V vCPU: {} VMRUNs, {} preemptions", s.runs, s.preemptions);
+            return;
+        }
+        log::info!(
+            "AMD-V vCPU: {} VMRUNs, {} preemptions; VMMCALL round trip (host TSC ticks): world switch \
+             min {} mean {}, host-side handling min {} (mean {}, BlockUntil waits included)",
+            s.runs,
+            s.preemptions,
+            s.hypercall_switch_min,
+            s.hypercall_switch_sum / s.hypercall_runs,
+            s.host_side_min,
+            s.host_side_sum / s.hypercall_runs.max(1)
+        );
+    }
+}
+
+impl Vcpu for SvmVcpu {
+    fn run(&mut self) -> Result<VmExit, VcpuError> {
+        let ticks_before = timer::ticks();
+        let rax = self.ctx.regs.rax;
+        let flush = if self.flush_on_entry {
+            self.flush_on_entry = false;
+            if self.features.flush_by_asid {
+                tlb_control::FLUSH_GUEST
+            } else {
+                tlb_control::FLUSH_ALL
+            }
+        } else {
+            tlb_control::DO_NOTHING
+        };
+        {
+            let v = self.vmcb_mut();
+            v.save.rax = rax;
+            v.control.tlb_control = flush;
+            // An event whose delivery an intercept interrupted is delivered again (§15.7.2),
+            // unless the handler queued its own.
+            let pending = v.control.exit_int_info;
+            if v.control.event_injection & EVENTINJ_VALID == 0 && pending & EVENTINJ_VALID != 0 {
+                v.control.event_injection = pending;
+            }
+            v.control.exit_int_info = 0;
+        }
+        if let Some(slice) = self.time_slice {
+            self.timer.arm(slice);
+        }
+        let start = crate::host::time::rdtsc();
+        if self.stats.last_was_hypercall {
+            let host_side = start.wrapping_sub(self.stats.last_exit_tsc);
+            self.stats.host_side_sum += host_side;
+            self.stats.host_side_min =
+                if self.stats.host_side_min == 0 { host_side } else { self.stats.host_side_min.min(host_side) };
+        }
+        let ctx: *mut SwitchContext = &mut *self.ctx;
+        // SAFETY: interrupts are disabled (the hypervisor never enables them outside `drain`);
+        // EFER.SVME and VM_HSAVE_PA are set (`SvmBackend::enable`); the VMCB at
+        // `ctx.guest_vmcb_pa` passed VMRUN's checks by construction (`load_entry_state`) or
+        // reports VMEXIT_INVALID; the host VMCB and both FXSAVE areas are this vCPU's, 4 KiB
+        // and 16-byte aligned. The assembly preserves the callee-saved registers and the host's
+        // FS/GS/TR/LDTR/syscall MSRs and FPU/SSE state.
+        unsafe { colo_svm_run(ctx) };
+        let end = crate::host::time::rdtsc();
+        self.timer.disarm();
+        let ticks_after = ApicTimer::drain();
+        let timer_fired = ticks_after != ticks_before;
+
+        let v = self.vmcb_mut();
+        v.control.event_injection = 0;
+        v.control.tlb_control = tlb_control::DO_NOTHING;
+        let guest_rax = v.save.rax;
+        self.ctx.regs.rax = guest_rax;
+        let exit = self.translate_exit(timer_fired);
+        self.last_exit = Some(exit);
+
+        let s = &mut self.stats;
+        s.runs += 1;
+        s.last_exit_tsc = end;
+        s.last_was_hypercall = exit == VmExit::Hypercall;
+        if exit == VmExit::PreemptionTimer {
+            s.preemptions += 1;
+        }
+        if s.last_was_hypercall {
+            let switch = end.wrapping_sub(start);
+            s.hypercall_runs += 1;
+            s.hypercall_switch_sum += switch;
+            s.hypercall_switch_min =
+                if s.hypercall_switch_min == 0 { switch } else { s.hypercall_switch_min.min(switch) };
+        }
+        Ok(exit)
+    }
+
+    fn registers(&mut self) -> &mut GuestRegisters {
+        &mut self.ctx.regs
+    }
+
+    fn rip(&self) -> u64 {
+        self.vmcb().save.rip
+    }
+
+    fn rflags(&self) -> u64 {
+        self.vmcb().save.rflags
+    }
+
+    fn skip_instruction(&mut self) {
+        match self.next_rip.take() {
+            Some(next) => {
+                let v = self.vmcb_mut();
+                v.save.rip = next;
+                // The instruction completed: an STI/MOV SS shadow before it no longer applies.
+                v.control.interrupt_shadow &= !1;
+            }
+            None => {
+                log::warn!("AMD-V: skip_instruction after an exit that was not an instruction ({:?})", self.last_exit)
+            }
+        }
+    }
+
+    fn inject(&mut self, exception: Exception) {
+        let mut event = u64::from(exception.vector) | EVENTINJ_TYPE_EXCEPTION | EVENTINJ_VALID;
+        if let Some(code) = exception.error_code {
+            event |= EVENTINJ_EV | (u64::from(code) << 32);
+        }
+        self.vmcb_mut().control.event_injection = event;
+    }
+
+    fn hardware_msr(&self, msr: HardwareMsr) -> u64 {
+        let s = &self.vmcb().save;
+        match msr {
+            HardwareMsr::Efer => s.efer & !EFER_SVME,
+            HardwareMsr::FsBase => s.fs.base,
+            HardwareMsr::GsBase => s.gs.base,
+            HardwareMsr::Pat => s.g_pat,
+        }
+    }
+
+    fn set_hardware_msr(&mut self, msr: HardwareMsr, value: u64) {
+        let s = &mut self.vmcb_mut().save;
+        match msr {
+            HardwareMsr::Efer => s.efer = value | EFER_SVME,
+            HardwareMsr::FsBase => s.fs.base = value,
+            HardwareMsr::GsBase => s.gs.base = value,
+            HardwareMsr::Pat => s.g_pat = value,
+        }
+    }
+
+    fn set_time_slice(&mut self, tsc_ticks: u64) {
+        self.time_slice = Some(tsc_ticks);
+    }
+
+    fn hypercall_insn(&self) -> HypercallInsn {
+        HypercallInsn::Vmmcall
+    }
+
+    fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+        let v = self.vmcb();
+        let (c, s, r) = (&v.control, &v.save, &self.ctx.regs);
+        writeln!(out, "AMD-V vCPU, VMCB at {:#x}, ASID {}", self.vmcb_pa, c.guest_asid)?;
+        writeln!(
+            out,
+            "  exit code {:#x} info1 {:#x} info2 {:#x} exitintinfo {:#x} next_rip {:#x}",
+            c.exit_code, c.exit_info1, c.exit_info2, c.exit_int_info, c.next_rip
+        )?;
+        writeln!(out, "  guest RIP={:#018x} RSP={:#018x} RFLAGS={:#018x} CPL={}", s.rip, s.rsp, s.rflags, s.cpl)?;
+        writeln!(out, "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}", r.rax, r.rbx, r.rcx, r.rdx)?;
+        writeln!(out, "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}", r.rsi, r.rdi, r.rbp, r.r8)?;
+        writeln!(out, "  r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}", r.r9, r.r10, r.r11, r.r12)?;
+        writeln!(out, "  r13={:#018x} r14={:#018x} r15={:#018x}", r.r13, r.r14, r.r15)?;
+        writeln!(
+            out,
+            "  cr0={:#018x} cr2={:#018x} cr3={:#018x} cr4={:#018x} efer={:#018x}",
+            s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        )?;
+        for (name, seg) in [("cs", s.cs), ("ss", s.ss), ("ds", s.ds), ("tr", s.tr), ("gdtr", s.gdtr), ("idtr", s.idtr)]
+        {
+            writeln!(
+                out,
+                "  {name:4} sel={:#06x} attrib={:#05x} limit={:#010x} base={:#018x}",
+                seg.selector, seg.attrib, seg.limit, seg.base
+            )?;
+        }
+        writeln!(out, "  nCR3={:#x} guest RAM {:#x}..{:#x}", c.nested_cr3, self.guest_ram.start, self.guest_ram.end)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "AMD-V"
+    }
+
+    fn release(&mut self, frames: &mut FrameAllocator) {
+        self.log_stats();
+        if let Some(npt) = self.npt.take() {
+            for &pa in npt.table_frames() {
+                if let Err(e) = frames.free(PhysRange::new(pa, PAGE_SIZE)) {
+                    log::warn!("AMD-V: freeing nested table frame {pa:#x}: {e}");
+                }
+            }
+        }
+        if self.vmcb_pa != 0 {
+            if let Err(e) = frames.free(PhysRange::new(self.vmcb_pa, PAGE_SIZE)) {
+                log::warn!("AMD-V: freeing the VMCB frame {:#x}: {e}", self.vmcb_pa);
+            }
+            // The frame is gone: the vCPU must not run again (the trait's contract), and its
+            // VMCB pointer now dangles, so make any use fail loudly.
+            self.vmcb_pa = 0;
+            self.ctx.guest_vmcb_pa = 0;
+        }
+    }
+}

@@ -9,10 +9,11 @@ use core::fmt::Write;
 use crate::backend::{Backend, BackendError};
 use crate::guest::boot::{self, BootError, BootParams};
 use crate::guest::elf::{ElfError, GuestImage};
+use crate::guest::GuestMemory;
 use crate::guest::{GuestRam, MemoryError};
 use crate::host::{cpu, serial, time};
 use crate::kernel::BootModule;
-use crate::memory::{FrameAllocator, FrameError};
+use crate::memory::{FrameAllocator, FrameError, PhysRange};
 use crate::vcpu::cpuid::CpuidValues;
 use crate::vcpu::handler::{ExitHandler, HostServices};
 use crate::vcpu::{Decision, GuestEnd, Vcpu, VcpuError, VmExit};
@@ -59,35 +60,20 @@ impl core::fmt::Display for StartError {
 pub struct GuestReport {
     /// How it ended.
     pub end: GuestEnd,
-    /// Its exit counters, refusals and timings.
-    pub handler: ExitHandler,
     /// Guest clock ticks it ran for.
     pub ticks: u64,
-    /// Host TSC cycles from entry to exit for hypercall exits: (min, sum, count).
-    pub hypercall_cycles: (u64, u64, u64),
 }
 
 /// Runs every guest module in order. The hypervisor survives whatever a guest does.
 pub fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &[BootModule<'_>], guest_mem: u64) {
     for module in modules.iter().filter(|m| m.cmdline.starts_with(GUEST_PREFIX)) {
-        let name = module.cmdline.split_ascii_whitespace().next().unwrap_or(module.cmdline);
+        let name = guest_name(module);
         log::info!("starting guest `{name}` on {} ({} MiB RAM)", backend.name(), guest_mem >> 20);
-        match run_guest(backend, frames, module, name, guest_mem) {
-            Ok(report) => {
-                let (min, sum, count) = report.hypercall_cycles;
-                log::info!(
-                    "guest `{name}` {} after {} ticks; exits: {}; refused hypercalls: {}; ignored port I/O: {}",
-                    report.end,
-                    report.ticks,
-                    report.handler.counters,
-                    report.handler.refused_hypercalls,
-                    report.handler.ignored_port_io
-                );
-                if let Some(mean) = sum.checked_div(count) {
-                    log::info!(
-                        "guest `{name}` hypercall round trip (entry to exit, host TSC cycles): min {min}, mean {mean}"
-                    );
-                }
+        match Guest::create(backend, frames, module, guest_mem) {
+            Ok(mut guest) => {
+                let end = guest.run_to_end();
+                guest.report(&end);
+                guest.destroy(frames);
             }
             Err(e) => log::error!("guest `{name}` not started: {e}"),
         }
@@ -95,116 +81,200 @@ pub fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &
     }
 }
 
-fn run_guest(
-    backend: &mut Backend,
-    frames: &mut FrameAllocator,
-    module: &BootModule<'_>,
-    name: &str,
-    guest_mem: u64,
-) -> Result<GuestReport, StartError> {
-    let ram = frames.allocate(guest_mem, 2 << 20).map_err(StartError::Memory)?;
-    // SAFETY: the range was just taken from the frame allocator, so nothing else uses it; it is
-    // identity-mapped and writable. It is given back below before this function returns.
-    let bytes = unsafe { core::slice::from_raw_parts_mut(ram.start as *mut u8, ram.len() as usize) };
-    bytes.fill(0);
-    let result = start_and_run(backend, frames, module, name, GuestRam::new(bytes), ram);
-    if let Err(e) = frames.free(ram) {
-        log::error!("freeing guest RAM of `{name}`: {e}");
-    }
-    result
+/// A guest's name: the first word of its module line.
+pub fn guest_name<'a>(module: &BootModule<'a>) -> &'a str {
+    module.cmdline.split_ascii_whitespace().next().unwrap_or(module.cmdline)
 }
 
-fn start_and_run(
-    backend: &mut Backend,
-    frames: &mut FrameAllocator,
-    module: &BootModule<'_>,
-    name: &str,
-    mut mem: GuestRam<'_>,
-    ram: crate::memory::PhysRange,
-) -> Result<GuestReport, StartError> {
-    // SAFETY: the boot loader placed the module at this range, reserved from the allocator and
-    // identity-mapped; nothing writes it.
-    let image_bytes =
-        unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) };
-    let image = GuestImage::parse(image_bytes, ram.len()).map_err(StartError::Image)?;
-    image.load(&mut mem).map_err(StartError::Load)?;
-    let params = BootParams {
-        entry: image.entry,
-        cmdline: module.cmdline,
-        hypercall_insn: backend.hypercall_insn(),
-        ticks_per_second: TICKS_PER_SECOND,
-    };
-    let entry = boot::prepare(&mut mem, &params).map_err(StartError::Boot)?;
-    let mut vcpu = backend.create_vcpu(frames, ram, &entry).map_err(StartError::Backend)?;
-    let time_limit_ms = module
-        .cmdline
-        .split_ascii_whitespace()
-        .find_map(|w| w.strip_prefix("time_limit_ms=")?.parse().ok())
-        .unwrap_or(DEFAULT_TIME_LIMIT_MS);
-    let report = run_vcpu(vcpu.as_mut(), &mut mem, name, time_limit_ms * TICKS_PER_SECOND / 1000);
-    vcpu.release(frames);
-    Ok(report)
-}
-
-/// The guest clock: ticks since the guest started.
-struct GuestClock {
-    start: u64,
+/// The guest clock: ticks since the guest started, continuing from `base` (a restored guest
+/// keeps its own time).
+#[derive(Clone, Copy, Debug)]
+pub struct GuestClock {
+    started_tsc: u64,
+    base: u64,
     tsc_per_tick: u64,
 }
 
 impl GuestClock {
-    fn start() -> Self {
-        Self { start: time::rdtsc(), tsc_per_tick: (time::tsc_per_ms() * 1000 / TICKS_PER_SECOND).max(1) }
+    /// A clock reading `base` ticks now.
+    pub fn starting_at(base: u64) -> Self {
+        Self { started_tsc: time::rdtsc(), base, tsc_per_tick: (time::tsc_per_ms() * 1000 / TICKS_PER_SECOND).max(1) }
     }
 
-    fn ticks(&self) -> u64 {
-        (time::rdtsc() - self.start) / self.tsc_per_tick
+    /// Ticks now.
+    pub fn ticks(&self) -> u64 {
+        self.base + (time::rdtsc() - self.started_tsc) / self.tsc_per_tick
     }
+}
+
+/// One running guest: its RAM, its vCPU, its exit handler and its clock.
+pub struct Guest {
+    /// Its name (first word of the module line).
+    pub name: alloc::string::String,
+    /// Host-physical RAM, mapped at guest-physical 0.
+    pub ram: PhysRange,
+    /// Its vCPU.
+    pub vcpu: alloc::boxed::Box<dyn Vcpu>,
+    /// Its exit handler (console, MSRs, counters).
+    pub handler: ExitHandler,
+    /// Its clock.
+    pub clock: GuestClock,
+    /// Host TSC cycles from entry to exit for hypercall exits: (min, sum, count).
+    pub hypercall_cycles: (u64, u64, u64),
+}
+
+impl core::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Guest").field("name", &self.name).field("ram", &self.ram).finish_non_exhaustive()
+    }
+}
+
+impl Guest {
+    /// Allocates RAM, loads the module's ELF image, writes the boot structures and makes a vCPU.
+    pub fn create(
+        backend: &mut Backend,
+        frames: &mut FrameAllocator,
+        module: &BootModule<'_>,
+        guest_mem: u64,
+    ) -> Result<Self, StartError> {
+        let ram = frames.allocate(guest_mem, 2 << 20).map_err(StartError::Memory)?;
+        let result = Self::load(backend, frames, module, ram);
+        if result.is_err() {
+            if let Err(e) = frames.free(ram) {
+                log::error!("freeing guest RAM: {e}");
+            }
+        }
+        result
+    }
+
+    fn load(
+        backend: &mut Backend,
+        frames: &mut FrameAllocator,
+        module: &BootModule<'_>,
+        ram: PhysRange,
+    ) -> Result<Self, StartError> {
+        let mut mem = ram_of(ram);
+        mem.slice_mut(0, ram.len()).map_err(StartError::Load)?.fill(0);
+        // SAFETY: the boot loader placed the module at this range, reserved from the allocator
+        // and identity-mapped; nothing writes it.
+        let image_bytes =
+            unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) };
+        let image = GuestImage::parse(image_bytes, ram.len()).map_err(StartError::Image)?;
+        image.load(&mut mem).map_err(StartError::Load)?;
+        let params = BootParams {
+            entry: image.entry,
+            cmdline: module.cmdline,
+            hypercall_insn: backend.hypercall_insn(),
+            ticks_per_second: TICKS_PER_SECOND,
+        };
+        let entry = boot::prepare(&mut mem, &params).map_err(StartError::Boot)?;
+        let vcpu = backend.create_vcpu(frames, ram, &entry).map_err(StartError::Backend)?;
+        let time_limit_ms = module
+            .cmdline
+            .split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix("time_limit_ms=")?.parse().ok())
+            .unwrap_or(DEFAULT_TIME_LIMIT_MS);
+        Ok(Self {
+            name: guest_name(module).into(),
+            ram,
+            vcpu,
+            handler: ExitHandler::new(time_limit_ms * TICKS_PER_SECOND / 1000),
+            clock: GuestClock::starting_at(0),
+            hypercall_cycles: (u64::MAX, 0, 0),
+        })
+    }
+
+    /// The guest's RAM.
+    pub fn memory(&mut self) -> GuestRam<'_> {
+        ram_of(self.ram)
+    }
+
+    /// Runs until the guest ends.
+    pub fn run_to_end(&mut self) -> GuestEnd {
+        loop {
+            if let Some(end) = self.step() {
+                return end;
+            }
+        }
+    }
+
+    /// Enters the guest once, handles the exit and applies the decision; `Some` when it ended.
+    pub fn step(&mut self) -> Option<GuestEnd> {
+        if let Some(end) = self.handler.check_time_limit(self.clock.ticks()) {
+            return Some(self.finish(end));
+        }
+        self.vcpu.set_time_slice(TIME_SLICE_MS * time::tsc_per_ms());
+        let entered = time::rdtsc();
+        let exit = match self.vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) => {
+                report_vcpu(self.vcpu.as_ref(), &self.name, &e);
+                return Some(self.finish(GuestEnd::EntryFailed { reason: 0, qualification: entry_error_code(&e) }));
+            }
+        };
+        if exit == VmExit::Hypercall {
+            let cycles = time::rdtsc() - entered;
+            let (min, sum, count) = self.hypercall_cycles;
+            self.hypercall_cycles = (min.min(cycles), sum + cycles, count + 1);
+        }
+        let name = self.name.as_str();
+        let mut console = |line: &str| serial::write_fmt(format_args!("[{name}] {line}\n"));
+        let mut host = HostServices { now_ticks: self.clock.ticks(), cpuid: &host_cpuid, console_line: &mut console };
+        let mut mem = ram_of(self.ram);
+        let decision = self.handler.handle(&exit, self.vcpu.as_mut(), &mut mem, &mut host);
+        if let Decision::End(end) = decision {
+            if matches!(end, GuestEnd::Unsupported { .. } | GuestEnd::EntryFailed { .. }) {
+                report_vcpu(self.vcpu.as_ref(), &self.name, &end);
+            }
+            return Some(self.finish(end));
+        }
+        apply(self.vcpu.as_mut(), decision, &self.clock);
+        None
+    }
+
+    fn finish(&mut self, end: GuestEnd) -> GuestEnd {
+        let name = self.name.as_str();
+        self.handler.flush_console(&mut |line: &str| serial::write_fmt(format_args!("[{name}] {line}\n")));
+        end
+    }
+
+    /// Logs how the guest ended, with its exit counters and hypercall timing.
+    pub fn report(&self, end: &GuestEnd) {
+        let name = &self.name;
+        log::info!(
+            "guest `{name}` {end} after {} ticks; exits: {}; refused hypercalls: {}; ignored port I/O: {}",
+            self.clock.ticks(),
+            self.handler.counters,
+            self.handler.refused_hypercalls,
+            self.handler.ignored_port_io
+        );
+        let (min, sum, count) = self.hypercall_cycles;
+        if let Some(mean) = sum.checked_div(count) {
+            log::info!("guest `{name}` hypercall round trip (entry to exit, host TSC cycles): min {min}, mean {mean}");
+        }
+    }
+
+    /// Gives back the vCPU's structures and the guest's RAM.
+    pub fn destroy(mut self, frames: &mut FrameAllocator) {
+        self.vcpu.release(frames);
+        if let Err(e) = frames.free(self.ram) {
+            log::error!("freeing guest RAM of `{}`: {e}", self.name);
+        }
+    }
+}
+
+/// Guest RAM at host-physical `ram` as a bounds-checked slice.
+fn ram_of(ram: PhysRange) -> GuestRam<'static> {
+    // SAFETY: `ram` was taken from the frame allocator for one guest and is identity-mapped and
+    // writable; it is freed only by `Guest::destroy`/`create`'s error path, after which no
+    // `GuestRam` over it is used. Only the hypervisor's single CPU touches it while the guest is
+    // not running.
+    GuestRam::new(unsafe { core::slice::from_raw_parts_mut(ram.start as *mut u8, ram.len() as usize) })
 }
 
 fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidValues {
     let r = cpu::cpuid(leaf, subleaf);
     CpuidValues { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
-}
-
-fn run_vcpu(vcpu: &mut dyn Vcpu, mem: &mut GuestRam<'_>, name: &str, time_limit_ticks: u64) -> GuestReport {
-    let mut handler = ExitHandler::new(time_limit_ticks);
-    let clock = GuestClock::start();
-    let slice = TIME_SLICE_MS * time::tsc_per_ms();
-    let mut console = |line: &str| serial::write_fmt(format_args!("[{name}] {line}\n"));
-    let mut hypercall_cycles = (u64::MAX, 0, 0);
-    let end = loop {
-        if let Some(end) = handler.check_time_limit(clock.ticks()) {
-            break end;
-        }
-        vcpu.set_time_slice(slice);
-        let entered = time::rdtsc();
-        let exit = match vcpu.run() {
-            Ok(exit) => exit,
-            Err(e) => {
-                report_vcpu(vcpu, name, &e);
-                break GuestEnd::EntryFailed { reason: 0, qualification: entry_error_code(&e) };
-            }
-        };
-        if exit == VmExit::Hypercall {
-            let cycles = time::rdtsc() - entered;
-            hypercall_cycles = (hypercall_cycles.0.min(cycles), hypercall_cycles.1 + cycles, hypercall_cycles.2 + 1);
-        }
-        let mut host = HostServices { now_ticks: clock.ticks(), cpuid: &host_cpuid, console_line: &mut console };
-        let decision = handler.handle(&exit, vcpu, mem, &mut host);
-        if let Decision::End(end) = decision {
-            if matches!(end, GuestEnd::Unsupported { .. } | GuestEnd::EntryFailed { .. }) {
-                report_vcpu(vcpu, name, &end);
-            }
-            break end;
-        }
-        apply(vcpu, decision, &clock);
-    };
-    handler.flush_console(&mut console);
-    if hypercall_cycles.2 == 0 {
-        hypercall_cycles.0 = 0;
-    }
-    GuestReport { end, handler, ticks: clock.ticks(), hypercall_cycles }
 }
 
 /// Applies a non-ending decision. The only place RIP is advanced.
@@ -220,7 +290,7 @@ fn apply(vcpu: &mut dyn Vcpu, decision: Decision, clock: &GuestClock) {
             vcpu.registers().rax = clock.ticks();
         }
         Decision::Inject(exception) => vcpu.inject(exception),
-        Decision::End(_) => unreachable!("the run loop handles End before apply"),
+        Decision::End(_) => unreachable!("Guest::step handles End before apply"),
     }
 }
 

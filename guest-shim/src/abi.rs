@@ -85,6 +85,21 @@ pub enum Hypercall {
     Shutdown = 4,
     /// Report a guest panic: RDI = address, RSI = length of the message. Ends the guest.
     Panic = 5,
+    /// Attach the paravirtual NIC: RDI = guest-physical address of the RX ring, RSI = of the TX
+    /// ring (each a [`PvRingHeader`] followed by its descriptors). Returns the guest's MAC
+    /// address (the hypervisor assigns it) in the low 48 bits, first octet lowest.
+    NetAttach = 6,
+    /// The NIC doorbell: the hypervisor sends what the TX ring holds and fills posted RX buffers.
+    /// Returns the number of frames sent.
+    NetNotify = 7,
+    /// The paravirtual block device's size in bytes (a multiple of [`BLOCK_SECTOR_SIZE`]).
+    BlockInfo = 8,
+    /// One block request: RDI = guest-physical address of a [`PvBlockRequest`]. Returns the
+    /// bytes transferred; the request's `status` is written as well.
+    BlockRequest = 9,
+    /// Test aid: records mark RDI for the hypervisor's self-test scenarios (dirty-page counts,
+    /// snapshot points). Writes nothing to guest memory. Returns 0.
+    TestMark = 0x100,
 }
 
 impl Hypercall {
@@ -96,6 +111,11 @@ impl Hypercall {
             3 => Self::BlockUntil,
             4 => Self::Shutdown,
             5 => Self::Panic,
+            6 => Self::NetAttach,
+            7 => Self::NetNotify,
+            8 => Self::BlockInfo,
+            9 => Self::BlockRequest,
+            0x100 => Self::TestMark,
             _ => return None,
         })
     }
@@ -113,6 +133,10 @@ pub enum HypercallError {
     TooLong = 3,
     /// An argument has a value the hypercall does not accept.
     InvalidArgument = 4,
+    /// The guest has no such device (no `mac=`/`disk=` on its module line, or not attached).
+    NoDevice = 5,
+    /// The device refused the request (see its counters).
+    DeviceError = 6,
 }
 
 impl HypercallError {
@@ -131,6 +155,8 @@ impl HypercallError {
             2 => Some(Self::BadAddress),
             3 => Some(Self::TooLong),
             4 => Some(Self::InvalidArgument),
+            5 => Some(Self::NoDevice),
+            6 => Some(Self::DeviceError),
             _ => None,
         })
     }
@@ -138,6 +164,119 @@ impl HypercallError {
 
 /// Longest console write in one hypercall.
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Paravirtual NIC
+//
+// Two rings in guest memory, each a `PvRingHeader` followed by `entries` `PvDesc`s (the whole
+// ring inside guest RAM, `entries` a power of two up to `PV_RING_MAX_ENTRIES`). Indices are
+// free-running u32 counters; slot = index % entries.
+//
+// TX: the guest writes `desc[producer % entries] = { addr, len }` (one whole Ethernet frame,
+// without FCS, `PV_FRAME_MIN..=PV_FRAME_MAX` bytes) and increments `producer`, then rings
+// `NetNotify`. The hypervisor sends each frame and advances `consumer`; the buffer may be reused
+// once `consumer` has passed it. A rejected descriptor is consumed too, with `flags = PV_DESC_ERROR`.
+//
+// RX: the guest posts empty buffers: `desc[producer % entries] = { addr, len = capacity }`,
+// then increments `producer`. The hypervisor fills the buffer at `consumer`, sets `len` to the
+// frame length and `flags = PV_DESC_DONE` (or `PV_DESC_ERROR` when the buffer was refused), and
+// advances `consumer`; a frame that arrives while the guest is blocked in `BlockUntil` wakes it.
+//
+// The hypervisor validates everything on every use: a header whose `producer - consumer`
+// exceeds `entries`, a descriptor outside guest RAM and a frame or buffer of a bad size are
+// refused and counted, never trusted.
+// ---------------------------------------------------------------------------------------------
+
+/// "PVRING01" in little-endian: [`PvRingHeader::magic`].
+pub const PV_RING_MAGIC: u64 = u64::from_le_bytes(*b"PVRING01");
+/// Most descriptors in one ring.
+pub const PV_RING_MAX_ENTRIES: u32 = 1024;
+/// Longest frame (Ethernet header + 1500-byte payload, no FCS).
+pub const PV_FRAME_MAX: u32 = 1514;
+/// Shortest frame (an Ethernet header).
+pub const PV_FRAME_MIN: u32 = 14;
+/// Descriptor flag: the hypervisor completed it.
+pub const PV_DESC_DONE: u16 = 1;
+/// Descriptor flag: the hypervisor refused it (bad address or size).
+pub const PV_DESC_ERROR: u16 = 2;
+
+/// The header at the start of each ring.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct PvRingHeader {
+    /// [`PV_RING_MAGIC`].
+    pub magic: u64,
+    /// Descriptors after the header (a power of two, at most [`PV_RING_MAX_ENTRIES`]).
+    pub entries: u32,
+    /// Written by the guest: descriptors made available.
+    pub producer: u32,
+    /// Written by the hypervisor: descriptors completed.
+    pub consumer: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PvRingHeader>() == 24);
+
+/// One descriptor: a guest-physical buffer.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct PvDesc {
+    /// Guest-physical address of the buffer.
+    pub addr: u64,
+    /// TX: the frame length; RX: the buffer capacity when posted, the frame length when done.
+    pub len: u32,
+    /// [`PV_DESC_DONE`] / [`PV_DESC_ERROR`] (written by the hypervisor).
+    pub flags: u16,
+    /// Reserved, zero.
+    pub reserved: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<PvDesc>() == 16);
+
+/// Bytes a ring with `entries` descriptors occupies.
+pub const fn pv_ring_bytes(entries: u32) -> u64 {
+    core::mem::size_of::<PvRingHeader>() as u64 + entries as u64 * core::mem::size_of::<PvDesc>() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paravirtual block device: synchronous requests. The guest fills a `PvBlockRequest` and makes
+// the `BlockRequest` hypercall; the hypervisor validates the operation, the sector range against
+// the disk and the buffer against guest RAM, moves the bytes, and writes `status`.
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes per sector.
+pub const BLOCK_SECTOR_SIZE: u64 = 512;
+/// Most bytes in one request.
+pub const BLOCK_REQUEST_MAX: u64 = 1 << 20;
+/// [`PvBlockRequest::op`]: read sectors into the buffer.
+pub const BLOCK_OP_READ: u32 = 1;
+/// [`PvBlockRequest::op`]: write the buffer to sectors.
+pub const BLOCK_OP_WRITE: u32 = 2;
+/// [`PvBlockRequest::op`]: make earlier writes durable (a no-op for RAM, a barrier for replication).
+pub const BLOCK_OP_FLUSH: u32 = 3;
+/// [`PvBlockRequest::status`]: done.
+pub const BLOCK_STATUS_OK: u32 = 0;
+/// [`PvBlockRequest::status`]: refused (bad operation, range or buffer).
+pub const BLOCK_STATUS_ERROR: u32 = 1;
+
+/// One block request in guest memory.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct PvBlockRequest {
+    /// `BLOCK_OP_*`.
+    pub op: u32,
+    /// Written by the hypervisor: `BLOCK_STATUS_*`.
+    pub status: u32,
+    /// First sector.
+    pub sector: u64,
+    /// Bytes (a multiple of [`BLOCK_SECTOR_SIZE`], at most [`BLOCK_REQUEST_MAX`]).
+    pub len: u64,
+    /// Guest-physical address of the buffer.
+    pub addr: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<PvBlockRequest>() == 32);
 
 #[cfg(test)]
 mod tests {
@@ -150,6 +289,8 @@ mod tests {
             HypercallError::BadAddress,
             HypercallError::TooLong,
             HypercallError::InvalidArgument,
+            HypercallError::NoDevice,
+            HypercallError::DeviceError,
         ] {
             assert_eq!(HypercallError::from_rax(e.to_rax()), Err(Some(e)));
         }
@@ -159,9 +300,17 @@ mod tests {
 
     #[test]
     fn numbers_round_trip() {
-        for h in
-            [Hypercall::ConsoleWrite, Hypercall::ClockNow, Hypercall::BlockUntil, Hypercall::Shutdown, Hypercall::Panic]
-        {
+        for h in [
+            Hypercall::ConsoleWrite,
+            Hypercall::ClockNow,
+            Hypercall::BlockUntil,
+            Hypercall::Shutdown,
+            Hypercall::Panic,
+            Hypercall::NetAttach,
+            Hypercall::NetNotify,
+            Hypercall::BlockInfo,
+            Hypercall::BlockRequest,
+        ] {
             assert_eq!(Hypercall::from_number(h as u64), Some(h));
         }
         assert_eq!(Hypercall::from_number(0), None);

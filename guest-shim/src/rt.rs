@@ -34,6 +34,8 @@ guest_stack_top:
 /// Public so hand-written assembly can test it.
 pub static HYPERCALL_INSN: AtomicU32 = AtomicU32::new(HypercallInsn::Vmcall as u32);
 static TICKS_PER_SECOND: AtomicU64 = AtomicU64::new(1000);
+/// Bytes of guest RAM (from the boot info); the heap takes its upper half.
+pub(crate) static RAM_SIZE: AtomicU64 = AtomicU64::new(0);
 
 /// What a guest's main function is given.
 #[derive(Debug)]
@@ -77,6 +79,7 @@ extern "C" fn colo_guest_entry(info: *const GuestBootInfo) -> ! {
         shutdown(0xB007);
     }
     HYPERCALL_INSN.store(info.hypercall_insn, Ordering::Relaxed);
+    RAM_SIZE.store(info.ram_size, Ordering::Relaxed);
     TICKS_PER_SECOND.store(info.ticks_per_second.max(1), Ordering::Relaxed);
     let len = info.cmdline_len.min(crate::abi::GUEST_CMDLINE_MAX as u64) as usize;
     // SAFETY: the hypervisor wrote `cmdline_len` bytes at `cmdline_addr` inside guest RAM and

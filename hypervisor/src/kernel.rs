@@ -15,8 +15,10 @@ pub const MAX_BOOT_RANGES: usize = 64;
 /// Most multiboot2 modules.
 pub const MAX_MODULES: usize = 16;
 
-/// The kernel heap size.
-const HEAP_BYTES: u64 = 16 << 20;
+/// The kernel heap: a quarter of free memory, within these bounds. Snapshots and checkpoint
+/// streams of whole guests live here.
+const HEAP_MIN_BYTES: u64 = 16 << 20;
+const HEAP_MAX_BYTES: u64 = 256 << 20;
 
 /// A module the boot loader loaded (a guest image or a disk image).
 #[derive(Clone, Copy, Debug)]
@@ -72,7 +74,8 @@ pub fn run(boot: &BootInfo<'_>) -> ! {
         fail(format_args!("host page tables: {err}"));
     }
     log::info!("host page tables loaded: identity map to {:#x}, null page unmapped", phys_end.max(4 << 30));
-    match heap::init(&mut frames, HEAP_BYTES) {
+    let heap_bytes = (frames.free_bytes() / 4).clamp(HEAP_MIN_BYTES, HEAP_MAX_BYTES) & !((2 << 20) - 1);
+    match heap::init(&mut frames, heap_bytes) {
         Ok(range) => log::info!("heap: {} MiB at {:#x}", range.len() >> 20, range.start),
         Err(err) => fail(format_args!("heap: {err}")),
     }

@@ -12,6 +12,7 @@ extern crate alloc;
 
 pub mod colo;
 pub mod config;
+pub mod devices;
 pub mod guest;
 pub mod memory;
 pub mod net;
@@ -28,3 +29,5 @@ pub mod host;
 pub mod kernel;
 #[cfg(feature = "bare-metal")]
 pub mod runner;
+#[cfg(feature = "bare-metal")]
+pub mod snapshot;

@@ -7,8 +7,11 @@
 use core::fmt::Write;
 
 use crate::backend::{Backend, BackendError};
+use crate::devices::host::{HostDevices, HostHooks};
+use crate::devices::{pvblock::PvBlock, pvnet::PvNet, GuestDevices};
 use crate::guest::boot::{self, BootError, BootParams};
 use crate::guest::elf::{ElfError, GuestImage};
+use crate::guest::memory::TrackedMemory;
 use crate::guest::GuestMemory;
 use crate::guest::{GuestRam, MemoryError};
 use crate::host::{cpu, serial, time};
@@ -68,17 +71,45 @@ pub struct GuestReport {
 pub fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &[BootModule<'_>], guest_mem: u64) {
     for module in modules.iter().filter(|m| m.cmdline.starts_with(GUEST_PREFIX)) {
         let name = guest_name(module);
-        log::info!("starting guest `{name}` on {} ({} MiB RAM)", backend.name(), guest_mem >> 20);
-        match Guest::create(backend, frames, module, guest_mem) {
-            Ok(mut guest) => {
-                let end = guest.run_to_end();
-                guest.report(&end);
-                guest.destroy(frames);
+        let scenario = module.cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("scenario="));
+        if let Some(scenario) = scenario {
+            log::info!("guest `{name}`: self-test scenario `{scenario}` on {}", backend.name());
+            if !crate::snapshot::run_scenario(scenario, backend, frames, module, guest_mem) {
+                log::error!(
+                    "guest `{name}`: unknown scenario `{scenario}`; accepted: dirty-count|snapshot-restore|snapshot-bench"
+                );
             }
-            Err(e) => log::error!("guest `{name}` not started: {e}"),
+            log::info!("free memory: {} KiB", frames.free_bytes() >> 10);
+            continue;
         }
-        log::info!("free memory: {} KiB", frames.free_bytes() >> 10);
+        // `restarts=N`: run the same module N more times after it ends (same disk).
+        let runs = 1 + module_arg(module.cmdline, "restarts").and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        for run in 1..=runs {
+            log::info!(
+                "starting guest `{name}` on {} ({} MiB RAM), run {run} of {runs}",
+                backend.name(),
+                guest_mem >> 20
+            );
+            match Guest::create(backend, frames, module, guest_mem) {
+                Ok(mut guest) => {
+                    if let Some(disk) = crate::devices::host::find_disk(modules, module.cmdline) {
+                        // SAFETY: guests run one at a time and the slice is dropped with this guest.
+                        guest.attach_disk(unsafe { crate::devices::host::disk_bytes(disk) });
+                    }
+                    let end = guest.run_to_end();
+                    guest.report(&end);
+                    guest.destroy(frames);
+                }
+                Err(e) => log::error!("guest `{name}` not started: {e}"),
+            }
+            log::info!("free memory: {} KiB", frames.free_bytes() >> 10);
+        }
     }
+}
+
+/// The value of `key=` on a module line.
+fn module_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// A guest's name: the first word of its module line.
@@ -121,6 +152,19 @@ pub struct Guest {
     pub clock: GuestClock,
     /// Host TSC cycles from entry to exit for hypercall exits: (min, sum, count).
     pub hypercall_cycles: (u64, u64, u64),
+    /// Its paravirtual devices (`mac=` gives it a NIC, `disk=NAME` the module `disk-NAME`).
+    pub devices: GuestDevices<'static>,
+    /// The devices' hooks into the host network (and, later, replication).
+    pub device_hooks: HostHooks,
+    /// Host TSC of the last network poll.
+    last_net_poll: u64,
+    /// Pages written since the last checkpoint, when dirty logging is on: the backend's log plus
+    /// every write the hypervisor makes into guest RAM.
+    pub dirty: Option<crate::memory::DirtyLog>,
+    /// The last exit.
+    pub last_exit: Option<VmExit>,
+    /// When set, console lines are also kept here (self-tests compare them).
+    pub console_capture: Option<alloc::vec::Vec<alloc::string::String>>,
 }
 
 impl core::fmt::Debug for Guest {
@@ -174,6 +218,11 @@ impl Guest {
             .split_ascii_whitespace()
             .find_map(|w| w.strip_prefix("time_limit_ms=")?.parse().ok())
             .unwrap_or(DEFAULT_TIME_LIMIT_MS);
+        let mac = module_arg(module.cmdline, "mac").and_then(crate::devices::parse_mac);
+        let device_hooks = match mac {
+            Some(mac) => HostHooks::install(mac),
+            None => HostHooks::without_net(),
+        };
         Ok(Self {
             name: guest_name(module).into(),
             ram,
@@ -181,7 +230,19 @@ impl Guest {
             handler: ExitHandler::new(time_limit_ms * TICKS_PER_SECOND / 1000),
             clock: GuestClock::starting_at(0),
             hypercall_cycles: (u64::MAX, 0, 0),
+            devices: GuestDevices { net: mac.map(PvNet::new), block: None },
+            device_hooks,
+            last_net_poll: 0,
+            dirty: None,
+            last_exit: None,
+            console_capture: None,
         })
+    }
+
+    /// Gives the guest the block device over `disk`.
+    pub fn attach_disk(&mut self, disk: &'static mut [u8]) {
+        log::info!("guest `{}`: block device of {} KiB", self.name, disk.len() >> 10);
+        self.devices.block = Some(PvBlock::new(disk));
     }
 
     /// The guest's RAM.
@@ -203,6 +264,7 @@ impl Guest {
         if let Some(end) = self.handler.check_time_limit(self.clock.ticks()) {
             return Some(self.finish(end));
         }
+        poll_network(&mut self.last_net_poll);
         self.vcpu.set_time_slice(TIME_SLICE_MS * time::tsc_per_ms());
         let entered = time::rdtsc();
         let exit = match self.vcpu.run() {
@@ -217,24 +279,54 @@ impl Guest {
             let (min, sum, count) = self.hypercall_cycles;
             self.hypercall_cycles = (min.min(cycles), sum + cycles, count + 1);
         }
-        let name = self.name.as_str();
-        let mut console = |line: &str| serial::write_fmt(format_args!("[{name}] {line}\n"));
-        let mut host = HostServices { now_ticks: self.clock.ticks(), cpuid: &host_cpuid, console_line: &mut console };
-        let mut mem = ram_of(self.ram);
-        let decision = self.handler.handle(&exit, self.vcpu.as_mut(), &mut mem, &mut host);
+        self.last_exit = Some(exit);
+        if exit == VmExit::DirtyLogFull {
+            if let Some(log) = self.dirty.as_mut() {
+                if let Err(e) = self.vcpu.collect_dirty(log) {
+                    log::error!("guest `{}`: draining the dirty log: {e}", self.name);
+                }
+            }
+        }
+        let (name, capture) = (self.name.as_str(), &mut self.console_capture);
+        let mut console = |line: &str| console_line(name, capture, line);
+        let mut devices = HostDevices { devices: &mut self.devices, hooks: &mut self.device_hooks };
+        let mut host = HostServices {
+            now_ticks: self.clock.ticks(),
+            cpuid: &host_cpuid,
+            console_line: &mut console,
+            devices: &mut devices,
+        };
+        let decision = match self.dirty.as_mut() {
+            Some(log) => {
+                let mut mem = TrackedMemory { ram: ram_of(self.ram), log };
+                self.handler.handle(&exit, self.vcpu.as_mut(), &mut mem, &mut host)
+            }
+            None => self.handler.handle(&exit, self.vcpu.as_mut(), &mut ram_of(self.ram), &mut host),
+        };
         if let Decision::End(end) = decision {
             if matches!(end, GuestEnd::Unsupported { .. } | GuestEnd::EntryFailed { .. }) {
                 report_vcpu(self.vcpu.as_ref(), &self.name, &end);
             }
             return Some(self.finish(end));
         }
-        apply(self.vcpu.as_mut(), decision, &self.clock);
+        let (devices, hooks, last_poll, dirty, ram) =
+            (&mut self.devices, &mut self.device_hooks, &mut self.last_net_poll, &mut self.dirty, self.ram);
+        // A guest blocked in BlockUntil wakes when a frame reaches its RX ring.
+        let mut wake = || {
+            poll_network(last_poll);
+            hooks.pending()
+                && match dirty.as_mut() {
+                    Some(log) => devices.deliver_rx(&mut TrackedMemory { ram: ram_of(ram), log }, hooks),
+                    None => devices.deliver_rx(&mut ram_of(ram), hooks),
+                }
+        };
+        apply(self.vcpu.as_mut(), decision, &self.clock, &mut wake);
         None
     }
 
     fn finish(&mut self, end: GuestEnd) -> GuestEnd {
-        let name = self.name.as_str();
-        self.handler.flush_console(&mut |line: &str| serial::write_fmt(format_args!("[{name}] {line}\n")));
+        let (name, capture) = (self.name.as_str(), &mut self.console_capture);
+        self.handler.flush_console(&mut |line: &str| console_line(name, capture, line));
         end
     }
 
@@ -252,10 +344,20 @@ impl Guest {
         if let Some(mean) = sum.checked_div(count) {
             log::info!("guest `{name}` hypercall round trip (entry to exit, host TSC cycles): min {min}, mean {mean}");
         }
+        if self.devices.net.is_some() || self.devices.block.is_some() {
+            log::info!(
+                "guest `{name}` devices: {}; rx_queue_dropped={}",
+                self.devices,
+                self.device_hooks.queue_dropped()
+            );
+        }
     }
 
     /// Gives back the vCPU's structures and the guest's RAM.
     pub fn destroy(mut self, frames: &mut FrameAllocator) {
+        if self.devices.net.is_some() {
+            crate::net::clear_guest_hook();
+        }
         self.vcpu.release(frames);
         if let Err(e) = frames.free(self.ram) {
             log::error!("freeing guest RAM of `{}`: {e}", self.name);
@@ -272,19 +374,44 @@ fn ram_of(ram: PhysRange) -> GuestRam<'static> {
     GuestRam::new(unsafe { core::slice::from_raw_parts_mut(ram.start as *mut u8, ram.len() as usize) })
 }
 
+/// Prints one guest console line, and keeps it when the guest's console is being captured.
+fn console_line(name: &str, capture: &mut Option<alloc::vec::Vec<alloc::string::String>>, line: &str) {
+    serial::write_fmt(format_args!("[{name}] {line}\n"));
+    if let Some(lines) = capture {
+        lines.push(line.into());
+    }
+}
+
 fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidValues {
     let r = cpu::cpuid(leaf, subleaf);
     CpuidValues { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
 }
 
-/// Applies a non-ending decision. The only place RIP is advanced.
-fn apply(vcpu: &mut dyn Vcpu, decision: Decision, clock: &GuestClock) {
+/// How often the runner polls the host NICs between exits and while a guest is blocked.
+const NET_POLL_INTERVAL_US: u64 = 20;
+
+/// One round of host network work, at most every [`NET_POLL_INTERVAL_US`].
+fn poll_network(last_poll_tsc: &mut u64) {
+    let now = time::rdtsc();
+    if now.wrapping_sub(*last_poll_tsc) >= NET_POLL_INTERVAL_US * time::tsc_per_ms() / 1000 {
+        *last_poll_tsc = now;
+        // A `shutdown` request is acted on once the guests are done (the idle loop sees it again).
+        let _ = crate::net::poll();
+    }
+}
+
+/// Applies a non-ending decision. The only place RIP is advanced. `wake` ends a BlockUntil
+/// early when it returns true (an event for the guest).
+fn apply(vcpu: &mut dyn Vcpu, decision: Decision, clock: &GuestClock, wake: &mut dyn FnMut() -> bool) {
     match decision {
         Decision::Resume => {}
         Decision::Advance => vcpu.skip_instruction(),
         Decision::BlockUntil { deadline } => {
             vcpu.skip_instruction();
             while clock.ticks() < deadline {
+                if wake() {
+                    break;
+                }
                 core::hint::spin_loop();
             }
             vcpu.registers().rax = clock.ticks();

@@ -157,3 +157,62 @@ pub fn cpuid_msr_and_io_exits_behave(platform: &Platform) {
         assert!(end.contains(counter), "missing `{counter}` in {end}");
     }
 }
+
+/// A guest that writes exactly N distinct pages between two marks is reported with exactly N
+/// written pages, by `method` ("pml" or "ad"), for each N in `counts`. With second-level A/D flags
+/// the CPU's walks of the guest's page tables count as writes (SDM §29.3.5), so those pages (at
+/// most the PML4, PDPT and four directories) are reported too, and named apart.
+pub fn dirty_pages_are_counted_exactly(platform: &Platform, method: &str, counts: &[u64]) {
+    let args: Vec<String> =
+        counts.iter().map(|n| format!("pages={n} scenario=dirty-count dirty_log={method}")).collect();
+    let modules: Vec<(&str, &str)> = args.iter().map(|a| ("guest-dirty", a.as_str())).collect();
+    let outcome = boot_guests(platform, &format!("dirty-{method}"), "guest_mem=16M", &modules);
+    let s = &outcome.serial;
+    let reports: Vec<&str> = s.lines().filter(|l| l.contains("dirty-count: ")).collect();
+    assert_eq!(reports.len(), counts.len(), "one report per guest expected:\n{s}");
+    for (report, n) in reports.iter().zip(counts) {
+        let field = |before: &str| -> u64 {
+            let at = report.find(before).unwrap_or_else(|| panic!("no `{before}` in {report}"));
+            report[..at].rsplit(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).unwrap().parse().unwrap()
+        };
+        let total = field(" pages dirty between marks");
+        let written = field(" written pages");
+        let walked = field(" guest page-table pages");
+        assert_eq!(written, *n, "pages={n}: {report}");
+        assert!(walked <= 6, "pages={n}: more page-table pages than the guest has: {report}");
+        assert_eq!(total, written + walked, "{report}");
+        eprintln!("[figures] {} {method}: pages={n}: {report}", platform.backend);
+    }
+}
+
+/// A snapshot taken at a preemption-timer exit (mid-computation), restored into a second guest
+/// and back into the same guest, reproduces the rest of the console output byte for byte; a
+/// corrupted and a truncated snapshot are refused and leave the target's memory as it was.
+pub fn snapshot_restore_reproduces_output(platform: &Platform) {
+    let outcome = boot_guests(
+        platform,
+        "snapshot-restore",
+        "guest_mem=16M",
+        &[
+            ("guest-counter", "steps=30 scenario=snapshot-restore snapshot_after=2"),
+            ("guest-counter", "steps=30 scenario=snapshot-restore snapshot_after=7"),
+        ],
+    );
+    let s = &outcome.serial;
+    let taken: Vec<&str> = s.lines().filter(|l| l.contains("snapshot-restore: snapshot of")).collect();
+    assert_eq!(taken.len(), 2, "{s}");
+    for line in &taken {
+        eprintln!("[figures] {}: {line}", platform.backend);
+    }
+    let identical = s.lines().filter(|l| l.contains("identical to the original: yes")).count();
+    assert_eq!(identical, 4, "two restores per snapshot must reproduce the output:\n{s}");
+    assert!(!s.contains("identical to the original: NO"), "{s}");
+    assert!(!s.contains("first difference"), "{s}");
+    for refused in ["corrupted snapshot refused: checkpoint CRC-32C", "truncated snapshot refused: stream ended"] {
+        let count = s.lines().filter(|l| l.contains(refused) && l.contains("target memory unchanged: yes")).count();
+        assert_eq!(count, 2, "`{refused}` with the target unchanged, twice:\n{s}");
+    }
+    assert!(!s.contains("snapshot was applied"), "{s}");
+    let originals: Vec<&str> = s.lines().filter(|l| l.contains("original run shut down with status 0")).collect();
+    assert_eq!(originals.len(), 2, "{s}");
+}

@@ -88,6 +88,49 @@ impl GuestMemory for GuestRam<'_> {
     }
 }
 
+/// Guest RAM whose every host write is recorded in a [`DirtyLog`]: the path device models and
+/// hypercalls use, so what the hypervisor writes into a guest joins the dirty set the hardware
+/// keeps. A mutable slice counts as written.
+#[derive(Debug)]
+pub struct TrackedMemory<'a, 'b> {
+    /// The RAM.
+    pub ram: GuestRam<'a>,
+    /// Where writes are recorded.
+    pub log: &'b mut crate::memory::DirtyLog,
+}
+
+impl GuestMemory for TrackedMemory<'_, '_> {
+    fn size(&self) -> u64 {
+        self.ram.size()
+    }
+
+    fn slice(&self, gpa: u64, len: u64) -> Result<&[u8], MemoryError> {
+        self.ram.slice(gpa, len)
+    }
+
+    fn slice_mut(&mut self, gpa: u64, len: u64) -> Result<&mut [u8], MemoryError> {
+        let slice = self.ram.slice_mut(gpa, len)?;
+        self.log.mark_range(gpa, len);
+        Ok(slice)
+    }
+}
+
+/// Lets a verified checkpoint be applied straight into guest RAM.
+impl crate::colo::checkpoint::GuestMemoryMut for GuestRam<'_> {
+    fn page_size(&self) -> usize {
+        4096
+    }
+
+    fn frame_count(&self) -> u64 {
+        self.size() / 4096
+    }
+
+    fn frame_mut(&mut self, gfn: u64) -> &mut [u8] {
+        let start = (gfn * 4096) as usize;
+        &mut self.bytes[start..start + 4096]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +148,16 @@ mod tests {
         assert_eq!(ram.slice(8, 1).unwrap(), &[0x88]);
         assert!(ram.write(4090, &[0; 8]).is_err());
         assert!(ram.slice(4090, 8).unwrap_err().to_string().contains("outside guest RAM"));
+    }
+
+    #[test]
+    fn tracked_writes_join_the_dirty_log() {
+        let mut buf = std::vec![0u8; 4 * 4096];
+        let mut log = crate::memory::DirtyLog::new(4);
+        let mut mem = TrackedMemory { ram: GuestRam::new(&mut buf), log: &mut log };
+        mem.write(4096 + 4000, &[1; 200]).unwrap();
+        let _ = mem.slice(0, 4096).unwrap();
+        assert!(mem.write(4 * 4096, &[1]).is_err());
+        assert_eq!(log.take(), [1, 2]);
     }
 }

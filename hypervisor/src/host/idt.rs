@@ -5,6 +5,10 @@
 //! then the vector number, and jumps to a common routine that saves every general register and
 //! calls [`exception_dispatch`]. An exception in the hypervisor itself is a bug: the report names
 //! the vector, error code, RIP, CR2 and all registers, then the machine stops with a failure.
+//!
+//! Other code installs its own interrupt handlers with [`set_interrupt_gate`] (vectors 32-255)
+//! and [`set_nmi_gate`], never by writing the table itself; the handler convention is
+//! [`InterruptStub`].
 
 use core::fmt::Write;
 use core::mem::{offset_of, size_of};
@@ -181,6 +185,68 @@ pub fn init() {
     // SAFETY: the IDT is 'static, fully initialised, and every present gate points at a stub
     // above that runs on an IST stack and ends in `iretq` with the frame it was given.
     unsafe { lidt(&pointer) };
+    LOADED.store(true, core::sync::atomic::Ordering::Release);
+}
+
+/// Why [`set_interrupt_gate`] or [`set_nmi_gate`] refused a gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateError {
+    /// Vectors 0-31 are the architectural exceptions, owned by the stubs above (NMI only through
+    /// [`set_nmi_gate`]).
+    ExceptionVector(u8),
+    /// [`init`] has not loaded the IDT yet.
+    NotLoaded,
+}
+
+impl core::fmt::Display for GateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::ExceptionVector(v) => write!(f, "vector {v:#x} is an exception vector owned by host::idt"),
+            Self::NotLoaded => write!(f, "the IDT is not loaded yet (host::idt::init)"),
+        }
+    }
+}
+
+/// Whether [`init`] has loaded [`IDT`].
+static LOADED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// An interrupt handler for [`set_interrupt_gate`] / [`set_nmi_gate`].
+///
+/// Stub convention: the address of an assembly routine entered through a 64-bit interrupt gate
+/// (IF = 0 on entry) on the gate's IST stack, with the CPU's five-word frame and no error code
+/// (vectors 32-255 and NMI push none: SDM Vol. 3A §6.14.1-6.14.2). It must preserve every register
+/// and end in `iretq`; it must not touch the interrupted stack (IST, so the red zone is safe).
+pub type InterruptStub = unsafe extern "C" fn();
+
+/// Installs `handler` for external-interrupt `vector` (32-255) on the general IST stack, in the
+/// loaded IDT. Call with interrupts disabled, before the source of `vector` is enabled.
+pub fn set_interrupt_gate(vector: u8, handler: InterruptStub) -> Result<(), GateError> {
+    if vector < 32 {
+        return Err(GateError::ExceptionVector(vector));
+    }
+    write_gate(vector, handler, IST_GENERAL)
+}
+
+/// Replaces the NMI gate (vector 2; by default the fatal exception report) with `handler`, on the
+/// NMI IST stack. For an NMI source the hypervisor owns (the SVM preemption watchdog).
+pub fn set_nmi_gate(handler: InterruptStub) -> Result<(), GateError> {
+    write_gate(2, handler, IST_NMI)
+}
+
+fn write_gate(vector: u8, handler: InterruptStub, ist: u8) -> Result<(), GateError> {
+    if !LOADED.load(core::sync::atomic::Ordering::Acquire) {
+        return Err(GateError::NotLoaded);
+    }
+    let code = gdt::selectors().ok_or(GateError::NotLoaded)?.code.0;
+    let gate = IdtGate::new(handler as usize as u64, code, ist);
+    let entry = (&raw mut IDT).cast::<IdtGate>().wrapping_add(usize::from(vector));
+    // SAFETY: `IDT` is the 'static 256-gate table `init` loaded (LOADED), so `entry` is inside
+    // it; no Rust reference to the static exists. Single CPU; callers run with interrupts
+    // disabled and before the vector's source is enabled, so the CPU does not read this gate
+    // while the 16 bytes are stored; the new gate is a valid present interrupt gate to a stub
+    // following the [`InterruptStub`] convention.
+    unsafe { entry.write_volatile(gate) };
+    Ok(())
 }
 
 /// The architectural name of an exception vector.

@@ -263,6 +263,13 @@ pub fn set_guest_hook(hook: Box<dyn GuestForward>) {
     }
 }
 
+/// Removes the guest forwarding hook (the guest is gone).
+pub fn clear_guest_hook() {
+    if let Some(net) = NET.lock().as_mut() {
+        net.hook = None;
+    }
+}
+
 /// Sends a guest's frame out of the NIC with the `client` role.
 pub fn send_from_guest(frame: &[u8]) -> Result<(), TxError> {
     let mut guard = NET.lock();

@@ -15,13 +15,13 @@ use x86_64::registers::model_specific::Msr;
 
 use super::decode::{self, Instruction};
 use super::npt::{NestedPageTables, DIRTY_TRACKING};
-use super::timer::{self, ApicTimer};
+use super::timer::{self, ApicTimer, NmiWatchdog};
 use super::vmcb::{
     attrib, exit_code, intercept3, intercept4, intercept_cr, npf_info, tlb_control, IoExitInfo, Segment, Vmcb,
     EVENTINJ_EV, EVENTINJ_TYPE_EXCEPTION, EVENTINJ_VALID, NP_ENABLE, V_INTR_MASKING,
 };
 use super::SvmFeatures;
-use crate::host::cpu;
+use crate::host::{cpu, idt};
 use crate::memory::pagetable::{MapError, TableMemory};
 use crate::memory::{FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use crate::vcpu::cpuid::CpuidValues;
@@ -58,6 +58,8 @@ pub enum SvmError {
     Map(MapError),
     /// Guest RAM is not a page-aligned range.
     BadGuestRam(PhysRange),
+    /// A preemption interrupt gate could not be installed.
+    Gate(idt::GateError),
 }
 
 impl fmt::Display for SvmError {
@@ -70,6 +72,7 @@ impl fmt::Display for SvmError {
             Self::BadGuestRam(r) => {
                 write!(f, "guest RAM {:#x}..{:#x} is not a non-empty page-aligned range", r.start, r.end)
             }
+            Self::Gate(e) => write!(f, "preemption interrupt gate: {e}"),
         }
     }
 }
@@ -132,6 +135,7 @@ pub struct SvmBackend {
     iopm: u64,
     next_asid: u32,
     timer: &'static ApicTimer,
+    watchdog: &'static NmiWatchdog,
 }
 
 impl SvmBackend {
@@ -165,8 +169,12 @@ impl SvmBackend {
             efer.write(value | EFER_SVME);
             Msr::new(MSR_VM_HSAVE_PA).write(host_save_area);
         }
-        let timer: &'static ApicTimer = Box::leak(Box::new(ApicTimer::init()));
-        Ok(Self { features, host_save_area, host_vmcb, msrpm, iopm, next_asid: 1, timer })
+        let timer = ApicTimer::init().map_err(SvmError::Gate)?;
+        let watchdog = NmiWatchdog::init(timer.apic_id()).map_err(SvmError::Gate)?;
+        // One of each for good: the host IDT points at their stubs from now on.
+        let timer: &'static ApicTimer = Box::leak(Box::new(timer));
+        let watchdog: &'static NmiWatchdog = Box::leak(Box::new(watchdog));
+        Ok(Self { features, host_save_area, host_vmcb, msrpm, iopm, next_asid: 1, timer, watchdog })
     }
 
     /// "AMD-V".
@@ -184,7 +192,8 @@ impl SvmBackend {
         let f = &self.features;
         format!(
             "SVM revision {}, {} ASIDs, nested paging, RIP advance by {}, TLB flush {}, host save area {:#x}, \
-             preemption by the local APIC timer at {:#x} ({} counts per 1M TSC ticks) with the INTR intercept",
+             preemption by the local APIC timer at {:#x} ({} counts per 1M TSC ticks) with the INTR intercept, \
+             backed by a PIT NMI watchdog (I/O APIC input 2) with the NMI intercept",
             f.revision,
             f.asids,
             f.rip_advance_method(),
@@ -263,6 +272,7 @@ impl SvmBackend {
             host_fx: Box::new(FxArea([0; 512])),
             features: self.features,
             timer: self.timer,
+            watchdog: self.watchdog,
             time_slice: None,
             next_rip: None,
             last_exit: None,
@@ -426,6 +436,8 @@ struct SwitchStats {
     last_exit_tsc: u64,
     last_was_hypercall: bool,
     preemptions: u64,
+    /// Preemptions by the NMI watchdog (the APIC timer's interrupt did not end the guest).
+    watchdog_preemptions: u64,
 }
 
 /// One AMD-V virtual CPU.
@@ -439,6 +451,7 @@ pub struct SvmVcpu {
     host_fx: Box<FxArea>,
     features: SvmFeatures,
     timer: &'static ApicTimer,
+    watchdog: &'static NmiWatchdog,
     time_slice: Option<u64>,
     /// Where `skip_instruction` moves RIP: known for instruction intercepts.
     next_rip: Option<u64>,
@@ -480,6 +493,7 @@ impl SvmVcpu {
         // the third fault can happen (see `translate_exit`).
         c.intercept_exceptions = 1 << DOUBLE_FAULT_VECTOR;
         c.intercept3 = intercept3::INTR
+            | intercept3::NMI
             | intercept3::CPUID
             | intercept3::HLT
             | intercept3::IOIO_PROT
@@ -629,6 +643,10 @@ impl SvmVcpu {
             }
             exit_code::INTR if timer_fired => VmExit::PreemptionTimer,
             exit_code::INTR => VmExit::ExternalInterrupt { vector: None },
+            // The NMI was taken by the host after STGI (`timer::nmis` counted it); the watchdog
+            // is the only NMI source the hypervisor arms, but any NMI just resumes the guest.
+            exit_code::NMI if timer_fired => VmExit::PreemptionTimer,
+            exit_code::NMI => VmExit::ExternalInterrupt { vector: Some(2) },
             exit_code::VMRUN
             | exit_code::VMLOAD
             | exit_code::VMSAVE
@@ -660,14 +678,20 @@ impl SvmVcpu {
     fn log_stats(&self) {
         let s = &self.stats;
         if s.hypercall_runs == 0 {
-            log::info!("AMD-V vCPU: {} VMRUNs, {} preemptions", s.runs, s.preemptions);
+            log::info!(
+                "AMD-V vCPU: {} VMRUNs, {} preemptions ({} by the NMI watchdog)",
+                s.runs,
+                s.preemptions,
+                s.watchdog_preemptions
+            );
             return;
         }
         log::info!(
-            "AMD-V vCPU: {} VMRUNs, {} preemptions; VMMCALL round trip (host TSC ticks): world switch \
-             min {} mean {}, host-side handling min {} (mean {}, BlockUntil waits included)",
+            "AMD-V vCPU: {} VMRUNs, {} preemptions ({} by the NMI watchdog); VMMCALL round trip (host TSC \
+             ticks): world switch min {} mean {}, host-side handling min {} (mean {}, BlockUntil waits included)",
             s.runs,
             s.preemptions,
+            s.watchdog_preemptions,
             s.hypercall_switch_min,
             s.hypercall_switch_sum / s.hypercall_runs,
             s.host_side_min,
@@ -679,6 +703,7 @@ impl SvmVcpu {
 impl Vcpu for SvmVcpu {
     fn run(&mut self) -> Result<VmExit, VcpuError> {
         let ticks_before = timer::ticks();
+        let nmis_before = timer::nmis();
         let rax = self.ctx.regs.rax;
         let flush = if self.flush_on_entry {
             self.flush_on_entry = false;
@@ -704,6 +729,7 @@ impl Vcpu for SvmVcpu {
         }
         if let Some(slice) = self.time_slice {
             self.timer.arm(slice);
+            self.watchdog.arm(slice.saturating_mul(2));
         }
         let start = crate::host::time::rdtsc();
         if self.stats.last_was_hypercall {
@@ -722,8 +748,9 @@ impl Vcpu for SvmVcpu {
         unsafe { colo_svm_run(ctx) };
         let end = crate::host::time::rdtsc();
         self.timer.disarm();
+        self.watchdog.disarm();
         let ticks_after = ApicTimer::drain();
-        let timer_fired = ticks_after != ticks_before;
+        let timer_fired = ticks_after != ticks_before || timer::nmis() != nmis_before;
 
         let v = self.vmcb_mut();
         v.control.event_injection = 0;
@@ -733,12 +760,16 @@ impl Vcpu for SvmVcpu {
         let exit = self.translate_exit(timer_fired);
         self.last_exit = Some(exit);
 
+        let by_watchdog = self.vmcb().control.exit_code == exit_code::NMI;
         let s = &mut self.stats;
         s.runs += 1;
         s.last_exit_tsc = end;
         s.last_was_hypercall = exit == VmExit::Hypercall;
         if exit == VmExit::PreemptionTimer {
             s.preemptions += 1;
+            if by_watchdog {
+                s.watchdog_preemptions += 1;
+            }
         }
         if s.last_was_hypercall {
             let switch = end.wrapping_sub(start);

@@ -27,6 +27,8 @@ pub struct HostServices<'a> {
     pub cpuid: &'a dyn Fn(u32, u32) -> CpuidValues,
     /// Prints one complete line of the guest's console.
     pub console_line: &'a mut dyn FnMut(&str),
+    /// The guest's devices (the NIC and block hypercalls go here).
+    pub devices: &'a mut dyn crate::devices::DeviceCalls,
 }
 
 impl core::fmt::Debug for HostServices<'_> {
@@ -47,6 +49,7 @@ pub struct ExitHandler {
     pub refused_hypercalls: u64,
     /// Port I/O the guest attempted (there are no devices behind ports).
     pub ignored_port_io: u64,
+    marks: heapless::Vec<u64, 8>,
 }
 
 impl ExitHandler {
@@ -59,7 +62,34 @@ impl ExitHandler {
             counters: ExitCounters::default(),
             refused_hypercalls: 0,
             ignored_port_io: 0,
+            marks: heapless::Vec::new(),
         }
+    }
+
+    /// The MSRs this handler keeps, for vCPU state capture.
+    pub fn msrs(&self) -> [u64; 6] {
+        self.msrs.all()
+    }
+
+    /// Restores the MSRs this handler keeps (vCPU reset).
+    pub fn set_msrs(&mut self, values: [u64; 6]) {
+        self.msrs.set_all(values);
+    }
+
+    /// The console bytes of a line not yet finished (console device state).
+    pub fn console_pending(&self) -> &[u8] {
+        &self.console
+    }
+
+    /// Restores an unfinished console line (console device state), cut to the line length.
+    pub fn set_console_pending(&mut self, bytes: &[u8]) {
+        self.console.clear();
+        let _ = self.console.extend_from_slice(&bytes[..bytes.len().min(CONSOLE_LINE_MAX)]);
+    }
+
+    /// Takes the test marks the guest set since the last call (hypercall `TestMark`).
+    pub fn take_marks(&mut self) -> heapless::Vec<u64, 8> {
+        core::mem::take(&mut self.marks)
     }
 
     /// The guest's end if it has used up its time.
@@ -207,6 +237,14 @@ impl ExitHandler {
                 }
             }
             Some(Hypercall::ClockNow) => Ok(host.now_ticks),
+            Some(Hypercall::TestMark) => {
+                // A full mark list drops the oldest: marks are a test aid, never a reason to fail.
+                if self.marks.is_full() {
+                    self.marks.remove(0);
+                }
+                let _ = self.marks.push(r.rdi);
+                Ok(0)
+            }
             Some(Hypercall::BlockUntil) => {
                 if r.rdi <= host.now_ticks {
                     Ok(host.now_ticks)
@@ -226,6 +264,9 @@ impl ExitHandler {
                 }
                 Err(_) => Err(HypercallError::BadAddress),
             },
+            Some(
+                call @ (Hypercall::NetAttach | Hypercall::NetNotify | Hypercall::BlockInfo | Hypercall::BlockRequest),
+            ) => host.devices.call(call, [r.rdi, r.rsi, r.rdx], mem),
         };
         vcpu.registers().rax = match result {
             Ok(value) => value,
@@ -337,7 +378,9 @@ mod tests {
             let cpuid = |leaf: u32, _| CpuidValues { eax: leaf, ebx: 0, ecx: u32::MAX, edx: 0 };
             let lines = &mut self.lines;
             let mut console = |l: &str| lines.push(l.to_string());
-            let mut host = HostServices { now_ticks: self.now, cpuid: &cpuid, console_line: &mut console };
+            let mut devices = crate::devices::NoDevices;
+            let mut host =
+                HostServices { now_ticks: self.now, cpuid: &cpuid, console_line: &mut console, devices: &mut devices };
             let mut mem = GuestRam::new(&mut self.ram);
             self.handler.handle(&exit, &mut self.vcpu, &mut mem, &mut host)
         }
@@ -400,6 +443,16 @@ mod tests {
         assert_eq!(rig.vcpu.regs.rax, HypercallError::TooLong.to_rax());
         rig.hypercall(0xdead, 0, 0);
         assert_eq!(rig.vcpu.regs.rax, HypercallError::UnknownHypercall.to_rax());
+        assert_eq!(rig.handler.refused_hypercalls, 4);
+    }
+
+    #[test]
+    fn device_hypercalls_reach_the_devices() {
+        let mut rig = Rig::new();
+        for call in [Hypercall::NetAttach, Hypercall::NetNotify, Hypercall::BlockInfo, Hypercall::BlockRequest] {
+            assert_eq!(rig.hypercall(call as u64, 0x1000, 0x2000), Decision::Advance);
+            assert_eq!(rig.vcpu.regs.rax, HypercallError::NoDevice.to_rax(), "{call:?}");
+        }
         assert_eq!(rig.handler.refused_hypercalls, 4);
     }
 

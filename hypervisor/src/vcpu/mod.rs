@@ -11,6 +11,9 @@ use core::fmt;
 pub mod cpuid;
 pub mod handler;
 pub mod msr;
+pub mod state;
+
+pub use state::{StateError, VcpuState};
 
 /// The guest's general-purpose registers other than RSP (which lives in the VMCS/VMCB).
 /// The world-switch assembly reads and writes this layout.
@@ -391,6 +394,15 @@ pub struct GuestEntryState {
     pub data_selector: u16,
 }
 
+/// How a backend tracks the guest pages it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLogMethod {
+    /// VT-x page-modification log: the CPU appends each newly dirtied page to a buffer.
+    Pml,
+    /// Scan second-level (EPT/NPT) dirty flags and clear them.
+    AccessedDirty,
+}
+
 /// One virtual CPU, as the runner and the exit handler see it.
 pub trait Vcpu {
     /// Enters the guest and runs it until the next exit.
@@ -420,4 +432,32 @@ pub trait Vcpu {
     /// Gives back every frame the vCPU allocated (control structures, second-level tables,
     /// bitmaps). Guest RAM belongs to the runner. The vCPU must not run afterwards.
     fn release(&mut self, frames: &mut crate::memory::FrameAllocator);
+
+    /// Captures the complete vCPU state (the exit handler adds the MSRs it keeps).
+    fn save_state(&self) -> Result<VcpuState, StateError> {
+        Err(StateError::Unsupported { backend: self.backend_name(), what: "vCPU state capture" })
+    }
+
+    /// Loads a complete vCPU state: the vCPU reset a checkpoint ends with.
+    fn load_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
+        let _ = state;
+        Err(StateError::Unsupported { backend: self.backend_name(), what: "vCPU reset" })
+    }
+
+    /// Starts tracking guest writes with `method` (second-level tables switch to 4 KiB pages so
+    /// every page is tracked on its own).
+    fn enable_dirty_log(
+        &mut self,
+        method: DirtyLogMethod,
+        frames: &mut crate::memory::FrameAllocator,
+    ) -> Result<(), StateError> {
+        let _ = (method, frames);
+        Err(StateError::Unsupported { backend: self.backend_name(), what: "dirty logging" })
+    }
+
+    /// Adds the pages written since the last call to `log` and re-arms tracking.
+    fn collect_dirty(&mut self, log: &mut crate::memory::DirtyLog) -> Result<(), StateError> {
+        let _ = log;
+        Err(StateError::Unsupported { backend: self.backend_name(), what: "dirty logging" })
+    }
 }

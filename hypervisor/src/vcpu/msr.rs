@@ -83,6 +83,16 @@ impl GuestMsrs {
     pub fn set(&mut self, index: usize, value: u64) {
         self.values[index] = value;
     }
+
+    /// All stored values (for vCPU state capture), in allow-list order.
+    pub fn all(&self) -> [u64; 6] {
+        self.values
+    }
+
+    /// Replaces all stored values (vCPU reset).
+    pub fn set_all(&mut self, values: [u64; 6]) {
+        self.values = values;
+    }
 }
 
 /// True when `value` is canonical (bits 63:47 all equal), as base-address MSRs require.

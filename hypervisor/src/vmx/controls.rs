@@ -53,6 +53,10 @@ pub mod primary {
     pub const HLT_EXITING: u32 = 1 << 7;
     /// RDTSC exiting.
     pub const RDTSC_EXITING: u32 = 1 << 12;
+    /// CR8-load exiting (the guest never reaches the physical TPR).
+    pub const CR8_LOAD_EXITING: u32 = 1 << 19;
+    /// CR8-store exiting.
+    pub const CR8_STORE_EXITING: u32 = 1 << 20;
     /// Use I/O bitmaps.
     pub const USE_IO_BITMAPS: u32 = 1 << 25;
     /// Use MSR bitmaps.

@@ -15,9 +15,15 @@ use super::controls::{self, ept_cap, MissingControls};
 use super::fields::{VmcsField, DUMP_FIELDS};
 use super::instructions::{self as insn, rdmsr, vmread, VmxFail};
 use crate::host::{gdt, paging::FrameTables};
+use crate::memory::pagetable::EPT_DIRTY;
 use crate::memory::pagetable::{EptFormat, PageTable};
+use crate::memory::DirtyLog;
 use crate::memory::{FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
-use crate::vcpu::{Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, Vcpu, VcpuError, VmExit};
+use crate::vcpu::state::{seg, SegmentState};
+use crate::vcpu::{
+    DirtyLogMethod, Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, StateError, Vcpu, VcpuError,
+    VcpuState, VmExit,
+};
 
 /// Capability and control MSRs (§A.1-A.10).
 mod msr {
@@ -231,7 +237,7 @@ impl VmxBackend {
                 | primary::USE_IO_BITMAPS
                 | primary::USE_MSR_BITMAPS
                 | primary::SECONDARY_CONTROLS,
-            0,
+            primary::CR8_LOAD_EXITING | primary::CR8_STORE_EXITING,
             primary_cap,
         )
         .map_err(VmxError::Controls)?;
@@ -389,12 +395,17 @@ impl VmxBackend {
             ram,
             last_exit: ExitInfo::default(),
             pending_event: None,
+            cr2: 0,
+            debug: [0, 0, 0, 0, 0xFFFF_0FF0],
+            pml_page: None,
+            dirty_method: None,
         };
         // SAFETY: VMX is on; `vmcs` is a fresh region with the right revision, owned by the vCPU.
         unsafe {
             insn::vmclear(vmcs)?;
             insn::vmptrld(vmcs)?;
         }
+        CURRENT_VMCS.store(vmcs, core::sync::atomic::Ordering::Relaxed);
         vcpu.setup_vmcs(entry, vpid)?;
         if self.caps.ept_vpid & ept_cap::INVEPT_SINGLE != 0 {
             // SAFETY: VMX is on; flush anything cached for this EPTP (a new table may reuse the
@@ -595,6 +606,12 @@ pub struct VmxVcpu {
     ram: PhysRange,
     last_exit: ExitInfo,
     pending_event: Option<Exception>,
+    /// Guest CR2 and DR0-DR3, DR6: not in the VMCS, so switched around every entry (§27.3.1).
+    cr2: u64,
+    debug: [u64; 5],
+    /// The page-modification log buffer, when PML is on.
+    pml_page: Option<u64>,
+    dirty_method: Option<DirtyLogMethod>,
 }
 
 impl fmt::Debug for SwitchContext {
@@ -805,10 +822,89 @@ impl VmxVcpu {
     pub fn ram(&self) -> PhysRange {
         self.ram
     }
+
+    /// Makes this vCPU's VMCS the current one (VMPTRLD), if it is not already. Several vCPUs live
+    /// side by side (a snapshot's source and target); every VMCS access goes through here.
+    fn activate(&self) {
+        use core::sync::atomic::Ordering;
+        if CURRENT_VMCS.load(Ordering::Relaxed) != self.vmcs {
+            // SAFETY: VMX is on and `vmcs` is this vCPU's VMCS region, cleared at creation and
+            // only ever made current by this function.
+            match unsafe { insn::vmptrld(self.vmcs) } {
+                Ok(()) => CURRENT_VMCS.store(self.vmcs, Ordering::Relaxed),
+                Err(e) => log::error!("VT-x: {e}"),
+            }
+        }
+    }
+
+    /// Drops cached guest-physical translations for this EPT (after changing entries, §29.4.3.4).
+    fn invalidate_ept(&self) {
+        let result = if self.caps.ept_vpid & ept_cap::INVEPT_SINGLE != 0 {
+            // SAFETY: VMX is on and single-context INVEPT is supported.
+            unsafe { insn::invept(1, self.eptp) }
+        } else {
+            // SAFETY: VMX is on; INVEPT support was checked at bring-up (all-context then).
+            unsafe { insn::invept(2, 0) }
+        };
+        if let Err(e) = result {
+            log::error!("VT-x: {e}");
+        }
+    }
+}
+
+/// The VMCS region VMPTRLD last made current (0 for none).
+static CURRENT_VMCS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Entries in the page-modification log (§29.3.6).
+const PML_ENTRIES: u64 = 512;
+
+/// Selector, base, limit and access-rights fields per segment, in `vcpu::state::seg` order.
+const SEGMENT_FIELDS: [(VmcsField, VmcsField, VmcsField, VmcsField); 8] = {
+    use VmcsField as F;
+    let mut t = [(F::GuestEsSelector, F::GuestEsBase, F::GuestEsLimit, F::GuestEsAccessRights); 8];
+    t[seg::CS] = (F::GuestCsSelector, F::GuestCsBase, F::GuestCsLimit, F::GuestCsAccessRights);
+    t[seg::SS] = (F::GuestSsSelector, F::GuestSsBase, F::GuestSsLimit, F::GuestSsAccessRights);
+    t[seg::DS] = (F::GuestDsSelector, F::GuestDsBase, F::GuestDsLimit, F::GuestDsAccessRights);
+    t[seg::FS] = (F::GuestFsSelector, F::GuestFsBase, F::GuestFsLimit, F::GuestFsAccessRights);
+    t[seg::GS] = (F::GuestGsSelector, F::GuestGsBase, F::GuestGsLimit, F::GuestGsAccessRights);
+    t[seg::LDTR] = (F::GuestLdtrSelector, F::GuestLdtrBase, F::GuestLdtrLimit, F::GuestLdtrAccessRights);
+    t[seg::TR] = (F::GuestTrSelector, F::GuestTrBase, F::GuestTrLimit, F::GuestTrAccessRights);
+    t
+};
+
+/// Loads the guest's CR2 and DR0-DR3/DR6 just before entry.
+///
+/// # Safety
+/// Called right before the world switch with interrupts off; the host does not use CR2 or the
+/// debug registers, so nothing in the hypervisor observes the guest values.
+unsafe fn load_guest_cr2_and_debug(cr2: u64, dr: &[u64; 5]) {
+    // SAFETY: as above; the values are the guest's own (DR6's reserved bits are kept as read).
+    unsafe {
+        core::arch::asm!(
+            "mov cr2, {cr2}", "mov dr0, {d0}", "mov dr1, {d1}", "mov dr2, {d2}", "mov dr3, {d3}", "mov dr6, {d6}",
+            cr2 = in(reg) cr2, d0 = in(reg) dr[0], d1 = in(reg) dr[1], d2 = in(reg) dr[2], d3 = in(reg) dr[3],
+            d6 = in(reg) dr[4] | 0xFFFF_0FF0, options(nostack)
+        );
+    }
+}
+
+/// Reads the guest's CR2 and DR0-DR3/DR6 right after an exit.
+fn read_cr2_and_debug() -> (u64, [u64; 5]) {
+    let (cr2, d0, d1, d2, d3, d6): (u64, u64, u64, u64, u64, u64);
+    // SAFETY: reading control and debug registers has no side effects at CPL 0.
+    unsafe {
+        core::arch::asm!(
+            "mov {cr2}, cr2", "mov {d0}, dr0", "mov {d1}, dr1", "mov {d2}, dr2", "mov {d3}, dr3", "mov {d6}, dr6",
+            cr2 = out(reg) cr2, d0 = out(reg) d0, d1 = out(reg) d1, d2 = out(reg) d2, d3 = out(reg) d3,
+            d6 = out(reg) d6, options(nostack, nomem)
+        );
+    }
+    (cr2, [d0, d1, d2, d3, d6])
 }
 
 impl Vcpu for VmxVcpu {
     fn run(&mut self) -> Result<VmExit, VcpuError> {
+        self.activate();
         use VmcsField as F;
         // Events: ours first; otherwise re-deliver an event the last exit interrupted (§28.2.4).
         let event = if let Some(e) = self.pending_event.take() {
@@ -828,7 +924,12 @@ impl Vcpu for VmxVcpu {
         self.last_exit.idt_vectoring = 0;
         // SAFETY: this vCPU's VMCS is current (made so at creation; one vCPU runs at a time) and
         // fully set up; the context is boxed, so its address is stable across the switch.
-        let result = unsafe { vmx_world_switch(&mut *self.context) };
+        let result = unsafe {
+            load_guest_cr2_and_debug(self.cr2, &self.debug);
+            let result = vmx_world_switch(&mut *self.context);
+            (self.cr2, self.debug) = read_cr2_and_debug();
+            result
+        };
         if result != 0 {
             let code = if result & 1 != 0 { 0 } else { read(F::VmInstructionError) as u32 };
             return Err(VcpuError::EntryInstructionFailed { code });
@@ -844,14 +945,17 @@ impl Vcpu for VmxVcpu {
     }
 
     fn rip(&self) -> u64 {
+        self.activate();
         read(VmcsField::GuestRip)
     }
 
     fn rflags(&self) -> u64 {
+        self.activate();
         read(VmcsField::GuestRflags)
     }
 
     fn skip_instruction(&mut self) {
+        self.activate();
         let rip = read(VmcsField::GuestRip) + self.last_exit.instruction_length;
         let _ = write(VmcsField::GuestRip, rip);
         // Emulating an instruction ends STI / MOV-SS blocking (§26.4.2 for the hardware case).
@@ -864,6 +968,7 @@ impl Vcpu for VmxVcpu {
     }
 
     fn hardware_msr(&self, which: HardwareMsr) -> u64 {
+        self.activate();
         read(match which {
             HardwareMsr::Efer => VmcsField::GuestIa32Efer,
             HardwareMsr::FsBase => VmcsField::GuestFsBase,
@@ -873,6 +978,7 @@ impl Vcpu for VmxVcpu {
     }
 
     fn set_hardware_msr(&mut self, which: HardwareMsr, value: u64) {
+        self.activate();
         let field = match which {
             HardwareMsr::Efer => VmcsField::GuestIa32Efer,
             HardwareMsr::FsBase => VmcsField::GuestFsBase,
@@ -883,6 +989,7 @@ impl Vcpu for VmxVcpu {
     }
 
     fn set_time_slice(&mut self, tsc_ticks: u64) {
+        self.activate();
         let value = (tsc_ticks >> self.caps.preemption_shift).clamp(1, u32::MAX.into());
         let _ = write(VmcsField::GuestPreemptionTimer, value);
     }
@@ -892,6 +999,7 @@ impl Vcpu for VmxVcpu {
     }
 
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+        self.activate();
         let r = &self.context.regs;
         writeln!(out, "VT-x vCPU (VMCS at {:#x}, guest RAM {:#x}..{:#x}):", self.vmcs, self.ram.start, self.ram.end)?;
         writeln!(out, "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}", r.rax, r.rbx, r.rcx, r.rdx)?;
@@ -905,13 +1013,199 @@ impl Vcpu for VmxVcpu {
         "VT-x"
     }
 
+    fn save_state(&self) -> Result<VcpuState, StateError> {
+        self.activate();
+        use VmcsField as F;
+        let mut s = VcpuState::empty();
+        s.set_registers(&self.context.regs);
+        s.rsp = read(F::GuestRsp);
+        s.rip = read(F::GuestRip);
+        s.rflags = read(F::GuestRflags);
+        // The guest-visible control registers: host-owned bits come from the read shadows (§25.6.6).
+        s.cr0 = (read(F::GuestCr0) & !CR0_HOST_OWNED) | (read(F::Cr0ReadShadow) & CR0_HOST_OWNED);
+        s.cr4 = (read(F::GuestCr4) & !CR4_HOST_OWNED) | (read(F::Cr4ReadShadow) & CR4_HOST_OWNED);
+        s.cr2 = self.cr2;
+        s.cr3 = read(F::GuestCr3);
+        s.cr8 = 0; // CR8 accesses exit and are refused: the guest's TPR is always 0.
+        s.efer = read(F::GuestIa32Efer);
+        s.pat = read(F::GuestIa32Pat);
+        s.debugctl = read(F::GuestIa32Debugctl);
+        s.dr = [self.debug[0], self.debug[1], self.debug[2], self.debug[3], self.debug[4], read(F::GuestDr7)];
+        s.sysenter = [read(F::GuestSysenterCs), read(F::GuestSysenterEsp), read(F::GuestSysenterEip)];
+        for (i, (selector, base, limit, rights)) in SEGMENT_FIELDS.iter().enumerate() {
+            s.segments[i] = SegmentState {
+                selector: read(*selector) as u16,
+                access_rights: read(*rights) as u32,
+                limit: read(*limit) as u32,
+                base: read(*base),
+                ..SegmentState::default()
+            };
+        }
+        s.gdtr_base = read(F::GuestGdtrBase);
+        s.gdtr_limit = read(F::GuestGdtrLimit) as u32;
+        s.idtr_base = read(F::GuestIdtrBase);
+        s.idtr_limit = read(F::GuestIdtrLimit) as u32;
+        s.interruptibility = read(F::GuestInterruptibility) as u32;
+        s.activity_state = read(F::GuestActivityState) as u32;
+        // An event still owed to the guest: one the hypervisor queued, or one an exit interrupted.
+        if let Some(e) = self.pending_event {
+            let code = if e.error_code.is_some() { INTR_DELIVER_ERROR_CODE } else { 0 };
+            s.pending_event = (INTR_INFO_VALID | INTR_TYPE_HW_EXCEPTION | code | u64::from(e.vector)) as u32;
+            s.pending_error_code = e.error_code.unwrap_or(0);
+        } else if self.last_exit.idt_vectoring & INTR_INFO_VALID != 0 {
+            s.pending_event = (self.last_exit.idt_vectoring & !(1 << 12)) as u32;
+            s.pending_error_code = self.last_exit.idt_vectoring_error as u32;
+            s.pending_instruction_length = self.last_exit.instruction_length as u32;
+        }
+        s.fx = self.context.guest_fx.0;
+        Ok(s)
+    }
+
+    fn load_state(&mut self, s: &VcpuState) -> Result<(), StateError> {
+        self.activate();
+        use VmcsField as F;
+        let c = self.caps;
+        // Values the entry checks would refuse are refused here, before anything is written.
+        let reserved_rflags = s.rflags & !0x003F_7FD7 != 0 || s.rflags & 2 == 0;
+        if reserved_rflags || s.dr[5] >> 32 != 0 || s.cr3 & !0x000F_FFFF_FFFF_FFFF != 0 {
+            return Err(StateError::Hardware { what: "RFLAGS, DR7 or CR3 has reserved bits set" });
+        }
+        let w = |field, value| write(field, value).map_err(|_| StateError::Hardware { what: "VMWRITE" });
+        w(F::GuestRsp, s.rsp)?;
+        w(F::GuestRip, s.rip)?;
+        w(F::GuestRflags, s.rflags)?;
+        w(F::Cr0ReadShadow, s.cr0)?;
+        w(F::Cr4ReadShadow, s.cr4)?;
+        w(F::GuestCr0, controls::fix_control_register(s.cr0, c.cr0_fixed.0, c.cr0_fixed.1))?;
+        w(F::GuestCr4, controls::fix_control_register(s.cr4 | CR4_VMXE, c.cr4_fixed.0, c.cr4_fixed.1))?;
+        w(F::GuestCr3, s.cr3)?;
+        w(F::GuestIa32Efer, s.efer)?;
+        w(F::GuestIa32Pat, s.pat)?;
+        w(F::GuestIa32Debugctl, s.debugctl)?;
+        w(F::GuestDr7, s.dr[5])?;
+        w(F::GuestSysenterCs, s.sysenter[0])?;
+        w(F::GuestSysenterEsp, s.sysenter[1])?;
+        w(F::GuestSysenterEip, s.sysenter[2])?;
+        for (i, (selector, base, limit, rights)) in SEGMENT_FIELDS.iter().enumerate() {
+            let seg = &s.segments[i];
+            w(*selector, seg.selector.into())?;
+            w(*base, seg.base)?;
+            w(*limit, seg.limit.into())?;
+            w(*rights, seg.access_rights.into())?;
+        }
+        w(F::GuestGdtrBase, s.gdtr_base)?;
+        w(F::GuestGdtrLimit, s.gdtr_limit.into())?;
+        w(F::GuestIdtrBase, s.idtr_base)?;
+        w(F::GuestIdtrLimit, s.idtr_limit.into())?;
+        w(F::GuestInterruptibility, s.interruptibility.into())?;
+        w(F::GuestActivityState, s.activity_state.into())?;
+        self.context.regs = s.registers();
+        self.context.guest_fx.0 = s.fx;
+        self.cr2 = s.cr2;
+        self.debug = [s.dr[0], s.dr[1], s.dr[2], s.dr[3], s.dr[4]];
+        self.pending_event = None;
+        self.last_exit = ExitInfo::default();
+        if s.pending_event & INTR_INFO_VALID as u32 != 0 {
+            // Re-delivered on the next entry through the IDT-vectoring path in `run`.
+            self.last_exit.idt_vectoring = s.pending_event.into();
+            self.last_exit.idt_vectoring_error = s.pending_error_code.into();
+            self.last_exit.instruction_length = s.pending_instruction_length.into();
+        }
+        Ok(())
+    }
+
+    fn enable_dirty_log(&mut self, method: DirtyLogMethod, frames: &mut FrameAllocator) -> Result<(), StateError> {
+        self.activate();
+        let unsupported = |what| StateError::Unsupported { backend: "VT-x", what };
+        match method {
+            DirtyLogMethod::Pml if !self.caps.pml() => return Err(unsupported("PML on this CPU")),
+            DirtyLogMethod::AccessedDirty if !self.caps.ept_accessed_dirty() => {
+                return Err(unsupported("EPT accessed/dirty flags on this CPU"))
+            }
+            _ => {}
+        }
+        // Dirty flags live in leaf entries: with 2 MiB leaves one write would stand for 512
+        // pages, so guest RAM is remapped with 4 KiB pages first.
+        let mut new_frames = Vec::new();
+        let ept = {
+            let mut tables = FrameTables { frames: Some(frames), owned: &mut new_frames };
+            let mut ept = PageTable::<EptFormat>::new(&mut tables).map_err(|_| unsupported("memory for 4 KiB EPT"))?;
+            ept.map(&mut tables, 0, self.ram.start, self.ram.len(), false)
+                .map_err(|_| unsupported("memory for 4 KiB EPT"))?;
+            ept
+        };
+        let eptp = controls::ept_pointer(ept.root(), true);
+        let hw = |_| StateError::Hardware { what: "VMWRITE of dirty-logging controls" };
+        if method == DirtyLogMethod::Pml {
+            let page = filled_page(frames, 0).map_err(|_| unsupported("memory for the PML buffer"))?;
+            self.pml_page = Some(page);
+            write(VmcsField::PmlAddress, page).map_err(hw)?;
+            write(VmcsField::GuestPmlIndex, PML_ENTRIES - 1).map_err(hw)?;
+            let secondary = self.caps.secondary | controls::secondary::ENABLE_PML;
+            write(VmcsField::SecondaryProcControls, secondary.into()).map_err(hw)?;
+        }
+        write(VmcsField::EptPointer, eptp).map_err(hw)?;
+        for frame in self.ept_frames.drain(..) {
+            let _ = frames.free(PhysRange::new(frame, PAGE_SIZE));
+        }
+        self.ept = ept;
+        self.eptp = eptp;
+        self.ept_frames = new_frames;
+        self.dirty_method = Some(method);
+        self.invalidate_ept();
+        Ok(())
+    }
+
+    fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), StateError> {
+        self.activate();
+        let Some(method) = self.dirty_method else {
+            return Err(StateError::Unsupported { backend: "VT-x", what: "collecting before dirty logging is on" });
+        };
+        if let (DirtyLogMethod::Pml, Some(page)) = (method, self.pml_page) {
+            // §29.3.6: the CPU writes entries from index 511 downwards and decrements the index;
+            // valid entries are index+1..=511 (all 512 after a log-full exit, when it wrapped).
+            let index = read(VmcsField::GuestPmlIndex) & 0xFFFF;
+            let first = if index >= PML_ENTRIES { 0 } else { index + 1 };
+            // SAFETY: `page` is this vCPU's PML buffer: identity-mapped, 4 KiB, and the guest is
+            // not running.
+            let entries = unsafe { &*(page as *const [u64; 512]) };
+            for gpa in &entries[first as usize..] {
+                log.mark(gpa >> 12);
+            }
+            write(VmcsField::GuestPmlIndex, PML_ENTRIES - 1)
+                .map_err(|_| StateError::Hardware { what: "VMWRITE of the PML index" })?;
+        }
+        // Clear every dirty flag so the next write is seen again (logged by PML on its 0->1
+        // transition, or found by the next scan).
+        let by_scan = method == DirtyLogMethod::AccessedDirty;
+        let mut tables = FrameTables { frames: None, owned: &mut self.ept_frames };
+        self.ept.for_each_leaf(&mut tables, &mut |gpa, _, entry| {
+            if *entry & EPT_DIRTY != 0 {
+                if by_scan {
+                    log.mark(gpa >> 12);
+                }
+                *entry &= !EPT_DIRTY;
+            }
+        });
+        self.invalidate_ept();
+        Ok(())
+    }
+
     fn release(&mut self, frames: &mut FrameAllocator) {
         // SAFETY: VMX is on and the VMCS is ours; VMCLEAR flushes it so the page can be reused.
         let _ = unsafe { insn::vmclear(self.vmcs) };
+        // VMCLEAR of the current VMCS leaves no current VMCS (§31.3).
+        let _ = CURRENT_VMCS.compare_exchange(
+            self.vmcs,
+            0,
+            core::sync::atomic::Ordering::Relaxed,
+            core::sync::atomic::Ordering::Relaxed,
+        );
         let mut pages = Vec::new();
         pages.push(self.vmcs);
         pages.extend_from_slice(&self.bitmaps);
         pages.append(&mut self.ept_frames);
+        pages.extend(self.pml_page.take());
         for page in pages {
             if let Err(e) = frames.free(PhysRange::new(page, PAGE_SIZE)) {
                 log::error!("VT-x: freeing vCPU page {page:#x}: {e}");

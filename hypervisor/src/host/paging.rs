@@ -87,7 +87,7 @@ fn child(entry: u64) -> &'static mut Table {
 pub struct FrameTables<'a> {
     /// Where new tables come from; `None` for walking existing tables only.
     pub frames: Option<&'a mut FrameAllocator>,
-    /// The frames holding the tables.
+    /// The frames holding the tables, sorted.
     pub owned: &'a mut alloc::vec::Vec<u64>,
 }
 
@@ -98,12 +98,14 @@ impl crate::memory::pagetable::TableMemory for FrameTables<'_> {
         let frame = frames.allocate_frame()?;
         // SAFETY: the frame was just allocated, is identity-mapped, page-aligned and unshared.
         unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE_SIZE as usize) };
-        self.owned.push(frame);
+        // Kept sorted so `table` can check ownership with a binary search.
+        let at = self.owned.binary_search(&frame).unwrap_or_else(|i| i);
+        self.owned.insert(at, frame);
         Ok(frame)
     }
 
     fn table(&mut self, phys: u64) -> &mut [u64; 512] {
-        assert!(self.owned.contains(&phys), "table {phys:#x} does not belong to this page table");
+        assert!(self.owned.binary_search(&phys).is_ok(), "table {phys:#x} does not belong to this page table");
         // SAFETY: `phys` is one of our own table frames (checked above), identity-mapped, and
         // only reached through this `&mut self`.
         unsafe { &mut *(phys as *mut [u64; 512]) }

@@ -206,6 +206,24 @@ impl<F: EntryFormat> PageTable<F> {
         }
     }
 
+    /// Applies `f` to the leaf entry mapping `guest`; false if nothing maps it.
+    pub fn update_leaf(&self, mem: &mut dyn TableMemory, guest: u64, f: &mut dyn FnMut(&mut u64)) -> bool {
+        let mut table = self.root;
+        for level in (0..=3).rev() {
+            let i = index(guest, level);
+            let entry = mem.table(table)[i];
+            if !F::is_present(entry) {
+                return false;
+            }
+            if level == 0 || (level == 1 && F::is_large(entry)) {
+                f(&mut mem.table(table)[i]);
+                return true;
+            }
+            table = entry & ADDRESS_MASK;
+        }
+        false
+    }
+
     /// The leaf mapping `guest`: its host address and size.
     pub fn translate(&self, mem: &mut dyn TableMemory, guest: u64) -> Option<(u64, PageSize)> {
         let mut table = self.root;
@@ -338,6 +356,22 @@ mod tests {
         assert_eq!(pt.map(&mut mem, 0x5000, 0, 0x1000, true), Err(MapError::AlreadyMapped { guest: 0x5000 }));
         assert!(matches!(pt.map(&mut mem, 0x123, 0, 0x1000, true), Err(MapError::Misaligned { .. })));
         assert!(matches!(pt.map(&mut mem, 1 << 48, 0, 0x1000, true), Err(MapError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn update_leaf_reaches_one_entry() {
+        let mut mem = VecTables::default();
+        let mut pt = PageTable::<EptFormat>::new(&mut mem).unwrap();
+        pt.map(&mut mem, 0, 0, 0x3000, false).unwrap();
+        assert!(pt.update_leaf(&mut mem, 0x2fff, &mut |e| *e |= EPT_DIRTY));
+        assert!(!pt.update_leaf(&mut mem, 0x3000, &mut |e| *e |= EPT_DIRTY));
+        let mut dirty = Vec::new();
+        pt.for_each_leaf(&mut mem, &mut |addr, _, e| {
+            if *e & EPT_DIRTY != 0 {
+                dirty.push(addr);
+            }
+        });
+        assert_eq!(dirty, [0x2000]);
     }
 
     #[test]

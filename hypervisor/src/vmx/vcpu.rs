@@ -1161,6 +1161,7 @@ impl Vcpu for VmxVcpu {
         let Some(method) = self.dirty_method else {
             return Err(StateError::Unsupported { backend: "VT-x", what: "collecting before dirty logging is on" });
         };
+        let mut tables = FrameTables { frames: None, owned: &mut self.ept_frames };
         if let (DirtyLogMethod::Pml, Some(page)) = (method, self.pml_page) {
             // §29.3.6: the CPU writes entries from index 511 downwards and decrements the index;
             // valid entries are index+1..=511 (all 512 after a log-full exit, when it wrapped).
@@ -1169,24 +1170,24 @@ impl Vcpu for VmxVcpu {
             // SAFETY: `page` is this vCPU's PML buffer: identity-mapped, 4 KiB, and the guest is
             // not running.
             let entries = unsafe { &*(page as *const [u64; 512]) };
-            for gpa in &entries[first as usize..] {
+            for &gpa in &entries[first as usize..] {
                 log.mark(gpa >> 12);
+                // PML logs a page when its EPT dirty flag goes from 0 to 1: clearing the flag of
+                // each logged page (and only those: no other flag is set) re-arms it, in time
+                // proportional to the dirty pages, not to guest RAM.
+                self.ept.update_leaf(&mut tables, gpa & !0xFFF, &mut |entry| *entry &= !EPT_DIRTY);
             }
             write(VmcsField::GuestPmlIndex, PML_ENTRIES - 1)
                 .map_err(|_| StateError::Hardware { what: "VMWRITE of the PML index" })?;
-        }
-        // Clear every dirty flag so the next write is seen again (logged by PML on its 0->1
-        // transition, or found by the next scan).
-        let by_scan = method == DirtyLogMethod::AccessedDirty;
-        let mut tables = FrameTables { frames: None, owned: &mut self.ept_frames };
-        self.ept.for_each_leaf(&mut tables, &mut |gpa, _, entry| {
-            if *entry & EPT_DIRTY != 0 {
-                if by_scan {
+        } else {
+            // A/D scan: every leaf with its dirty flag set was written; clear it for next time.
+            self.ept.for_each_leaf(&mut tables, &mut |gpa, _, entry| {
+                if *entry & EPT_DIRTY != 0 {
                     log.mark(gpa >> 12);
+                    *entry &= !EPT_DIRTY;
                 }
-                *entry &= !EPT_DIRTY;
-            }
-        });
+            });
+        }
         self.invalidate_ept();
         Ok(())
     }

@@ -274,6 +274,8 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     }
     let _ = writeln!(out, ": {}", info.message());
     let _ = writeln!(out, "{:#x?}", hypervisor::host::cpu::control_registers());
+    // The vCPU the hypervisor was running, if any (VMCS fields; VMREAD is safe only with VMX on).
+    hypervisor::vmx::panic_dump(&mut out);
     let _ = heap::HEAP.try_lock().map(|h| writeln!(out, "heap: {} of {} bytes used", h.used(), h.size()));
     shutdown::exit(shutdown::ExitStatus::Failure)
 }

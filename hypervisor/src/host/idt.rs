@@ -309,5 +309,6 @@ extern "C" fn colo_exception_dispatch(frame: &mut ExceptionFrame) {
     let _ = writeln!(out, "  r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}", f.r9, f.r10, f.r11, f.r12);
     let _ = writeln!(out, "  r13={:#018x} r14={:#018x} r15={:#018x}", f.r13, f.r14, f.r15);
     let _ = writeln!(out, "  cr0={:#018x} cr3={:#018x} cr4={:#018x} efer={:#018x}", cr.cr0, cr.cr3, cr.cr4, cr.efer);
+    crate::vmx::panic_dump(&mut out);
     shutdown::exit(shutdown::ExitStatus::Failure)
 }

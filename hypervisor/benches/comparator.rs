@@ -9,11 +9,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use hypervisor::colo::comparator::{ComparatorLimits, OutputComparator, Verdict};
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr,
-    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-};
+use hypervisor::colo::frames;
+use smoltcp::wire::{Ipv4Address, TcpControl};
 
 const CONNS: u16 = 8;
 const STREAM: usize = 1 << 20; // per connection per round
@@ -22,41 +19,8 @@ const SVM_SEG: usize = 1000;
 const ROUNDS: usize = 6;
 
 fn tcp(port: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
-    let src = Ipv4Address::new(10, 0, 0, 1);
-    let dst = Ipv4Address::new(10, 0, 0, 2);
-    let repr = TcpRepr {
-        src_port: port,
-        dst_port: 40000,
-        control: TcpControl::None,
-        seq_number: TcpSeqNumber(seq as i32),
-        ack_number: Some(TcpSeqNumber(1)),
-        window_len: 65535,
-        window_scale: None,
-        max_seg_size: None,
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload,
-    };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: IpProtocol::Tcp,
-        payload_len: repr.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0u8; 14 + 20 + repr.buffer_len()];
-    EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
-        ethertype: EthernetProtocol::Ipv4,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
-    let caps = ChecksumCapabilities::default();
-    let mut p = Ipv4Packet::new_unchecked(&mut buf[14..]);
-    ip.emit(&mut p, &caps);
-    repr.emit(&mut TcpPacket::new_unchecked(p.payload_mut()), &src.into(), &dst.into(), &caps);
-    buf
+    let (src, dst) = (Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2));
+    frames::tcp_v4(src, dst, &frames::tcp_repr((port, 40000), seq, Some(1), TcpControl::None, 65535, payload))
 }
 
 fn segments(port: u16, isn: u32, base: usize, stream: &[u8], size: usize) -> Vec<Vec<u8>> {

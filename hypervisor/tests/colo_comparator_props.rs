@@ -7,64 +7,21 @@
 //! number of checkpoints no frame is lost or duplicated.
 
 use hypervisor::colo::comparator::{CheckpointRequest, ComparatorLimits, OutputComparator, Verdict};
+use hypervisor::colo::frames;
 use hypervisor::colo::packet::parse_frame;
 use proptest::prelude::*;
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr,
-    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
-};
+use smoltcp::wire::{Ipv4Address, TcpControl};
 
 const SRV: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
 const CLI: Ipv4Address = Ipv4Address::new(10, 0, 0, 2);
 
-fn ip_frame(proto: IpProtocol, l4_len: usize, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
-    let ip = Ipv4Repr { src_addr: SRV, dst_addr: CLI, next_header: proto, payload_len: l4_len, hop_limit: 64 };
-    let mut buf = vec![0u8; 14 + 20 + l4_len];
-    EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
-        ethertype: EthernetProtocol::Ipv4,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
-    let mut p = Ipv4Packet::new_unchecked(&mut buf[14..]);
-    ip.emit(&mut p, &ChecksumCapabilities::default());
-    fill(p.payload_mut());
-    buf
-}
-
 /// A server-to-client TCP frame.
 fn tcp(port: u16, seq: u32, ctl: TcpControl, payload: &[u8]) -> Vec<u8> {
-    let repr = TcpRepr {
-        src_port: port,
-        dst_port: 40000,
-        control: ctl,
-        seq_number: TcpSeqNumber(seq as i32),
-        ack_number: Some(TcpSeqNumber(1)),
-        window_len: 1000,
-        window_scale: None,
-        max_seg_size: None,
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload,
-    };
-    ip_frame(IpProtocol::Tcp, repr.buffer_len(), |b| {
-        repr.emit(&mut TcpPacket::new_unchecked(b), &SRV.into(), &CLI.into(), &ChecksumCapabilities::default())
-    })
+    frames::tcp_v4(SRV, CLI, &frames::tcp_repr((port, 40000), seq, Some(1), ctl, 1000, payload))
 }
 
 fn udp(port: u16, payload: &[u8]) -> Vec<u8> {
-    ip_frame(IpProtocol::Udp, 8 + payload.len(), |b| {
-        UdpRepr { src_port: port, dst_port: 9 }.emit(
-            &mut UdpPacket::new_unchecked(b),
-            &SRV.into(),
-            &CLI.into(),
-            payload.len(),
-            |p| p.copy_from_slice(payload),
-            &ChecksumCapabilities::default(),
-        )
-    })
+    frames::udp_v4(SRV, CLI, (port, 9), payload)
 }
 
 /// Cut `len` bytes at the given (unsorted, possibly duplicate) points into ranges.

@@ -1077,49 +1077,21 @@ mod tests {
     use super::*;
     use alloc::vec;
     use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr,
-        TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
-    };
+    use smoltcp::wire::{IpProtocol, Ipv4Address, TcpControl, UdpPacket, UdpRepr};
 
     const SRV: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
     const CLI: Ipv4Address = Ipv4Address::new(10, 0, 0, 2);
 
     fn ip_frame(proto: IpProtocol, l4_len: usize, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
-        let ip = Ipv4Repr { src_addr: SRV, dst_addr: CLI, next_header: proto, payload_len: l4_len, hop_limit: 64 };
-        let mut buf = vec![0u8; 14 + 20 + l4_len];
-        let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
-        EthernetRepr {
-            src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
-            dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
-            ethertype: EthernetProtocol::Ipv4,
-        }
-        .emit(&mut f);
-        let mut p = Ipv4Packet::new_unchecked(&mut buf[14..]);
-        ip.emit(&mut p, &ChecksumCapabilities::default());
-        fill(p.payload_mut());
-        buf
+        crate::colo::frames::ipv4_frame(SRV, CLI, proto, l4_len, fill)
     }
 
     fn seg(port: u16, seq: u32, ack: Option<u32>, ctl: TcpControl, payload: &[u8]) -> Vec<u8> {
-        let repr = TcpRepr {
-            src_port: port,
-            dst_port: 40000,
-            control: ctl,
-            seq_number: TcpSeqNumber(seq as i32),
-            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-            window_len: 1000,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload,
-        };
-        ip_frame(IpProtocol::Tcp, repr.buffer_len(), |b| {
-            let mut t = TcpPacket::new_unchecked(b);
-            repr.emit(&mut t, &SRV.into(), &CLI.into(), &ChecksumCapabilities::default());
-        })
+        crate::colo::frames::tcp_v4(
+            SRV,
+            CLI,
+            &crate::colo::frames::tcp_repr((port, 40000), seq, ack, ctl, 1000, payload),
+        )
     }
 
     fn data(seq: u32, payload: &[u8]) -> Vec<u8> {

@@ -2,6 +2,7 @@
 //!
 //! Pure `no_std` logic, host-tested, no hardware access. One module per rule of the protocol
 //! (see `docs/architecture.md`):
+//! - [`frames`]: building well-formed frames (tests, benches, frames the hypervisor sends);
 //! - [`packet`]: frame parsing (smoltcp wire) into the flow keys and payloads the comparator needs;
 //! - [`comparator`]: per-connection `OutputComparator` that releases PVM output the SVM matched;
 //! - [`rewriter`]: `SequenceRewriter`, SVM-side TCP seq/ack translation;
@@ -14,5 +15,6 @@ pub mod block;
 pub mod checkpoint;
 pub mod comparator;
 pub mod failover;
+pub mod frames;
 pub mod packet;
 pub mod rewriter;

@@ -477,8 +477,8 @@ mod tests {
     use super::*;
     use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::{
-        EthernetAddress, EthernetRepr, Icmpv4Repr, Ipv4Address, Ipv4Repr, Ipv6Address, Ipv6Repr, TcpControl, TcpRepr,
-        TcpSeqNumber, UdpRepr,
+        EthernetRepr, Icmpv4Repr, Ipv4Address, Ipv4Repr, Ipv6Address, Ipv6Repr, TcpControl, TcpRepr, TcpSeqNumber,
+        UdpRepr,
     };
 
     const A: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
@@ -486,44 +486,12 @@ mod tests {
 
     fn eth(buf: &mut [u8], ty: EthernetProtocol) {
         let mut f = EthernetFrame::new_unchecked(buf);
-        EthernetRepr {
-            src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
-            dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
-            ethertype: ty,
-        }
-        .emit(&mut f);
+        EthernetRepr { src_addr: crate::colo::frames::SRC_MAC, dst_addr: crate::colo::frames::DST_MAC, ethertype: ty }
+            .emit(&mut f);
     }
 
     pub(crate) fn tcp4(seq: u32, ack: Option<u32>, ctl: TcpControl, payload: &[u8]) -> Vec<u8> {
-        let repr = TcpRepr {
-            src_port: 80,
-            dst_port: 4000,
-            control: ctl,
-            seq_number: TcpSeqNumber(seq as i32),
-            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-            window_len: 1000,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload,
-        };
-        let ip = Ipv4Repr {
-            src_addr: A,
-            dst_addr: B,
-            next_header: IpProtocol::Tcp,
-            payload_len: repr.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut buf = vec![0u8; 14 + ip.buffer_len() + repr.buffer_len()];
-        eth(&mut buf, EthernetProtocol::Ipv4);
-        let caps = ChecksumCapabilities::default();
-        let mut p = Ipv4Packet::new_unchecked(&mut buf[14..]);
-        ip.emit(&mut p, &caps);
-        let mut t = TcpPacket::new_unchecked(p.payload_mut());
-        repr.emit(&mut t, &A.into(), &B.into(), &caps);
-        buf
+        crate::colo::frames::tcp_v4(A, B, &crate::colo::frames::tcp_repr((80, 4000), seq, ack, ctl, 1000, payload))
     }
 
     #[test]

@@ -150,6 +150,8 @@ pub struct Guest {
     pub handler: ExitHandler,
     /// Its clock.
     pub clock: GuestClock,
+    /// False until the first entry: a guest's time starts when it first runs.
+    clock_running: bool,
     /// Host TSC cycles from entry to exit for hypercall exits: (min, sum, count).
     pub hypercall_cycles: (u64, u64, u64),
     /// Its paravirtual devices (`mac=` gives it a NIC, `disk=NAME` the module `disk-NAME`).
@@ -229,6 +231,7 @@ impl Guest {
             vcpu,
             handler: ExitHandler::new(time_limit_ms * TICKS_PER_SECOND / 1000),
             clock: GuestClock::starting_at(0),
+            clock_running: false,
             hypercall_cycles: (u64::MAX, 0, 0),
             devices: GuestDevices { net: mac.map(PvNet::new), block: None },
             device_hooks,
@@ -261,6 +264,11 @@ impl Guest {
 
     /// Enters the guest once, handles the exit and applies the decision; `Some` when it ended.
     pub fn step(&mut self) -> Option<GuestEnd> {
+        if !self.clock_running {
+            // Keep the base (0, or a restored snapshot's ticks); count from the first entry.
+            self.clock = GuestClock::starting_at(self.clock.base);
+            self.clock_running = true;
+        }
         if let Some(end) = self.handler.check_time_limit(self.clock.ticks()) {
             return Some(self.finish(end));
         }

@@ -152,6 +152,8 @@ pub struct Guest {
     pub clock: GuestClock,
     /// False until the first entry: a guest's time starts when it first runs.
     clock_running: bool,
+    /// The preemption time slice in host TSC ticks (`time_slice_us=` on the module line).
+    time_slice_tsc: u64,
     /// Host TSC cycles from entry to exit for hypercall exits: (min, sum, count).
     pub hypercall_cycles: (u64, u64, u64),
     /// Its paravirtual devices (`mac=` gives it a NIC, `disk=NAME` the module `disk-NAME`).
@@ -232,6 +234,12 @@ impl Guest {
             handler: ExitHandler::new(time_limit_ms * TICKS_PER_SECOND / 1000),
             clock: GuestClock::starting_at(0),
             clock_running: false,
+            time_slice_tsc: module
+                .cmdline
+                .split_ascii_whitespace()
+                .find_map(|w| w.strip_prefix("time_slice_us=")?.parse::<u64>().ok())
+                .filter(|us| (10..=1_000_000).contains(us))
+                .map_or(TIME_SLICE_MS * time::tsc_per_ms(), |us| us * time::tsc_per_ms() / 1000),
             hypercall_cycles: (u64::MAX, 0, 0),
             devices: GuestDevices { net: mac.map(PvNet::new), block: None },
             device_hooks,
@@ -273,7 +281,7 @@ impl Guest {
             return Some(self.finish(end));
         }
         poll_network(&mut self.last_net_poll);
-        self.vcpu.set_time_slice(TIME_SLICE_MS * time::tsc_per_ms());
+        self.vcpu.set_time_slice(self.time_slice_tsc);
         let entered = time::rdtsc();
         let exit = match self.vcpu.run() {
             Ok(exit) => exit,

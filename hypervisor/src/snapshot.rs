@@ -224,6 +224,7 @@ pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, Snapsh
     }
     let clock_ticks = clock_ticks.ok_or(SnapshotError::Device { id: CLOCK_DEVICE, what: "missing" })?;
     let console = console.ok_or(SnapshotError::Device { id: CONSOLE_DEVICE, what: "missing" })?;
+    guest.vcpu.check_state(&state)?;
     let report = checkpoint.apply_to(&mut guest.memory()).map_err(SnapshotError::Apply)?;
     guest.vcpu.load_state(&state)?;
     guest.handler.set_msrs(state.handler_msrs);

@@ -1,12 +1,14 @@
 //! Suite `amdv`: the AMD-V backend (SVM with nested paging) under QEMU TCG (`-cpu max`: SVM and
 //! NPT, no NRIPS, so the hypervisor decodes instruction lengths itself) and under Bochs' Ryzen
 //! model (SVM, NPT and NRIPS). The scenarios are the ones the `vtx` suite runs
-//! (`qemu_tests::guests`); only the platform differs.
+//! (`qemu_tests::guests`), and the `snapshot` suite's dirty-count and snapshot/restore scenarios
+//! (with NPT dirty-bit scanning, `dirty_log=ad`: AMD-V has no PML); only the platform differs.
 
 use std::time::Duration;
 
 use qemu_tests::guests::{
-    cpuid_msr_and_io_exits_behave, isolation_guests_are_contained, reference_guest_runs, Platform,
+    cpuid_msr_and_io_exits_behave, dirty_pages_are_counted_exactly, isolation_guests_are_contained,
+    reference_guest_runs, snapshot_restore_reproduces_output, Platform,
 };
 use qemu_tests::Emulator;
 
@@ -46,4 +48,24 @@ fn reference_guest_runs_under_amdv_bochs() {
 #[test]
 fn isolation_guests_are_contained_under_amdv_bochs() {
     isolation_guests_are_contained(&BOCHS_AMDV);
+}
+
+#[test]
+fn dirty_pages_are_counted_exactly_with_npt_dirty_bits_under_amdv_qemu() {
+    dirty_pages_are_counted_exactly(&QEMU_AMDV, "ad", &[1, 37, 300]);
+}
+
+#[test]
+fn dirty_pages_are_counted_exactly_with_npt_dirty_bits_under_amdv_bochs() {
+    dirty_pages_are_counted_exactly(&BOCHS_AMDV, "ad", &[1, 37, 300]);
+}
+
+#[test]
+fn snapshot_restore_reproduces_output_under_amdv_qemu() {
+    snapshot_restore_reproduces_output(&QEMU_AMDV);
+}
+
+#[test]
+fn snapshot_restore_reproduces_output_under_amdv_bochs() {
+    snapshot_restore_reproduces_output(&BOCHS_AMDV);
 }

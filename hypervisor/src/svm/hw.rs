@@ -15,6 +15,7 @@ use x86_64::registers::model_specific::Msr;
 
 use super::decode::{self, Instruction};
 use super::npt::{NestedPageTables, DIRTY_TRACKING};
+use super::state::{self as conv, AmdEvent};
 use super::timer::{self, ApicTimer, NmiWatchdog};
 use super::vmcb::{
     attrib, exit_code, intercept3, intercept4, intercept_cr, npf_info, tlb_control, IoExitInfo, Segment, Vmcb,
@@ -23,9 +24,13 @@ use super::vmcb::{
 use super::SvmFeatures;
 use crate::host::{cpu, idt};
 use crate::memory::pagetable::{MapError, TableMemory};
-use crate::memory::{FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
+use crate::memory::{DirtyLog, FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use crate::vcpu::cpuid::CpuidValues;
-use crate::vcpu::{Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, Vcpu, VcpuError, VmExit};
+use crate::vcpu::state::{seg, SegmentState};
+use crate::vcpu::{
+    DirtyLogMethod, Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, StateError, Vcpu, VcpuError,
+    VcpuState, VmExit,
+};
 
 /// EFER.SVME (APM Vol. 2 §3.1.7).
 const EFER_SVME: u64 = 1 << 12;
@@ -277,6 +282,9 @@ impl SvmBackend {
             next_rip: None,
             last_exit: None,
             flush_on_entry: true,
+            debug: [0; 4],
+            soft_event: None,
+            dirty_logging: false,
             stats: SwitchStats::default(),
         };
         vcpu.ctx.guest_fx = vcpu.guest_fx.0.as_mut_ptr() as u64;
@@ -420,6 +428,52 @@ extern "C" {
     fn colo_svm_run(ctx: *mut SwitchContext);
 }
 
+/// Loads the guest's DR0-DR3 just before VMRUN. The VMCB holds DR6 and DR7 (switched by VMRUN and
+/// #VMEXIT, APM Vol. 2 §15.5.1 and Table B-2) but not DR0-DR3, which keep whatever value they have
+/// across the world switch: a guest writes them directly (DR accesses are not intercepted), so
+/// each vCPU's values are put back before it runs and read after it exits.
+///
+/// # Safety
+/// Called right before the world switch with interrupts off. The host never arms breakpoints
+/// (its DR7 has no enable bits set), so the addresses in DR0-DR3 have no effect on the host.
+unsafe fn load_guest_debug(dr: &[u64; 4]) {
+    // SAFETY: as above; writing DR0-DR3 at CPL 0 has no other side effect.
+    unsafe {
+        core::arch::asm!(
+            "mov dr0, {d0}", "mov dr1, {d1}", "mov dr2, {d2}", "mov dr3, {d3}",
+            d0 = in(reg) dr[0], d1 = in(reg) dr[1], d2 = in(reg) dr[2], d3 = in(reg) dr[3],
+            options(nostack, nomem)
+        );
+    }
+}
+
+/// Reads the guest's DR0-DR3 right after #VMEXIT.
+fn read_guest_debug() -> [u64; 4] {
+    let (d0, d1, d2, d3): (u64, u64, u64, u64);
+    // SAFETY: reading debug registers at CPL 0 has no side effects.
+    unsafe {
+        core::arch::asm!(
+            "mov {d0}, dr0", "mov {d1}, dr1", "mov {d2}, dr2", "mov {d3}, dr3",
+            d0 = out(reg) d0, d1 = out(reg) d1, d2 = out(reg) d2, d3 = out(reg) d3,
+            options(nostack, nomem)
+        );
+    }
+    [d0, d1, d2, d3]
+}
+
+/// The processor's MXCSR_MASK (FXSAVE image bytes 28..32; 0 means the default 0xFFBF, APM Vol. 5
+/// FXSAVE): the MXCSR bits FXRSTOR accepts.
+fn mxcsr_mask() -> u32 {
+    let mut area = FxArea([0; 512]);
+    // SAFETY: `area` is a 512-byte, 16-byte-aligned buffer on this stack frame; FXSAVE64 only
+    // writes it and reads the FPU/SSE state (CR4.OSFXSR is set by the boot stub).
+    unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) area.0.as_mut_ptr(), options(nostack)) };
+    match u32::from_le_bytes([area.0[28], area.0[29], area.0[30], area.0[31]]) {
+        0 => 0xFFBF,
+        mask => mask,
+    }
+}
+
 /// World-switch timings, in host TSC ticks.
 #[derive(Clone, Copy, Debug, Default)]
 struct SwitchStats {
@@ -457,6 +511,14 @@ pub struct SvmVcpu {
     next_rip: Option<u64>,
     last_exit: Option<VmExit>,
     flush_on_entry: bool,
+    /// Guest DR0-DR3: not in the VMCB (DR6 and DR7 are), so switched around every VMRUN.
+    debug: [u64; 4],
+    /// A software event `load_state` queued with RIP already past its instruction (AMD-V pushes
+    /// the VMCB's RIP), kept as (VT-x information, instruction length) so a capture before the
+    /// next VMRUN reports it as it was loaded.
+    soft_event: Option<(u32, u32)>,
+    /// Guest RAM is mapped with 4 KiB nested pages and their dirty bits are being collected.
+    dirty_logging: bool,
     stats: SwitchStats,
 }
 
@@ -739,6 +801,8 @@ impl Vcpu for SvmVcpu {
                 if self.stats.host_side_min == 0 { host_side } else { self.stats.host_side_min.min(host_side) };
         }
         let ctx: *mut SwitchContext = &mut *self.ctx;
+        // SAFETY: interrupts are off (see below) and the host does not use breakpoints.
+        unsafe { load_guest_debug(&self.debug) };
         // SAFETY: interrupts are disabled (the hypervisor never enables them outside `drain`);
         // EFER.SVME and VM_HSAVE_PA are set (`SvmBackend::enable`); the VMCB at
         // `ctx.guest_vmcb_pa` passed VMRUN's checks by construction (`load_entry_state`) or
@@ -747,6 +811,7 @@ impl Vcpu for SvmVcpu {
         // FS/GS/TR/LDTR/syscall MSRs and FPU/SSE state.
         unsafe { colo_svm_run(ctx) };
         let end = crate::host::time::rdtsc();
+        self.debug = read_guest_debug();
         self.timer.disarm();
         self.watchdog.disarm();
         let ticks_after = ApicTimer::drain();
@@ -755,8 +820,13 @@ impl Vcpu for SvmVcpu {
         let v = self.vmcb_mut();
         v.control.event_injection = 0;
         v.control.tlb_control = tlb_control::DO_NOTHING;
+        let delivery_interrupted = v.control.exit_int_info & EVENTINJ_VALID != 0;
         let guest_rax = v.save.rax;
         self.ctx.regs.rax = guest_rax;
+        if !delivery_interrupted {
+            // A software event `load_state` queued has been delivered.
+            self.soft_event = None;
+        }
         let exit = self.translate_exit(timer_fired);
         self.last_exit = Some(exit);
 
@@ -875,6 +945,194 @@ impl Vcpu for SvmVcpu {
 
     fn backend_name(&self) -> &'static str {
         "AMD-V"
+    }
+
+    fn save_state(&self) -> Result<VcpuState, StateError> {
+        let v = self.vmcb();
+        let (c, sv) = (&v.control, &v.save);
+        let mut s = VcpuState::empty();
+        s.set_registers(&self.ctx.regs);
+        s.rsp = sv.rsp;
+        s.rip = sv.rip;
+        s.rflags = sv.rflags;
+        // AMD-V has no read shadows: CR0/CR4 reads are not intercepted, so the guest sees the
+        // VMCB's values (writes exit and are refused, so they are always the entry values).
+        s.cr0 = sv.cr0;
+        s.cr2 = sv.cr2;
+        s.cr3 = sv.cr3;
+        s.cr4 = sv.cr4;
+        // With V_INTR_MASKING, guest CR8 accesses go to V_TPR (APM Vol. 2 §15.21.1).
+        s.cr8 = c.virtual_interrupt & 0xF;
+        // EFER.SVME is set for VMRUN's sake only (§15.5.1); the guest never sees it.
+        s.efer = sv.efer & !EFER_SVME;
+        s.pat = sv.g_pat;
+        s.debugctl = sv.dbgctl;
+        s.dr = [self.debug[0], self.debug[1], self.debug[2], self.debug[3], sv.dr6, sv.dr7];
+        s.sysenter = [sv.sysenter_cs, sv.sysenter_esp, sv.sysenter_eip];
+        // The VMCB copies (VMSAVE after every #VMEXIT); the snapshot code then puts the exit
+        // handler's store over them, which is what the guest reads back.
+        s.handler_msrs = [sv.star, sv.lstar, sv.cstar, sv.sfmask, sv.kernel_gs_base, 0];
+        for (i, vs) in [sv.es, sv.cs, sv.ss, sv.ds, sv.fs, sv.gs, sv.ldtr, sv.tr].iter().enumerate() {
+            s.segments[i] = SegmentState {
+                selector: vs.selector,
+                access_rights: conv::access_rights_from_attrib(vs.attrib),
+                limit: vs.limit,
+                base: vs.base,
+                ..SegmentState::default()
+            };
+        }
+        // The VMCB keeps CPL in its own field (§15.5.1); the VT-x layout has it as SS.DPL.
+        let ss = &mut s.segments[seg::SS].access_rights;
+        *ss = (*ss & !(3 << 5)) | (u32::from(sv.cpl & 3) << 5);
+        s.gdtr_base = sv.gdtr.base;
+        s.gdtr_limit = sv.gdtr.limit;
+        s.idtr_base = sv.idtr.base;
+        s.idtr_limit = sv.idtr.limit;
+        s.interruptibility = conv::interruptibility_from_shadow(c.interrupt_shadow);
+        // HLT is intercepted: the vCPU is never halted in hardware.
+        s.activity_state = 0;
+        // An event still owed to the guest: one queued in EVENTINJ (by the handler or by
+        // `load_state`), or one whose delivery an intercept interrupted (EXITINTINFO, §15.7.2),
+        // which the next VMRUN re-injects.
+        let event = if c.event_injection & EVENTINJ_VALID != 0 { c.event_injection } else { c.exit_int_info };
+        if event & EVENTINJ_VALID != 0 {
+            if let Some((info, length)) = self.soft_event {
+                // Loaded as a VT-x software event: RIP was moved past the instruction for
+                // AMD-V's sake; report it as it was loaded.
+                s.pending_event = info;
+                s.pending_error_code = 0;
+                s.pending_instruction_length = length;
+                s.rip = sv.rip.wrapping_sub(length.into());
+            } else {
+                let (info, code) = conv::event_to_vtx(event).ok_or(StateError::Unsupported {
+                    backend: "AMD-V",
+                    what: "capturing a pending event of a reserved EVENTINJ type",
+                })?;
+                s.pending_event = info;
+                s.pending_error_code = code;
+                if conv::is_software_interrupt(event) {
+                    // An INTn whose delivery was intercepted: RIP is the INTn, NextRIP past it.
+                    let length = c.next_rip.wrapping_sub(sv.rip);
+                    if !self.features.nrips || !(1..=15).contains(&length) {
+                        return Err(StateError::Unsupported {
+                            backend: "AMD-V",
+                            what: "capturing an interrupted INTn without NextRIP (no NRIPS)",
+                        });
+                    }
+                    s.pending_instruction_length = length as u32;
+                }
+            }
+        }
+        s.fx = self.guest_fx.0;
+        Ok(s)
+    }
+
+    fn check_state(&self, s: &VcpuState) -> Result<(), StateError> {
+        conv::check_loadable(s, mxcsr_mask())?;
+        conv::event_from_vtx(s.pending_event, s.pending_error_code, s.pending_instruction_length)?;
+        conv::shadow_from_interruptibility(s.interruptibility)?;
+        for state in &s.segments {
+            conv::attrib_from_access_rights(state.access_rights)?;
+        }
+        Ok(())
+    }
+
+    fn load_state(&mut self, s: &VcpuState) -> Result<(), StateError> {
+        // Everything VMRUN, FXRSTOR or EVENTINJ would refuse is refused here, before anything is
+        // written: a load is all or nothing.
+        self.check_state(s)?;
+        let event = conv::event_from_vtx(s.pending_event, s.pending_error_code, s.pending_instruction_length)?;
+        let shadow = conv::shadow_from_interruptibility(s.interruptibility)?;
+        let mut segments = [Segment::default(); 8];
+        for (out, state) in segments.iter_mut().zip(&s.segments) {
+            let attrib = conv::attrib_from_access_rights(state.access_rights)?;
+            *out = Segment::new(state.selector, attrib, state.limit, state.base);
+        }
+        // Nothing below can fail.
+        let advance = event.map_or(0, |e: AmdEvent| u64::from(e.rip_advance));
+        let v = self.vmcb_mut();
+        let sv = &mut v.save;
+        [sv.es, sv.cs, sv.ss, sv.ds, sv.fs, sv.gs, sv.ldtr, sv.tr] = segments;
+        sv.cpl = ((s.segments[seg::SS].access_rights >> 5) & 3) as u8;
+        sv.gdtr = Segment::new(0, 0, s.gdtr_limit, s.gdtr_base);
+        sv.idtr = Segment::new(0, 0, s.idtr_limit, s.idtr_base);
+        sv.efer = s.efer | EFER_SVME;
+        sv.cr0 = s.cr0;
+        sv.cr2 = s.cr2;
+        sv.cr3 = s.cr3;
+        sv.cr4 = s.cr4;
+        sv.dr6 = s.dr[4];
+        sv.dr7 = s.dr[5];
+        sv.rflags = s.rflags;
+        sv.rip = s.rip.wrapping_add(advance);
+        sv.rsp = s.rsp;
+        sv.rax = s.gprs[0];
+        sv.g_pat = s.pat;
+        sv.dbgctl = s.debugctl;
+        [sv.sysenter_cs, sv.sysenter_esp, sv.sysenter_eip] = s.sysenter;
+        // VMLOAD puts these into the processor at the next VMRUN.
+        [sv.star, sv.lstar, sv.cstar, sv.sfmask, sv.kernel_gs_base] =
+            [s.handler_msrs[0], s.handler_msrs[1], s.handler_msrs[2], s.handler_msrs[3], s.handler_msrs[4]];
+        let c = &mut v.control;
+        c.virtual_interrupt = (c.virtual_interrupt & !0xF) | s.cr8;
+        c.interrupt_shadow = shadow;
+        c.event_injection = event.map_or(0, |e| e.eventinj);
+        c.exit_int_info = 0;
+        self.ctx.regs = s.registers();
+        self.guest_fx.0 = s.fx;
+        self.debug = [s.dr[0], s.dr[1], s.dr[2], s.dr[3]];
+        self.soft_event = (advance != 0).then_some((s.pending_event, s.pending_instruction_length));
+        self.next_rip = None;
+        self.last_exit = None;
+        // Guest memory and CR3 changed under this ASID's cached translations (§15.16).
+        self.flush_on_entry = true;
+        Ok(())
+    }
+
+    fn enable_dirty_log(&mut self, method: DirtyLogMethod, frames: &mut FrameAllocator) -> Result<(), StateError> {
+        if method == DirtyLogMethod::Pml {
+            return Err(StateError::Unsupported {
+                backend: "AMD-V",
+                what: "PML (AMD-V has no page-modification log; NPT dirty bits are scanned instead)",
+            });
+        }
+        // Dirty flags live in leaf entries (APM Vol. 2 §15.25, §5.4.2): with 2 MiB leaves one
+        // write would stand for 512 pages, so guest RAM is remapped with 4 KiB pages.
+        let npt = match NestedPageTables::build(&mut IdentityTables(frames), self.guest_ram, false) {
+            Ok(npt) => npt,
+            Err((_, taken)) => {
+                for pa in taken {
+                    let _ = frames.free(PhysRange::new(pa, PAGE_SIZE));
+                }
+                return Err(StateError::Unsupported { backend: "AMD-V", what: "memory for 4 KiB nested page tables" });
+            }
+        };
+        self.vmcb_mut().control.nested_cr3 = npt.root();
+        if let Some(old) = self.npt.replace(npt) {
+            for &pa in old.table_frames() {
+                if let Err(e) = frames.free(PhysRange::new(pa, PAGE_SIZE)) {
+                    log::warn!("AMD-V: freeing nested table frame {pa:#x}: {e}");
+                }
+            }
+        }
+        self.dirty_logging = true;
+        // Translations cached from the old tables go: the next VMRUN flushes this guest's ASID
+        // with TLB_CONTROL (§15.16.2).
+        self.flush_on_entry = true;
+        Ok(())
+    }
+
+    fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), StateError> {
+        if !self.dirty_logging {
+            return Err(StateError::Unsupported { backend: "AMD-V", what: "collecting before dirty logging is on" });
+        }
+        // Take and clear every leaf's Dirty flag. The TLB may still hold translations whose
+        // dirty state was already recorded, so a later write through them would not set the flag
+        // again: `scan_dirty` makes the next VMRUN flush this guest's ASID (TLB_CONTROL = 3, or 1
+        // where flush-by-ASID is absent; §15.16.2), after which the first write to each page walks
+        // the nested tables and sets Dirty again.
+        self.scan_dirty(true, &mut |gpa, len| log.mark_range(gpa, len));
+        Ok(())
     }
 
     fn release(&mut self, frames: &mut FrameAllocator) {

@@ -4,8 +4,11 @@
 //! - [`decode`]: instruction lengths for intercepts when the CPU lacks NRIPS (QEMU TCG); pure.
 //! - [`vmcb`]: the VMCB layout (APM Appendix B), offsets checked at compile time; pure.
 //! - [`npt`]: the nested page tables over guest RAM and their dirty-bit scan; pure.
+//! - [`state`]: VMCB <-> vendor-neutral vCPU state conversions (segment attributes, events,
+//!   interrupt shadow) and the checks a state passes before it is loaded; pure.
 //! - `hw` (bare metal): enabling SVM (EFER.SVME, VM_HSAVE_PA), the shared MSR and I/O permission
-//!   maps, ASIDs, the VMCB of each vCPU, the VMRUN world switch, and exit translation.
+//!   maps, ASIDs, the VMCB of each vCPU, the VMRUN world switch, exit translation, vCPU state
+//!   capture/load and dirty logging with NPT dirty bits.
 //! - `timer` (bare metal): preemption with the local APIC timer and the INTR intercept (AMD-V has
 //!   no VMX-preemption-timer equivalent).
 //!
@@ -15,6 +18,7 @@
 
 pub mod decode;
 pub mod npt;
+pub mod state;
 pub mod vmcb;
 
 #[cfg(feature = "bare-metal")]

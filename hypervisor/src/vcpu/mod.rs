@@ -438,6 +438,14 @@ pub trait Vcpu {
         Err(StateError::Unsupported { backend: self.backend_name(), what: "vCPU state capture" })
     }
 
+    /// Checks that `state` could be loaded, changing nothing: `load_state` on the same state then
+    /// only fails if the hardware itself refuses. A restore calls this before writing guest memory,
+    /// so it stays all or nothing.
+    fn check_state(&self, state: &VcpuState) -> Result<(), StateError> {
+        let _ = state;
+        Err(StateError::Unsupported { backend: self.backend_name(), what: "vCPU reset" })
+    }
+
     /// Loads a complete vCPU state: the vCPU reset a checkpoint ends with.
     fn load_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
         let _ = state;

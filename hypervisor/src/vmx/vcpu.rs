@@ -1057,15 +1057,20 @@ impl Vcpu for VmxVcpu {
         Ok(s)
     }
 
-    fn load_state(&mut self, s: &VcpuState) -> Result<(), StateError> {
-        self.activate();
-        use VmcsField as F;
-        let c = self.caps;
-        // Values the entry checks would refuse are refused here, before anything is written.
+    fn check_state(&self, s: &VcpuState) -> Result<(), StateError> {
+        // Values the entry checks (§27.3.1) would refuse are refused here, before anything is written.
         let reserved_rflags = s.rflags & !0x003F_7FD7 != 0 || s.rflags & 2 == 0;
         if reserved_rflags || s.dr[5] >> 32 != 0 || s.cr3 & !0x000F_FFFF_FFFF_FFFF != 0 {
             return Err(StateError::Hardware { what: "RFLAGS, DR7 or CR3 has reserved bits set" });
         }
+        Ok(())
+    }
+
+    fn load_state(&mut self, s: &VcpuState) -> Result<(), StateError> {
+        self.activate();
+        use VmcsField as F;
+        let c = self.caps;
+        self.check_state(s)?;
         let w = |field, value| write(field, value).map_err(|_| StateError::Hardware { what: "VMWRITE" });
         w(F::GuestRsp, s.rsp)?;
         w(F::GuestRip, s.rip)?;

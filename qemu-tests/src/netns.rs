@@ -85,6 +85,14 @@ impl TestNet {
         c
     }
 
+    /// Runs `program args` inside the namespace under `timeout` seconds (stdin closed), panicking
+    /// only if it cannot be started at all.
+    pub fn run(&self, program: &str, args: &[&str], timeout_s: u32) -> Output {
+        let mut c = Command::new("timeout");
+        c.arg(timeout_s.to_string()).args(["ip", "netns", "exec", &self.netns, program]).args(args);
+        c.stdin(std::process::Stdio::null()).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+    }
+
     /// QEMU arguments for an e1000 on this network's tap with `mac`.
     pub fn qemu_nic_args(&self, id: &str, mac: &str) -> Vec<String> {
         vec![

@@ -53,9 +53,7 @@ impl Setup {
 
     /// Runs `program args` in the client namespace under a timeout.
     fn run(&self, program: &str, args: &[&str], timeout_s: u32) -> Output {
-        let mut c = Command::new("timeout");
-        c.arg(timeout_s.to_string()).args(["ip", "netns", "exec", &self.net.netns, program]).args(args);
-        c.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+        self.net.run(program, args, timeout_s)
     }
 
     /// `xtask ctl ARGS --addr IP:7070` from the namespace; returns (success, stdout, stderr).
@@ -445,9 +443,7 @@ impl GuestSetup {
 
     /// Runs `program args` in the client namespace under a timeout.
     fn run(&self, program: &str, args: &[&str], timeout_s: u32) -> Output {
-        let mut c = Command::new("timeout");
-        c.arg(timeout_s.to_string()).args(["ip", "netns", "exec", &self.net.netns, program]).args(args);
-        c.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+        self.net.run(program, args, timeout_s)
     }
 
     /// `redis-cli -h GUEST ARGS`; returns its trimmed stdout (failing on a non-zero exit).

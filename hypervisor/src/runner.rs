@@ -71,7 +71,7 @@ pub struct GuestReport {
 pub fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &[BootModule<'_>], guest_mem: u64) {
     for module in modules.iter().filter(|m| m.cmdline.starts_with(GUEST_PREFIX)) {
         let name = guest_name(module);
-        let scenario = module.cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("scenario="));
+        let scenario = module_arg(module.cmdline, "scenario");
         if let Some(scenario) = scenario {
             log::info!("guest `{name}`: self-test scenario `{scenario}` on {}", backend.name());
             if !crate::snapshot::run_scenario(scenario, backend, frames, module, guest_mem) {
@@ -107,8 +107,8 @@ pub fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &
     }
 }
 
-/// The value of `key=` on a module line.
-fn module_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+/// The value of `key=` on a module line (the one place module arguments are read).
+pub fn module_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
@@ -217,11 +217,8 @@ impl Guest {
         };
         let entry = boot::prepare(&mut mem, &params).map_err(StartError::Boot)?;
         let vcpu = backend.create_vcpu(frames, ram, &entry).map_err(StartError::Backend)?;
-        let time_limit_ms = module
-            .cmdline
-            .split_ascii_whitespace()
-            .find_map(|w| w.strip_prefix("time_limit_ms=")?.parse().ok())
-            .unwrap_or(DEFAULT_TIME_LIMIT_MS);
+        let time_limit_ms =
+            module_arg(module.cmdline, "time_limit_ms").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TIME_LIMIT_MS);
         let mac = module_arg(module.cmdline, "mac").and_then(crate::devices::parse_mac);
         let device_hooks = match mac {
             Some(mac) => HostHooks::install(mac),
@@ -234,10 +231,8 @@ impl Guest {
             handler: ExitHandler::new(time_limit_ms * TICKS_PER_SECOND / 1000),
             clock: GuestClock::starting_at(0),
             clock_running: false,
-            time_slice_tsc: module
-                .cmdline
-                .split_ascii_whitespace()
-                .find_map(|w| w.strip_prefix("time_slice_us=")?.parse::<u64>().ok())
+            time_slice_tsc: module_arg(module.cmdline, "time_slice_us")
+                .and_then(|v| v.parse::<u64>().ok())
                 .filter(|us| (10..=1_000_000).contains(us))
                 .map_or(TIME_SLICE_MS * time::tsc_per_ms(), |us| us * time::tsc_per_ms() / 1000),
             hypercall_cycles: (u64::MAX, 0, 0),

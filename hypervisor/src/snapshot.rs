@@ -27,7 +27,7 @@ use crate::guest::GuestMemory;
 use crate::host::time;
 use crate::kernel::BootModule;
 use crate::memory::{DirtyLog, FrameAllocator};
-use crate::runner::{Guest, GuestClock};
+use crate::runner::{module_arg, Guest, GuestClock};
 use crate::vcpu::state::VCPU_STATE_TAG;
 use crate::vcpu::{DirtyLogMethod, StateError, VcpuState, VmExit};
 
@@ -236,11 +236,6 @@ pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, Snapsh
     Ok(RestoreReport { pages: report.pages, clock_ticks })
 }
 
-/// The value of `key=` on a module line.
-fn arg<'a>(module: &BootModule<'a>, key: &str) -> Option<&'a str> {
-    module.cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
 /// Runs the self-test scenario a guest's module line names. Returns false for an unknown name.
 pub fn run_scenario(
     scenario: &str,
@@ -279,7 +274,7 @@ fn dirty_between_marks(
     module: &BootModule<'_>,
     guest_mem: u64,
 ) -> Result<(), String> {
-    let method = match arg(module, "dirty_log").unwrap_or("pml") {
+    let method = match module_arg(module.cmdline, "dirty_log").unwrap_or("pml") {
         "pml" => DirtyLogMethod::Pml,
         "ad" => DirtyLogMethod::AccessedDirty,
         other => return Err(alloc::format!("bad value `{other}` for dirty_log; accepted: pml|ad")),
@@ -364,7 +359,7 @@ fn snapshot_restore(
     module: &BootModule<'_>,
     guest_mem: u64,
 ) -> Result<(), String> {
-    let after: u64 = arg(module, "snapshot_after").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let after: u64 = module_arg(module.cmdline, "snapshot_after").and_then(|v| v.parse().ok()).unwrap_or(3);
     let mut a = create(backend, frames, module, guest_mem)?;
     let mut b = match create(backend, frames, module, guest_mem) {
         Ok(b) => b,

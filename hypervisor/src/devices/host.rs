@@ -102,7 +102,7 @@ impl DeviceCalls for HostDevices<'_, '_> {
 
 /// The disk module `disk-NAME` for a guest whose module line says `disk=NAME`.
 pub fn find_disk<'m>(modules: &'m [BootModule<'m>], guest_cmdline: &str) -> Option<&'m BootModule<'m>> {
-    let name = guest_cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("disk="))?;
+    let name = crate::runner::module_arg(guest_cmdline, "disk")?;
     modules.iter().find(|m| {
         let first = m.cmdline.split_ascii_whitespace().next().unwrap_or("");
         first.strip_prefix(DISK_PREFIX) == Some(name)

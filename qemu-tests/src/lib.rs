@@ -33,6 +33,8 @@ pub const FIRST_RUST_LINE: &str = "COLO hypervisor";
 pub const OVMF_FIRMWARE: &str = "/usr/share/ovmf/OVMF.fd";
 const BOCHS_BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
 const BOCHS_VGA_BIOS: &str = "/usr/share/vgabios/vgabios.bin";
+/// The emulated CMOS clock at power-on (2026-01-01 00:00 UTC), not the host's: runs repeat.
+const BOCHS_TIME0: u64 = 1_767_225_600;
 
 /// What went wrong in the harness (as opposed to what the kernel did).
 #[derive(Debug)]
@@ -506,10 +508,14 @@ fn bochs_command(config: &MachineConfig, serial: &Path, scratch: &Path) -> Resul
          boot: cdrom\n\
          com1: enabled=1, mode=file, dev={serial}\n\
          display_library: rfb, options=\"timeout=0\"\n\
-         clock: sync=none, time0=local\n\
+         clock: sync=none, time0={BOCHS_TIME0}\n\
          log: {log}\n\
          panic: action=fatal\nerror: action=report\ninfo: action=ignore\ndebug: action=ignore\n\
-         mouse: enabled=0\n",
+         mouse: enabled=0\n\
+         sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n\
+         speaker: enabled=0\n\
+         plugin_ctrl: speaker=0, parallel=0, gameport=0, iodebug=0\n\
+         keyboard: type=mf, keymap=\n",
         mem = config.memory_mib,
         cpu = config.cpu,
         image = config.image.display(),

@@ -73,6 +73,14 @@ pub enum HarnessError {
         /// The serial console so far.
         serial: String,
     },
+    /// The emulator exited before what was awaited appeared: its own last words say why.
+    EmulatorDied {
+        /// What was awaited.
+        what: String,
+        /// The emulator's exit report ([`Machine::exit_report`]): status, the tail of its
+        /// stderr and log, and where the full logs were kept.
+        report: String,
+    },
     /// Other I/O.
     Io(io::Error),
 }
@@ -86,6 +94,7 @@ impl fmt::Display for HarnessError {
             Self::Timeout { what, after, serial } => {
                 write!(f, "timed out after {after:?} waiting for {what}; serial console so far:\n{serial}")
             }
+            Self::EmulatorDied { what, report } => write!(f, "the emulator exited before {what}:\n{report}"),
             Self::Io(e) => write!(f, "I/O error: {e}"),
         }
     }
@@ -127,9 +136,10 @@ pub fn built_kernel() -> Result<PathBuf, HarnessError> {
     }
 }
 
-/// A fresh scratch directory under `target/harness/`, removed when dropped.
+/// A fresh scratch directory under `target/harness/`, removed when dropped unless
+/// [`ScratchDir::keep`] was called (the logs of an emulator that died stay for the user).
 #[derive(Debug)]
-pub struct ScratchDir(PathBuf);
+pub struct ScratchDir(PathBuf, AtomicBool);
 
 impl ScratchDir {
     /// Creates `target/harness/<name>-<pid>-<n>`.
@@ -139,18 +149,25 @@ impl ScratchDir {
         let dir = target_dir().join("harness").join(format!("{name}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
+        Ok(Self(dir, AtomicBool::new(false)))
     }
 
     /// Its path.
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Leaves the directory in place when dropped.
+    pub fn keep(&self) {
+        self.1.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        if !self.1.load(Ordering::Relaxed) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -277,6 +294,9 @@ pub struct Outcome {
     pub serial: String,
     /// Wall time from start to exit.
     pub elapsed: Duration,
+    /// When the kernel gave no verdict: the emulator's exit report (status, its own last
+    /// words, where its full logs were kept).
+    pub emulator_report: Option<String>,
 }
 
 /// A running emulator. Dropping it kills the emulator and removes its scratch directory.
@@ -288,7 +308,7 @@ pub struct Machine {
     lines: Arc<Mutex<Vec<SerialLine>>>,
     stop_tail: Arc<AtomicBool>,
     tail: Option<thread::JoinHandle<()>>,
-    _scratch: ScratchDir,
+    scratch: ScratchDir,
 }
 
 impl Machine {
@@ -305,6 +325,7 @@ impl Machine {
             Emulator::Bochs => bochs_command(&config, &serial_path, scratch.path())?,
         };
         let program = format!("{:?}", command.get_program());
+        pin_environment(&mut command, scratch.path());
         let started = Instant::now();
         let child = command
             .stdin(Stdio::null())
@@ -322,7 +343,7 @@ impl Machine {
             let (lines, stop) = (lines.clone(), stop_tail.clone());
             thread::spawn(move || follow_serial(&serial_path, started, &lines, &stop))
         };
-        Ok(Self { child, config, started, lines, stop_tail, tail: Some(tail), _scratch: scratch })
+        Ok(Self { child, config, started, lines, stop_tail, tail: Some(tail), scratch })
     }
 
     /// The serial console so far.
@@ -343,11 +364,18 @@ impl Machine {
             if let Some(line) = self.lines().into_iter().find(|l| l.text.contains(needle)) {
                 return Ok(line);
             }
-            if Instant::now() > deadline || self.child.try_wait()?.is_some() {
+            let exited = self.child.try_wait()?.is_some();
+            if Instant::now() > deadline || exited {
                 // One last look: the line may have landed as the emulator exited.
                 thread::sleep(Duration::from_millis(100));
                 if let Some(line) = self.lines().into_iter().find(|l| l.text.contains(needle)) {
                     return Ok(line);
+                }
+                if let Some(report) = self.exit_report() {
+                    return Err(HarnessError::EmulatorDied {
+                        what: format!("`{needle}` appeared on the serial console"),
+                        report,
+                    });
                 }
                 return Err(HarnessError::Timeout {
                     what: format!("`{needle}` on the serial console ({:?})", self.config.emulator),
@@ -387,7 +415,8 @@ impl Machine {
         }
     }
 
-    /// Waits for the emulator to exit by itself, then reports how it ended.
+    /// Waits for the emulator to exit by itself, then reports how it ended. An emulator that
+    /// exits before the hypervisor's first line is an error ([`HarnessError::EmulatorDied`]).
     pub fn wait_exit(mut self, timeout: Duration) -> Result<Outcome, HarnessError> {
         let deadline = Instant::now() + timeout;
         let status = loop {
@@ -407,7 +436,52 @@ impl Machine {
         self.stop_following();
         let serial = self.serial();
         let verdict = serial.lines().find_map(|l| l.split_once(EXIT_MARKER).and_then(|(_, v)| v.trim().parse().ok()));
-        Ok(Outcome { exit_code: status.code(), verdict, serial, elapsed })
+        let emulator_report = if verdict.is_none() { self.exit_report() } else { None };
+        if let Some(report) = emulator_report.as_ref().filter(|_| !serial.contains(FIRST_RUST_LINE)) {
+            // Nothing of the kernel ran: whatever the caller expected, this is the emulator's death.
+            return Err(HarnessError::EmulatorDied {
+                what: "the hypervisor's first line".into(),
+                report: report.clone(),
+            });
+        }
+        Ok(Outcome { exit_code: status.code(), verdict, serial, elapsed, emulator_report })
+    }
+
+    /// Where this machine's files are: `serial.log`, `emulator.err`, `emulator.out`, and for
+    /// Bochs `bochsrc` and `bochs.log`.
+    pub fn logs_dir(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    /// If the emulator has exited: its exit status, the serial console's last lines, the tail of
+    /// its stderr, stdout and (Bochs) log file, and the directory holding them in full, which is
+    /// then kept after the machine is dropped. `None` while it runs.
+    pub fn exit_report(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok().flatten()?;
+        self.scratch.keep();
+        let mut report = format!(
+            "{:?} exited with {status} after {:.2} s",
+            self.config.emulator,
+            self.started.elapsed().as_secs_f64()
+        );
+        let serial = self.serial();
+        if !serial.contains(FIRST_RUST_LINE) {
+            report += " (the hypervisor never printed its first line)";
+        }
+        for (file, what) in [
+            ("emulator.err", "stderr"),
+            ("emulator.out", "stdout"),
+            ("bochs.log", "bochs.log"),
+            ("serial.log", "serial console"),
+        ] {
+            let text = fs::read(self.scratch.path().join(file)).unwrap_or_default();
+            let tail = last_lines(&String::from_utf8_lossy(&text), 12);
+            if !tail.is_empty() {
+                report += &format!("\n--- last lines of its {what} ---\n{tail}");
+            }
+        }
+        report += &format!("\n--- full logs kept in {} ---", self.scratch.path().display());
+        Some(report)
     }
 
     fn stop_following(&mut self) {
@@ -459,11 +533,30 @@ fn follow_serial(path: &Path, started: Instant, lines: &Mutex<Vec<SerialLine>>, 
     }
 }
 
+/// The last `n` non-empty lines of `text`, without Bochs' banner rulers.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("=====")).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Emulators see only what is set here, not the caller's environment: no sound, display,
+/// plugin-path or locale settings leak in from the host (`BXSHARE`, `LTDL_LIBRARY_PATH`,
+/// `DISPLAY`, `ALSA_*`, `QEMU_AUDIO_DRV`, ...). `HOME` is the scratch directory, so no dotfile
+/// of the user's is read.
+fn pin_environment(command: &mut Command, scratch: &Path) {
+    command
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("HOME", scratch)
+        .env("LANG", "C");
+}
+
 fn qemu_command(config: &MachineConfig, serial: &Path) -> Result<Command, HarnessError> {
     let mut c = Command::new("qemu-system-x86_64");
     let accel = if config.emulator == Emulator::QemuKvm { "kvm" } else { "tcg" };
     c.args(["-machine", "q35", "-accel", accel, "-cpu", &config.cpu, "-m", &config.memory_mib.to_string()]);
-    c.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"]);
+    // `-nodefaults -no-user-config`: no default devices and no /etc/qemu/*.conf from the host.
+    c.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults", "-no-user-config"]);
     c.arg("-serial").arg(format!("file:{}", serial.display()));
     c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
     // The image is never written: `snapshot=on` keeps each run independent.

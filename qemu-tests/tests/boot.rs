@@ -136,3 +136,47 @@ fn panic_is_reported_with_location_and_message() {
     assert!(outcome.serial.contains("PANIC at hypervisor/src/kernel.rs:"), "{}", outcome.serial);
     assert!(outcome.serial.contains(": deliberate test panic"), "{}", outcome.serial);
 }
+
+/// Starts `emulator` with one deliberately broken firmware setting and returns the harness's
+/// error, which must be the emulator's early death (not a timeout) with the emulator's own words.
+fn early_death(name: &str, emulator: Emulator, broken: &str) -> String {
+    let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let scratch = ScratchDir::new(name).expect("scratch dir");
+    let image = scratch.path().join("colo.img");
+    make_image(&kernel, "role=standalone", &[], &image).unwrap_or_else(|e| panic!("{e}"));
+    let mut config = MachineConfig::new(emulator, BootMedium::Cdrom, &image);
+    config.extra = broken.split(' ').map(str::to_string).collect();
+    if emulator == Emulator::Bochs {
+        config.extra = vec![broken.to_string()];
+    }
+    let mut machine = Machine::start(config, name).unwrap_or_else(|e| panic!("{e}"));
+    let logs = machine.logs_dir().to_path_buf();
+    let err = match machine.wait_for(FIRST_RUST_LINE, Duration::from_secs(60)) {
+        Ok(line) => panic!("{emulator:?} booted despite `{broken}`: {}", line.text),
+        Err(e @ qemu_tests::HarnessError::EmulatorDied { .. }) => e.to_string(),
+        Err(other) => panic!("expected the emulator's early death to be reported, got: {other}"),
+    };
+    eprintln!("[report] {err}");
+    drop(machine);
+    assert!(err.contains(&logs.display().to_string()), "the report names the kept logs: {err}");
+    assert!(logs.join("emulator.err").is_file(), "the logs of a dead emulator are kept in {}", logs.display());
+    let _ = std::fs::remove_dir_all(&logs);
+    err
+}
+
+/// Regression for a fresh machine: an emulator that dies before the first Rust line is reported
+/// with its exit status and its own error, not as "no verdict" or a bare timeout.
+#[test]
+fn bochs_early_death_names_the_cause() {
+    let err = early_death("death-bochs", Emulator::Bochs, "romimage: file=/nonexistent/colo-test-bios");
+    assert!(err.contains("exited with"), "{err}");
+    assert!(err.contains("/nonexistent/colo-test-bios"), "Bochs' own error names the ROM path: {err}");
+    assert!(err.contains("never printed its first line"), "{err}");
+}
+
+#[test]
+fn qemu_early_death_names_the_cause() {
+    let err = early_death("death-qemu", Emulator::Qemu, "-bios /nonexistent/colo-test-bios");
+    assert!(err.contains("exited with"), "{err}");
+    assert!(err.contains("could not load PC BIOS"), "QEMU's own error: {err}");
+}

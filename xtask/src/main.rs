@@ -231,7 +231,10 @@ fn run(args: &[String]) -> Result {
     match outcome.verdict {
         Some(0) => Ok(()),
         Some(v) => Err(format!("the hypervisor stopped with failure status {v} (see the console above)")),
-        None => Err("the emulator exited before the hypervisor reported a status".into()),
+        None => Err(format!(
+            "the emulator exited before the hypervisor reported a status:\n{}",
+            outcome.emulator_report.unwrap_or_default()
+        )),
     }
 }
 
@@ -311,6 +314,16 @@ fn ensure_deps() -> Result {
     }
 }
 
+/// The `lint` suite needs rustfmt and clippy; a minimal rustup profile lacks them.
+fn ensure_rust_components() -> Result {
+    let has = |tool: &str| cargo().args([tool, "--version"]).output().is_ok_and(|o| o.status.success());
+    if has("fmt") && has("clippy") {
+        return Ok(());
+    }
+    step("adding the rustfmt and clippy components (rustup)");
+    run_checked(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]), "rustup component add")
+}
+
 fn test(args: &[String]) -> Result {
     if args.iter().any(|a| a == "--list") {
         for (name, what) in SUITES {
@@ -358,6 +371,7 @@ fn test(args: &[String]) -> Result {
 fn run_suite(suite: &str) -> Result {
     match suite {
         "lint" => {
+            ensure_rust_components()?;
             run_checked(cargo().args(["fmt", "--all", "--", "--check"]), "cargo fmt --check (run `cargo fmt --all`)")?;
             // The freestanding binaries are linted on their own: in a workspace-wide run, the
             // host crates' dev-dependencies would switch on `std` features in their dependencies.
@@ -469,6 +483,9 @@ fn demo() -> Result {
         let lines = machine.lines();
         let first = lines.iter().find(|l| l.text.contains(qemu_tests::FIRST_RUST_LINE)).map(|l| l.at);
         let outcome = machine.wait_exit(Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        if let Some(report) = &outcome.emulator_report {
+            println!("    {}", report.replace('\n', "\n    "));
+        }
         summary.push((what, first, outcome.verdict, outcome.elapsed));
     }
     println!("\ndemo summary:");

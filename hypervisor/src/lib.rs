@@ -20,6 +20,7 @@ pub mod stats;
 pub mod svm;
 pub mod vcpu;
 pub mod vmx;
+pub mod witness;
 
 #[cfg(feature = "bare-metal")]
 pub mod backend;

@@ -37,6 +37,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-tools",
     "curl",
     "prometheus",
+    "etcd-server",
 ];
 
 /// Named test suites, in the order `cargo xtask test` runs them.

@@ -16,6 +16,7 @@ pub mod devices;
 pub mod guest;
 pub mod memory;
 pub mod net;
+pub mod seal;
 pub mod stats;
 pub mod svm;
 pub mod vcpu;

@@ -10,6 +10,8 @@ pub mod netns;
 
 pub mod guests;
 
+pub mod plot;
+
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};

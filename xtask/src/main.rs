@@ -405,10 +405,14 @@ fn run_suite(suite: &str) -> Result {
                 "cargo clippy (guests)",
             )
         }
-        "host" => run_checked(
-            cargo().args(["test", "--workspace", "--exclude", "colo-boot", "--exclude", "qemu-tests"]),
-            "host tests",
-        ),
+        "host" => {
+            run_checked(
+                cargo().args(["test", "--workspace", "--exclude", "colo-boot", "--exclude", "qemu-tests"]),
+                "host tests",
+            )?;
+            // The harness library's own unit tests (plots, parsers); its emulator suites run apart.
+            run_checked(cargo().args(["test", "-p", "qemu-tests", "--lib", "--bins"]), "harness unit tests")
+        }
         "core" => {
             run_checked(cargo().args(["test", "-p", "colo-hypervisor", "--lib", "--", "colo::"]), "core unit tests")?;
             let mut c = cargo();

@@ -1985,4 +1985,139 @@ mod tests {
         assert_eq!(c.stats().checkpoints_aborted, 1);
         assert_eq!(c.on_checkpoint_aborted(mark), Err(MarkError::NotOutstanding { mark: 0, outstanding: None }));
     }
+
+    fn rst(seq: u32) -> Vec<u8> {
+        seg(80, seq, None, TcpControl::Rst, b"")
+    }
+
+    /// Issue 15, item 2: after a connection on a 4-tuple ended (SYN-ACK, "hello", RST on both
+    /// sides), the PVM alone opens a new one on the same 4-tuple in the same epoch: its
+    /// SYN-ACK (new ISN) and "SECRET" must wait for the SVM's own.
+    #[test]
+    fn reused_four_tuple_starts_a_fresh_connection() {
+        let mut c = cmp();
+        c.push_pvm(&seg(80, 1000, Some(501), TcpControl::Syn, b""), Tick(0));
+        c.push_svm(&seg(80, 7000, Some(501), TcpControl::Syn, b""), Tick(0));
+        c.push_pvm(&seg(80, 1001, Some(501), TcpControl::Psh, b"hello"), Tick(0));
+        c.push_svm(&seg(80, 7001, Some(501), TcpControl::Psh, b"hello"), Tick(0));
+        c.push_pvm(&rst(1006), Tick(0));
+        c.push_svm(&rst(7006), Tick(0));
+        assert_eq!(drain(&mut c).len(), 3);
+        let synack = seg(80, 3000, Some(900), TcpControl::Syn, b"");
+        let secret = seg(80, 3001, Some(900), TcpControl::Psh, b"SECRET");
+        assert_eq!(c.push_pvm(&synack, Tick(1)), Verdict::Held);
+        assert_eq!(c.push_pvm(&secret, Tick(1)), Verdict::Held);
+        assert!(drain(&mut c).is_empty(), "nothing of the new connection without the SVM");
+        assert_eq!(c.pending_request(), None);
+        assert_eq!(c.stats().incarnations, 1);
+        // The SVM opens its own new connection (its own ISN): both frames go.
+        c.push_svm(&seg(80, 9000, Some(900), TcpControl::Syn, b""), Tick(2));
+        assert_eq!(drain(&mut c), vec![synack]);
+        c.push_svm(&seg(80, 9001, Some(900), TcpControl::Psh, b"SECRET"), Tick(2));
+        assert_eq!(drain(&mut c), vec![secret]);
+        let key = crate::colo::packet::parse_frame(&rst(1)).flow;
+        assert_eq!(c.seq_offset(&key), Some(6000));
+    }
+
+    /// Item 2, second half: on a SYN-anchored connection, data before the ISN is a mismatch.
+    #[test]
+    fn data_before_the_isn_is_a_mismatch() {
+        let mut c = cmp();
+        c.push_pvm(&seg(80, 1000, Some(1), TcpControl::Syn, b""), Tick(0));
+        let v = c.push_pvm(&data(990, b"x"), Tick(0));
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 0, .. })));
+        assert!(drain(&mut c).is_empty());
+    }
+
+    /// Every RST is compared (each one after the first starts a fresh incarnation).
+    #[test]
+    fn every_rst_is_compared() {
+        let mut c = cmp();
+        c.push_pvm(&rst(50), Tick(0));
+        c.push_svm(&rst(50), Tick(0));
+        c.push_pvm(&rst(80), Tick(0));
+        assert_eq!(drain(&mut c).len(), 1);
+        let v = c.push_svm(&rst(90), Tick(0));
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { .. })), "{v:?}");
+        assert!(drain(&mut c).is_empty());
+    }
+
+    /// More than `MAX_INCARNATIONS` connections on one 4-tuple in one epoch ask for a
+    /// checkpoint; the frames wait for it and are never dropped.
+    #[test]
+    fn too_many_incarnations_ask_for_a_checkpoint() {
+        let mut c = cmp();
+        for i in 0..MAX_INCARNATIONS as u32 {
+            assert_eq!(c.push_pvm(&rst(100 * i), Tick(0)), Verdict::Held);
+        }
+        let v = c.push_pvm(&rst(1000), Tick(0));
+        let want = CheckpointRequest::MemoryPressure {
+            resource: PressureResource::Incarnations,
+            used: MAX_INCARNATIONS + 1,
+            limit: MAX_INCARNATIONS,
+        };
+        assert_eq!(v, Verdict::CheckpointRequired(want));
+        commit(&mut c);
+        assert_eq!(drain(&mut c).len(), MAX_INCARNATIONS + 1);
+    }
+
+    /// Issue 15, item 3: a connection older than the last commit. The PVM sends "PING" at
+    /// 1000; the SVM's first segment is a retransmission ("PING" at 996), then "PONG" at 1000.
+    /// Both sides share the PVM's anchor, so "PONG" is compared with "PING": a mismatch.
+    #[test]
+    fn mid_stream_sides_share_the_anchor() {
+        let mut c = cmp();
+        assert_eq!(c.push_pvm(&data(1000, b"PING"), Tick(0)), Verdict::Held);
+        c.push_svm(&data(996, b"PING"), Tick(0));
+        let v = c.push_svm(&data(1000, b"PONG"), Tick(0));
+        assert!(
+            matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 1, .. })),
+            "{v:?}"
+        );
+        assert!(drain(&mut c).is_empty());
+    }
+
+    /// Issue 15, item 4: a server-initiated close (FIN with "bye" on both sides, then the final
+    /// ACK at FIN + 1 on both) matches: the FIN's sequence slot is not data.
+    #[test]
+    fn final_ack_after_fin_is_not_data_past_it() {
+        let mut c = cmp();
+        let fin = seg(80, 1, Some(1), TcpControl::Fin, b"bye");
+        let last = seg(80, 5, Some(2), TcpControl::None, b"");
+        c.push_pvm(&fin, Tick(0));
+        c.push_svm(&fin, Tick(0));
+        c.push_pvm(&last, Tick(0));
+        c.push_svm(&last, Tick(0));
+        assert_eq!(c.pending_request(), None);
+        assert_eq!(drain(&mut c), vec![fin, last]);
+    }
+
+    /// Issue 15, item 10: a keep-alive probe (one 0x00 byte at snd_nxt - 1) is not compared
+    /// against the stream history.
+    #[test]
+    fn keepalive_probe_is_recognised() {
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"abc"), Tick(0));
+        c.push_svm(&data(1, b"abc"), Tick(0));
+        assert_eq!(drain(&mut c).len(), 1);
+        let probe = data(3, &[0]);
+        assert_eq!(c.push_pvm(&probe, Tick(1)), Verdict::Released);
+        assert_eq!(c.push_svm(&probe, Tick(1)), Verdict::Matched);
+        assert_eq!(c.pending_request(), None);
+        assert_eq!(c.stats().keepalive_probes, 2);
+        // Before any data on a SYN-anchored connection: the probe sits on the ISN.
+        let mut c = cmp();
+        c.push_pvm(&seg(80, 100, Some(1), TcpControl::Syn, b""), Tick(0));
+        c.push_svm(&seg(80, 100, Some(1), TcpControl::Syn, b""), Tick(0));
+        assert_eq!(c.push_pvm(&data(100, &[0]), Tick(1)), Verdict::Released);
+        assert_eq!(c.pending_request(), None);
+        // Not a probe: the byte under it is not matched yet, so it is compared.
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"abc"), Tick(0));
+        let v = c.push_pvm(&data(3, b"X"), Tick(0));
+        assert!(
+            matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 2, .. })),
+            "{v:?}"
+        );
+    }
 }

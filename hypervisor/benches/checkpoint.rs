@@ -3,7 +3,8 @@
 //! Writes a Markdown section to `$COLO_BENCH_DIR/checkpoint.md` (default `target/bench`).
 
 use hypervisor::colo::checkpoint::{
-    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, HeaderInfo, StagedCheckpoint, StreamLimits, VecGuestMemory,
+    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, HeaderInfo, PageStaging, StagedCheckpoint, StreamLimits,
+    VecGuestMemory,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -71,7 +72,7 @@ fn mixed_set() -> Set {
 const EPOCH: u64 = 1;
 
 fn limits() -> StreamLimits {
-    StreamLimits::for_guest(FRAMES)
+    StreamLimits::for_guest(FRAMES, 1, 1)
 }
 
 fn encode(set: &Set, out: &mut Vec<u8>) {
@@ -96,7 +97,7 @@ fn encode(set: &Set, out: &mut Vec<u8>) {
 }
 
 fn decode(bytes: &[u8]) -> StagedCheckpoint {
-    let mut d = CheckpointDecoder::new(limits());
+    let mut d = CheckpointDecoder::new(limits(), PageStaging::for_limits(&limits()));
     for c in bytes.chunks(64 * 1024) {
         if let Feed::Complete { checkpoint, .. } = d.feed(c).expect("decode") {
             return checkpoint;

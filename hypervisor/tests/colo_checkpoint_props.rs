@@ -1,12 +1,45 @@
 //! Property tests for the checkpoint codec and the failover state machine.
 
 use hypervisor::colo::checkpoint::{
-    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, GuestMemoryMut, HeaderInfo, StagedCheckpoint, StreamError,
-    StreamLimits, VecGuestMemory,
+    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, GuestMemoryMut, HeaderInfo, PageStaging, StagedCheckpoint,
+    StreamError, StreamLimits, VecGuestMemory,
 };
 use hypervisor::colo::failover::{Action, Command, Event, FailoverConfig, FailoverMachine, Role, Tick, Verdict};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
+
+/// Counts heap bytes allocated by the current thread (so the item-7 test can see what a
+/// stream makes the decoder allocate; other tests' threads do not disturb it).
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCATED.try_with(|a| a.set(a.get() + layout.size()));
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCATED.try_with(|a| a.set(a.get() + new_size.saturating_sub(layout.size())));
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn allocated() -> usize {
+    ALLOCATED.with(|a| a.get())
+}
 
 const PS: usize = 512;
 const FRAMES: u64 = 128;
@@ -16,6 +49,8 @@ fn limits() -> StreamLimits {
         page_size: PS as u32,
         guest_frames: FRAMES,
         max_pages: FRAMES as u32,
+        max_vcpus: 4,
+        max_devices: 4,
         max_section_bytes: 256,
         max_records: 256,
         max_total_bytes: 1 << 20,
@@ -126,7 +161,7 @@ fn encode(spec: &Spec, mem: &VecGuestMemory, new: &BTreeMap<u64, Vec<u8>>) -> Ve
 
 /// Feeds `bytes` in chunks of the given sizes (cycled); returns the staged checkpoint.
 fn decode_chunked(bytes: &[u8], chunks: &[usize]) -> Result<(StagedCheckpoint, usize), StreamError> {
-    let mut d = CheckpointDecoder::new(limits());
+    let mut d = CheckpointDecoder::new(limits(), PageStaging::for_limits(&limits()));
     let mut pos = 0;
     let mut i = 0;
     while pos < bytes.len() {
@@ -253,7 +288,7 @@ proptest! {
             input.extend_from_slice(&encode(&spec, &mem, &new)[..40]);
         }
         input.extend_from_slice(&bytes);
-        let mut d = CheckpointDecoder::new(limits());
+        let mut d = CheckpointDecoder::new(limits(), PageStaging::for_limits(&limits()));
         for c in input.chunks(chunk) {
             match d.feed(c) {
                 Ok(Feed::NeedMore) => {}
@@ -654,4 +689,37 @@ fn primary_crash_then_rejoin() {
     assert_eq!(w.nodes[0].role(), Role::Secondary);
     assert_eq!(w.nodes[1].role(), Role::Primary);
     w.check().unwrap();
+}
+
+/// Issue 15, item 7: a 40-byte header declaring every page of a 256 MiB guest makes the
+/// decoder allocate nothing (the old decoder reserved about page_count x 4097 bytes); pages go
+/// to the staging the caller reserved once; a stream too big for it is a named error.
+#[test]
+fn a_header_alone_allocates_nothing() {
+    let frames = 65_536u64; // 256 MiB of 4 KiB pages
+    let limits = StreamLimits::for_guest(frames, 1, 2);
+    let header = {
+        let mut h = Vec::new();
+        h.extend_from_slice(b"COLOCKPT");
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&40u16.to_le_bytes());
+        h.extend_from_slice(&4096u32.to_le_bytes());
+        h.extend_from_slice(&1u64.to_le_bytes());
+        h.extend_from_slice(&(frames as u32).to_le_bytes());
+        h.extend_from_slice(&1u32.to_le_bytes());
+        h.extend_from_slice(&2u32.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h
+    };
+    // Caller-supplied staging for the whole guest (page table reserved here, once; the page
+    // bytes are a boxed slice of zeroes the OS maps lazily).
+    let staging = PageStaging::for_limits(&limits);
+    let before = allocated();
+    let mut d = CheckpointDecoder::new(limits, staging);
+    assert!(matches!(d.feed(&header), Ok(Feed::NeedMore)));
+    let grew = allocated() - before;
+    assert!(grew < 4096, "a header made the decoder allocate {grew} bytes");
+    // A small staging refuses the same header by name.
+    let mut d = CheckpointDecoder::new(limits, PageStaging::new(vec![0u8; 16 * 4096], 16));
+    assert_eq!(d.feed(&header).unwrap_err(), StreamError::StagingFull { unit: "pages", needed: frames, capacity: 16 });
 }

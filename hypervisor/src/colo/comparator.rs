@@ -2010,6 +2010,17 @@ mod tests {
         assert!(drain(&mut c).is_empty(), "nothing of the new connection without the SVM");
         assert_eq!(c.pending_request(), None);
         assert_eq!(c.stats().incarnations, 1);
+        // The same with an ISN below the old one and the old ACK (main released both frames:
+        // negative offsets were "uncompared" and the old SVM SYN and ACK satisfied them).
+        let mut c2 = cmp();
+        c2.push_pvm(&seg(80, 1000, Some(501), TcpControl::Syn, b""), Tick(0));
+        c2.push_svm(&seg(80, 1000, Some(501), TcpControl::Syn, b""), Tick(0));
+        c2.push_pvm(&rst(1001), Tick(0));
+        c2.push_svm(&rst(1001), Tick(0));
+        assert_eq!(drain(&mut c2).len(), 2);
+        assert_eq!(c2.push_pvm(&seg(80, 100, Some(501), TcpControl::Syn, b""), Tick(1)), Verdict::Held);
+        assert_eq!(c2.push_pvm(&seg(80, 101, Some(501), TcpControl::Psh, b"SECRET"), Tick(1)), Verdict::Held);
+        assert!(drain(&mut c2).is_empty());
         // The SVM opens its own new connection (its own ISN): both frames go.
         c.push_svm(&seg(80, 9000, Some(900), TcpControl::Syn, b""), Tick(2));
         assert_eq!(drain(&mut c), vec![synack]);

@@ -96,8 +96,9 @@ fn encode(set: &Set, out: &mut Vec<u8>) {
     enc.finish().expect("finish");
 }
 
-fn decode(bytes: &[u8]) -> StagedCheckpoint {
-    let mut d = CheckpointDecoder::new(limits(), PageStaging::for_limits(&limits()));
+/// Decodes into `staging` (reserved once, as the secondary does).
+fn decode(bytes: &[u8], staging: PageStaging) -> StagedCheckpoint {
+    let mut d = CheckpointDecoder::new(limits(), staging);
     for c in bytes.chunks(64 * 1024) {
         if let Feed::Complete { checkpoint, .. } = d.feed(c).expect("decode") {
             return checkpoint;
@@ -142,10 +143,12 @@ fn main() {
             encode(black_box(&set), &mut stream);
             black_box(&stream);
         });
+        let mut staging = Some(PageStaging::for_limits(&limits()));
         let dec = best(|| {
-            black_box(decode(black_box(&stream)));
+            let cp = decode(black_box(&stream), staging.take().expect("staging"));
+            staging = black_box(cp).into_staging();
         });
-        let cp = decode(&stream);
+        let cp = decode(&stream, staging.take().expect("staging"));
         let mut mem = set.base.clone();
         // Memory is reset outside the timed region.
         let apply = (0..REPS)

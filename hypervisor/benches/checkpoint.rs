@@ -3,7 +3,8 @@
 //! Writes a Markdown section to `$COLO_BENCH_DIR/checkpoint.md` (default `target/bench`).
 
 use hypervisor::colo::checkpoint::{
-    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, HeaderInfo, StagedCheckpoint, StreamLimits, VecGuestMemory,
+    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, HeaderInfo, PageStaging, StagedCheckpoint, StreamLimits,
+    VecGuestMemory,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -67,13 +68,17 @@ fn mixed_set() -> Set {
     Set { name: "mixed: 1/3 zero, 1/3 delta, 1/3 raw", gfns, data, prev: Some(prev), base }
 }
 
+/// Epoch of the benchmarked checkpoint.
+const EPOCH: u64 = 1;
+
 fn limits() -> StreamLimits {
-    StreamLimits::for_guest(FRAMES)
+    StreamLimits::for_guest(FRAMES, 1, 1)
 }
 
 fn encode(set: &Set, out: &mut Vec<u8>) {
     out.clear();
-    let info = HeaderInfo { epoch: 1, page_size: PS as u32, page_count: PAGES as u32, vcpu_count: 1, device_count: 1 };
+    let info =
+        HeaderInfo { epoch: EPOCH, page_size: PS as u32, page_count: PAGES as u32, vcpu_count: 1, device_count: 1 };
     let pages: Vec<DirtyPage<'_>> = set
         .gfns
         .iter()
@@ -91,8 +96,9 @@ fn encode(set: &Set, out: &mut Vec<u8>) {
     enc.finish().expect("finish");
 }
 
-fn decode(bytes: &[u8]) -> StagedCheckpoint {
-    let mut d = CheckpointDecoder::new(limits());
+/// Decodes into `staging` (reserved once, as the secondary does).
+fn decode(bytes: &[u8], staging: PageStaging) -> StagedCheckpoint {
+    let mut d = CheckpointDecoder::new(limits(), staging);
     for c in bytes.chunks(64 * 1024) {
         if let Feed::Complete { checkpoint, .. } = d.feed(c).expect("decode") {
             return checkpoint;
@@ -137,17 +143,20 @@ fn main() {
             encode(black_box(&set), &mut stream);
             black_box(&stream);
         });
+        let mut staging = Some(PageStaging::for_limits(&limits()));
         let dec = best(|| {
-            black_box(decode(black_box(&stream)));
+            let cp = decode(black_box(&stream), staging.take().expect("staging"));
+            staging = black_box(cp).into_staging();
         });
-        let cp = decode(&stream);
+        let cp = decode(&stream, staging.take().expect("staging"));
         let mut mem = set.base.clone();
         // Memory is reset outside the timed region.
         let apply = (0..REPS)
             .map(|_| {
                 mem.clone_from(&set.base);
+                let staged = cp.clone();
                 let t = Instant::now();
-                black_box(cp.apply_to(black_box(&mut mem)).expect("apply"));
+                black_box(staged.apply_to(black_box(&mut mem), EPOCH).expect("apply"));
                 t.elapsed()
             })
             .min()

@@ -21,7 +21,8 @@ use zerocopy::IntoBytes;
 
 use crate::backend::Backend;
 use crate::colo::checkpoint::{
-    ApplyError, CheckpointDecoder, CheckpointEncoder, EncodeError, Feed, HeaderInfo, StreamError, StreamLimits,
+    ApplyError, CheckpointDecoder, CheckpointEncoder, EncodeError, Feed, HeaderInfo, PageStaging, StreamError,
+    StreamLimits,
 };
 use crate::guest::GuestMemory;
 use crate::host::time;
@@ -151,6 +152,12 @@ pub fn pause_and_copy(guest: &mut Guest, pages: Pages) -> Result<(LocalCopy, Pau
     Ok((copy, PauseTimings { capture_cycles: t1 - t0, copy_cycles: t2 - t1 }))
 }
 
+/// Stream limits for a snapshot of a guest of `frames` pages: one vCPU, two devices (clock,
+/// console).
+fn limits(frames: u64) -> StreamLimits {
+    StreamLimits::for_guest(frames, 1, 2)
+}
+
 /// The local copy as a checkpoint stream for a guest of `frames` pages.
 pub fn encode(copy: &LocalCopy, epoch: u64, frames: u64) -> Result<Vec<u8>, SnapshotError> {
     let info = HeaderInfo {
@@ -160,8 +167,7 @@ pub fn encode(copy: &LocalCopy, epoch: u64, frames: u64) -> Result<Vec<u8>, Snap
         vcpu_count: 1,
         device_count: 2,
     };
-    let mut encoder =
-        CheckpointEncoder::new(Vec::new(), info, StreamLimits::for_guest(frames)).map_err(SnapshotError::Encode)?;
+    let mut encoder = CheckpointEncoder::new(Vec::new(), info, limits(frames)).map_err(SnapshotError::Encode)?;
     let mut i = 0;
     while i < copy.gfns.len() {
         let mut run = 1;
@@ -190,10 +196,15 @@ pub struct RestoreReport {
     pub clock_ticks: u64,
 }
 
-/// Restores a whole snapshot stream into `guest`: nothing is changed unless everything checks out.
-pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, SnapshotError> {
+/// Restores a whole snapshot stream of checkpoint `epoch` into `guest`: nothing is changed
+/// unless everything checks out.
+pub fn restore(guest: &mut Guest, stream: &[u8], epoch: u64) -> Result<RestoreReport, SnapshotError> {
     let frames = guest.ram.len() / PAGE as u64;
-    let mut decoder = CheckpointDecoder::new(StreamLimits::for_guest(frames));
+    // The stream is already in memory: its pages cannot need more staging than its own length.
+    let staged_bytes = stream.len().min(frames as usize * PAGE);
+    let staged_pages = (stream.len() as u64).min(frames) as u32;
+    let staging = PageStaging::new(alloc::vec![0u8; staged_bytes], staged_pages);
+    let mut decoder = CheckpointDecoder::new(limits(frames), staging).expecting_epoch(epoch);
     let checkpoint = match decoder.feed(stream).map_err(SnapshotError::Stream)? {
         Feed::Complete { checkpoint, .. } => checkpoint,
         Feed::NeedMore => return Err(SnapshotError::Incomplete { bytes: stream.len() }),
@@ -215,7 +226,7 @@ pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, Snapsh
                     .map_err(|_| SnapshotError::Device { id: blob.id, what: "clock state is not 8 bytes" })?;
                 clock_ticks = Some(u64::from_le_bytes(bytes));
             }
-            (CONSOLE_DEVICE, CONSOLE_TAG) if blob.data.len() <= CONSOLE_MAX => console = Some(blob.data),
+            (CONSOLE_DEVICE, CONSOLE_TAG) if blob.data.len() <= CONSOLE_MAX => console = Some(blob.data.to_vec()),
             (CONSOLE_DEVICE, CONSOLE_TAG) => {
                 return Err(SnapshotError::Device { id: blob.id, what: "console line longer than 200 bytes" })
             }
@@ -225,10 +236,10 @@ pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, Snapsh
     let clock_ticks = clock_ticks.ok_or(SnapshotError::Device { id: CLOCK_DEVICE, what: "missing" })?;
     let console = console.ok_or(SnapshotError::Device { id: CONSOLE_DEVICE, what: "missing" })?;
     guest.vcpu.check_state(&state)?;
-    let report = checkpoint.apply_to(&mut guest.memory()).map_err(SnapshotError::Apply)?;
+    let report = checkpoint.apply_to(&mut guest.memory(), epoch).map_err(SnapshotError::Apply)?;
     guest.vcpu.load_state(&state)?;
     guest.handler.set_msrs(state.handler_msrs);
-    guest.handler.set_console_pending(console);
+    guest.handler.set_console_pending(&console);
     guest.clock = GuestClock::starting_at(clock_ticks);
     if let Some(log) = guest.dirty.as_mut() {
         log.clear();
@@ -353,6 +364,9 @@ fn bench_pause(guest: &mut Guest, method: DirtyLogMethod) -> Result<(), String> 
 /// finish, restore the snapshot into a fresh guest B and back into A, and compare what each
 /// printed after the snapshot point; then show a corrupted and a truncated snapshot refused with
 /// the target untouched.
+/// Epoch of the one snapshot the snapshot-restore scenario takes.
+const SNAPSHOT_EPOCH: u64 = 1;
+
 fn snapshot_restore(
     backend: &mut Backend,
     frames: &mut FrameAllocator,
@@ -381,7 +395,7 @@ fn snapshot_restore(
                 if preemptions == after && snapshot.is_none() {
                     let rip = a.vcpu.rip();
                     let (copy, t) = pause_and_copy(&mut a, Pages::All).map_err(|e| alloc::format!("{e}"))?;
-                    let stream = encode(&copy, 1, frames_in_guest).map_err(|e| alloc::format!("{e}"))?;
+                    let stream = encode(&copy, SNAPSHOT_EPOCH, frames_in_guest).map_err(|e| alloc::format!("{e}"))?;
                     log::info!(
                         "snapshot-restore: snapshot of `{}` at preemption {after}, rip {rip:#x}: {} pages, {} bytes \
                          encoded (capture {} + copy {} TSC cycles)",
@@ -401,7 +415,8 @@ fn snapshot_restore(
         log::info!("snapshot-restore: original run {end_a}; {} lines after the snapshot", original.len());
 
         for (label, target) in [("a second guest", &mut b), ("the same guest", &mut a)] {
-            let report = restore(target, &snapshot).map_err(|e| alloc::format!("restore into {label}: {e}"))?;
+            let report =
+                restore(target, &snapshot, SNAPSHOT_EPOCH).map_err(|e| alloc::format!("restore into {label}: {e}"))?;
             target.console_capture = Some(Vec::new());
             let end = target.run_to_end();
             let replay = target.console_capture.take().unwrap_or_default();
@@ -424,14 +439,14 @@ fn snapshot_restore(
         let mut corrupted = snapshot.clone();
         let middle = corrupted.len() / 2;
         corrupted[middle] ^= 0x40;
-        match restore(&mut b, &corrupted) {
+        match restore(&mut b, &corrupted, SNAPSHOT_EPOCH) {
             Err(e) => log::info!(
                 "snapshot-restore: corrupted snapshot refused: {e}; target memory unchanged: {}",
                 if ram_checksum(&mut b) == before { "yes" } else { "NO" }
             ),
             Ok(_) => log::error!("snapshot-restore: a corrupted snapshot was applied"),
         }
-        match restore(&mut b, &snapshot[..snapshot.len() - 100]) {
+        match restore(&mut b, &snapshot[..snapshot.len() - 100], SNAPSHOT_EPOCH) {
             Err(e) => log::info!(
                 "snapshot-restore: truncated snapshot refused: {e}; target memory unchanged: {}",
                 if ram_checksum(&mut b) == before { "yes" } else { "NO" }

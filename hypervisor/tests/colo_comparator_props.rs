@@ -9,6 +9,7 @@
 use hypervisor::colo::comparator::{CheckpointRequest, ComparatorLimits, OutputComparator, Verdict};
 use hypervisor::colo::frames;
 use hypervisor::colo::packet::parse_frame;
+use hypervisor::colo::Tick;
 use proptest::prelude::*;
 use smoltcp::wire::{Ipv4Address, TcpControl};
 
@@ -57,6 +58,12 @@ fn side_frames(
         }
     }
     out
+}
+
+/// Capture and commit at once (no pipelining).
+fn commit(c: &mut OutputComparator) {
+    let m = c.mark_capture();
+    c.on_checkpoint_committed(m).unwrap();
 }
 
 fn drain(c: &mut OutputComparator) -> Vec<Vec<u8>> {
@@ -132,10 +139,10 @@ proptest! {
             let take_p = j >= svm_all.len()
                 || (i < pvm_all.len() && interleave.get(k % interleave.len().max(1)).copied().unwrap_or(true) ^ (k % 3 == 0));
             k += 1;
-            let v = if take_p { i += 1; c.push_pvm(&pvm_all[i - 1], 0) } else { j += 1; c.push_svm(&svm_all[j - 1], 0) };
+            let v = if take_p { i += 1; c.push_pvm(&pvm_all[i - 1], Tick(0)) } else { j += 1; c.push_svm(&svm_all[j - 1], Tick(0)) };
             prop_assert!(!matches!(v, Verdict::CheckpointRequired(_)), "unexpected {:?}", v);
         }
-        prop_assert_eq!(c.poll(1), None);
+        prop_assert_eq!(c.poll(Tick(1)), None);
         let out = drain(&mut c);
         // Per flow, released frames are the PVM's frames in the PVM's order, all of them.
         for port in [80u16, 81] {
@@ -173,7 +180,7 @@ proptest! {
         let mut seen = None;
         let mut push_all = |c: &mut OutputComparator, pvm: bool| {
             for (f, _) in if pvm { &p } else { &s } {
-                let v = if pvm { c.push_pvm(f, 0) } else { c.push_svm(f, 0) };
+                let v = if pvm { c.push_pvm(f, Tick(0)) } else { c.push_svm(f, Tick(0)) };
                 if let Verdict::CheckpointRequired(r) = v {
                     seen.get_or_insert(r);
                 }
@@ -182,18 +189,18 @@ proptest! {
         push_all(&mut c, !svm_first);
         push_all(&mut c, svm_first);
         prop_assert_eq!(seen, Some(want));
-        prop_assert_eq!(c.poll(0), Some(want));
+        prop_assert_eq!(c.poll(Tick(0)), Some(want));
         let before = drain(&mut c);
         for f in &before {
             let end = p.iter().find(|(g, _)| g == f).map(|(_, e)| *e).unwrap();
             prop_assert!(end <= k, "released a frame ending at {} past mismatch {}", end, k);
         }
-        c.on_checkpoint_committed();
+        commit(&mut c);
         let mut all = before;
         all.extend(drain(&mut c));
         let want_frames: Vec<Vec<u8>> = p.iter().map(|(f, _)| f.clone()).collect();
         prop_assert_eq!(all, want_frames);
-        prop_assert_eq!(c.poll(1), None);
+        prop_assert_eq!(c.poll(Tick(1)), None);
     }
 
     /// Random operations (PVM/SVM TCP segments, datagrams, divergences, checkpoints): no PVM
@@ -214,15 +221,15 @@ proptest! {
         let mut dgram = 0u32;
         // Both sides open the connection.
         let syn = tcp(80, isn, TcpControl::Syn, b"");
-        c.push_pvm(&syn, 0);
+        c.push_pvm(&syn, Tick(0));
         pushed.push(syn);
-        c.push_svm(&tcp(80, s_isn, TcpControl::Syn, b""), 0);
+        c.push_svm(&tcp(80, s_isn, TcpControl::Syn, b""), Tick(0));
         for (op, n) in ops {
             match op {
                 0..=2 => {
                     let e = (ppos + n).min(stream.len());
                     let f = tcp(80, isn.wrapping_add(1 + ppos as u32), TcpControl::None, &stream[ppos..e]);
-                    c.push_pvm(&f, 0);
+                    c.push_pvm(&f, Tick(0));
                     pushed.push(f);
                     ppos = e;
                 }
@@ -233,16 +240,16 @@ proptest! {
                         bytes[0] ^= 0x80;
                         diverged = true;
                     }
-                    c.push_svm(&tcp(80, s_isn.wrapping_add(1 + spos as u32), TcpControl::None, &bytes), 0);
+                    c.push_svm(&tcp(80, s_isn.wrapping_add(1 + spos as u32), TcpControl::None, &bytes), Tick(0));
                     spos = e;
                 }
                 5 => {
                     dgram += 1;
                     let f = udp(53, &dgram.to_be_bytes());
-                    c.push_pvm(&f, 0);
+                    c.push_pvm(&f, Tick(0));
                     pushed.push(f);
                     if n % 3 != 0 {
-                        c.push_svm(&udp(53, &dgram.to_be_bytes()), 0);
+                        c.push_svm(&udp(53, &dgram.to_be_bytes()), Tick(0));
                     }
                 }
                 6 => {
@@ -250,12 +257,12 @@ proptest! {
                     let s = ppos.saturating_sub(n);
                     if s < ppos {
                         let f = tcp(80, isn.wrapping_add(1 + s as u32), TcpControl::None, &stream[s..ppos]);
-                        c.push_pvm(&f, 0);
+                        c.push_pvm(&f, Tick(0));
                         pushed.push(f);
                     }
                 }
                 _ => {
-                    c.on_checkpoint_committed();
+                    commit(&mut c);
                     // The SVM now runs the PVM's state.
                     spos = ppos;
                     s_isn = isn;
@@ -269,7 +276,7 @@ proptest! {
                 prop_assert!(diverged, "unexpected request {:?}", r);
             }
         }
-        c.on_checkpoint_committed();
+        commit(&mut c);
         out.extend(drain(&mut c));
         prop_assert_eq!(out.len(), pushed.len());
         let mut a = out.clone();
@@ -309,14 +316,224 @@ proptest! {
                 if f.len() > 13 { f[12] = 0x08; f[13] = if x % 2 == 0 { 0 } else { 6 }; }
                 f
             };
-            if pvm { c.push_pvm(&f, t as u64); pushed += 1; } else { c.push_svm(&f, t as u64); }
-            if c.poll(t as u64).is_some() && x % 4 == 0 {
-                c.on_checkpoint_committed();
+            if pvm { c.push_pvm(&f, Tick(t as u64)); pushed += 1; } else { c.push_svm(&f, Tick(t as u64)); }
+            if c.poll(Tick(t as u64)).is_some() && x % 4 == 0 {
+                commit(&mut c);
             }
             c.drain_released(|_| out += 1);
         }
-        c.on_checkpoint_committed();
+        commit(&mut c);
         c.drain_released(|_| out += 1);
         prop_assert_eq!(out, pushed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epochs, reused 4-tuples: a model of both VMs' output across pipelined checkpoints.
+
+/// One logical output event of the service (the same for PVM and SVM).
+#[derive(Debug, Clone)]
+enum Ev {
+    /// SYN-ACK of connection `k` (all connections share one 4-tuple).
+    SynAck(usize),
+    /// Data of connection `k` at stream offset `off`.
+    Data(usize, usize, Vec<u8>),
+    /// Last data (possibly empty) with FIN.
+    Fin(usize, usize, Vec<u8>),
+    /// Reset at offset `off`.
+    Rst(usize, usize),
+    /// A datagram on another flow.
+    Udp(u32),
+}
+
+/// Connections: (PVM ISN, SVM ISN, chunks, close with FIN (else RST)).
+type ConnSpec = (u32, u32, Vec<Vec<u8>>, bool);
+
+fn events(conns: &[ConnSpec]) -> Vec<Ev> {
+    let mut ev = Vec::new();
+    let mut udp_n = 0;
+    for (k, (_, _, chunks, fin)) in conns.iter().enumerate() {
+        ev.push(Ev::SynAck(k));
+        let mut off = 0;
+        for (j, c) in chunks.iter().enumerate() {
+            if *fin && j + 1 == chunks.len() {
+                ev.push(Ev::Fin(k, off, c.clone()));
+            } else {
+                ev.push(Ev::Data(k, off, c.clone()));
+            }
+            off += c.len();
+            udp_n += 1;
+            if udp_n % 3 == 0 {
+                ev.push(Ev::Udp(udp_n));
+            }
+        }
+        if !*fin || chunks.is_empty() {
+            ev.push(Ev::Rst(k, off));
+        }
+    }
+    ev
+}
+
+/// The frame a side sends for an event, with that side's ISN for the connection.
+fn render(ev: &Ev, isn: impl Fn(usize) -> u32, corrupt: bool) -> Vec<u8> {
+    let seq = |k: usize, off: usize| isn(k).wrapping_add(1).wrapping_add(off as u32);
+    let flip = |b: &[u8]| {
+        let mut v = b.to_vec();
+        if corrupt {
+            if let Some(x) = v.first_mut() {
+                *x ^= 0x40;
+            }
+        }
+        v
+    };
+    match ev {
+        Ev::SynAck(k) => tcp(80, isn(*k), TcpControl::Syn, b""),
+        Ev::Data(k, off, b) => tcp(80, seq(*k, *off), TcpControl::Psh, &flip(b)),
+        Ev::Fin(k, off, b) => tcp(80, seq(*k, *off), TcpControl::Fin, &flip(b)),
+        Ev::Rst(k, off) => tcp(80, seq(*k, *off), TcpControl::Rst, b""),
+        Ev::Udp(n) => udp(53, &n.to_be_bytes()),
+    }
+}
+
+fn conn_of(ev: &Ev) -> Option<usize> {
+    match ev {
+        Ev::SynAck(k) | Ev::Data(k, ..) | Ev::Fin(k, ..) | Ev::Rst(k, _) => Some(*k),
+        Ev::Udp(_) => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum EpochOp {
+    Pvm,
+    Svm,
+    /// The SVM sends its next event with one byte changed (TCP data only).
+    SvmCorrupt,
+    Capture,
+    Commit,
+    Abort,
+}
+
+fn epoch_op() -> impl Strategy<Value = EpochOp> {
+    prop_oneof![
+        6 => Just(EpochOp::Pvm),
+        6 => Just(EpochOp::Svm),
+        1 => Just(EpochOp::SvmCorrupt),
+        2 => Just(EpochOp::Capture),
+        2 => Just(EpochOp::Commit),
+        1 => Just(EpochOp::Abort),
+    ]
+}
+
+fn conn_spec() -> impl Strategy<Value = ConnSpec> {
+    (
+        any::<u32>(),
+        any::<u32>(),
+        proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..4),
+        any::<bool>(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Several connections one after another on the same 4-tuple (each with its own ISNs),
+    /// datagrams on a second flow, SVM divergences, and checkpoints captured at arbitrary
+    /// points, committed or aborted while both VMs keep running (pipelined). At every step,
+    /// every released PVM frame is covered by a committed checkpoint whose capture came after
+    /// it, or was produced identically by the SVM in its current lineage (the SVM restarts from
+    /// the capture point when a checkpoint commits). No checkpoint is requested unless the SVM
+    /// diverged. In the end every frame is released exactly once.
+    #[test]
+    fn epochs_and_reused_tuples_release_only_what_is_covered(
+        conns in proptest::collection::vec(conn_spec(), 1..4),
+        ops in proptest::collection::vec(epoch_op(), 1..120),
+    ) {
+        let ev = events(&conns);
+        let mut c = OutputComparator::new(limits());
+        // The SVM uses the PVM's ISN for connections that began before a committed capture.
+        let mut inherited = 0usize;
+        let svm_isn = |k: usize, inherited: usize| if k < inherited { conns[k].0 } else { conns[k].1 };
+        let (mut ppos, mut spos) = (0usize, 0usize);
+        let mut pushed: Vec<Vec<u8>> = Vec::new();
+        let mut released = vec![false; ev.len()];
+        let mut confirmed = vec![false; ev.len()];
+        let mut covered = 0usize;
+        let mut diverged = false;
+        let mut ever_diverged = false;
+        let mut mark: Option<(hypervisor::colo::comparator::CaptureMark, usize)> = None;
+        for op in ops {
+            match op {
+                EpochOp::Pvm if ppos < ev.len() => {
+                    let f = render(&ev[ppos], |k| conns[k].0, false);
+                    c.push_pvm(&f, Tick(0));
+                    pushed.push(f);
+                    ppos += 1;
+                }
+                EpochOp::Svm | EpochOp::SvmCorrupt if spos < ev.len() => {
+                    let corrupt = matches!(op, EpochOp::SvmCorrupt)
+                        && matches!(ev[spos], Ev::Data(..) | Ev::Fin(_, _, _))
+                        && !matches!(&ev[spos], Ev::Fin(_, _, b) if b.is_empty());
+                    let inh = inherited;
+                    let f = render(&ev[spos], |k| svm_isn(k, inh), corrupt);
+                    c.push_svm(&f, Tick(0));
+                    if corrupt {
+                        diverged = true;
+                        ever_diverged = true;
+                    }
+                    // TCP events count as the SVM's own only while its TCP lineage is intact.
+                    if conn_of(&ev[spos]).is_none() || !diverged {
+                        confirmed[spos] = true;
+                    }
+                    spos += 1;
+                }
+                EpochOp::Capture if mark.is_none() => {
+                    mark = Some((c.mark_capture(), ppos));
+                }
+                EpochOp::Commit => {
+                    if let Some((m, at)) = mark.take() {
+                        c.on_checkpoint_committed(m).unwrap();
+                        covered = covered.max(at);
+                        // The SVM now runs the PVM's state at the capture.
+                        spos = at;
+                        diverged = false;
+                        inherited = ev[..at].iter().filter(|e| matches!(e, Ev::SynAck(_))).count();
+                        for x in confirmed.iter_mut().skip(at) {
+                            *x = false;
+                        }
+                    }
+                }
+                EpochOp::Abort => {
+                    if let Some((m, _)) = mark.take() {
+                        c.on_checkpoint_aborted(m).unwrap();
+                    }
+                }
+                _ => {}
+            }
+            for f in drain(&mut c) {
+                let i = (0..pushed.len()).find(|&i| !released[i] && pushed[i] == f);
+                prop_assert!(i.is_some(), "released a frame twice or never pushed");
+                let i = i.unwrap_or_default();
+                released[i] = true;
+                prop_assert!(
+                    i < covered || confirmed[i],
+                    "released event {} {:?} neither covered (checkpoint up to {}) nor produced by the SVM",
+                    i, ev[i], covered
+                );
+            }
+            if !ever_diverged {
+                prop_assert_eq!(c.pending_request(), None);
+            }
+        }
+        if let Some((m, _)) = mark.take() {
+            c.on_checkpoint_committed(m).unwrap();
+        }
+        commit(&mut c);
+        for f in drain(&mut c) {
+            let i = (0..pushed.len()).find(|&i| !released[i] && pushed[i] == f);
+            prop_assert!(i.is_some(), "released a frame twice or never pushed");
+            released[i.unwrap_or_default()] = true;
+        }
+        prop_assert!(released[..pushed.len()].iter().all(|&r| r), "a frame was never released");
+        prop_assert_eq!(c.stats().held_frames, 0);
     }
 }

@@ -15,7 +15,6 @@ use crate::memory::{FrameAllocator, FrameError, PhysRange};
 use crate::stats::HeapUsage;
 
 /// `LockedHeap` plus a high-water mark and a failure count.
-#[derive(Debug)]
 pub struct TrackedHeap {
     inner: LockedHeap,
     high_water: AtomicUsize,
@@ -25,6 +24,12 @@ pub struct TrackedHeap {
 /// The kernel heap. `boot` registers it as the global allocator.
 pub static HEAP: TrackedHeap =
     TrackedHeap { inner: LockedHeap::empty(), high_water: AtomicUsize::new(0), failures: AtomicU64::new(0) };
+
+impl core::fmt::Debug for TrackedHeap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("TrackedHeap").field("high_water", &self.high_water).field("failures", &self.failures).finish()
+    }
+}
 
 impl Deref for TrackedHeap {
     type Target = LockedHeap;

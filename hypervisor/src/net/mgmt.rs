@@ -406,6 +406,11 @@ pub enum RequestError {
         /// Bytes received so far.
         len: usize,
     },
+    /// The line did not arrive whole within the request deadline.
+    Timeout {
+        /// The deadline, ms.
+        deadline_ms: u64,
+    },
     /// The line is not JSON.
     BadJson(JsonError),
     /// The JSON is not an object.
@@ -457,6 +462,7 @@ impl RequestError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::TooLarge { .. } => "too_large",
+            Self::Timeout { .. } => "request_timeout",
             Self::BadJson(_) => "bad_json",
             Self::NotAnObject { .. } | Self::MissingField { .. } | Self::WrongType { .. } => "bad_request",
             Self::UnknownCommand { .. } => "unknown_command",
@@ -472,6 +478,10 @@ impl fmt::Display for RequestError {
             Self::TooLarge { len } => {
                 write!(f, "request of {len} bytes is too large; expected at most {MAX_REQUEST_BYTES} bytes per line")
             }
+            Self::Timeout { deadline_ms } => write!(
+                f,
+                "request not received whole within {deadline_ms} ms of its first byte; expected a line ending in a newline"
+            ),
             Self::BadJson(e) => write!(f, "request is not JSON: {e}"),
             Self::NotAnObject { found } => {
                 write!(f, "request is {found}; expected an object like {{\"cmd\":\"status\"}}")

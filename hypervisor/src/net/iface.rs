@@ -680,7 +680,11 @@ fn serve_json(
             break;
         }
         read += n;
-        conn.timers.on_input(now, conn.lines.in_request());
+        // Blank lines are no request: they neither count as activity (idle timeout, eviction)
+        // nor start the request deadline.
+        if event.is_some() || conn.lines.in_request() {
+            conn.timers.on_input(now, conn.lines.in_request());
+        }
         match event {
             None => {}
             Some(LineEvent::Line(line)) => {

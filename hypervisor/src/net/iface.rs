@@ -401,6 +401,9 @@ impl NetStack {
         // Push out what the servers just queued.
         let mut device = NicDevice { nic: &mut self.nics[self.mgmt_nic], hook: &mut self.hook, local: true };
         self.iface.poll(now(), &mut device, &mut self.sockets);
+        // Slots reset this round listen again before the next round's ingress.
+        self.json.relisten(&mut self.sockets);
+        self.http.relisten(&mut self.sockets);
         let link = self.nics.iter().map(|n| (n.index, n.dev.link_up())).collect::<Vec<_>>();
         stats::with(|s| {
             for (index, up) in link {
@@ -464,14 +467,29 @@ impl Server {
         shutdown
     }
 
+    /// Puts every closed slot back to listening (after the egress that sent their resets).
+    fn relisten(&mut self, sockets: &mut SocketSet<'_>) {
+        for conn in &mut self.conns {
+            let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
+            if !socket.is_open() {
+                conn.reset();
+                listen(socket, self.port);
+            }
+        }
+    }
+
     /// When fewer than `spare_listeners` slots listen, evicts connections (done, then the oldest
     /// idle, then the oldest slow request) so that a new client is not refused.
     fn keep_listeners(&mut self, sockets: &mut SocketSet<'_>, now: u64) {
         loop {
+            // A closed socket listens again after this round's egress (see `relisten`).
             let listening = self
                 .conns
                 .iter()
-                .filter(|c| sockets.get::<tcp::Socket>(c.handle).state() == tcp::State::Listen)
+                .filter(|c| {
+                    let socket = sockets.get::<tcp::Socket>(c.handle);
+                    socket.state() == tcp::State::Listen || !socket.is_open()
+                })
                 .count();
             if listening >= self.limits.spare_listeners {
                 self.full = false;
@@ -492,10 +510,9 @@ impl Server {
             };
             let conn = &mut self.conns[victim];
             let done = conn.done();
-            let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
-            socket.abort();
+            // Reset now; the RST leaves with this round's egress, then `relisten` reopens it.
+            sockets.get_mut::<tcp::Socket>(conn.handle).abort();
             conn.reset();
-            listen(socket, self.port);
             if !done {
                 count(self.kind, |c| c.evicted += 1);
             }
@@ -541,7 +558,13 @@ fn serve_conn(
         count(kind, |c| c.accepted += 1);
     }
     if let Some(since) = conn.closing_since {
-        // Closed on our side: discard what still arrives (bounded), reset after the linger.
+        // Closed on our side: discard what still arrives (bounded), reset after the linger
+        // (which restarts while the peer still takes queued output).
+        let queue = socket.send_queue();
+        if queue < conn.send_queue {
+            conn.closing_since = Some(now);
+        }
+        conn.send_queue = queue;
         let mut read = 0;
         while read < limits.read_budget && socket.can_recv() {
             match socket.recv(|b| (b.len(), b.len())) {
@@ -549,7 +572,7 @@ fn serve_conn(
                 _ => break,
             }
         }
-        if now >= since + limits.linger_ms {
+        if now >= conn.closing_since.unwrap_or(since) + limits.linger_ms {
             socket.abort();
         }
         return false;
@@ -571,22 +594,6 @@ fn serve_conn(
     if conn.close_after_flush && conn.out.is_empty() {
         socket.close();
         conn.closing_since = Some(now);
-        return shutdown;
-    }
-    if let Some(at) = conn.answered_at {
-        // HTTP: let the client close first (no TIME-WAIT here); reset if it lingers.
-        if conn.out.is_empty() && socket.send_queue() == 0 {
-            if peer_closed(socket) {
-                socket.close();
-                conn.closing_since = Some(now);
-            } else if now >= at + limits.linger_ms {
-                socket.abort();
-            }
-        }
-        if conn.timers.expired(now, limits) == Some(Expiry::NotReading) {
-            count(kind, |c| c.not_reading += 1);
-            socket.abort();
-        }
         return shutdown;
     }
     match conn.timers.expired(now, limits) {
@@ -812,6 +819,8 @@ fn serve_http(
     conn.head = Vec::new();
     conn.timers.on_request_state(now, false);
     conn.answered_at = Some(now);
+    // `Connection: close`: the server closes once the response is out (RFC 9112 §9.6).
+    conn.close_after_flush = true;
     if conn.out.push(text.as_bytes()).is_err() {
         *abort = true;
     }

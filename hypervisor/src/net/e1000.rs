@@ -377,6 +377,13 @@ impl E1000 {
         status & TX_DD != 0
     }
 
+    /// Whether a received frame waits (the next descriptor's DD bit; one volatile read).
+    pub fn rx_pending(&self) -> bool {
+        // SAFETY: `rx_next < RING`; the descriptor is DMA memory shared with the NIC.
+        let status = unsafe { ptr::read_volatile(ptr::addr_of!((*self.rx_ring.wrapping_add(self.rx_next)).status)) };
+        status & RX_DD != 0
+    }
+
     /// Takes the next received frame, if any, hands it (or the NIC's verdict on it) to `f`, and
     /// gives the buffer back to the NIC. Returns `None` when nothing is pending.
     pub fn receive<R>(&mut self, f: impl FnOnce(Result<&[u8], RxError>) -> R) -> Option<R> {

@@ -44,6 +44,11 @@ const WRITE_STALL_MS: u64 = 5_000;
 const LINGER_MS: u64 = 2_000;
 /// A connection is evicted for a new client only after being idle (or slow) this long.
 const EVICT_GRACE_MS: u64 = 1_000;
+/// With a connection open, the servers' timers are checked at least this often.
+const BUSY_TICK_MS: u64 = 50;
+/// With every slot listening, the stack is polled at least this often without traffic (and the
+/// link status read).
+const IDLE_TICK_MS: u64 = 1_000;
 /// How long a `shutdown` reply may take to leave before the hypervisor exits anyway.
 const SHUTDOWN_FLUSH_MS: u64 = 2_000;
 
@@ -226,6 +231,10 @@ struct NetStack {
     role: &'static str,
     hook: Option<Box<dyn GuestForward>>,
     shutdown_at: Option<u64>,
+    /// The next full poll is due then even without a received frame.
+    next_due_ms: u64,
+    /// The next read of the NICs' link status.
+    next_link_ms: u64,
 }
 
 static NET: spin::Mutex<Option<NetStack>> = spin::Mutex::new(None);
@@ -323,6 +332,8 @@ pub fn bring_up(config: &Config) -> Result<(), NetError> {
         role: role_name(config.role),
         hook: None,
         shutdown_at: None,
+        next_due_ms: 0,
+        next_link_ms: 0,
     });
     Ok(())
 }
@@ -394,6 +405,12 @@ impl NetStack {
                 while device.receive_one().is_some() {}
             }
         }
+        // The runner polls every few microseconds: skip the stack and the servers (about a
+        // hundred sockets) unless a frame waits, smoltcp or a server timer is due, or a shutdown
+        // reply is leaving.
+        if !self.nics[self.mgmt_nic].dev.rx_pending() && now_ms < self.next_due_ms && self.shutdown_at.is_none() {
+            return PollOutcome::Running;
+        }
         let mut device = NicDevice { nic: &mut self.nics[self.mgmt_nic], hook: &mut self.hook, local: true };
         self.iface.poll(now(), &mut device, &mut self.sockets);
         let shutdown = self.json.serve(&mut self.sockets, self.role, now_ms);
@@ -404,12 +421,21 @@ impl NetStack {
         // Slots reset this round listen again before the next round's ingress.
         self.json.relisten(&mut self.sockets);
         self.http.relisten(&mut self.sockets);
-        let link = self.nics.iter().map(|n| (n.index, n.dev.link_up())).collect::<Vec<_>>();
-        stats::with(|s| {
-            for (index, up) in link {
-                s.nic_mut(index).link_up = up;
-            }
-        });
+        let busy = self.json.busy(&self.sockets) || self.http.busy(&self.sockets);
+        let mut due = now_ms + if busy { BUSY_TICK_MS } else { IDLE_TICK_MS };
+        if let Some(at) = self.iface.poll_at(now(), &self.sockets) {
+            due = due.min(at.total_millis().max(0) as u64);
+        }
+        self.next_due_ms = due;
+        if now_ms >= self.next_link_ms {
+            self.next_link_ms = now_ms + IDLE_TICK_MS;
+            let link = self.nics.iter().map(|n| (n.index, n.dev.link_up())).collect::<Vec<_>>();
+            stats::with(|s| {
+                for (index, up) in link {
+                    s.nic_mut(index).link_up = up;
+                }
+            });
+        }
         if shutdown && self.shutdown_at.is_none() {
             self.shutdown_at = Some(now_ms);
         }
@@ -465,6 +491,11 @@ impl Server {
         }
         self.keep_listeners(sockets, now);
         shutdown
+    }
+
+    /// Whether any slot holds a connection (its timers need checking).
+    fn busy(&self, sockets: &SocketSet<'_>) -> bool {
+        self.conns.iter().any(|c| sockets.get::<tcp::Socket>(c.handle).state() != tcp::State::Listen)
     }
 
     /// Puts every closed slot back to listening (after the egress that sent their resets).

@@ -477,3 +477,61 @@ fn metrics_with_heap_gauges_pass_promtool() {
     assert!(field(&status, "heap", "used") > 0 && field(&status, "heap", "free") > 0, "{status}");
     assert!(field(&status, "heap", "high_water") >= field(&status, "heap", "used"), "{status}");
 }
+
+/// Two connections at once: one idle (nothing sent), one with a request that never ends.
+const TIMEOUTS: &str = r#"
+import socket, sys, threading, time
+host = sys.argv[1]
+def watch(name, first, port):
+    s = socket.create_connection((host, port), timeout=60)
+    t0 = time.time()
+    if first: s.sendall(first)
+    data = b""
+    try:
+        while True:
+            d = s.recv(4096)
+            if not d: break
+            data += d
+    except OSError as e:
+        data += b"<" + type(e).__name__.encode() + b">"
+    print(name, "%.2f" % (time.time() - t0), data[:160].decode(errors="replace").replace("\r\n", " | "))
+threads = [
+    threading.Thread(target=watch, args=("idle", b"", 7070)),
+    threading.Thread(target=watch, args=("slow-json", b'{"cmd":"sta', 7070)),
+    threading.Thread(target=watch, args=("slow-http", b"GET /metrics HTTP/1.1\r\nHost: x", 9100)),
+]
+for t in threads: t.start()
+for t in threads: t.join()
+"#;
+
+#[test]
+fn request_deadline_and_the_one_idle_timeout_close_connections() {
+    let s = Setup::boot("tmo", 48, &[], None, SERVING);
+    let out = s.python(TIMEOUTS, &[&s.ip], 90);
+    eprintln!("{out}");
+    let took = |name: &str| -> (f64, String) {
+        let line = out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}: {out}"));
+        let mut f = line.splitn(3, ' ');
+        f.next();
+        (f.next().unwrap().parse().unwrap(), f.next().unwrap_or("").to_string())
+    };
+    let (idle, idle_data) = took("idle");
+    let (slow_json, json_data) = took("slow-json");
+    let (slow_http, http_data) = took("slow-http");
+    eprintln!(
+        "[figure] idle connection closed after {idle:.2} s (idle timeout 30 s, smoltcp's own 10 s off); unfinished JSON request answered and closed after {slow_json:.2} s, unfinished HTTP head after {slow_http:.2} s (request deadline {REQUEST_DEADLINE_S} s)"
+    );
+    assert!((29.0..=34.0).contains(&idle), "idle connection closed after {idle} s, expected the 30 s idle timeout");
+    assert!(idle_data.is_empty(), "{idle_data}");
+    for (t, data, want) in [
+        (slow_json, &json_data, "\"error\":\"request_timeout\""),
+        (slow_http, &http_data, "HTTP/1.1 408 Request Timeout"),
+    ] {
+        assert!((REQUEST_DEADLINE_S - 0.5..=REQUEST_DEADLINE_S + 2.0).contains(&t), "closed after {t} s: {data}");
+        assert!(data.contains(want), "{data}");
+    }
+    let stats = s.request(r#"{"cmd":"stats"}"#);
+    assert_eq!(field(&stats, "json", "idle_timeouts"), 1, "{stats}");
+    assert_eq!(field(&stats, "json", "request_timeouts"), 1, "{stats}");
+    assert_eq!(field(&stats, "http", "request_timeouts"), 1, "{stats}");
+}

@@ -224,8 +224,7 @@ impl<'d> PvBlock<'d> {
             return Err(PvBlockError::BadLength { len });
         }
         let disk = self.size();
-        req
-            .sector
+        req.sector
             .checked_mul(BLOCK_SECTOR_SIZE)
             .and_then(|start| Some(start..start.checked_add(len)?))
             .filter(|r| r.end <= disk)

@@ -155,10 +155,6 @@ impl Ring {
         Ok(header)
     }
 
-    fn bytes(&self) -> u64 {
-        pv_ring_bytes(self.entries)
-    }
-
     /// Descriptors available: `producer - consumer`, checked against the ring size.
     fn available(&self, mem: &dyn GuestMemory) -> Result<u32, PvNetError> {
         let producer = read_u32(mem, self.gpa + PRODUCER_OFFSET);

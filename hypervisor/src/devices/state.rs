@@ -127,7 +127,10 @@ impl fmt::Display for DeviceStateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::UnknownDevice { id } => {
-                write!(f, "device state for unknown device id {id}; expected 1 (clock), 2 (console), 3 (pvnet), 4 (pvblock)")
+                write!(
+                    f,
+                    "device state for unknown device id {id}; expected 1 (clock), 2 (console), 3 (pvnet), 4 (pvblock)"
+                )
             }
             Self::WrongKind { device, tag, expected } => {
                 write!(f, "{device} state tag {tag:#010x}; expected kind {expected:#06x} in the high 16 bits")
@@ -297,7 +300,8 @@ impl DeviceBlob for PvNetState {
     }
     fn decode(_: u16, bytes: &[u8]) -> Result<Self, DeviceStateError> {
         let b = exact::<PVNET_BYTES>(Self::NAME, bytes)?;
-        let bad = |field, found: u64, expected| DeviceStateError::BadValue { device: Self::NAME, field, found, expected };
+        let bad =
+            |field, found: u64, expected| DeviceStateError::BadValue { device: Self::NAME, field, found, expected };
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&b[..6]);
         if mac[0] & 1 != 0 {
@@ -314,7 +318,13 @@ impl DeviceBlob for PvNetState {
         let (rx, tx) = (ring(8), ring(24));
         let rings = match b[6] {
             0 if rx == RingState::default() && tx == RingState::default() => None,
-            0 => return Err(bad("rings", rx.gpa | tx.gpa | u64::from(rx.entries | tx.entries), "all zero when detached")),
+            0 => {
+                return Err(bad(
+                    "rings",
+                    rx.gpa | tx.gpa | u64::from(rx.entries | tx.entries),
+                    "all zero when detached",
+                ))
+            }
             1 => Some((rx, tx)),
             other => return Err(bad("attached", u64::from(other), "0 or 1")),
         };
@@ -467,10 +477,14 @@ mod tests {
         let s = sample();
         let blobs = s.blobs();
         assert_eq!(blobs.iter().map(|b| b.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
-        assert_eq!(blobs.iter().map(|b| b.tag).collect::<Vec<_>>(), [0x434C_0001, 0x434F_0001, 0x4E49_0001, 0x424B_0001]);
+        assert_eq!(
+            blobs.iter().map(|b| b.tag).collect::<Vec<_>>(),
+            [0x434C_0001, 0x434F_0001, 0x4E49_0001, 0x424B_0001]
+        );
         assert_eq!(blobs[2].data.len(), 40);
         assert_eq!(parse(&blobs).unwrap(), s);
-        let detached = DeviceStates { net: Some(PvNetState { mac: [2, 0, 0, 0, 0, 1], rings: None }), block: None, ..s };
+        let detached =
+            DeviceStates { net: Some(PvNetState { mac: [2, 0, 0, 0, 0, 1], rings: None }), block: None, ..s };
         assert_eq!(parse(&detached.blobs()).unwrap(), detached);
     }
 
@@ -488,12 +502,18 @@ mod tests {
         );
         assert_eq!(with(0, &|b| b.tag = tag(0x434C, 0)).to_string(), "clock state version 0; expected 1 to 1");
         assert!(matches!(with(2, &|b| b.tag = tag(0x434C, 1)), DeviceStateError::WrongKind { device: "pvnet", .. }));
-        assert_eq!(with(0, &|b| b.data.push(0)), DeviceStateError::BadLength { device: "clock", found: 9, expected: 8 });
+        assert_eq!(
+            with(0, &|b| b.data.push(0)),
+            DeviceStateError::BadLength { device: "clock", found: 9, expected: 8 }
+        );
         assert_eq!(
             with(1, &|b| b.data = std::vec![b'x'; 201]),
             DeviceStateError::BadLength { device: "console", found: 201, expected: 200 }
         );
-        assert_eq!(with(2, &|b| b.data.truncate(39)), DeviceStateError::BadLength { device: "pvnet", found: 39, expected: 40 });
+        assert_eq!(
+            with(2, &|b| b.data.truncate(39)),
+            DeviceStateError::BadLength { device: "pvnet", found: 39, expected: 40 }
+        );
         let e = with(2, &|b| b.data[6] = 2);
         assert_eq!(e.to_string(), "pvnet state field attached = 0x2; expected 0 or 1");
         assert!(matches!(with(2, &|b| b.data[6] = 0), DeviceStateError::BadValue { field: "rings", .. }));

@@ -206,7 +206,10 @@ mod tests {
     #[test]
     fn defaults_and_values_parse() {
         let s = GuestSpec::parse("guest-hello status=3").unwrap();
-        assert_eq!((s.name, s.time_limit_ms, s.time_slice_us, s.mac, s.disk, s.restarts), ("guest-hello", 30_000, None, None, None, 0));
+        assert_eq!(
+            (s.name, s.time_limit_ms, s.time_slice_us, s.mac, s.disk, s.restarts),
+            ("guest-hello", 30_000, None, None, None, 0)
+        );
         assert_eq!((s.scenario, s.dirty_log), (None, DirtyLogMethod::Pml));
         let s = GuestSpec::parse(
             "guest-redis ip=10.77.1.3/24 mac=52:54:00:c0:01:03 disk=data restarts=1 time_limit_ms=600000 \

@@ -27,7 +27,7 @@ use crate::vcpu::{DirtyLogMethod, VmExit};
 const PAGE: usize = 4096;
 /// The time slice `snapshot-restore` switches to once the guest printed its K lines, so a
 /// preemption-timer exit comes soon after that point whatever the emulator's speed.
-const SNAPSHOT_SLICE_US: u64 = 50;
+const SNAPSHOT_SLICE_US: u64 = 10;
 
 /// Runs `scenario` for the guest module `module` (`spec` is its parsed line; `modules` are all
 /// boot modules, for its disk). Errors are reported on the console; the hypervisor goes on.

@@ -21,7 +21,7 @@ use crate::guest::{GuestMemory, GuestSpec, Scenario};
 use crate::host::time;
 use crate::memory::{DirtyLog, FrameAllocator};
 use crate::runner::Guest;
-use crate::snapshot::{encode, pause_and_copy, restore, Pages};
+use crate::snapshot::{encode, encode_full_into, pause_and_copy, restore, LocalCopy, Pages};
 use crate::vcpu::{DirtyLogMethod, VmExit};
 
 const PAGE: usize = 4096;
@@ -286,7 +286,6 @@ fn snapshot_serve(
         return Err("snapshot-serve needs disk=NAME (it counts the guest's disk writes)".into());
     }
     let mut a = create(backend, frames, module, spec, guest_mem)?;
-    let frames_in_guest = a.ram.len() / PAGE as u64;
     let taken = (|| {
         attach_disk(&mut a, spec, modules)?;
         loop {
@@ -295,29 +294,50 @@ fn snapshot_serve(
                 return Err(alloc::format!("the guest ended ({end}) before its disk took {writes} writes"));
             }
             if a.devices.block.as_ref().is_some_and(|b| b.counters.writes >= writes) {
-                let (copy, t) = pause_and_copy(&mut a, Pages::All).map_err(|e| alloc::format!("{e}"))?;
-                let stream = encode(&copy, 1, frames_in_guest).map_err(|e| alloc::format!("{e}"))?;
-                let attached = copy.devices.net.is_some_and(|n| n.rings.is_some());
+                // The full-sync path: every page streamed from guest RAM into the sink in place.
+                let t0 = time::rdtsc();
+                let devices = a.save_devices();
+                let (stream, summary) = encode_full_into(&mut a, 1, Vec::new()).map_err(|e| alloc::format!("{e}"))?;
+                let attached = devices.net.is_some_and(|n| n.rings.is_some());
                 log::info!(
-                    "snapshot-serve: snapshot of `{}` after {writes} disk writes: NIC attached: {}, {} pages, {} \
-                     device states, {} bytes encoded (pause {} TSC cycles); ending it",
+                    "snapshot-serve: snapshot of `{}` after {writes} disk writes: NIC attached: {}, {} pages ({} zero), \
+                     {} device states, {} bytes streamed ({} TSC cycles); ending it",
                     a.name,
                     if attached { "yes" } else { "no" },
-                    copy.gfns.len(),
-                    copy.devices.blobs().len(),
+                    summary.pages,
+                    summary.zero_pages,
+                    devices.blobs().len(),
                     stream.len(),
-                    t.capture_cycles + t.copy_cycles
+                    time::rdtsc() - t0
                 );
-                return Ok(stream);
+                // The same capture with the NIC's RX ring moved past the end of RAM, plus one page:
+                // a restore must refuse it before writing that page.
+                let mut state = a.vcpu.save_state().map_err(|e| alloc::format!("{e}"))?;
+                state.handler_msrs = a.handler.msrs();
+                let mut bad = devices.clone();
+                if let Some((rx, _)) = bad.net.as_mut().and_then(|n| n.rings.as_mut()) {
+                    rx.gpa = a.ram.len() - 8;
+                }
+                let copy = LocalCopy { state, devices: bad, gfns: alloc::vec![0x100], data: alloc::vec![0xAA; PAGE] };
+                let bad_stream = encode(&copy, 1, a.ram.len() / PAGE as u64).map_err(|e| alloc::format!("{e}"))?;
+                return Ok((stream, bad_stream, a.digest(), a.page_digests()));
             }
         }
     })();
     a.destroy(frames);
-    let stream = taken?;
+    let (stream, bad_stream, original, original_pages) = taken?;
 
     let mut b = create(backend, frames, module, spec, guest_mem)?;
     let result = (|| {
         attach_disk(&mut b, spec, modules)?;
+        let before = b.digest();
+        match restore(&mut b, &bad_stream) {
+            Err(e) => log::info!(
+                "snapshot-serve: a NIC state with its RX ring outside guest RAM refused: {e}; target unchanged: {}",
+                if b.digest() == before { "yes" } else { "NO" }
+            ),
+            Ok(_) => log::error!("snapshot-serve: a NIC state with its RX ring outside guest RAM was applied"),
+        }
         let report = restore(&mut b, &stream).map_err(|e| alloc::format!("restore into a fresh guest: {e}"))?;
         log::info!(
             "snapshot-serve: restored into a fresh guest: {} pages, clock {} ticks, NIC attached: {}",
@@ -325,6 +345,17 @@ fn snapshot_serve(
             report.clock_ticks,
             if report.nic_attached { "yes" } else { "no" }
         );
+        // `checkpoint_verify` in small: the restored guest's RAM and disk digest as the original's.
+        let restored = b.digest();
+        if restored == original {
+            log::info!("snapshot-serve: digest of the restored guest equals the original's: {restored}");
+        } else {
+            let page = crate::guest::digest::first_difference(&original_pages, &b.page_digests());
+            log::error!(
+                "snapshot-serve: digest of the restored guest {restored} differs from the original's {original}; \
+                 first differing page: {page:?}"
+            );
+        }
         let end = b.run_to_end();
         log::info!("snapshot-serve: restored guest {end}");
         b.report(&end);

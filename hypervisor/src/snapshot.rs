@@ -4,8 +4,11 @@
 //! - [`pause_and_copy`]: with the guest paused, capture its vCPU and every device's state and copy
 //!   its pages (all of them, or the dirty ones) into a [`LocalCopy`]. This is the whole PVM pause
 //!   of a pipelined checkpoint: the guest may resume as soon as it returns.
-//! - [`encode`]: the local copy in the checkpoint stream format (`colo::checkpoint`): page runs,
-//!   the vCPU record, one DEVICE record per device blob (`devices::state`).
+//! - [`encode`] / [`encode_into`]: the local copy in the checkpoint stream format
+//!   (`colo::checkpoint`): page runs, the vCPU record, one DEVICE record per device blob
+//!   (`devices::state`), into a `Vec` or any `ByteSink`.
+//! - [`encode_full_into`]: a paused guest's whole RAM, vCPU and devices streamed straight from
+//!   guest memory into a sink (the initial full sync; no copy of the guest is built).
 //! - [`apply_checkpoint`]: a verified [`StagedCheckpoint`] into a live guest, all or nothing:
 //!   the epoch, the vCPU state and every device blob are checked (device states against this
 //!   guest: same devices, same MAC, ring geometry inside its RAM, same disk size) before the
@@ -24,8 +27,8 @@ use core::fmt;
 use zerocopy::IntoBytes;
 
 use crate::colo::checkpoint::{
-    ApplyError, CheckpointDecoder, CheckpointEncoder, EncodeError, Feed, HeaderInfo, StagedCheckpoint, StreamError,
-    StreamLimits,
+    ApplyError, ByteSink, CheckpointDecoder, CheckpointEncoder, CommitSummary, EncodeError, Feed, HeaderInfo,
+    StagedCheckpoint, StreamError, StreamLimits,
 };
 use crate::devices::state::{DeviceStateError, DeviceStates};
 use crate::guest::GuestMemory;
@@ -156,34 +159,71 @@ pub fn pause_and_copy(guest: &mut Guest, pages: Pages) -> Result<(LocalCopy, Pau
 
 /// The local copy as a checkpoint stream for a guest of `frames` pages.
 pub fn encode(copy: &LocalCopy, epoch: u64, frames: u64) -> Result<Vec<u8>, SnapshotError> {
-    let blobs = copy.devices.blobs();
-    let info = HeaderInfo {
-        epoch,
-        page_size: PAGE as u32,
-        page_count: copy.gfns.len() as u32,
-        vcpu_count: 1,
-        device_count: blobs.len() as u32,
-    };
+    encode_into(copy, epoch, frames, Vec::new()).map(|(bytes, _)| bytes)
+}
+
+/// The local copy as a checkpoint stream into `sink` (a socket, a ring) as it is produced.
+pub fn encode_into<S: ByteSink>(
+    copy: &LocalCopy,
+    epoch: u64,
+    frames: u64,
+    sink: S,
+) -> Result<(S, CommitSummary), SnapshotError> {
+    let pages = copy.gfns.iter().zip(copy.data.chunks_exact(PAGE)).map(|(&gfn, page)| (gfn, page));
+    write_stream(sink, epoch, frames, copy.gfns.len() as u32, pages, &copy.state, &copy.devices)
+}
+
+/// A paused guest's whole state (every page of RAM, read in place, the vCPU and every device)
+/// as a checkpoint stream into `sink`: the initial full sync, never built as one buffer. The
+/// guest's dirty log, if on, starts over (the stream covers every page).
+pub fn encode_full_into<S: ByteSink>(
+    guest: &mut Guest,
+    epoch: u64,
+    sink: S,
+) -> Result<(S, CommitSummary), SnapshotError> {
+    let mut state = guest.vcpu.save_state()?;
+    state.handler_msrs = guest.handler.msrs();
+    let devices = guest.save_devices();
+    if let Some(log) = guest.dirty.as_mut() {
+        guest.vcpu.collect_dirty(log)?;
+        log.clear();
+    }
+    let frames = guest.ram.len() / PAGE as u64;
+    let mem = guest.memory();
+    let pages = (0..frames).map(|gfn| (gfn, mem.slice(gfn * PAGE as u64, PAGE as u64).unwrap_or(&[0; PAGE])));
+    write_stream(sink, epoch, frames, frames as u32, pages, &state, &devices)
+}
+
+/// Page runs (consecutive frames, at most 4096 a run), the vCPU record, the device records, the
+/// commit record.
+fn write_stream<'p, S: ByteSink>(
+    sink: S,
+    epoch: u64,
+    frames: u64,
+    page_count: u32,
+    pages: impl Iterator<Item = (u64, &'p [u8])> + Clone,
+    state: &VcpuState,
+    devices: &DeviceStates,
+) -> Result<(S, CommitSummary), SnapshotError> {
+    let blobs = devices.blobs();
+    let info =
+        HeaderInfo { epoch, page_size: PAGE as u32, page_count, vcpu_count: 1, device_count: blobs.len() as u32 };
     let mut encoder =
-        CheckpointEncoder::new(Vec::new(), info, StreamLimits::for_guest(frames)).map_err(SnapshotError::Encode)?;
-    let mut i = 0;
-    while i < copy.gfns.len() {
-        let mut run = 1;
-        while i + run < copy.gfns.len() && copy.gfns[i + run] == copy.gfns[i] + run as u64 && run < 4096 {
-            run += 1;
-        }
-        encoder.begin_run(copy.gfns[i], run as u32).map_err(SnapshotError::Encode)?;
-        for page in copy.data[i * PAGE..(i + run) * PAGE].chunks_exact(PAGE) {
+        CheckpointEncoder::new(sink, info, StreamLimits::for_guest(frames)).map_err(SnapshotError::Encode)?;
+    let mut pages = pages.peekable();
+    while let Some(&(first, _)) = pages.peek() {
+        // The run: consecutive frames from `first`, counted on a clone of the iterator.
+        let run = pages.clone().enumerate().take_while(|&(i, (gfn, _))| gfn == first + i as u64 && i < 4096).count();
+        encoder.begin_run(first, run as u32).map_err(SnapshotError::Encode)?;
+        for (_, page) in pages.by_ref().take(run) {
             encoder.page(page, None).map_err(SnapshotError::Encode)?;
         }
-        i += run;
     }
-    encoder.vcpu_state(0, VCPU_STATE_TAG, copy.state.as_bytes()).map_err(SnapshotError::Encode)?;
+    encoder.vcpu_state(0, VCPU_STATE_TAG, state.as_bytes()).map_err(SnapshotError::Encode)?;
     for blob in &blobs {
         encoder.device_state(blob.id, blob.tag, &blob.data).map_err(SnapshotError::Encode)?;
     }
-    let (bytes, _) = encoder.finish().map_err(SnapshotError::Encode)?;
-    Ok(bytes)
+    encoder.finish().map_err(SnapshotError::Encode)
 }
 
 /// What an apply did.
@@ -232,7 +272,7 @@ pub fn apply_checkpoint(
         epoch: report.epoch,
         pages: report.pages,
         clock_ticks: devices.clock.ticks,
-        nic_attached: devices.net.is_some_and(|n| n.rings.is_some()),
+        nic_attached: guest.devices.net.as_ref().is_some_and(|n| n.attached()),
     })
 }
 

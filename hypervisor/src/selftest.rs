@@ -25,6 +25,8 @@ use crate::snapshot::{encode, encode_full_into, pause_and_copy, restore, LocalCo
 use crate::vcpu::{DirtyLogMethod, VmExit};
 
 const PAGE: usize = 4096;
+/// Epoch of the one snapshot each scenario takes.
+const SNAPSHOT_EPOCH: u64 = 1;
 /// The time slice `snapshot-restore` switches to once the guest printed its K lines, so a
 /// preemption-timer exit comes soon after that point whatever the emulator's speed.
 const SNAPSHOT_SLICE_US: u64 = 10;
@@ -181,7 +183,7 @@ fn snapshot_restore(
                 {
                     let rip = a.vcpu.rip();
                     let (copy, t) = pause_and_copy(&mut a, Pages::All).map_err(|e| alloc::format!("{e}"))?;
-                    let stream = encode(&copy, 1, frames_in_guest).map_err(|e| alloc::format!("{e}"))?;
+                    let stream = encode(&copy, SNAPSHOT_EPOCH, frames_in_guest).map_err(|e| alloc::format!("{e}"))?;
                     log::info!(
                         "snapshot-restore: snapshot of `{}` at the first preemption after {} console lines, rip \
                          {rip:#x}: {} pages, {} bytes encoded (capture {} + copy {} TSC cycles)",
@@ -206,7 +208,8 @@ fn snapshot_restore(
         log::info!("snapshot-restore: original run {end_a}; {} lines after the snapshot", original.len());
 
         for (label, target) in [("a second guest", &mut b), ("the same guest", &mut a)] {
-            let report = restore(target, &snapshot).map_err(|e| alloc::format!("restore into {label}: {e}"))?;
+            let report =
+                restore(target, &snapshot, SNAPSHOT_EPOCH).map_err(|e| alloc::format!("restore into {label}: {e}"))?;
             target.console_capture = Some(Vec::new());
             let end = target.run_to_end();
             let replay = target.console_capture.take().unwrap_or_default();
@@ -229,14 +232,14 @@ fn snapshot_restore(
         let mut corrupted = snapshot.clone();
         let middle = corrupted.len() / 2;
         corrupted[middle] ^= 0x40;
-        match restore(&mut b, &corrupted) {
+        match restore(&mut b, &corrupted, SNAPSHOT_EPOCH) {
             Err(e) => log::info!(
                 "snapshot-restore: corrupted snapshot refused: {e}; target memory unchanged: {}",
                 if ram_checksum(&mut b) == before { "yes" } else { "NO" }
             ),
             Ok(_) => log::error!("snapshot-restore: a corrupted snapshot was applied"),
         }
-        match restore(&mut b, &snapshot[..snapshot.len() - 100]) {
+        match restore(&mut b, &snapshot[..snapshot.len() - 100], SNAPSHOT_EPOCH) {
             Err(e) => log::info!(
                 "snapshot-restore: truncated snapshot refused: {e}; target memory unchanged: {}",
                 if ram_checksum(&mut b) == before { "yes" } else { "NO" }
@@ -297,7 +300,8 @@ fn snapshot_serve(
                 // The full-sync path: every page streamed from guest RAM into the sink in place.
                 let t0 = time::rdtsc();
                 let devices = a.save_devices();
-                let (stream, summary) = encode_full_into(&mut a, 1, Vec::new()).map_err(|e| alloc::format!("{e}"))?;
+                let (stream, summary) =
+                    encode_full_into(&mut a, SNAPSHOT_EPOCH, Vec::new()).map_err(|e| alloc::format!("{e}"))?;
                 let attached = devices.net.is_some_and(|n| n.rings.is_some());
                 log::info!(
                     "snapshot-serve: snapshot of `{}` after {writes} disk writes: NIC attached: {}, {} pages ({} zero), \
@@ -319,7 +323,8 @@ fn snapshot_serve(
                     rx.gpa = a.ram.len() - 8;
                 }
                 let copy = LocalCopy { state, devices: bad, gfns: alloc::vec![0x100], data: alloc::vec![0xAA; PAGE] };
-                let bad_stream = encode(&copy, 1, a.ram.len() / PAGE as u64).map_err(|e| alloc::format!("{e}"))?;
+                let bad_stream =
+                    encode(&copy, SNAPSHOT_EPOCH, a.ram.len() / PAGE as u64).map_err(|e| alloc::format!("{e}"))?;
                 return Ok((stream, bad_stream, a.digest(), a.page_digests()));
             }
         }
@@ -331,14 +336,15 @@ fn snapshot_serve(
     let result = (|| {
         attach_disk(&mut b, spec, modules)?;
         let before = b.digest();
-        match restore(&mut b, &bad_stream) {
+        match restore(&mut b, &bad_stream, SNAPSHOT_EPOCH) {
             Err(e) => log::info!(
                 "snapshot-serve: a NIC state with its RX ring outside guest RAM refused: {e}; target unchanged: {}",
                 if b.digest() == before { "yes" } else { "NO" }
             ),
             Ok(_) => log::error!("snapshot-serve: a NIC state with its RX ring outside guest RAM was applied"),
         }
-        let report = restore(&mut b, &stream).map_err(|e| alloc::format!("restore into a fresh guest: {e}"))?;
+        let report =
+            restore(&mut b, &stream, SNAPSHOT_EPOCH).map_err(|e| alloc::format!("restore into a fresh guest: {e}"))?;
         log::info!(
             "snapshot-serve: restored into a fresh guest: {} pages, clock {} ticks, NIC attached: {}",
             report.pages,

@@ -61,13 +61,6 @@ pub enum SnapshotError {
     },
     /// A device blob is malformed or does not fit the target guest.
     Device(DeviceStateError),
-    /// The checkpoint is not the epoch the guest expects next.
-    Epoch {
-        /// Its epoch.
-        found: u64,
-        /// The epoch expected.
-        expected: u64,
-    },
     /// Writing memory failed.
     Apply(ApplyError),
 }
@@ -81,7 +74,6 @@ impl fmt::Display for SnapshotError {
             Self::Incomplete { bytes } => write!(f, "stream ended after {bytes} bytes, before its commit record"),
             Self::VcpuCount { found } => write!(f, "stream carries {found} vCPU states, expected 1"),
             Self::Device(e) => write!(f, "{e}"),
-            Self::Epoch { found, expected } => write!(f, "checkpoint epoch {found}; expected {expected}"),
             Self::Apply(e) => write!(f, "{e}"),
         }
     }
@@ -240,17 +232,15 @@ pub struct RestoreReport {
 }
 
 /// Applies a verified checkpoint to a live (paused) guest, all or nothing: nothing changes
-/// unless the epoch is `expected_epoch`, the stream carries exactly one vCPU state the vCPU
-/// accepts, and every device blob parses and fits this guest. Then guest memory, the vCPU reset
-/// and the devices; the guest's dirty log starts empty (a new epoch).
+/// unless the stream carries exactly one vCPU state the vCPU accepts, every device blob parses
+/// and fits this guest, and (checked by `StagedCheckpoint::apply_to`, the one place of that
+/// rule) the checkpoint is epoch `expected_epoch`. Then guest memory, the vCPU reset and the
+/// devices; the guest's dirty log starts empty (a new epoch).
 pub fn apply_checkpoint(
     guest: &mut Guest,
     checkpoint: StagedCheckpoint,
     expected_epoch: u64,
 ) -> Result<RestoreReport, SnapshotError> {
-    if checkpoint.epoch() != expected_epoch {
-        return Err(SnapshotError::Epoch { found: checkpoint.epoch(), expected: expected_epoch });
-    }
     // Every blob is checked before the first byte of guest state changes.
     let vcpus: Vec<_> = checkpoint.vcpu_states().collect();
     if vcpus.len() != 1 {
@@ -260,7 +250,7 @@ pub fn apply_checkpoint(
     let devices = DeviceStates::from_blobs(checkpoint.device_states().map(|b| (b.id, b.tag, b.data)))?;
     guest.check_devices(&devices)?;
     guest.vcpu.check_state(&state)?;
-    let report = checkpoint.apply_to(&mut guest.memory()).map_err(SnapshotError::Apply)?;
+    let report = checkpoint.apply_to(&mut guest.memory(), expected_epoch).map_err(SnapshotError::Apply)?;
     // `check_state` accepted it: loading cannot fail for a reason the checks did not cover.
     guest.vcpu.load_state(&state)?;
     guest.handler.set_msrs(state.handler_msrs);
@@ -276,17 +266,16 @@ pub fn apply_checkpoint(
     })
 }
 
-/// Decodes a whole snapshot stream and applies it to `guest` (whatever its epoch).
-pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, SnapshotError> {
-    let checkpoint = decode(guest, stream)?;
-    let epoch = checkpoint.epoch();
+/// Decodes a whole snapshot stream of checkpoint `epoch` and applies it to `guest`.
+pub fn restore(guest: &mut Guest, stream: &[u8], epoch: u64) -> Result<RestoreReport, SnapshotError> {
+    let checkpoint = decode(guest, stream, epoch)?;
     apply_checkpoint(guest, checkpoint, epoch)
 }
 
-/// Decodes and verifies a whole stream for `guest`'s RAM size.
-pub fn decode(guest: &Guest, stream: &[u8]) -> Result<StagedCheckpoint, SnapshotError> {
+/// Decodes and verifies a whole stream of checkpoint `epoch` for `guest`'s RAM size.
+pub fn decode(guest: &Guest, stream: &[u8], epoch: u64) -> Result<StagedCheckpoint, SnapshotError> {
     let frames = guest.ram.len() / PAGE as u64;
-    let mut decoder = CheckpointDecoder::new(StreamLimits::for_guest(frames));
+    let mut decoder = CheckpointDecoder::new(StreamLimits::for_guest(frames)).expecting_epoch(epoch);
     match decoder.feed(stream).map_err(SnapshotError::Stream)? {
         Feed::Complete { checkpoint, .. } => Ok(checkpoint),
         Feed::NeedMore => Err(SnapshotError::Incomplete { bytes: stream.len() }),

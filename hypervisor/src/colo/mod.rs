@@ -8,7 +8,8 @@
 //! - [`rewriter`]: `SequenceRewriter`, SVM-side TCP seq/ack translation;
 //! - [`checkpoint`]: the versioned, checksummed checkpoint stream format;
 //! - [`block`]: secondary-side block write cache and SVM overlay;
-//! - [`failover`]: heartbeat and role state machine.
+//! - [`failover`]: heartbeat and role state machine;
+//! - [`time`]: the one [`Tick`] type every module takes.
 #![deny(unsafe_code)]
 
 pub mod block;
@@ -18,3 +19,6 @@ pub mod failover;
 pub mod frames;
 pub mod packet;
 pub mod rewriter;
+pub mod time;
+
+pub use time::Tick;

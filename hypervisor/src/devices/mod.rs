@@ -325,4 +325,38 @@ mod tests {
             Err(HypercallError::BadAddress)
         );
     }
+    #[test]
+    fn device_states_must_match_the_guests_devices() {
+        let mut ram = std::vec![0u8; 1 << 16];
+        let mut disk = std::vec![0u8; 4096];
+        let mac = [0x52, 0x54, 0, 0xC0, 0, 3];
+        let header = PvRingHeader { magic: PV_RING_MAGIC, entries: 2, ..Default::default() };
+        let mut mem = GuestRam::new(&mut ram);
+        mem.write(0x1000, header.as_bytes()).unwrap();
+        mem.write(0x2000, header.as_bytes()).unwrap();
+        let mut devs = GuestDevices { net: Some(PvNet::new(mac)), block: Some(PvBlock::new(&mut disk)) };
+        devs.net.as_mut().unwrap().attach(&mem, 0x1000, 0x2000).unwrap();
+        let (net, block) = devs.save_state();
+        assert!(net.is_some_and(|n| n.rings.is_some()) && block.is_some());
+        let mut fresh_disk = std::vec![0u8; 4096];
+        let mut fresh = GuestDevices { net: Some(PvNet::new(mac)), block: Some(PvBlock::new(&mut fresh_disk)) };
+        fresh.check_state(net.as_ref(), block.as_ref(), 1 << 16).unwrap();
+        fresh.load_state(net.as_ref(), block.as_ref());
+        assert!(fresh.net.as_ref().unwrap().attached());
+        let bare = GuestDevices::default();
+        assert_eq!(
+            bare.check_state(net.as_ref(), None, 1 << 16),
+            Err(DeviceStateError::Presence { device: "pvnet", in_state: true, in_guest: false })
+        );
+        assert_eq!(
+            fresh.check_state(net.as_ref(), None, 1 << 16),
+            Err(DeviceStateError::Presence { device: "pvblock", in_state: false, in_guest: true })
+        );
+        let mut small_disk = std::vec![0u8; 1024];
+        let other = GuestDevices { net: Some(PvNet::new(mac)), block: Some(PvBlock::new(&mut small_disk)) };
+        assert_eq!(
+            other.check_state(net.as_ref(), block.as_ref(), 1 << 16),
+            Err(DeviceStateError::DiskSize { found: 4096, expected: 1024 })
+        );
+    }
 }

@@ -524,4 +524,35 @@ mod tests {
         assert_eq!(with(3, &|b| *b = good[2].clone()), DeviceStateError::Duplicate { device: "pvnet" });
         assert_eq!(parse(&good[1..]).unwrap_err(), DeviceStateError::Missing { device: "clock" });
     }
+    #[test]
+    fn arbitrary_blobs_never_panic() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let good = sample().blobs();
+        for _ in 0..20_000 {
+            let mut blobs = good.clone();
+            let i = (next() % 4) as usize;
+            match next() % 4 {
+                0 => blobs[i].tag = next() as u32,
+                1 => blobs[i].id = next() % 6,
+                2 => blobs[i].data.truncate((next() % 48) as usize),
+                _ => {
+                    let len = blobs[i].data.len().max(1);
+                    let at = (next() as usize) % len;
+                    if let Some(b) = blobs[i].data.get_mut(at) {
+                        *b = next() as u8;
+                    }
+                }
+            }
+            if let Ok(states) = parse(&blobs) {
+                // Whatever parses encodes back to something that parses to the same states.
+                assert_eq!(parse(&states.blobs()).unwrap(), states);
+            }
+        }
+    }
 }

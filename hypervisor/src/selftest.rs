@@ -305,14 +305,14 @@ fn snapshot_serve(
                 let attached = devices.net.is_some_and(|n| n.rings.is_some());
                 log::info!(
                     "snapshot-serve: snapshot of `{}` after {writes} disk writes: NIC attached: {}, {} pages ({} zero), \
-                     {} device states, {} bytes streamed ({} TSC cycles); ending it",
+                     {} device states, {} bytes streamed in {} us; ending it",
                     a.name,
                     if attached { "yes" } else { "no" },
                     summary.pages,
                     summary.zero_pages,
                     devices.blobs().len(),
                     stream.len(),
-                    time::rdtsc() - t0
+                    micros(time::rdtsc() - t0)
                 );
                 // The same capture with the NIC's RX ring moved past the end of RAM, plus one page:
                 // a restore must refuse it before writing that page.
@@ -352,9 +352,13 @@ fn snapshot_serve(
             if report.nic_attached { "yes" } else { "no" }
         );
         // `checkpoint_verify` in small: the restored guest's RAM and disk digest as the original's.
+        let t0 = time::rdtsc();
         let restored = b.digest();
+        let digest_us = micros(time::rdtsc() - t0);
         if restored == original {
-            log::info!("snapshot-serve: digest of the restored guest equals the original's: {restored}");
+            log::info!(
+                "snapshot-serve: digest of the restored guest equals the original's: {restored} ({digest_us} us)"
+            );
         } else {
             let page = crate::guest::digest::first_difference(&original_pages, &b.page_digests());
             log::error!(
@@ -369,4 +373,9 @@ fn snapshot_serve(
     })();
     b.destroy(frames);
     result
+}
+
+/// Host TSC cycles in microseconds.
+fn micros(cycles: u64) -> u64 {
+    cycles * 1000 / time::tsc_per_ms().max(1)
 }

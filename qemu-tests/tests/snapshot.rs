@@ -88,6 +88,9 @@ fn serving_redis_is_restored_into_a_fresh_guest_under_amdv_qemu() {
     let taken = serial.lines().find(|l| l.contains("snapshot-serve: snapshot of")).expect("snapshot line");
     assert!(taken.contains("after 4 disk writes: NIC attached: yes") && taken.contains("4 device states"), "{taken}");
     eprintln!("[figures] QEMU TCG AMD-V: {taken}");
+    if let Some(digest) = serial.lines().find(|l| l.contains("digest of the restored guest")) {
+        eprintln!("[figures] QEMU TCG AMD-V: {digest}");
+    }
     assert!(serial.contains("snapshot-serve: digest of the restored guest equals the original's"), "{serial}");
     let refused = serial.lines().find(|l| l.contains("RX ring outside guest RAM refused")).expect("refusal line");
     assert!(refused.contains("pvnet state rings: ring at") && refused.ends_with("target unchanged: yes"), "{refused}");

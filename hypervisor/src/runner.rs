@@ -30,8 +30,9 @@ use crate::vcpu::{Decision, GuestEnd, Vcpu, VcpuError, VmExit};
 
 /// Guest clock ticks per second (the boot info tells guests).
 pub const TICKS_PER_SECOND: u64 = 1000;
-/// The preemption time slice: the hypervisor regains control at least this often.
-const TIME_SLICE_MS: u64 = 10;
+/// The preemption time slice unless `time_slice_us=` says otherwise: the hypervisor regains
+/// control at least this often.
+pub const DEFAULT_TIME_SLICE_US: u64 = 10_000;
 
 /// Why a guest could not be started.
 #[derive(Clone, Debug)]
@@ -185,7 +186,7 @@ impl Guest {
             handler: ExitHandler::new(spec.time_limit_ms * TICKS_PER_SECOND / 1000),
             clock: GuestClock::starting_at(0),
             clock_running: false,
-            time_slice_tsc: TIME_SLICE_MS * time::tsc_per_ms(),
+            time_slice_tsc: DEFAULT_TIME_SLICE_US * time::tsc_per_ms() / 1000,
             hypercall_cycles: (u64::MAX, 0, 0),
             devices: GuestDevices { net: spec.mac.map(PvNet::new), block: None },
             device_hooks,

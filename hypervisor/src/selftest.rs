@@ -10,18 +10,26 @@
 //!   compare the output, and refuse a corrupted and a truncated snapshot;
 //! - `snapshot-serve`: snapshot a serving guest (NIC attached) once its disk took
 //!   `snapshot_after_writes=N` writes, end it, and go on in a fresh guest restored from the
-//!   snapshot.
+//!   snapshot;
+//! - `checkpoint-pair`: a PVM and an SVM from the same module on one host, both with dirty
+//!   logging: a full sync, the SVM runs on its own, the PVM's dirty pages since the sync are
+//!   applied to the SVM through its committed copy (the secondary's apply): the SVM's RAM digest
+//!   must equal the PVM's and both must print the same from there to their end.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::backend::Backend;
 use crate::boot_info::BootModule;
+use crate::guest::committed::CommittedRam;
 use crate::guest::{GuestMemory, GuestSpec, Scenario};
 use crate::host::time;
 use crate::memory::{DirtyLog, FrameAllocator};
 use crate::runner::Guest;
-use crate::snapshot::{encode, encode_full_into, pause_and_copy, restore, LocalCopy, Pages};
+use crate::runner::DEFAULT_TIME_SLICE_US;
+use crate::snapshot::{
+    apply_checkpoint, apply_checkpoint_svm, decode, encode, encode_full_into, pause_and_copy, restore, LocalCopy, Pages,
+};
 use crate::vcpu::{DirtyLogMethod, VmExit};
 
 const PAGE: usize = 4096;
@@ -48,6 +56,7 @@ pub fn run(
         }
         Scenario::SnapshotRestore => snapshot_restore(backend, frames, module, spec, guest_mem),
         Scenario::SnapshotServe => snapshot_serve(backend, frames, module, spec, modules, guest_mem),
+        Scenario::CheckpointPair => checkpoint_pair(backend, frames, module, spec, guest_mem),
     };
     if let Err(e) = result {
         log::error!("scenario {}: {e}", scenario.name());
@@ -378,4 +387,111 @@ fn snapshot_serve(
 /// Host TSC cycles in microseconds.
 fn micros(cycles: u64) -> u64 {
     cycles * 1000 / time::tsc_per_ms().max(1)
+}
+
+/// Runs `guest` to the first preemption-timer exit after it printed `lines` console lines (a
+/// short time slice from that point on, the guest's own slice again after it).
+fn run_to_preemption_after(guest: &mut Guest, lines: u64, spec: &GuestSpec<'_>) -> Result<(), String> {
+    let mut armed = false;
+    loop {
+        if let Some(end) = guest.step() {
+            return Err(alloc::format!("`{}` ended ({end}) before a preemption after {lines} lines", guest.name));
+        }
+        if !armed && guest.console_lines >= lines {
+            armed = true;
+            guest.set_time_slice_us(SNAPSHOT_SLICE_US);
+        }
+        if armed && guest.last_exit == Some(VmExit::PreemptionTimer) {
+            guest.set_time_slice_us(spec.time_slice_us.unwrap_or(DEFAULT_TIME_SLICE_US));
+            return Ok(());
+        }
+    }
+}
+
+/// `checkpoint-pair`: see the module documentation.
+fn checkpoint_pair(
+    backend: &mut Backend,
+    frames: &mut FrameAllocator,
+    module: &BootModule<'_>,
+    spec: &GuestSpec<'_>,
+    guest_mem: u64,
+) -> Result<(), String> {
+    let sync_after = spec.snapshot_after_lines.unwrap_or(3);
+    let mut pvm = create(backend, frames, module, spec, guest_mem)?;
+    let mut svm = match create(backend, frames, module, spec, guest_mem) {
+        Ok(g) => g,
+        Err(e) => {
+            pvm.destroy(frames);
+            return Err(e);
+        }
+    };
+    let result = (|| {
+        let err = |e: &dyn core::fmt::Display| alloc::format!("{e}");
+        let n = pvm.ram.len() / PAGE as u64;
+        for g in [&mut pvm, &mut svm] {
+            g.vcpu.enable_dirty_log(spec.dirty_log, frames).map_err(|e| err(&e))?;
+            g.dirty = Some(DirtyLog::new(n));
+        }
+        // Epoch 1: the initial full sync, streamed from the paused PVM's RAM.
+        run_to_preemption_after(&mut pvm, sync_after, spec)?;
+        let (full, _) = encode_full_into(&mut pvm, 1, Vec::new()).map_err(|e| err(&e))?;
+        let checkpoint = decode(&svm, &full, 1).map_err(|e| err(&e))?;
+        apply_checkpoint(&mut svm, checkpoint, 1).map_err(|e| err(&e))?;
+        let len = svm.ram.len();
+        let mut committed = CommittedRam::new(svm.memory().slice(0, len).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+        // The SVM runs on its own for three lines: pages it dirties must return to the PVM's.
+        let until = svm.console_lines + 3;
+        while svm.console_lines < until {
+            if let Some(end) = svm.step() {
+                return Err(alloc::format!("the SVM ended ({end}) while diverging"));
+            }
+        }
+        // A hypervisor write into a page only the SVM has (as a device would write): the PVM's
+        // checkpoint does not carry it, so only the SVM's own dirty set can put it back.
+        let marker = len - PAGE as u64;
+        svm.memory().write(marker, &[0xA5; 64]).map_err(|e| err(&e))?;
+        if let Some(log) = svm.dirty.as_mut() {
+            log.mark_range(marker, 64);
+        }
+        // Epoch 2: the PVM's dirty pages since the sync, at a preemption five lines on.
+        let lines = pvm.console_lines + 5;
+        run_to_preemption_after(&mut pvm, lines, spec)?;
+        let (copy, t) = pause_and_copy(&mut pvm, Pages::Dirty).map_err(|e| err(&e))?;
+        let stream = encode(&copy, 2, n).map_err(|e| err(&e))?;
+        let (pvm_digest, pvm_pages) = (pvm.digest(), pvm.page_digests());
+        let checkpoint = decode(&svm, &stream, 2).map_err(|e| err(&e))?;
+        let t0 = time::rdtsc();
+        let report = apply_checkpoint_svm(&mut svm, checkpoint, 2, &mut committed).map_err(|e| err(&e))?;
+        let apply_us = micros(time::rdtsc() - t0);
+        let svm_digest = svm.digest();
+        log::info!(
+            "checkpoint-pair: checkpoint 2 ({:?}): {} PVM pages, {} bytes, pause {} us, apply {apply_us} us; {} \
+             SVM-dirtied pages returned; SVM digest equals the PVM's: {}",
+            spec.dirty_log,
+            report.pages,
+            stream.len(),
+            micros(t.capture_cycles + t.copy_cycles),
+            report.svm_dirty_pages,
+            if svm_digest == pvm_digest { "yes" } else { "NO" }
+        );
+        if svm_digest != pvm_digest {
+            let page = crate::guest::digest::first_difference(&pvm_pages, &svm.page_digests());
+            log::error!("checkpoint-pair: SVM {svm_digest} vs PVM {pvm_digest}; first differing page: {page:?}");
+        }
+        // From here both must print the same to their end.
+        pvm.console_capture = Some(Vec::new());
+        svm.console_capture = Some(Vec::new());
+        let (end_pvm, end_svm) = (pvm.run_to_end(), svm.run_to_end());
+        let (a, b) = (pvm.console_capture.take().unwrap_or_default(), svm.console_capture.take().unwrap_or_default());
+        log::info!(
+            "checkpoint-pair: PVM {end_pvm}, SVM {end_svm}; {} and {} lines after checkpoint 2; identical: {}",
+            a.len(),
+            b.len(),
+            if a == b { "yes" } else { "NO" }
+        );
+        Ok(())
+    })();
+    pvm.destroy(frames);
+    svm.destroy(frames);
+    result
 }

@@ -13,6 +13,9 @@
 //!   the epoch, the vCPU state and every device blob are checked (device states against this
 //!   guest: same devices, same MAC, ring geometry inside its RAM, same disk size) before the
 //!   first byte of guest memory changes; then memory, vCPU reset, devices.
+//! - [`apply_checkpoint_svm`]: the secondary's apply: through its committed copy of guest RAM
+//!   (`guest::committed`), so the pages the SVM dirtied on its own return to the PVM's content
+//!   too, and delta pages XOR against the committed content.
 //! - [`restore`]: decode a whole stream and apply it.
 //! - [`take_dirty`]: the pages a guest dirtied since the last call (the SVM's own dirty set,
 //!   which a checkpoint must return to the PVM's content).
@@ -31,6 +34,7 @@ use crate::colo::checkpoint::{
     StagedCheckpoint, StreamError, StreamLimits,
 };
 use crate::devices::state::{DeviceStateError, DeviceStates};
+use crate::guest::committed::{pages_to_restore, CommittedError, CommittedRam};
 use crate::guest::GuestMemory;
 use crate::host::time;
 use crate::memory::DirtyLog;
@@ -63,6 +67,10 @@ pub enum SnapshotError {
     Device(DeviceStateError),
     /// Writing memory failed.
     Apply(ApplyError),
+    /// The secondary's committed copy of guest RAM does not fit this guest.
+    Committed(CommittedError),
+    /// The SVM has no dirty log, so its own dirty pages cannot be named.
+    NoDirtyLog,
 }
 
 impl fmt::Display for SnapshotError {
@@ -75,6 +83,8 @@ impl fmt::Display for SnapshotError {
             Self::VcpuCount { found } => write!(f, "stream carries {found} vCPU states, expected 1"),
             Self::Device(e) => write!(f, "{e}"),
             Self::Apply(e) => write!(f, "{e}"),
+            Self::Committed(e) => write!(f, "{e}"),
+            Self::NoDirtyLog => write!(f, "the SVM's dirty log is off; expected it on to name the SVM's own pages"),
         }
     }
 }
@@ -223,8 +233,10 @@ fn write_stream<'p, S: ByteSink>(
 pub struct RestoreReport {
     /// The epoch applied.
     pub epoch: u64,
-    /// Pages written.
+    /// Pages the checkpoint carried.
     pub pages: u64,
+    /// Pages the SVM had dirtied on its own, returned to their committed content.
+    pub svm_dirty_pages: u64,
     /// The restored guest clock.
     pub clock_ticks: u64,
     /// Whether the restored guest has an attached NIC.
@@ -241,7 +253,76 @@ pub fn apply_checkpoint(
     checkpoint: StagedCheckpoint,
     expected_epoch: u64,
 ) -> Result<RestoreReport, SnapshotError> {
-    // Every blob is checked before the first byte of guest state changes.
+    let checked = check(guest, &checkpoint)?;
+    let report = checkpoint.apply_to(&mut guest.memory(), expected_epoch).map_err(SnapshotError::Apply)?;
+    load(guest, &checked)?;
+    Ok(RestoreReport {
+        epoch: report.epoch,
+        pages: report.pages,
+        svm_dirty_pages: 0,
+        clock_ticks: checked.devices.clock.ticks,
+        nic_attached: guest.devices.net.as_ref().is_some_and(|n| n.attached()),
+    })
+}
+
+/// Applies a verified checkpoint to the SVM on the secondary, all or nothing, through
+/// `committed` (guest RAM as of the last committed checkpoint): the vCPU and device states are
+/// checked first; the checkpoint is applied to `committed` (so delta pages XOR against the
+/// committed content; a refusal there changes nothing); then the checkpoint's pages **and the
+/// pages the SVM dirtied on its own since the last checkpoint** are copied from `committed` into
+/// guest RAM, the vCPU is reset and the devices loaded. The SVM then equals the PVM at the
+/// capture point. The guest's dirty log must be on (it names the SVM's own pages) and starts
+/// over.
+pub fn apply_checkpoint_svm(
+    guest: &mut Guest,
+    checkpoint: StagedCheckpoint,
+    expected_epoch: u64,
+    committed: &mut CommittedRam,
+) -> Result<RestoreReport, SnapshotError> {
+    let checked = check(guest, &checkpoint)?;
+    if committed.bytes().len() as u64 != guest.ram.len() {
+        return Err(SnapshotError::Committed(CommittedError::Size {
+            found: guest.ram.len(),
+            expected: committed.bytes().len() as u64,
+        }));
+    }
+    if guest.dirty.is_none() {
+        return Err(SnapshotError::NoDirtyLog);
+    }
+    let gfns: Vec<u64> = checkpoint.pages().map(|p| p.gfn).collect();
+    let svm_dirty = take_dirty(guest)?;
+    let report = match checkpoint.apply_to(committed, expected_epoch) {
+        Ok(report) => report,
+        Err(e) => {
+            // Nothing changed: the SVM's dirty pages stay owed to the next checkpoint.
+            if let Some(log) = guest.dirty.as_mut() {
+                svm_dirty.iter().for_each(|&gfn| log.mark(gfn));
+            }
+            return Err(SnapshotError::Apply(e));
+        }
+    };
+    // Same size (checked above): this cannot fail.
+    committed
+        .restore_into(&mut guest.memory(), pages_to_restore(&gfns, &svm_dirty))
+        .map_err(SnapshotError::Committed)?;
+    load(guest, &checked)?;
+    Ok(RestoreReport {
+        epoch: report.epoch,
+        pages: report.pages,
+        svm_dirty_pages: svm_dirty.len() as u64,
+        clock_ticks: checked.devices.clock.ticks,
+        nic_attached: guest.devices.net.as_ref().is_some_and(|n| n.attached()),
+    })
+}
+
+/// A checkpoint's vCPU and device states, checked against a guest.
+struct Checked {
+    state: VcpuState,
+    devices: DeviceStates,
+}
+
+/// Every blob is checked before the first byte of guest state changes.
+fn check(guest: &Guest, checkpoint: &StagedCheckpoint) -> Result<Checked, SnapshotError> {
     let vcpus: Vec<_> = checkpoint.vcpu_states().collect();
     if vcpus.len() != 1 {
         return Err(SnapshotError::VcpuCount { found: vcpus.len() });
@@ -250,20 +331,19 @@ pub fn apply_checkpoint(
     let devices = DeviceStates::from_blobs(checkpoint.device_states().map(|b| (b.id, b.tag, b.data)))?;
     guest.check_devices(&devices)?;
     guest.vcpu.check_state(&state)?;
-    let report = checkpoint.apply_to(&mut guest.memory(), expected_epoch).map_err(SnapshotError::Apply)?;
+    Ok(Checked { state, devices })
+}
+
+/// The vCPU reset and the device states, after memory; the dirty log starts over.
+fn load(guest: &mut Guest, checked: &Checked) -> Result<(), SnapshotError> {
     // `check_state` accepted it: loading cannot fail for a reason the checks did not cover.
-    guest.vcpu.load_state(&state)?;
-    guest.handler.set_msrs(state.handler_msrs);
-    guest.load_devices(&devices);
+    guest.vcpu.load_state(&checked.state)?;
+    guest.handler.set_msrs(checked.state.handler_msrs);
+    guest.load_devices(&checked.devices);
     if let Some(log) = guest.dirty.as_mut() {
         log.clear();
     }
-    Ok(RestoreReport {
-        epoch: report.epoch,
-        pages: report.pages,
-        clock_ticks: devices.clock.ticks,
-        nic_attached: guest.devices.net.as_ref().is_some_and(|n| n.attached()),
-    })
+    Ok(())
 }
 
 /// Decodes a whole snapshot stream of checkpoint `epoch` and applies it to `guest`.

@@ -7,7 +7,10 @@
 
 use std::time::Duration;
 
-use qemu_tests::guests::{dirty_pages_are_counted_exactly, guest_path, snapshot_restore_reproduces_output, BOCHS_VTX};
+use qemu_tests::guests::{
+    checkpoint_pair_makes_the_svm_equal_the_pvm, dirty_pages_are_counted_exactly, guest_path,
+    snapshot_restore_reproduces_output, BOCHS_VTX,
+};
 use qemu_tests::netns::{self, TestNet};
 use qemu_tests::{built_kernel, make_image, BootMedium, Emulator, ImageModule, Machine, MachineConfig, ScratchDir};
 
@@ -24,6 +27,11 @@ fn dirty_pages_are_counted_exactly_with_ad_scanning() {
 #[test]
 fn snapshot_restore_reproduces_output_and_refuses_corruption() {
     snapshot_restore_reproduces_output(&BOCHS_VTX);
+}
+
+#[test]
+fn checkpoint_pair_makes_the_svm_equal_the_pvm_with_pml() {
+    checkpoint_pair_makes_the_svm_equal_the_pvm(&BOCHS_VTX, "pml");
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);

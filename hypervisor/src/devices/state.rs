@@ -350,7 +350,7 @@ impl DeviceBlob for PvBlockState {
     }
     fn decode(_: u16, bytes: &[u8]) -> Result<Self, DeviceStateError> {
         let size = u64::from_le_bytes(exact::<8>(Self::NAME, bytes)?);
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(DeviceStateError::BadValue {
                 device: Self::NAME,
                 field: "size",

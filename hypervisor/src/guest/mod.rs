@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod boot;
+pub mod committed;
 pub mod digest;
 pub mod elf;
 pub mod memory;

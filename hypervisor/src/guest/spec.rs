@@ -24,14 +24,18 @@ pub enum Scenario {
     SnapshotBench,
     /// Snapshot a serving guest (NIC attached) and go on in a fresh guest restored from it.
     SnapshotServe,
+    /// PVM and SVM on one host: a full sync, the SVM diverges, a dirty-page checkpoint makes the
+    /// SVM equal the PVM again (its own dirty pages included).
+    CheckpointPair,
 }
 
 impl Scenario {
-    const ALL: [(&'static str, Scenario); 4] = [
+    const ALL: [(&'static str, Scenario); 5] = [
         ("dirty-count", Self::DirtyCount),
         ("snapshot-restore", Self::SnapshotRestore),
         ("snapshot-bench", Self::SnapshotBench),
         ("snapshot-serve", Self::SnapshotServe),
+        ("checkpoint-pair", Self::CheckpointPair),
     ];
 
     /// Its name on the module line.
@@ -56,7 +60,7 @@ pub const KEYS: &[Key] = &[
     Key { name: "mac", accepted: "a unicast MAC address aa:bb:cc:dd:ee:ff (hex octets)" },
     Key { name: "disk", accepted: "a disk module name (1 to 32 of A-Z a-z 0-9 _ -), for module disk-NAME" },
     Key { name: "restarts", accepted: "a whole number from 0 to 100" },
-    Key { name: "scenario", accepted: "dirty-count|snapshot-restore|snapshot-bench|snapshot-serve" },
+    Key { name: "scenario", accepted: "dirty-count|snapshot-restore|snapshot-bench|snapshot-serve|checkpoint-pair" },
     Key { name: "dirty_log", accepted: "pml|ad" },
     Key { name: "snapshot_after_lines", accepted: "a whole number of console lines from 1 to 1000000" },
     Key { name: "snapshot_after_writes", accepted: "a whole number of disk writes from 1 to 1000000" },
@@ -119,8 +123,8 @@ pub struct GuestSpec<'a> {
     pub scenario: Option<Scenario>,
     /// `dirty_log=`: the dirty-tracking method of a scenario (default PML).
     pub dirty_log: DirtyLogMethod,
-    /// `snapshot_after_lines=K`: snapshot-restore snapshots at the first preemption-timer exit
-    /// after the guest printed K console lines.
+    /// `snapshot_after_lines=K`: snapshot-restore (and checkpoint-pair's full sync) snapshots at
+    /// the first preemption-timer exit after the guest printed K console lines.
     pub snapshot_after_lines: Option<u64>,
     /// `snapshot_after_writes=N`: snapshot-serve snapshots once the guest's disk took N writes.
     pub snapshot_after_writes: Option<u64>,
@@ -221,6 +225,10 @@ mod tests {
         assert_eq!((s.scenario, s.dirty_log), (Some(Scenario::SnapshotServe), DirtyLogMethod::AccessedDirty));
         assert_eq!((s.snapshot_after_lines, s.snapshot_after_writes), (Some(11), Some(4)));
         assert_eq!(Scenario::SnapshotServe.name(), "snapshot-serve");
+        assert_eq!(
+            GuestSpec::parse("guest-c scenario=checkpoint-pair").unwrap().scenario,
+            Some(Scenario::CheckpointPair)
+        );
     }
 
     #[test]

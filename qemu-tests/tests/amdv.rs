@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use qemu_tests::guests::{
-    cpuid_msr_and_io_exits_behave, dirty_pages_are_counted_exactly, isolation_guests_are_contained,
-    reference_guest_runs, snapshot_restore_reproduces_output, Platform,
+    bad_guest_arguments_are_named, checkpoint_pair_makes_the_svm_equal_the_pvm, cpuid_msr_and_io_exits_behave,
+    dirty_pages_are_counted_exactly, isolation_guests_are_contained, reference_guest_runs,
+    snapshot_restore_reproduces_output, Platform,
 };
 use qemu_tests::Emulator;
 
@@ -68,4 +69,14 @@ fn snapshot_restore_reproduces_output_under_amdv_qemu() {
 #[test]
 fn snapshot_restore_reproduces_output_under_amdv_bochs() {
     snapshot_restore_reproduces_output(&BOCHS_AMDV);
+}
+
+#[test]
+fn bad_guest_arguments_are_named_under_amdv_qemu() {
+    bad_guest_arguments_are_named(&QEMU_AMDV);
+}
+
+#[test]
+fn checkpoint_pair_makes_the_svm_equal_the_pvm_under_amdv_qemu() {
+    checkpoint_pair_makes_the_svm_equal_the_pvm(&QEMU_AMDV, "ad");
 }

@@ -3,9 +3,10 @@
 //! the device hypercalls ([`GuestDevices`], reached from the exit handler through
 //! [`DeviceCalls`]). All of it is pure and host-tested; the runner supplies the hooks.
 //!
-//! The two hook points where COLO will sit: [`DeviceHooks::net_output`] (every frame a guest
-//! sends) and [`DeviceHooks::block`] (every disk write); frames for a guest enter its memory only
-//! through [`pvnet::PvNet::write_rx_frame`].
+//! The hook points where COLO sits: [`DeviceHooks::net_output`] (every frame a guest sends) and
+//! [`DeviceHooks::block`] (every disk read and write goes through its [`pvblock::BlockHook`]);
+//! frames for a guest enter its memory only through [`pvnet::PvNet::write_rx_frame`]. Each
+//! device saves and loads its own versioned state ([`state`]).
 #![deny(unsafe_code)]
 
 #[cfg(feature = "bare-metal")]
@@ -13,6 +14,7 @@
 pub mod host;
 pub mod pvblock;
 pub mod pvnet;
+pub mod state;
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -22,6 +24,7 @@ use guest_shim::abi::{Hypercall, HypercallError, PV_FRAME_MAX};
 use crate::guest::GuestMemory;
 use pvblock::{BlockHook, PvBlock};
 use pvnet::{PvNet, RxOutcome};
+use state::{check_optional, DeviceStateError, Persist, PvBlockState, PvNetState};
 
 /// The device hypercalls, as the exit handler sees them.
 pub trait DeviceCalls {
@@ -92,6 +95,33 @@ impl GuestDevices<'_> {
                 })
             }
             _ => Err(HypercallError::UnknownHypercall),
+        }
+    }
+
+    /// The NIC's and the block device's states (the guest is paused).
+    pub fn save_state(&self) -> (Option<PvNetState>, Option<PvBlockState>) {
+        (self.net.as_ref().map(Persist::save_state), self.block.as_ref().map(Persist::save_state))
+    }
+
+    /// Checks saved NIC and block states against these devices in a guest of `ram_bytes`:
+    /// each must be present exactly when the device is. Changes nothing.
+    pub fn check_state(
+        &self,
+        net: Option<&PvNetState>,
+        block: Option<&PvBlockState>,
+        ram_bytes: u64,
+    ) -> Result<(), DeviceStateError> {
+        check_optional(self.net.as_ref(), net, ram_bytes)?;
+        check_optional(self.block.as_ref(), block, ram_bytes)
+    }
+
+    /// Loads states [`GuestDevices::check_state`] accepted.
+    pub fn load_state(&mut self, net: Option<&PvNetState>, block: Option<&PvBlockState>) {
+        if let (Some(dev), Some(s)) = (self.net.as_mut(), net) {
+            dev.load_state(s);
+        }
+        if let (Some(dev), Some(s)) = (self.block.as_mut(), block) {
+            dev.load_state(s);
         }
     }
 
@@ -293,6 +323,40 @@ mod tests {
         assert_eq!(
             devs.call(Hypercall::BlockRequest, [u64::MAX, 0, 0], &mut mem, &mut hooks),
             Err(HypercallError::BadAddress)
+        );
+    }
+    #[test]
+    fn device_states_must_match_the_guests_devices() {
+        let mut ram = std::vec![0u8; 1 << 16];
+        let mut disk = std::vec![0u8; 4096];
+        let mac = [0x52, 0x54, 0, 0xC0, 0, 3];
+        let header = PvRingHeader { magic: PV_RING_MAGIC, entries: 2, ..Default::default() };
+        let mut mem = GuestRam::new(&mut ram);
+        mem.write(0x1000, header.as_bytes()).unwrap();
+        mem.write(0x2000, header.as_bytes()).unwrap();
+        let mut devs = GuestDevices { net: Some(PvNet::new(mac)), block: Some(PvBlock::new(&mut disk)) };
+        devs.net.as_mut().unwrap().attach(&mem, 0x1000, 0x2000).unwrap();
+        let (net, block) = devs.save_state();
+        assert!(net.is_some_and(|n| n.rings.is_some()) && block.is_some());
+        let mut fresh_disk = std::vec![0u8; 4096];
+        let mut fresh = GuestDevices { net: Some(PvNet::new(mac)), block: Some(PvBlock::new(&mut fresh_disk)) };
+        fresh.check_state(net.as_ref(), block.as_ref(), 1 << 16).unwrap();
+        fresh.load_state(net.as_ref(), block.as_ref());
+        assert!(fresh.net.as_ref().unwrap().attached());
+        let bare = GuestDevices::default();
+        assert_eq!(
+            bare.check_state(net.as_ref(), None, 1 << 16),
+            Err(DeviceStateError::Presence { device: "pvnet", in_state: true, in_guest: false })
+        );
+        assert_eq!(
+            fresh.check_state(net.as_ref(), None, 1 << 16),
+            Err(DeviceStateError::Presence { device: "pvblock", in_state: false, in_guest: true })
+        );
+        let mut small_disk = std::vec![0u8; 1024];
+        let other = GuestDevices { net: Some(PvNet::new(mac)), block: Some(PvBlock::new(&mut small_disk)) };
+        assert_eq!(
+            other.check_state(net.as_ref(), block.as_ref(), 1 << 16),
+            Err(DeviceStateError::DiskSize { found: 4096, expected: 1024 })
         );
     }
 }

@@ -128,7 +128,9 @@ pub fn pages_to_restore(checkpoint: &[u64], svm_dirty: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::colo::checkpoint::{CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, HeaderInfo, StreamLimits};
+    use crate::colo::checkpoint::{
+        CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, HeaderInfo, PageStaging, StreamLimits,
+    };
     use crate::guest::GuestRam;
 
     fn page(seed: u8) -> Vec<u8> {
@@ -149,7 +151,7 @@ mod tests {
         svm[2 * PAGE..3 * PAGE].fill(0xEE);
         svm[5 * PAGE + 3] = 0x42;
 
-        let limits = StreamLimits::for_guest(frames as u64);
+        let limits = StreamLimits::for_guest(frames as u64, 0, 0);
         let info = HeaderInfo { epoch: 4, page_size: PAGE as u32, page_count: 2, vcpu_count: 0, device_count: 0 };
         let mut enc = CheckpointEncoder::new(Vec::new(), info, limits).unwrap();
         enc.pages(&[
@@ -159,7 +161,9 @@ mod tests {
         .unwrap();
         let (stream, summary) = enc.finish().unwrap();
         assert_eq!(summary.delta_pages, 1, "page 2 must travel as a delta against the committed page");
-        let Feed::Complete { checkpoint, .. } = CheckpointDecoder::new(limits).feed(&stream).unwrap() else {
+        let Feed::Complete { checkpoint, .. } =
+            CheckpointDecoder::new(limits, PageStaging::for_limits(&limits)).feed(&stream).unwrap()
+        else {
             panic!("incomplete")
         };
         let gfns: Vec<u64> = checkpoint.pages().map(|p| p.gfn).collect();

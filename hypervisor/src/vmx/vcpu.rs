@@ -21,8 +21,8 @@ use crate::memory::DirtyLog;
 use crate::memory::{FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use crate::vcpu::state::{seg, SegmentState};
 use crate::vcpu::{
-    DirtyLogMethod, Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, StateError, Vcpu, VcpuError,
-    VcpuState, VmExit,
+    ControlState, CrAccess, DirtyLogMethod, Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess,
+    StateError, Vcpu, VcpuError, VcpuState, VmExit, DR6_BS, RFLAGS_TF,
 };
 
 /// Capability and control MSRs (§A.1-A.10).
@@ -237,7 +237,13 @@ impl VmxBackend {
                 | primary::USE_IO_BITMAPS
                 | primary::USE_MSR_BITMAPS
                 | primary::SECONDARY_CONTROLS,
-            primary::CR8_LOAD_EXITING | primary::CR8_STORE_EXITING,
+            // CR8 accesses exit and go to the vCPU's own TPR; RDPMC (#GP: no PMU in CPUID) and
+            // MONITOR/MWAIT (#UD: hidden in CPUID) exit, as on AMD-V (docs/exits.md).
+            primary::CR8_LOAD_EXITING
+                | primary::CR8_STORE_EXITING
+                | primary::RDPMC_EXITING
+                | primary::MWAIT_EXITING
+                | primary::MONITOR_EXITING,
             primary_cap,
         )
         .map_err(VmxError::Controls)?;
@@ -251,9 +257,16 @@ impl VmxBackend {
                 return Err(VmxError::MissingFeature { feature });
             }
         }
-        let secondary_ctls =
-            controls::adjust("secondary processor-based", secondary::ENABLE_EPT, secondary::ENABLE_VPID, secondary_cap)
-                .map_err(VmxError::Controls)?;
+        // "Enable RDTSCP" with RDTSC exiting makes RDTSCP exit (reason 51) so it reads the coarse
+        // clock; without it RDTSCP is #UD and CPUID hides it (§26.1.3, §26.3). "Enable INVPCID"
+        // lets INVPCID run natively where CPUID shows it (else it would be #UD).
+        let secondary_ctls = controls::adjust(
+            "secondary processor-based",
+            secondary::ENABLE_EPT,
+            secondary::ENABLE_VPID | secondary::ENABLE_RDTSCP | secondary::ENABLE_INVPCID,
+            secondary_cap,
+        )
+        .map_err(VmxError::Controls)?;
         // PML needs EPT A/D flags (§29.3.6). It is switched on per vCPU only when a dirty log
         // buffer is attached, so here it is only recorded.
         let pml_available =
@@ -399,6 +412,7 @@ impl VmxBackend {
             debug: [0, 0, 0, 0, 0xFFFF_0FF0],
             pml_page: None,
             dirty_method: None,
+            tpr: 0,
         };
         // SAFETY: VMX is on; `vmcs` is a fresh region with the right revision, owned by the vCPU.
         unsafe {
@@ -608,6 +622,8 @@ pub struct VmxVcpu {
     /// The page-modification log buffer, when PML is on.
     pml_page: Option<u64>,
     dirty_method: Option<DirtyLogMethod>,
+    /// The guest's CR8 (TPR): CR8 accesses exit (CR8-load/store exiting), so it lives here.
+    tpr: u64,
 }
 
 impl fmt::Debug for SwitchContext {
@@ -778,12 +794,20 @@ impl VmxVcpu {
             }
             2 => VmExit::TripleFault,
             10 => VmExit::Cpuid { leaf: regs.rax as u32, subleaf: regs.rcx as u32 },
+            // GETSEC exits unconditionally (§26.1.2); SMX is hidden in CPUID, so #UD.
+            11 => VmExit::UndefinedInstruction { what: "GETSEC" },
             12 => VmExit::Hlt,
+            // INVD exits unconditionally (§26.1.2).
+            13 => VmExit::Invd,
+            15 => VmExit::Rdpmc,
             16 => VmExit::Rdtsc,
             18 => VmExit::Hypercall,
-            19..=27 | 50 | 53 => VmExit::VirtualizationInstruction,
-            // §28.2.1, Table 28-3.
-            28 => VmExit::ControlRegisterAccess { cr: (q & 0xF) as u8 },
+            // VMCLEAR..VMXON, INVEPT, INVVPID, VMFUNC (§26.1.2).
+            19..=27 | 50 | 53 | 59 => VmExit::VirtualizationInstruction,
+            28 => VmExit::ControlRegisterAccess { cr: (q & 0xF) as u8, access: cr_access(q) },
+            36 => VmExit::UndefinedInstruction { what: "MWAIT" },
+            39 => VmExit::UndefinedInstruction { what: "MONITOR" },
+            51 => VmExit::Rdtscp,
             // Table 28-5.
             30 => {
                 VmExit::Io { port: (q >> 16) as u16, size: ((q & 7) + 1) as u8, write: q & 8 == 0, string: q & 16 != 0 }
@@ -845,6 +869,20 @@ impl VmxVcpu {
         if let Err(e) = result {
             log::error!("VT-x: {e}");
         }
+    }
+}
+
+/// Decodes the exit qualification of a control-register access (§28.2.1, Table 28-3): bits 3:0
+/// the CR, bits 5:4 the access type (0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW), bits 11:8 the
+/// general-purpose register of a MOV (x86 encoding), bits 31:16 the LMSW source data (given for a
+/// memory operand too, bit 6 then being 1).
+fn cr_access(q: u64) -> CrAccess {
+    let gpr = ((q >> 8) & 0xF) as u8;
+    match (q >> 4) & 3 {
+        0 => CrAccess::Write { gpr },
+        1 => CrAccess::Read { gpr },
+        2 => CrAccess::Clts,
+        _ => CrAccess::Lmsw { source: Some((q >> 16) as u16) },
     }
 }
 
@@ -957,10 +995,80 @@ impl Vcpu for VmxVcpu {
         // Emulating an instruction ends STI / MOV-SS blocking (§26.4.2 for the hardware case).
         let interruptibility = read(VmcsField::GuestInterruptibility) & !0b11;
         let _ = write(VmcsField::GuestInterruptibility, interruptibility);
+        if read(VmcsField::GuestRflags) & RFLAGS_TF != 0 {
+            // Vol. 3A §17.3.1.4: with TF set, a single-step #DB trap follows the instruction,
+            // with DR6.BS = 1, and RIP pointing past it. The instruction was completed here, so the
+            // trap is raised here: injected as a hardware exception at the new RIP (which VM entry
+            // delivers without touching DR6, §27.6.1.2, so BS is set in the guest's DR6 first).
+            // A trap the CPU recorded for an instruction in a MOV SS shadow (pending debug
+            // exceptions, §25.4.2) is the same #DB: it is delivered once, now. Blocking by MOV SS
+            // never holds this trap back: it covered the completed instruction only (§6.8.3).
+            self.debug[4] |= DR6_BS;
+            let _ = write(VmcsField::GuestPendingDebugExceptions, 0);
+            self.pending_event = Some(Exception::DEBUG);
+        }
     }
 
     fn inject(&mut self, exception: Exception) {
+        self.activate();
+        // Delivering an exception ends an STI/MOV SS shadow: the handler's first instruction is
+        // not in it. Clearing it also keeps the entry check of §27.3.1.5 (TF with blocking by
+        // STI or MOV SS needs a pending BS) from failing when the faulting instruction followed
+        // MOV SS or STI with TF set: the fault, not a single-step trap, is what the CPU delivers.
+        let interruptibility = read(VmcsField::GuestInterruptibility) & !0b11;
+        let _ = write(VmcsField::GuestInterruptibility, interruptibility);
         self.pending_event = Some(exception);
+    }
+
+    fn rsp(&self) -> u64 {
+        self.activate();
+        read(VmcsField::GuestRsp)
+    }
+
+    fn set_rsp(&mut self, value: u64) {
+        self.activate();
+        let _ = write(VmcsField::GuestRsp, value);
+    }
+
+    fn control_state(&self) -> ControlState {
+        self.activate();
+        use VmcsField as F;
+        // Host-owned bits read from the read shadows (§25.6.6), the rest from the guest fields.
+        ControlState {
+            cr0: (read(F::GuestCr0) & !CR0_HOST_OWNED) | (read(F::Cr0ReadShadow) & CR0_HOST_OWNED),
+            cr3: read(F::GuestCr3),
+            cr4: (read(F::GuestCr4) & !CR4_HOST_OWNED) | (read(F::Cr4ReadShadow) & CR4_HOST_OWNED),
+            cr8: self.tpr,
+            efer: read(F::GuestIa32Efer),
+            // CS access rights bit 13: L (§25.4.1, Table 25-2).
+            long_mode: read(F::GuestCsAccessRights) & (1 << 13) != 0,
+        }
+    }
+
+    fn set_control_register(&mut self, cr: u8, value: u64) {
+        self.activate();
+        use VmcsField as F;
+        let c = self.caps;
+        // The guest reads `value` back through the shadow; the CPU runs with the fixed bits the
+        // VMX operation requires (§24.8, App. A.7/A.8: CR0.NE/PE/PG, CR4.VMXE).
+        let _ = match cr {
+            0 => write(F::Cr0ReadShadow, value)
+                .and_then(|()| write(F::GuestCr0, controls::fix_control_register(value, c.cr0_fixed.0, c.cr0_fixed.1))),
+            3 => write(F::GuestCr3, value),
+            4 => write(F::Cr4ReadShadow, value).and_then(|()| {
+                write(F::GuestCr4, controls::fix_control_register(value | CR4_VMXE, c.cr4_fixed.0, c.cr4_fixed.1))
+            }),
+            8 => {
+                self.tpr = value & 0xF;
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+    }
+
+    fn rdtscp_intercepted(&self) -> bool {
+        self.caps.secondary & controls::secondary::ENABLE_RDTSCP != 0
+            && self.caps.primary & controls::primary::RDTSC_EXITING != 0
     }
 
     fn hardware_msr(&self, which: HardwareMsr) -> u64 {
@@ -1022,7 +1130,7 @@ impl Vcpu for VmxVcpu {
         s.cr4 = (read(F::GuestCr4) & !CR4_HOST_OWNED) | (read(F::Cr4ReadShadow) & CR4_HOST_OWNED);
         s.cr2 = self.cr2;
         s.cr3 = read(F::GuestCr3);
-        s.cr8 = 0; // CR8 accesses exit and are refused: the guest's TPR is always 0.
+        s.cr8 = self.tpr; // CR8 accesses exit and go to the vCPU's own TPR.
         s.efer = read(F::GuestIa32Efer);
         s.pat = read(F::GuestIa32Pat);
         s.debugctl = read(F::GuestIa32Debugctl);
@@ -1103,6 +1211,7 @@ impl Vcpu for VmxVcpu {
         self.context.regs = s.registers();
         self.context.guest_fx.0 = s.fx;
         self.cr2 = s.cr2;
+        self.tpr = s.cr8 & 0xF;
         self.debug = [s.dr[0], s.dr[1], s.dr[2], s.dr[3], s.dr[4]];
         self.pending_event = None;
         self.last_exit = ExitInfo::default();

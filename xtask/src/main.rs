@@ -152,6 +152,8 @@ const GUESTS: &[&str] = &[
     "guest-counter",
     "guest-redis",
     "guest-badring",
+    "guest-arch",
+    "guest-fuzz",
 ];
 
 /// Builds the kernel and the guests; returns the kernel's path. Guests go to `target/guests/`.

@@ -547,9 +547,11 @@ impl SvmVcpu {
         let ncr3 = self.npt.as_ref().map_or(0, |n| n.root());
         let v = self.vmcb_mut();
         let c = &mut v.control;
-        // Control registers the host owns: any CR0 or CR4 write exits (without decode assists
-        // the written value is not reported, so the whole write is refused, not just some bits).
-        c.intercept_cr = intercept_cr::WRITE_CR0 | intercept_cr::WRITE_CR4;
+        // Control registers: every CR0 and CR4 write exits and is completed by the exit handler
+        // with the architectural checks (the CPU has not made them yet); CR8 writes exit too, so
+        // a bad TPR value is #GP on every CPU and emulator alike (VT-x has CR8-load exiting).
+        // Reads are not intercepted: CR0/CR4 are the guest's own, CR8 reads V_TPR.
+        c.intercept_cr = intercept_cr::WRITE_CR0 | intercept_cr::WRITE_CR4 | intercept_cr::WRITE_CR8;
         // #DF: Bochs 2.7 resets the whole machine on a triple fault in an SVM guest instead of
         // taking the SHUTDOWN intercept, so a guest's double fault ends the guest here, before
         // the third fault can happen (see `translate_exit`).
@@ -662,6 +664,18 @@ impl SvmVcpu {
             exit_code::INVD => Some((Instruction::Invd, VmExit::Invd)),
             exit_code::XSETBV => Some((Instruction::Xsetbv, VmExit::Xsetbv)),
             _ => None,
+        };
+        // QEMU TCG reports RDTSCP with the RDTSC exit code (it checks the RDTSC intercept for
+        // both); without NRIPS the bytes at RIP are decoded anyway, so they decide which it was.
+        let instruction = match instruction {
+            Some((Instruction::Rdtsc, _)) if !self.features.nrips => {
+                let (bytes, len) = self.instruction_bytes(self.vmcb().save.rip);
+                match decode::decode(&bytes[..len]) {
+                    Ok(d) if d.instruction == Instruction::Rdtscp => Some((Instruction::Rdtscp, VmExit::Rdtscp)),
+                    _ => instruction,
+                }
+            }
+            other => other,
         };
         if let Some((insn, exit)) = instruction {
             return match self.next_rip_for(insn) {
@@ -1000,6 +1014,9 @@ impl Vcpu for SvmVcpu {
             HardwareMsr::FsBase => s.fs.base,
             HardwareMsr::GsBase => s.gs.base,
             HardwareMsr::Pat => s.g_pat,
+            HardwareMsr::SysenterCs => s.sysenter_cs,
+            HardwareMsr::SysenterEsp => s.sysenter_esp,
+            HardwareMsr::SysenterEip => s.sysenter_eip,
         }
     }
 
@@ -1010,6 +1027,9 @@ impl Vcpu for SvmVcpu {
             HardwareMsr::FsBase => s.fs.base = value,
             HardwareMsr::GsBase => s.gs.base = value,
             HardwareMsr::Pat => s.g_pat = value,
+            HardwareMsr::SysenterCs => s.sysenter_cs = value,
+            HardwareMsr::SysenterEsp => s.sysenter_esp = value,
+            HardwareMsr::SysenterEip => s.sysenter_eip = value,
         }
     }
 

@@ -13,6 +13,8 @@ pub mod intercept_cr {
     pub const WRITE_CR0: u32 = 1 << 16;
     /// Writes of CR4.
     pub const WRITE_CR4: u32 = 1 << 20;
+    /// Writes of CR8.
+    pub const WRITE_CR8: u32 = 1 << 24;
 }
 
 /// Intercept vector 3 (offset 0x00C) bits: APM Vol. 2 Table B-1.

@@ -3,7 +3,8 @@
 //! Hidden: VMX and SVM (no nested virtualization), XSAVE/OSXSAVE/AVX and their leaves (guest
 //! FPU state is switched with FXSAVE, which covers x87/SSE only), the PMU (leaf 0xA), thermal
 //! and power management (leaf 6), the host's APIC ID, MONITOR/MWAIT and MONITORX/MWAITX (both
-//! backends intercept them and raise #UD), RDPID (it would read the host's IA32_TSC_AUX without
+//! backends intercept them and raise #UD), features whose MSRs the allow-list does not offer
+//! (MTRR, MCA, x2APIC, TSC-deadline, debug store, thermal, AMD speculation control), RDPID (it would read the host's IA32_TSC_AUX without
 //! an exit), and RDTSCP where the backend cannot intercept it ([`GuestFeatures::rdtscp`]). Added: the hypervisor-present bit
 //! (leaf 1 ECX bit 31) and a hypervisor leaf 0x4000_0000 naming this hypervisor.
 #![deny(unsafe_code)]
@@ -48,6 +49,14 @@ mod bits {
     pub const LEAF7_ECX_AVX_FAMILY: u32 =
         (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
     pub const LEAF7_ECX_RDPID: u32 = 1 << 22;
+    /// Features whose MSRs the allow-list does not offer: DTES64 (2), DS-CPL (4), EST (7), TM2 (8),
+    /// xTPR (14), PDCM (15), x2APIC (21), TSC-deadline (24).
+    pub const LEAF1_ECX_MSR_FEATURES: u32 =
+        (1 << 2) | (1 << 4) | (1 << 7) | (1 << 8) | (1 << 14) | (1 << 15) | (1 << 21) | (1 << 24);
+    /// MTRR (12), MCA (14), DS (21), ACPI (22), TM (29), PBE (31).
+    pub const LEAF1_EDX_MSR_FEATURES: u32 = (1 << 12) | (1 << 14) | (1 << 21) | (1 << 22) | (1 << 29) | (1 << 31);
+    /// AltMovCr8 (LOCK MOV CR0 as CR8): the decoder gives a LOCK prefix #UD.
+    pub const EXT1_ECX_ALT_MOV_CR8: u32 = 1 << 4;
     pub const EXT1_ECX_SVM: u32 = 1 << 2;
     pub const EXT1_ECX_MONITORX: u32 = 1 << 29;
     pub const EXT1_EDX_RDTSCP: u32 = 1 << 27;
@@ -64,7 +73,9 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidValues, features: GuestFeature
                 | bits::LEAF1_ECX_SMX
                 | bits::LEAF1_ECX_XSAVE
                 | bits::LEAF1_ECX_OSXSAVE
-                | bits::LEAF1_ECX_AVX);
+                | bits::LEAF1_ECX_AVX
+                | bits::LEAF1_ECX_MSR_FEATURES);
+            v.edx &= !bits::LEAF1_EDX_MSR_FEATURES;
             v.ecx |= bits::LEAF1_ECX_HYPERVISOR;
             // EBX[31:24] is the initial APIC ID: every guest sees vCPU 0.
             v.ebx &= 0x00FF_FFFF;
@@ -82,11 +93,14 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidValues, features: GuestFeature
         }
         0x4000_0001..=0x4FFF_FFFF => v = CpuidValues::default(),
         0x8000_0001 => {
-            v.ecx &= !(bits::EXT1_ECX_SVM | bits::EXT1_ECX_MONITORX);
+            v.ecx &= !(bits::EXT1_ECX_SVM | bits::EXT1_ECX_MONITORX | bits::EXT1_ECX_ALT_MOV_CR8);
             if !features.rdtscp {
                 v.edx &= !bits::EXT1_EDX_RDTSCP;
             }
         }
+        // EBX: AMD speculation-control features (IBPB, IBRS, STIBP, SSBD...) whose MSRs the
+        // allow-list does not offer.
+        0x8000_0008 => v.ebx = 0,
         // SVM feature leaf: nothing to offer.
         0x8000_000A => v = CpuidValues::default(),
         _ => {}
@@ -153,6 +167,7 @@ mod tests {
     #[test]
     fn other_leaves_pass_through() {
         assert_eq!(filter(0, 0, ALL, NONE), ALL);
-        assert_eq!(filter(0x8000_0008, 0, ALL, NONE), ALL);
+        assert_eq!(filter(0x8000_0007, 0, ALL, NONE), ALL);
+        assert_eq!(filter(0x8000_0008, 0, ALL, NONE), CpuidValues { ebx: 0, ..ALL });
     }
 }

@@ -137,10 +137,14 @@ impl ExitHandler {
             VmExit::Io { size, write, .. } => {
                 self.ignored_port_io += 1;
                 if !write {
-                    // No device answers: the bus floats high.
-                    let ones = if size >= 4 { 0xFFFF_FFFF } else { (1u64 << (8 * size)) - 1 };
+                    // No device answers: the bus floats high. IN AL/AX merges into RAX; IN EAX is
+                    // a 32-bit destination and zero-extends into RAX (SDM Vol. 1 §3.4.1.1).
                     let r = vcpu.registers();
-                    r.rax = (r.rax & !ones) | ones;
+                    r.rax = match size {
+                        1 => r.rax | 0xFF,
+                        2 => r.rax | 0xFFFF,
+                        _ => 0xFFFF_FFFF,
+                    };
                 }
                 Decision::Advance
             }
@@ -250,7 +254,18 @@ impl ExitHandler {
                 }
                 vcpu.set_hardware_msr(HardwareMsr::Efer, value);
             }
-            MsrSlot::Hardware(which @ (HardwareMsr::FsBase | HardwareMsr::GsBase)) => {
+            MsrSlot::Hardware(HardwareMsr::SysenterCs) => {
+                if value >> 32 != 0 {
+                    return false;
+                }
+                vcpu.set_hardware_msr(HardwareMsr::SysenterCs, value);
+            }
+            MsrSlot::Hardware(
+                which @ (HardwareMsr::FsBase
+                | HardwareMsr::GsBase
+                | HardwareMsr::SysenterEsp
+                | HardwareMsr::SysenterEip),
+            ) => {
                 if !msr::is_canonical(value) {
                     return false;
                 }
@@ -600,6 +615,9 @@ mod tests {
         rig.vcpu.regs.rax = 0x1234_5600;
         rig.exit(VmExit::Io { port: 0x60, size: 1, write: false, string: false });
         assert_eq!(rig.vcpu.regs.rax, 0x1234_56FF);
+        rig.vcpu.regs.rax = u64::MAX - 5;
+        rig.exit(VmExit::Io { port: 0x60, size: 4, write: false, string: false });
+        assert_eq!(rig.vcpu.regs.rax, 0xFFFF_FFFF, "a 32-bit IN zero-extends");
         assert!(matches!(
             rig.exit(VmExit::Io { port: 0x60, size: 1, write: false, string: true }),
             Decision::End(GuestEnd::Unsupported { .. })

@@ -409,6 +409,12 @@ pub enum HardwareMsr {
     GsBase,
     /// IA32_PAT.
     Pat,
+    /// IA32_SYSENTER_CS (CPUID.1:EDX.SEP says it exists).
+    SysenterCs,
+    /// IA32_SYSENTER_ESP.
+    SysenterEsp,
+    /// IA32_SYSENTER_EIP.
+    SysenterEip,
 }
 
 /// A failure of the backend itself (as opposed to the guest).

@@ -1078,6 +1078,9 @@ impl Vcpu for VmxVcpu {
             HardwareMsr::FsBase => VmcsField::GuestFsBase,
             HardwareMsr::GsBase => VmcsField::GuestGsBase,
             HardwareMsr::Pat => VmcsField::GuestIa32Pat,
+            HardwareMsr::SysenterCs => VmcsField::GuestSysenterCs,
+            HardwareMsr::SysenterEsp => VmcsField::GuestSysenterEsp,
+            HardwareMsr::SysenterEip => VmcsField::GuestSysenterEip,
         })
     }
 
@@ -1088,6 +1091,9 @@ impl Vcpu for VmxVcpu {
             HardwareMsr::FsBase => VmcsField::GuestFsBase,
             HardwareMsr::GsBase => VmcsField::GuestGsBase,
             HardwareMsr::Pat => VmcsField::GuestIa32Pat,
+            HardwareMsr::SysenterCs => VmcsField::GuestSysenterCs,
+            HardwareMsr::SysenterEsp => VmcsField::GuestSysenterEsp,
+            HardwareMsr::SysenterEip => VmcsField::GuestSysenterEip,
         };
         let _ = write(field, value);
     }

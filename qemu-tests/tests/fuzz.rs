@@ -32,6 +32,13 @@ const BOCHS_VTX_FUZZ: Platform = Platform { timeout: Duration::from_secs(480), .
 /// Boots `platform` with guest-arch, one guest-fuzz per seed (with a NIC and a 64 KiB disk to
 /// aim its rings and block requests at), and guest-hello; checks everything the suite promises.
 fn fuzz_platform(platform: &Platform, test: &str, seeds: &[u64], counts: &str) {
+    // Bochs 2.7's SVM does not clear a pending single-step trap on #VMEXIT (`Svm_Vmexit` leaves
+    // `debug_trap` set; only intercepted exceptions clear it), so a guest stepping over an
+    // intercepted instruction has the #DB delivered to the host, before VMLOAD has given the
+    // host its TR back, and Bochs resets the machine. Real AMD CPUs and QEMU do not: the TF
+    // checks run there and on VT-x (docs/exits.md).
+    let bochs_svm = platform.emulator == Emulator::Bochs && platform.backend == "AMD-V";
+    let tf = if bochs_svm { " tf=off" } else { "" };
     let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
     let scratch = ScratchDir::new(test).expect("scratch dir");
     let disk: PathBuf = scratch.path().join("disk-fuzz");
@@ -42,11 +49,11 @@ fn fuzz_platform(platform: &Platform, test: &str, seeds: &[u64], counts: &str) {
         ImageModule { path, name: name.into(), args }
     };
     let mut modules = vec![ImageModule { path: disk, name: "disk-fuzz".into(), args: String::new() }];
-    modules.push(module("guest-arch", String::new()));
+    modules.push(module("guest-arch", tf.trim().into()));
     for seed in seeds {
         modules.push(module(
             "guest-fuzz",
-            format!("seed={seed} {counts} disk=fuzz mac=52:54:00:f0:00:01 time_limit_ms=600000"),
+            format!("seed={seed} {counts} disk=fuzz mac=52:54:00:f0:00:01 time_limit_ms=600000{tf}"),
         ));
     }
     modules.push(module("guest-hello", "status=0".into()));
@@ -66,9 +73,11 @@ fn fuzz_platform(platform: &Platform, test: &str, seeds: &[u64], counts: &str) {
     assert!(s.contains("[guest-arch] arch checks done: 0 wrong"), "{s}");
     let wrong: Vec<&str> = s.lines().filter(|l| l.contains("WRONG")).collect();
     assert!(wrong.is_empty(), "guests saw non-architectural outcomes:\n{}", wrong.join("\n"));
-    for point in 1..=5 {
+    for point in 1..=4 {
         assert!(s.contains(&format!("[guest-arch] point {point} ")), "point {point} did not run:\n{s}");
     }
+    let stepped = s.contains("[guest-arch] point 5 single-step #DB right after (behind MOV SS): ok");
+    assert!(stepped || bochs_svm, "point 5 did not run:\n{s}");
     assert!(s.contains("[guest-arch] point 2: RDTSCP shown in CPUID"), "RDTSCP must be the coarse clock:\n{s}");
     // Point 6: what could be printed is, the rest is escaped.
     let escaped = r"[guest-arch] point 6 console: bad \xff\xfe esc \x1b[2J c1 \u{9b} e-acute \u{e9} tab\tend";

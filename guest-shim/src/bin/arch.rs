@@ -144,7 +144,13 @@ fn main(env: &Env) -> i32 {
         c.check(4, "WBINVD completes", e.count == 0, format_args!("{e:?}"));
     }
 
-    if want(5) {
+    // `tf=off`: Bochs 2.7's SVM leaves a guest's pending single-step trap armed across #VMEXIT
+    // after an intercepted instruction and delivers it to the host (docs/exits.md).
+    let tf = env.arg("tf") != Some("off");
+    if want(5) && !tf {
+        println!("point 5 skipped (tf=off)");
+    }
+    if want(5) && tf {
         let rdtscp_ok = cpuid(0x8000_0001).rdx & (1 << 27) != 0;
         let cases: [(&str, &[u8], Regs, bool); 10] = [
             ("hypercall (clock)", &hc, Regs { rax: 2, ..Regs::default() }, true),

@@ -189,9 +189,9 @@ static mut IDT: Idt = Idt([0; 64]);
 /// Installs the IDT: 32 interrupt gates (type 0xE, DPL 0) in the boot GDT's code segment.
 pub fn install() {
     let idt = core::ptr::addr_of_mut!(IDT);
-    for v in 0..32 {
-        // SAFETY: `colo_trap_stubs` is the constant table above.
-        let handler = unsafe { colo_trap_stubs[v] };
+    // SAFETY: `colo_trap_stubs` is the constant table above.
+    let stubs = unsafe { &colo_trap_stubs };
+    for (v, &handler) in stubs.iter().enumerate() {
         let low = (handler & 0xFFFF)
             | (u64::from(guest_shim::abi::GUEST_CODE_SELECTOR) << 16)
             | (0x8E << 40)

@@ -123,8 +123,11 @@ fn fuzz_under_amdv_bochs() {
     fuzz_platform(&BOCHS_AMDV, "fuzz-amdv-bochs", &[1], CI_COUNTS);
 }
 
-/// `cargo xtask fuzz --seeds N` (environment `COLO_FUZZ_SEEDS=N`): seeds 1..=N, at most 8 per boot,
-/// round robin over QEMU AMD-V, Bochs VT-x and Bochs AMD-V, with the full default counts.
+/// `cargo xtask fuzz --seeds N` (environment `COLO_FUZZ_SEEDS=N`): seeds 1..=N, at most 4 per boot,
+/// round robin over QEMU AMD-V, Bochs VT-x and Bochs AMD-V, each seed with [`MANY_COUNTS`].
+/// Per-seed counts of `many_seeds`.
+const MANY_COUNTS: &str = "hypercalls=10000 ports=2000 msrs=2000 cpuids=1000 rounds=8";
+
 #[test]
 #[ignore = "run by `cargo xtask fuzz --seeds N`"]
 fn many_seeds() {
@@ -135,9 +138,9 @@ fn many_seeds() {
         per_platform[(seed as usize - 1) % 3].push(seed);
     }
     for (platform, seeds) in platforms.iter().zip(&per_platform) {
-        for (i, chunk) in seeds.chunks(8).enumerate() {
-            let slow = Platform { timeout: platform.timeout * 2, ..**platform };
-            fuzz_platform(&slow, &format!("fuzz-many-{}-{i}", platform.cpu), chunk, "");
+        for (i, chunk) in seeds.chunks(4).enumerate() {
+            let slow = Platform { timeout: platform.timeout * 3, ..**platform };
+            fuzz_platform(&slow, &format!("fuzz-many-{}-{i}", platform.cpu), chunk, MANY_COUNTS);
         }
     }
 }

@@ -1,9 +1,10 @@
 //! The vendor-neutral vCPU interface.
 //!
-//! A backend (VT-x in `vmx`, AMD-V later) implements [`Vcpu`]: `run()` enters the guest and
+//! A backend (VT-x in `vmx`, AMD-V in `svm`) implements [`Vcpu`]: `run()` enters the guest and
 //! returns a typed [`VmExit`]. The exit handler ([`handler::ExitHandler`]) turns each exit into
 //! a [`Decision`], and the guest runner applies it: the RIP is advanced in exactly one place
-//! (`Decision::Advance` → [`Vcpu::skip_instruction`]).
+//! (`Decision::Advance` → [`Vcpu::skip_instruction`], which also raises the single-step trap).
+//! What every exit means on each backend is tabled in `docs/exits.md`.
 #![deny(unsafe_code)]
 
 use core::fmt;

@@ -998,8 +998,9 @@ impl Vcpu for VmxVcpu {
         if read(VmcsField::GuestRflags) & RFLAGS_TF != 0 {
             // Vol. 3A §17.3.1.4: with TF set, a single-step #DB trap follows the instruction,
             // with DR6.BS = 1, and RIP pointing past it. The instruction was completed here, so the
-            // trap is raised here: injected as a hardware exception at the new RIP (which VM entry
-            // delivers without touching DR6, §27.6.1.2, so BS is set in the guest's DR6 first).
+            // trap is raised here: injected as a hardware exception at the new RIP. Event injection
+            // (§27.6) delivers the vector through the guest IDT without the DR6 update a real #DB
+            // makes, so BS is set in the guest's DR6 (loaded before entry) first.
             // A trap the CPU recorded for an instruction in a MOV SS shadow (pending debug
             // exceptions, §25.4.2) is the same #DB: it is delivered once, now. Blocking by MOV SS
             // never holds this trap back: it covered the completed instruction only (§6.8.3).

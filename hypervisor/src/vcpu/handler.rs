@@ -604,6 +604,11 @@ mod tests {
             Decision::End(GuestEnd::Panic { message }) => assert_eq!(message.as_str(), "boom"),
             other => panic!("{other:?}"),
         }
+        rig.ram[0x3000..0x3005].copy_from_slice(b"x\x1b[J\xff");
+        match rig.hypercall(5, 0x3000, 6) {
+            Decision::End(GuestEnd::Panic { message }) => assert_eq!(message.as_str(), "x\\x1b[J\\xff\\x00"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(rig.hypercall(4, 7, 0), Decision::End(GuestEnd::Shutdown { status: 7 }));
     }
 

@@ -76,6 +76,12 @@ fn fuzz_platform(platform: &Platform, test: &str, seeds: &[u64], counts: &str) {
     for point in 1..=4 {
         assert!(s.contains(&format!("[guest-arch] point {point} ")), "point {point} did not run:\n{s}");
     }
+    for beyond in [
+        "[guest-arch] point 7 SYSCALL goes to the guest's LSTAR and returns: ok",
+        "[guest-arch] point 7 SWAPGS uses the guest's KERNEL_GS_BASE and RDMSR follows it: ok",
+    ] {
+        assert!(s.contains(beyond), "missing `{beyond}`:\n{s}");
+    }
     let stepped = s.contains("[guest-arch] point 5 single-step #DB right after (behind MOV SS): ok");
     assert!(stepped || bochs_svm, "point 5 did not run:\n{s}");
     assert!(s.contains("[guest-arch] point 2: RDTSCP shown in CPUID"), "RDTSCP must be the coarse clock:\n{s}");

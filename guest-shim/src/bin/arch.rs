@@ -8,7 +8,8 @@
 //! 4. INVD (and WBINVD) complete;
 //! 5. with RFLAGS.TF, the #DB comes right after each instruction the hypervisor completes
 //!    (also behind a MOV SS shadow), with DR6.BS;
-//! 6. console bytes that are not printable are escaped by the hypervisor (the test reads the log).
+//! 6. console bytes that are not printable are escaped by the hypervisor (the test reads the log);
+//! 7. (beyond the six) SYSCALL and SWAPGS use the STAR/LSTAR/FMASK/KERNEL_GS_BASE the guest wrote.
 #![no_std]
 #![no_main]
 
@@ -20,6 +21,11 @@ use guest_shim::{guest_main, println};
 use trap::{exec, Mode, Regs};
 
 guest_main!(main);
+
+#[repr(C, align(16))]
+struct Stub([u8; 16]);
+
+static mut SYSCALL_STUB: Stub = Stub([0xCC; 16]);
 
 const UD: Option<u8> = Some(6);
 const GP: Option<u8> = Some(13);
@@ -204,6 +210,52 @@ fn main(env: &Env) -> i32 {
             b"point 6 console: bad \xff\xfe esc \x1b[2J c1 \xc2\x9b e-acute \xc3\xa9 tab\tend\n",
         );
         println!("point 6 console line sent");
+    }
+
+    if want(7) {
+        // Beyond the six: MSRs the CPU uses natively must be the guest's. SYSCALL from ring 0
+        // to a target that returns (`push r11; popfq; jmp rcx`): LSTAR, STAR and FMASK as written.
+        let stub = core::ptr::addr_of_mut!(SYSCALL_STUB);
+        // SAFETY: single-threaded guest; the stub is only executed by the SYSCALL below.
+        let target = unsafe {
+            let bytes = &mut (*stub).0;
+            bytes[..6].copy_from_slice(&[0x41, 0x53, 0x9D, 0xFF, 0xE1, 0x90]);
+            bytes.as_ptr() as u64
+        };
+        let wrmsr = |msr: u32, value: u64| {
+            run(&[0x0F, 0x30], Regs { rcx: msr.into(), rax: value & 0xFFFF_FFFF, rdx: value >> 32, ..Regs::default() })
+                .1
+        };
+        let (efer, _) = run(&[0x0F, 0x32], Regs { rcx: 0xC000_0080, ..Regs::default() });
+        let setup = [
+            wrmsr(0xC000_0080, (efer.rdx << 32 | efer.rax) | 1), // EFER.SCE
+            wrmsr(0xC000_0081, u64::from(guest_shim::abi::GUEST_CODE_SELECTOR) << 32),
+            wrmsr(0xC000_0082, target),
+            wrmsr(0xC000_0084, 0x400), // FMASK clears DF
+        ];
+        c.check(7, "SYSCALL MSRs are writable", setup.iter().all(|e| e.count == 0), format_args!("{setup:?}"));
+        let (r, e) = run(&[0x0F, 0x05], Regs { rflags: 0x1, ..Regs::default() });
+        c.check(
+            7,
+            "SYSCALL goes to the guest's LSTAR and returns",
+            e.count == 0 && r.rcx == e.after && r.r11 & 1 == 1,
+            format_args!("{e:?} rcx={:#x} r11={:#x}", r.rcx, r.r11),
+        );
+        // SWAPGS exchanges GS.base with the guest's KERNEL_GS_BASE, and RDMSR sees the result.
+        let _ = wrmsr(0xC000_0101, 0x1111_0000);
+        let _ = wrmsr(0xC000_0102, 0x2222_0000);
+        let (_, e) = run(&[0x0F, 0x01, 0xF8], Regs::default());
+        let (gs, _) = run(&[0x0F, 0x32], Regs { rcx: 0xC000_0101, ..Regs::default() });
+        let (kgs, _) = run(&[0x0F, 0x32], Regs { rcx: 0xC000_0102, ..Regs::default() });
+        c.check(
+            7,
+            "SWAPGS uses the guest's KERNEL_GS_BASE and RDMSR follows it",
+            e.count == 0 && gs.rax == 0x2222_0000 && kgs.rax == 0x1111_0000,
+            format_args!("{e:?} gs={:#x} kgs={:#x}", gs.rax, kgs.rax),
+        );
+        let _ = run(&[0x0F, 0x01, 0xF8], Regs::default());
+        let _ = wrmsr(0xC000_0101, 0);
+        let _ = wrmsr(0xC000_0080, efer.rdx << 32 | efer.rax);
     }
 
     println!("arch checks done: {} wrong", c.wrong);

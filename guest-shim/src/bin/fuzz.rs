@@ -360,7 +360,11 @@ impl Fuzz {
             // Writes: to MSRs that cannot hurt this guest (values validated by the hypervisor),
             // and to everything outside the allow-list (#GP).
             let (target, value) = match self.rng.below(4) {
-                0 => (self.rng.pick(&[0xC000_0081u32, 0xC000_0082, 0xC000_0084, 0xC000_0102, 0x175]), self.rng.next()),
+                0 => {
+                    let msr = self.rng.pick(&[0xC000_0081u32, 0xC000_0082, 0xC000_0084, 0xC000_0102, 0x175]);
+                    let value = self.rng.next();
+                    (msr, if self.rng.below(2) == 0 { value & 0x0000_7FFF_FFFF_FFFF } else { value })
+                }
                 1 => (0xC000_0103, self.rng.next() & if self.rng.below(2) == 0 { 0xFFFF_FFFF } else { u64::MAX }),
                 2 => (self.rng.pick(&OTHERS), self.rng.next()),
                 _ => (0x10, self.rng.next()),
@@ -371,8 +375,8 @@ impl Fuzz {
             let canonical = (value >> 47) == 0 || (value >> 47) == 0x1_FFFF;
             let expect_gp = match target {
                 0xC000_0082 | 0xC000_0102 | 0x175 => !canonical,
-                0xC000_0103 => value >> 32 != 0,
-                0xC000_0081 | 0xC000_0084 => false,
+                0xC000_0103 | 0xC000_0084 => value >> 32 != 0,
+                0xC000_0081 => false,
                 _ => true, // TSC (the hypervisor's clock) and the others
             };
             if (ended.fault() == Some(13)) != expect_gp || (!expect_gp && ended.count != 0) {

@@ -1017,6 +1017,13 @@ impl Vcpu for SvmVcpu {
             HardwareMsr::SysenterCs => s.sysenter_cs,
             HardwareMsr::SysenterEsp => s.sysenter_esp,
             HardwareMsr::SysenterEip => s.sysenter_eip,
+            // VMSAVE after every #VMEXIT keeps these current (SWAPGS included); VMLOAD before
+            // VMRUN loads them (APM Vol. 2 §15.5.2).
+            HardwareMsr::Star => s.star,
+            HardwareMsr::Lstar => s.lstar,
+            HardwareMsr::Cstar => s.cstar,
+            HardwareMsr::Fmask => s.sfmask,
+            HardwareMsr::KernelGsBase => s.kernel_gs_base,
         }
     }
 
@@ -1030,6 +1037,11 @@ impl Vcpu for SvmVcpu {
             HardwareMsr::SysenterCs => s.sysenter_cs = value,
             HardwareMsr::SysenterEsp => s.sysenter_esp = value,
             HardwareMsr::SysenterEip => s.sysenter_eip = value,
+            HardwareMsr::Star => s.star = value,
+            HardwareMsr::Lstar => s.lstar = value,
+            HardwareMsr::Cstar => s.cstar = value,
+            HardwareMsr::Fmask => s.sfmask = value,
+            HardwareMsr::KernelGsBase => s.kernel_gs_base = value,
         }
     }
 

@@ -108,6 +108,12 @@ impl ExitHandler {
         host: &mut HostServices<'_>,
     ) -> Decision {
         self.counters.record(exit);
+        // SWAPGS runs natively and exchanges GS.base with IA32_KERNEL_GS_BASE: take the CPU's
+        // value so the store (what RDMSR and state capture read) follows it.
+        let kgs = HardwareMsr::KernelGsBase;
+        if let Some(MsrSlot::Stored(index)) = msr::slot(msr::numbers::IA32_KERNEL_GS_BASE) {
+            self.msrs.set(index, vcpu.hardware_msr(kgs));
+        }
         match *exit {
             VmExit::Cpuid { leaf, subleaf } => {
                 let features = GuestFeatures { rdtscp: vcpu.rdtscp_intercepted() };
@@ -282,12 +288,24 @@ impl ExitHandler {
                     msr,
                     msr::numbers::IA32_LSTAR | msr::numbers::IA32_CSTAR | msr::numbers::IA32_KERNEL_GS_BASE
                 );
-                let tsc_aux_bad = msr == msr::numbers::IA32_TSC_AUX && value >> 32 != 0;
-                if (address_msr && !msr::is_canonical(value)) || tsc_aux_bad {
+                // IA32_FMASK and IA32_TSC_AUX: bits 63:32 are reserved (#GP if set).
+                let upper_reserved = matches!(msr, msr::numbers::IA32_TSC_AUX | msr::numbers::IA32_FMASK);
+                if (address_msr && !msr::is_canonical(value)) || (upper_reserved && value >> 32 != 0) {
                     return false;
                 }
                 self.msrs.set(index, value);
+                if let Some(&hardware) = HardwareMsr::SYSCALL.get(index) {
+                    vcpu.set_hardware_msr(hardware, value);
+                }
             }
+            // The SYSCALL MSRs are `Stored` (the store is their record); never slotted here.
+            MsrSlot::Hardware(
+                HardwareMsr::Star
+                | HardwareMsr::Lstar
+                | HardwareMsr::Cstar
+                | HardwareMsr::Fmask
+                | HardwareMsr::KernelGsBase,
+            ) => return false,
             // The guest clock is the hypervisor's to keep.
             MsrSlot::Tsc => return false,
             MsrSlot::Constant(expected) => return value == expected,
@@ -419,6 +437,7 @@ mod tests {
         fs: u64,
         rsp: u64,
         control: crate::vcpu::ControlState,
+        syscall: [u64; 5],
     }
 
     impl Vcpu for FakeVcpu {
@@ -440,14 +459,18 @@ mod tests {
             match msr {
                 HardwareMsr::Efer => self.efer,
                 HardwareMsr::FsBase => self.fs,
-                _ => 0,
+                other => HardwareMsr::SYSCALL.iter().position(|m| *m == other).map_or(0, |i| self.syscall[i]),
             }
         }
         fn set_hardware_msr(&mut self, msr: HardwareMsr, value: u64) {
             match msr {
                 HardwareMsr::Efer => self.efer = value,
                 HardwareMsr::FsBase => self.fs = value,
-                _ => {}
+                other => {
+                    if let Some(i) = HardwareMsr::SYSCALL.iter().position(|m| *m == other) {
+                        self.syscall[i] = value;
+                    }
+                }
             }
         }
         fn rsp(&self) -> u64 {
@@ -560,6 +583,14 @@ mod tests {
         assert_eq!(rig.exit(VmExit::MsrWrite { msr: msr::numbers::IA32_LSTAR, value: 0x1234 }), Decision::Advance);
         assert_eq!(rig.exit(VmExit::MsrRead { msr: msr::numbers::IA32_LSTAR }), Decision::Advance);
         assert_eq!((rig.vcpu.regs.rax, rig.vcpu.regs.rdx), (0x1234, 0));
+        assert_eq!(rig.vcpu.syscall[1], 0x1234, "LSTAR reaches the CPU (SYSCALL uses it)");
+        let fmask = VmExit::MsrWrite { msr: msr::numbers::IA32_FMASK, value: 1 << 32 };
+        assert_eq!(rig.exit(fmask), Decision::Inject(Exception::GENERAL_PROTECTION), "FMASK[63:32] reserved");
+        // A native SWAPGS changed IA32_KERNEL_GS_BASE in the CPU: RDMSR follows it.
+        rig.vcpu.syscall[4] = 0xFFFF_8000_0000_1000;
+        assert_eq!(rig.exit(VmExit::MsrRead { msr: msr::numbers::IA32_KERNEL_GS_BASE }), Decision::Advance);
+        assert_eq!((rig.vcpu.regs.rax, rig.vcpu.regs.rdx), (0x1000, 0xFFFF_8000));
+        assert_eq!(rig.handler.msrs()[4], 0xFFFF_8000_0000_1000, "state capture sees it too");
     }
 
     #[test]

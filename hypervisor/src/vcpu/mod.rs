@@ -416,6 +416,22 @@ pub enum HardwareMsr {
     SysenterEsp,
     /// IA32_SYSENTER_EIP.
     SysenterEip,
+    /// IA32_STAR (SYSCALL/SYSRET selectors).
+    Star,
+    /// IA32_LSTAR (64-bit SYSCALL target).
+    Lstar,
+    /// IA32_CSTAR (compatibility-mode SYSCALL target).
+    Cstar,
+    /// IA32_FMASK (RFLAGS mask of SYSCALL).
+    Fmask,
+    /// IA32_KERNEL_GS_BASE (what SWAPGS exchanges with GS.base).
+    KernelGsBase,
+}
+
+impl HardwareMsr {
+    /// The SYSCALL/SWAPGS MSRs, in the order of the exit handler's store and of
+    /// `VcpuState::handler_msrs` (STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE).
+    pub const SYSCALL: [Self; 5] = [Self::Star, Self::Lstar, Self::Cstar, Self::Fmask, Self::KernelGsBase];
 }
 
 /// A failure of the backend itself (as opposed to the guest).

@@ -40,8 +40,9 @@ pub mod numbers {
     pub const IA32_TSC_AUX: u32 = 0xC000_0103;
 }
 
-/// MSRs kept in the handler's store. The guest runtime does not use SYSCALL, so these are never
-/// loaded into the CPU; they only need to read back what was written.
+/// MSRs kept in the handler's store (the record vCPU state capture takes). The first five are
+/// also loaded into the CPU for the guest (SYSCALL, SYSRET and SWAPGS use them: AMD-V through the
+/// VMCB and VMLOAD, VT-x by writing the MSRs before entry), see [`HardwareMsr::SYSCALL`].
 const STORED: [u32; 6] = [
     numbers::IA32_STAR,
     numbers::IA32_LSTAR,

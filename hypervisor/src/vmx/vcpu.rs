@@ -51,6 +51,8 @@ mod msr {
     pub const IA32_EFER: u32 = 0xC000_0080;
     pub const IA32_FS_BASE: u32 = 0xC000_0100;
     pub const IA32_GS_BASE: u32 = 0xC000_0101;
+    /// STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE: not in the VMCS (SYSCALL/SWAPGS state).
+    pub const SYSCALL: [u32; 5] = [0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084, 0xC000_0102];
 }
 
 const CR4_VMXE: u64 = 1 << 13;
@@ -413,7 +415,10 @@ impl VmxBackend {
             pml_page: None,
             dirty_method: None,
             tpr: 0,
+            syscall_msrs: [0; 5],
         };
+        // A new VMCS may reuse a released one's address: its MSR values are not in the CPU.
+        SYSCALL_MSRS_OWNER.store(0, core::sync::atomic::Ordering::Relaxed);
         // SAFETY: VMX is on; `vmcs` is a fresh region with the right revision, owned by the vCPU.
         unsafe {
             insn::vmclear(vmcs)?;
@@ -624,6 +629,11 @@ pub struct VmxVcpu {
     dirty_method: Option<DirtyLogMethod>,
     /// The guest's CR8 (TPR): CR8 accesses exit (CR8-load/store exiting), so it lives here.
     tpr: u64,
+    /// The guest's STAR, LSTAR, CSTAR, FMASK and KERNEL_GS_BASE. The VMCS does not switch them:
+    /// they are written to the CPU before entry when another vCPU's values are there (the host
+    /// never executes SYSCALL or SWAPGS, so it needs none of its own), and KERNEL_GS_BASE is
+    /// read back after every exit (a native SWAPGS changes it).
+    syscall_msrs: [u64; 5],
 }
 
 impl fmt::Debug for SwitchContext {
@@ -886,6 +896,9 @@ fn cr_access(q: u64) -> CrAccess {
     }
 }
 
+/// The VMCS of the vCPU whose SYSCALL MSRs are in the CPU (0 for none).
+static SYSCALL_MSRS_OWNER: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// The VMCS region VMPTRLD last made current (0 for none).
 static CURRENT_VMCS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
@@ -956,6 +969,15 @@ impl Vcpu for VmxVcpu {
                 .map_err(|_| VcpuError::EntryInstructionFailed { code: 0 })?;
         }
         self.last_exit.idt_vectoring = 0;
+        if SYSCALL_MSRS_OWNER.load(core::sync::atomic::Ordering::Relaxed) != self.vmcs {
+            for (msr, value) in msr::SYSCALL.iter().zip(self.syscall_msrs) {
+                // SAFETY: the values passed the WRMSR checks of the exit handler or `check_state`
+                // (canonical addresses, FMASK[63:32] = 0), so WRMSR cannot fault; the host never
+                // executes SYSCALL, SYSRET or SWAPGS, so no host code depends on these MSRs.
+                unsafe { insn::wrmsr(*msr, value) };
+            }
+            SYSCALL_MSRS_OWNER.store(self.vmcs, core::sync::atomic::Ordering::Relaxed);
+        }
         // SAFETY: this vCPU's VMCS is current (made so at creation; one vCPU runs at a time) and
         // fully set up; the context is boxed, so its address is stable across the switch.
         let result = unsafe {
@@ -969,6 +991,7 @@ impl Vcpu for VmxVcpu {
             return Err(VcpuError::EntryInstructionFailed { code });
         }
         self.context.launched = 1;
+        self.syscall_msrs[4] = rdmsr(msr::SYSCALL[4]);
         // Event injection is one-shot (§27.6).
         let _ = write(F::EntryInterruptionInfo, 0);
         Ok(self.decode_exit())
@@ -1082,6 +1105,10 @@ impl Vcpu for VmxVcpu {
             HardwareMsr::SysenterCs => VmcsField::GuestSysenterCs,
             HardwareMsr::SysenterEsp => VmcsField::GuestSysenterEsp,
             HardwareMsr::SysenterEip => VmcsField::GuestSysenterEip,
+            other => {
+                let i = HardwareMsr::SYSCALL.iter().position(|m| *m == other).unwrap_or(0);
+                return self.syscall_msrs[i];
+            }
         })
     }
 
@@ -1095,6 +1122,14 @@ impl Vcpu for VmxVcpu {
             HardwareMsr::SysenterCs => VmcsField::GuestSysenterCs,
             HardwareMsr::SysenterEsp => VmcsField::GuestSysenterEsp,
             HardwareMsr::SysenterEip => VmcsField::GuestSysenterEip,
+            other => {
+                if let Some(i) = HardwareMsr::SYSCALL.iter().position(|m| *m == other) {
+                    self.syscall_msrs[i] = value;
+                    // Written to the CPU before the next entry.
+                    SYSCALL_MSRS_OWNER.store(0, core::sync::atomic::Ordering::Relaxed);
+                }
+                return;
+            }
         };
         let _ = write(field, value);
     }
@@ -1168,6 +1203,7 @@ impl Vcpu for VmxVcpu {
             s.pending_error_code = self.last_exit.idt_vectoring_error as u32;
             s.pending_instruction_length = self.last_exit.instruction_length as u32;
         }
+        s.handler_msrs[..5].copy_from_slice(&self.syscall_msrs);
         s.fx = self.context.guest_fx.0;
         Ok(s)
     }
@@ -1177,6 +1213,14 @@ impl Vcpu for VmxVcpu {
         let reserved_rflags = s.rflags & !0x003F_7FD7 != 0 || s.rflags & 2 == 0;
         if reserved_rflags || s.dr[5] >> 32 != 0 || s.cr3 & !0x000F_FFFF_FFFF_FFFF != 0 {
             return Err(StateError::Hardware { what: "RFLAGS, DR7 or CR3 has reserved bits set" });
+        }
+        // Loaded with WRMSR before entry: refuse what WRMSR would (#GP in the host).
+        let canonical = |v: u64| crate::vcpu::msr::is_canonical(v);
+        let m = &s.handler_msrs;
+        if !canonical(m[1]) || !canonical(m[2]) || !canonical(m[4]) || m[3] >> 32 != 0 {
+            return Err(StateError::Hardware {
+                what: "LSTAR, CSTAR or KERNEL_GS_BASE not canonical, or FMASK[63:32] set",
+            });
         }
         Ok(())
     }
@@ -1219,6 +1263,9 @@ impl Vcpu for VmxVcpu {
         self.context.guest_fx.0 = s.fx;
         self.cr2 = s.cr2;
         self.tpr = s.cr8 & 0xF;
+        self.syscall_msrs =
+            [s.handler_msrs[0], s.handler_msrs[1], s.handler_msrs[2], s.handler_msrs[3], s.handler_msrs[4]];
+        SYSCALL_MSRS_OWNER.store(0, core::sync::atomic::Ordering::Relaxed);
         self.debug = [s.dr[0], s.dr[1], s.dr[2], s.dr[3], s.dr[4]];
         self.pending_event = None;
         self.last_exit = ExitInfo::default();
@@ -1329,6 +1376,12 @@ impl Vcpu for VmxVcpu {
                 log::error!("VT-x: freeing vCPU page {page:#x}: {e}");
             }
         }
+        let _ = SYSCALL_MSRS_OWNER.compare_exchange(
+            self.vmcs,
+            0,
+            core::sync::atomic::Ordering::Relaxed,
+            core::sync::atomic::Ordering::Relaxed,
+        );
         self.vmcs = 0;
     }
 }

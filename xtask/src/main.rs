@@ -49,6 +49,7 @@ const SUITES: &[(&str, &str)] = &[
     ("vtx", "the VT-x backend under Bochs: reference guest, isolation guests, preemption"),
     ("snapshot", "dirty tracking (PML, EPT A/D), snapshot/restore and vCPU reset under Bochs VT-x"),
     ("amdv", "the AMD-V backend under QEMU TCG and Bochs ryzen: the same scenarios as `vtx`"),
+    ("fuzz", "a hostile guest on both backends: issue 14's six points, seeded hypercall/port/MSR/instruction fuzzing"),
     ("net", "e1000 + management plane: ping, ctl, metrics, malformed input, shutdown (QEMU tap, netns; root)"),
     (
         "mgmt",
@@ -56,7 +57,7 @@ const SUITES: &[(&str, &str)] = &[
     ),
 ];
 /// `core` is part of `host`, so the full run skips it.
-const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "net", "mgmt"];
+const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "fuzz", "net", "mgmt"];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -70,6 +71,7 @@ commands:
   test [--suite NAME]...      run the tests (all suites, or the named ones; --list shows them)
   demo                        build, boot under QEMU and Bochs, and summarise what happened
   bench                       run the benchmarks; figures go to target/bench-report.md
+  fuzz [--seeds N]            the fuzz guest with seeds 1..=N (default 10) over QEMU AMD-V, Bochs VT-x and AMD-V
   ctl <command> [--addr IP:PORT]
                               send one management request (status, stats, tunables, set KEY VALUE,
                               checkpoint, failover, shutdown, raw 'JSON') and print the reply
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench(),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("ctl") => ctl::ctl(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
@@ -157,6 +160,8 @@ const GUESTS: &[&str] = &[
     "guest-counter",
     "guest-redis",
     "guest-badring",
+    "guest-arch",
+    "guest-fuzz",
 ];
 
 /// Builds the kernel and the guests; returns the kernel's path. Guests go to `target/guests/`.
@@ -448,8 +453,35 @@ fn run_suite(suite: &str) -> Result {
         "vtx" => emulator_suite("vtx"),
         "snapshot" => emulator_suite("snapshot"),
         "amdv" => emulator_suite("amdv"),
+        "fuzz" => emulator_suite("fuzz"),
         other => Err(format!("suite `{other}` has no runner")),
     }
+}
+
+/// `cargo xtask fuzz --seeds N`: the fuzz suite's `many_seeds` test with seeds 1..=N.
+fn fuzz(args: &[String]) -> Result {
+    check_flags(args, &["--seeds"])?;
+    let seeds = option_value(args, "--seeds", "N")?.unwrap_or("10");
+    match seeds.parse::<u32>() {
+        Ok(1..=10_000) => {}
+        _ => return Err(format!("--seeds `{seeds}`: expected a number of seeds, 1..=10000")),
+    }
+    ensure_deps()?;
+    build_kernel()?;
+    run_checked(
+        cargo().env("COLO_FUZZ_SEEDS", seeds).args([
+            "test",
+            "-p",
+            "qemu-tests",
+            "--test",
+            "fuzz",
+            "--",
+            "--ignored",
+            "many_seeds",
+            "--nocapture",
+        ]),
+        "fuzz seeds",
+    )
 }
 
 /// Builds the kernel and guests, then runs `qemu-tests/tests/<name>.rs`.

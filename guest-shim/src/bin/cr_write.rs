@@ -1,5 +1,6 @@
-//! Test guest: clears CR0.PE, a bit the hypervisor owns. The write exits; the hypervisor does
-//! not emulate it, so it must end this guest with a full vCPU/VMCS dump and keep running.
+//! Test guest: clears CR0.PE (with PG set), a bit the hypervisor owns. The write exits; the
+//! hypervisor completes it as the CPU would: #GP (SDM Vol. 2B MOV CR). This guest has no IDT, so
+//! the #GP becomes a triple fault, which ends only this guest.
 #![no_std]
 #![no_main]
 

@@ -33,6 +33,25 @@ pub enum Instruction {
     Hlt,
     /// XSETBV (0F 01 D1).
     Xsetbv,
+    /// RDTSCP (0F 01 F9).
+    Rdtscp,
+    /// INVD (0F 08).
+    Invd,
+    /// MOV to CRn from a general-purpose register (0F 22 /r; REX.R selects CR8-CR15, REX.B
+    /// R8-R15; the mod field is ignored: the operand is always a register, APM Vol. 3 "MOV CRn").
+    MovToCr {
+        /// The control register.
+        cr: u8,
+        /// The source register (x86 encoding).
+        gpr: u8,
+    },
+    /// CLTS (0F 06).
+    Clts,
+    /// LMSW (0F 01 /6): the source register, or `None` for a memory operand.
+    Lmsw {
+        /// The source register (x86 encoding).
+        gpr: Option<u8>,
+    },
     /// IN/OUT with an 8-bit immediate port (E4-E7) or the port in DX (EC-EF).
     Io {
         /// OUT (true) or IN (false).
@@ -64,6 +83,11 @@ impl Instruction {
             Self::Rdtsc => "rdtsc",
             Self::Hlt => "hlt",
             Self::Xsetbv => "xsetbv",
+            Self::Rdtscp => "rdtscp",
+            Self::Invd => "invd",
+            Self::MovToCr { .. } => "mov to cr",
+            Self::Clts => "clts",
+            Self::Lmsw { .. } => "lmsw",
             Self::Io { write: false, .. } => "in",
             Self::Io { write: true, .. } => "out",
             Self::StringIo { write: false, .. } => "ins",
@@ -135,8 +159,11 @@ impl fmt::Display for DecodeError {
 #[derive(Clone, Copy, Debug, Default)]
 struct Prefixes {
     operand_size: bool,
+    address_size: bool,
     rep: bool,
     rex_w: bool,
+    rex_r: bool,
+    rex_b: bool,
 }
 
 /// Decodes the instruction at the start of `bytes` (the bytes at the guest RIP; at most 15 are
@@ -158,9 +185,10 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         match at(i)? {
             0x66 => prefixes.operand_size = true,
             0xF3 => prefixes.rep = true,
-            // REPNE, address size, segment overrides: legal in front of these instructions (they
-            // change INS/OUTS addressing only), and only their length matters here.
-            0xF2 | 0x67 | 0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 => {}
+            0x67 => prefixes.address_size = true,
+            // REPNE, segment overrides: legal in front of these instructions (they change
+            // INS/OUTS addressing only), and only their length matters here.
+            0xF2 | 0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 => {}
             0xF0 => return Err(DecodeError::LockPrefix),
             // REX counts only directly before the opcode (APM Vol. 3 §1.2.7): one followed by
             // another prefix is ignored (but still occupies a byte).
@@ -172,6 +200,8 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
                     continue;
                 }
                 prefixes.rex_w = rex & 0x08 != 0;
+                prefixes.rex_r = rex & 0x04 != 0;
+                prefixes.rex_b = rex & 0x01 != 0;
                 break;
             }
             _ => break,
@@ -203,9 +233,27 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
                 0x32 => (Instruction::Rdmsr, i + 2),
                 0x30 => (Instruction::Wrmsr, i + 2),
                 0x31 => (Instruction::Rdtsc, i + 2),
+                0x08 => (Instruction::Invd, i + 2),
+                0x06 => (Instruction::Clts, i + 2),
+                0x22 => {
+                    let modrm = at(i + 2)?;
+                    let cr = ((modrm >> 3) & 7) | if prefixes.rex_r { 8 } else { 0 };
+                    let gpr = (modrm & 7) | if prefixes.rex_b { 8 } else { 0 };
+                    (Instruction::MovToCr { cr, gpr }, i + 3)
+                }
                 0x01 => match at(i + 2)? {
                     0xD9 => (Instruction::Vmmcall, i + 3),
                     0xD1 => (Instruction::Xsetbv, i + 3),
+                    0xF9 => (Instruction::Rdtscp, i + 3),
+                    modrm if (modrm >> 3) & 7 == 6 => {
+                        if modrm >> 6 == 3 {
+                            let gpr = (modrm & 7) | if prefixes.rex_b { 8 } else { 0 };
+                            (Instruction::Lmsw { gpr: Some(gpr) }, i + 3)
+                        } else {
+                            let operand = memory_operand_length(modrm, prefixes.address_size, |k| at(i + 3 + k))?;
+                            (Instruction::Lmsw { gpr: None }, i + 3 + operand)
+                        }
+                    }
                     third => return Err(DecodeError::UnsupportedOpcode { opcode: [0x0F, 0x01, third], len: 3 }),
                 },
                 _ => return Err(DecodeError::UnsupportedOpcode { opcode: [0x0F, second, 0], len: 2 }),
@@ -229,6 +277,46 @@ pub fn decode_expecting(bytes: &[u8], expected: Instruction) -> Result<Decoded, 
         Ok(decoded)
     } else {
         Err(DecodeError::Mismatch { expected: expected.name(), found: decoded.instruction.name() })
+    }
+}
+
+/// Bytes after a ModRM byte with a memory operand (mod != 3): SIB and displacement, 64-bit or
+/// 32-bit addressing (APM Vol. 3 §1.4, Tables 1-12/1-14; RIP-relative for mod 00 r/m 101).
+fn memory_operand_length(
+    modrm: u8,
+    address_size_32: bool,
+    at: impl Fn(usize) -> Result<u8, DecodeError>,
+) -> Result<usize, DecodeError> {
+    let _ = address_size_32; // 32-bit addressing in 64-bit mode uses the same ModRM/SIB forms.
+    let (mode, rm) = (modrm >> 6, modrm & 7);
+    let mut length = 0;
+    let mut base_is_disp32 = false;
+    if rm == 4 {
+        let sib = at(0)?;
+        length += 1;
+        base_is_disp32 = mode == 0 && sib & 7 == 5;
+    }
+    length += match mode {
+        0 if rm == 5 || base_is_disp32 => 4,
+        0 => 0,
+        1 => 1,
+        _ => 4,
+    };
+    // The last byte must be readable (and within 15 bytes): check it now.
+    if length > 0 {
+        at(length - 1)?;
+    }
+    Ok(length)
+}
+
+/// Decodes a write of control register `cr` (a CR write intercept): MOV to CRn, or for CR0 also
+/// CLTS and LMSW.
+pub fn decode_cr_write(bytes: &[u8], cr: u8) -> Result<Decoded, DecodeError> {
+    let decoded = decode(bytes)?;
+    match decoded.instruction {
+        Instruction::MovToCr { cr: n, .. } if n == cr => Ok(decoded),
+        Instruction::Clts | Instruction::Lmsw { .. } if cr == 0 => Ok(decoded),
+        other => Err(DecodeError::Mismatch { expected: "mov to cr", found: other.name() }),
     }
 }
 
@@ -371,6 +459,30 @@ mod tests {
         assert_eq!(decode(&[0xF0, 0x0F, 0xA2]), Err(DecodeError::LockPrefix));
         let e = decode(&[0x0F, 0x0B]).unwrap_err();
         assert_eq!(e.to_string(), "unsupported opcode 0f 0b");
+    }
+
+    #[test]
+    fn control_register_writes_and_new_instructions() {
+        // mov cr0, rax; mov cr4, rbx; mov cr8, r9 (REX.R and REX.B).
+        assert_eq!(decode(&[0x0F, 0x22, 0xC0]).unwrap().instruction, Instruction::MovToCr { cr: 0, gpr: 0 });
+        assert_eq!(decode(&[0x0F, 0x22, 0xE3]).unwrap().instruction, Instruction::MovToCr { cr: 4, gpr: 3 });
+        assert_eq!(
+            decode(&[0x45, 0x0F, 0x22, 0xC1]),
+            Ok(Decoded { instruction: Instruction::MovToCr { cr: 8, gpr: 9 }, length: 4 })
+        );
+        assert_eq!(decode(&[0x0F, 0x06]), Ok(Decoded { instruction: Instruction::Clts, length: 2 }));
+        assert_eq!(decode(&[0x0F, 0x08]), Ok(Decoded { instruction: Instruction::Invd, length: 2 }));
+        assert_eq!(decode(&[0x0F, 0x01, 0xF9]), Ok(Decoded { instruction: Instruction::Rdtscp, length: 3 }));
+        // lmsw ax; lmsw [rax]; lmsw [rip+disp32]; lmsw [rsp+disp8] (SIB).
+        assert_eq!(decode(&[0x0F, 0x01, 0xF0]).unwrap().instruction, Instruction::Lmsw { gpr: Some(0) });
+        assert_eq!(len(&[0x0F, 0x01, 0x30]), 3);
+        assert_eq!(len(&[0x0F, 0x01, 0x35, 1, 2, 3, 4]), 7);
+        assert_eq!(len(&[0x0F, 0x01, 0x74, 0x24, 0x08]), 5);
+        assert_eq!(decode(&[0x0F, 0x01, 0x35, 1, 2]), Err(DecodeError::Truncated { available: 5 }));
+        assert_eq!(decode_cr_write(&[0x0F, 0x06], 0).map(|d| d.length), Ok(2));
+        assert!(matches!(decode_cr_write(&[0x0F, 0x06], 4), Err(DecodeError::Mismatch { .. })));
+        assert!(matches!(decode_cr_write(&[0x0F, 0x22, 0xC0], 4), Err(DecodeError::Mismatch { .. })));
+        assert_eq!(decode_cr_write(&[0xF0, 0x0F, 0x22, 0xC0], 0), Err(DecodeError::LockPrefix));
     }
 
     #[test]

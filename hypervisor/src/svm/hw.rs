@@ -28,8 +28,8 @@ use crate::memory::{DirtyLog, FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use crate::vcpu::cpuid::CpuidValues;
 use crate::vcpu::state::{seg, SegmentState};
 use crate::vcpu::{
-    DirtyLogMethod, Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, StateError, Vcpu, VcpuError,
-    VcpuState, VmExit,
+    ControlState, CrAccess, DirtyLogMethod, Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess,
+    StateError, Vcpu, VcpuError, VcpuState, VmExit, DR6_BS, RFLAGS_TF,
 };
 
 /// EFER.SVME (APM Vol. 2 §3.1.7).
@@ -547,9 +547,11 @@ impl SvmVcpu {
         let ncr3 = self.npt.as_ref().map_or(0, |n| n.root());
         let v = self.vmcb_mut();
         let c = &mut v.control;
-        // Control registers the host owns: any CR0 or CR4 write exits (without decode assists
-        // the written value is not reported, so the whole write is refused, not just some bits).
-        c.intercept_cr = intercept_cr::WRITE_CR0 | intercept_cr::WRITE_CR4;
+        // Control registers: every CR0 and CR4 write exits and is completed by the exit handler
+        // with the architectural checks (the CPU has not made them yet); CR8 writes exit too, so
+        // a bad TPR value is #GP on every CPU and emulator alike (VT-x has CR8-load exiting).
+        // Reads are not intercepted: CR0/CR4 are the guest's own, CR8 reads V_TPR.
+        c.intercept_cr = intercept_cr::WRITE_CR0 | intercept_cr::WRITE_CR4 | intercept_cr::WRITE_CR8;
         // #DF: Bochs 2.7 resets the whole machine on a triple fault in an SVM guest instead of
         // taking the SHUTDOWN intercept, so a guest's double fault ends the guest here, before
         // the third fault can happen (see `translate_exit`).
@@ -562,7 +564,11 @@ impl SvmVcpu {
             | intercept3::MSR_PROT
             | intercept3::SHUTDOWN
             | intercept3::RDTSC
-            | intercept3::INVLPGA;
+            | intercept3::INVLPGA
+            // INVD would discard cache lines the host wrote: intercepted and handled as WBINVD.
+            | intercept3::INVD
+            // RDPMC would read the host's counters: #GP (no PMU in the guest's CPUID).
+            | intercept3::RDPMC;
         c.intercept4 = intercept4::VMRUN
             | intercept4::VMMCALL
             | intercept4::VMLOAD
@@ -571,7 +577,11 @@ impl SvmVcpu {
             | intercept4::CLGI
             | intercept4::SKINIT
             | intercept4::RDTSCP
-            | intercept4::XSETBV;
+            | intercept4::XSETBV
+            // Hidden in CPUID, #UD as on VT-x (docs/exits.md).
+            | intercept4::MONITOR
+            | intercept4::MWAIT
+            | intercept4::MWAIT_CONDITIONAL;
         c.iopm_base_pa = iopm;
         c.msrpm_base_pa = msrpm;
         c.guest_asid = asid;
@@ -650,8 +660,22 @@ impl SvmVcpu {
             exit_code::HLT => Some((Instruction::Hlt, VmExit::Hlt)),
             exit_code::VMMCALL => Some((Instruction::Vmmcall, VmExit::Hypercall)),
             exit_code::RDTSC => Some((Instruction::Rdtsc, VmExit::Rdtsc)),
+            exit_code::RDTSCP => Some((Instruction::Rdtscp, VmExit::Rdtscp)),
+            exit_code::INVD => Some((Instruction::Invd, VmExit::Invd)),
             exit_code::XSETBV => Some((Instruction::Xsetbv, VmExit::Xsetbv)),
             _ => None,
+        };
+        // QEMU TCG reports RDTSCP with the RDTSC exit code (it checks the RDTSC intercept for
+        // both); without NRIPS the bytes at RIP are decoded anyway, so they decide which it was.
+        let instruction = match instruction {
+            Some((Instruction::Rdtsc, _)) if !self.features.nrips => {
+                let (bytes, len) = self.instruction_bytes(self.vmcb().save.rip);
+                match decode::decode(&bytes[..len]) {
+                    Ok(d) if d.instruction == Instruction::Rdtscp => Some((Instruction::Rdtscp, VmExit::Rdtscp)),
+                    _ => instruction,
+                }
+            }
+            other => other,
         };
         if let Some((insn, exit)) = instruction {
             return match self.next_rip_for(insn) {
@@ -659,6 +683,10 @@ impl SvmVcpu {
                     self.next_rip = Some(next);
                     exit
                 }
+                // A LOCK prefix on any of these is #UD (APM Vol. 3 §1.2.5: LOCK is only valid on
+                // memory read-modify-write instructions). The CPU checks it before the intercept;
+                // QEMU TCG does not, so the decoder catches it.
+                Err(decode::DecodeError::LockPrefix) => VmExit::UndefinedInstruction { what: "LOCK prefix" },
                 Err(e) => {
                     log::warn!(
                         "AMD-V: cannot find the length of the {} at guest RIP {:#x} (no NRIPS): {e}",
@@ -701,8 +729,11 @@ impl SvmVcpu {
                 VmExit::TripleFault
             }
             exit_code::WRITE_CR0..=exit_code::WRITE_CR15 => {
-                VmExit::ControlRegisterAccess { cr: (code - exit_code::WRITE_CR0) as u8 }
+                self.translate_cr_write((code - exit_code::WRITE_CR0) as u8)
             }
+            exit_code::RDPMC => VmExit::Rdpmc,
+            exit_code::MONITOR => VmExit::UndefinedInstruction { what: "MONITOR" },
+            exit_code::MWAIT | exit_code::MWAIT_CONDITIONAL => VmExit::UndefinedInstruction { what: "MWAIT" },
             exit_code::INTR if timer_fired => VmExit::PreemptionTimer,
             exit_code::INTR => VmExit::ExternalInterrupt { vector: None },
             // The NMI was taken by the host after STGI (`timer::nmis` counted it); the watchdog
@@ -719,6 +750,40 @@ impl SvmVcpu {
             exit_code::INVALID => VmExit::EntryFailed { reason: code as u32, qualification: info1 },
             _ => VmExit::Unhandled { reason: code as u32 },
         }
+    }
+
+    /// A CR write intercept (APM Vol. 2 §15.9; CLTS and LMSW count as CR0 writes). Without
+    /// decode assists the value is not reported, so the instruction is decoded from guest memory
+    /// (MOV to CRn, CLTS, LMSW) to find its source register and length.
+    fn translate_cr_write(&mut self, cr: u8) -> VmExit {
+        let rip = self.vmcb().save.rip;
+        let (bytes, len) = self.instruction_bytes(rip);
+        let decoded = match decode::decode_cr_write(&bytes[..len], cr) {
+            Ok(decoded) => decoded,
+            Err(decode::DecodeError::LockPrefix) => return VmExit::UndefinedInstruction { what: "LOCK prefix" },
+            Err(e) => {
+                log::warn!("AMD-V: cannot decode the CR{cr} write at guest RIP {rip:#x}: {e}");
+                return VmExit::Unhandled { reason: (exit_code::WRITE_CR0 + u64::from(cr)) as u32 };
+            }
+        };
+        self.next_rip = Some(if self.features.nrips {
+            self.vmcb().control.next_rip
+        } else {
+            rip.wrapping_add(u64::from(decoded.length))
+        });
+        let access = match decoded.instruction {
+            Instruction::MovToCr { gpr, .. } => CrAccess::Write { gpr },
+            Instruction::Clts => CrAccess::Clts,
+            Instruction::Lmsw { gpr: Some(gpr) } => {
+                let value = match self.ctx.regs.by_number(gpr) {
+                    Some(r) => *r,
+                    None => self.vmcb().save.rsp,
+                };
+                CrAccess::Lmsw { source: Some(value as u16) }
+            }
+            _ => CrAccess::Lmsw { source: None },
+        };
+        VmExit::ControlRegisterAccess { cr, access }
     }
 
     /// Nested-page dirty bits: calls `f(gpa, bytes)` for each dirty leaf and clears it when
@@ -870,6 +935,15 @@ impl Vcpu for SvmVcpu {
                 v.save.rip = next;
                 // The instruction completed: an STI/MOV SS shadow before it no longer applies.
                 v.control.interrupt_shadow &= !1;
+                if v.save.rflags & RFLAGS_TF != 0 {
+                    // APM Vol. 2 §13.1.4 (single-step) and §15.7.1: an intercepted instruction
+                    // did not execute, so the CPU raised no single-step trap; the instruction is
+                    // completed here, so the trap is too: #DB right after it, DR6.BS = 1, RIP
+                    // past it. EVENTINJ does not touch DR6 (§15.20), so BS is set first. An
+                    // STI/MOV SS shadow before the instruction covered only that instruction.
+                    v.save.dr6 |= DR6_BS;
+                    self.inject(Exception::DEBUG);
+                }
             }
             None => {
                 log::warn!("AMD-V: skip_instruction after an exit that was not an instruction ({:?})", self.last_exit)
@@ -882,7 +956,55 @@ impl Vcpu for SvmVcpu {
         if let Some(code) = exception.error_code {
             event |= EVENTINJ_EV | (u64::from(code) << 32);
         }
-        self.vmcb_mut().control.event_injection = event;
+        let c = &mut self.vmcb_mut().control;
+        c.event_injection = event;
+        // Delivering an exception ends an STI/MOV SS shadow (as on VT-x).
+        c.interrupt_shadow &= !1;
+    }
+
+    fn rsp(&self) -> u64 {
+        self.vmcb().save.rsp
+    }
+
+    fn set_rsp(&mut self, value: u64) {
+        self.vmcb_mut().save.rsp = value;
+    }
+
+    fn control_state(&self) -> ControlState {
+        let v = self.vmcb();
+        let s = &v.save;
+        ControlState {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            // With V_INTR_MASKING, guest CR8 accesses go to V_TPR (§15.21.1).
+            cr8: v.control.virtual_interrupt & 0xF,
+            efer: s.efer & !EFER_SVME,
+            // CS attribute bit 9: L (Appendix B, segment attribute packing).
+            long_mode: s.cs.attrib & (1 << 9) != 0,
+        }
+    }
+
+    fn set_control_register(&mut self, cr: u8, value: u64) {
+        let v = self.vmcb_mut();
+        match cr {
+            0 => v.save.cr0 = value,
+            3 => v.save.cr3 = value,
+            4 => v.save.cr4 = value,
+            8 => v.control.virtual_interrupt = (v.control.virtual_interrupt & !0xF) | (value & 0xF),
+            _ => return,
+        }
+        if cr != 8 {
+            // The CPU did not perform the write, so it did not flush what MOV to CR0/CR3/CR4
+            // flushes (PGE, PCIDE toggles...): flush this guest's TLB entries on the next VMRUN.
+            self.flush_on_entry = true;
+        }
+    }
+
+    fn rdtscp_intercepted(&self) -> bool {
+        // The RDTSCP intercept is always set (`load_entry_state`); where the CPU lacks RDTSCP,
+        // CPUID hides it anyway (the host's bit is 0) and the CPU raises #UD.
+        true
     }
 
     fn hardware_msr(&self, msr: HardwareMsr) -> u64 {
@@ -892,6 +1014,16 @@ impl Vcpu for SvmVcpu {
             HardwareMsr::FsBase => s.fs.base,
             HardwareMsr::GsBase => s.gs.base,
             HardwareMsr::Pat => s.g_pat,
+            HardwareMsr::SysenterCs => s.sysenter_cs,
+            HardwareMsr::SysenterEsp => s.sysenter_esp,
+            HardwareMsr::SysenterEip => s.sysenter_eip,
+            // VMSAVE after every #VMEXIT keeps these current (SWAPGS included); VMLOAD before
+            // VMRUN loads them (APM Vol. 2 §15.5.2).
+            HardwareMsr::Star => s.star,
+            HardwareMsr::Lstar => s.lstar,
+            HardwareMsr::Cstar => s.cstar,
+            HardwareMsr::Fmask => s.sfmask,
+            HardwareMsr::KernelGsBase => s.kernel_gs_base,
         }
     }
 
@@ -902,6 +1034,14 @@ impl Vcpu for SvmVcpu {
             HardwareMsr::FsBase => s.fs.base = value,
             HardwareMsr::GsBase => s.gs.base = value,
             HardwareMsr::Pat => s.g_pat = value,
+            HardwareMsr::SysenterCs => s.sysenter_cs = value,
+            HardwareMsr::SysenterEsp => s.sysenter_esp = value,
+            HardwareMsr::SysenterEip => s.sysenter_eip = value,
+            HardwareMsr::Star => s.star = value,
+            HardwareMsr::Lstar => s.lstar = value,
+            HardwareMsr::Cstar => s.cstar = value,
+            HardwareMsr::Fmask => s.sfmask = value,
+            HardwareMsr::KernelGsBase => s.kernel_gs_base = value,
         }
     }
 

@@ -13,6 +13,8 @@ pub mod intercept_cr {
     pub const WRITE_CR0: u32 = 1 << 16;
     /// Writes of CR4.
     pub const WRITE_CR4: u32 = 1 << 20;
+    /// Writes of CR8.
+    pub const WRITE_CR8: u32 = 1 << 24;
 }
 
 /// Intercept vector 3 (offset 0x00C) bits: APM Vol. 2 Table B-1.
@@ -63,6 +65,12 @@ pub mod intercept4 {
     pub const SKINIT: u32 = 1 << 6;
     /// RDTSCP.
     pub const RDTSCP: u32 = 1 << 7;
+    /// MONITOR/MONITORX.
+    pub const MONITOR: u32 = 1 << 10;
+    /// MWAIT/MWAITX, unconditionally.
+    pub const MWAIT: u32 = 1 << 11;
+    /// MWAIT/MWAITX when the monitor hardware is armed.
+    pub const MWAIT_CONDITIONAL: u32 = 1 << 12;
     /// XSETBV.
     pub const XSETBV: u32 = 1 << 13;
 }
@@ -81,6 +89,10 @@ pub mod exit_code {
     pub const NMI: u64 = 0x61;
     /// RDTSC.
     pub const RDTSC: u64 = 0x6E;
+    /// RDPMC.
+    pub const RDPMC: u64 = 0x6F;
+    /// INVD.
+    pub const INVD: u64 = 0x76;
     /// CPUID.
     pub const CPUID: u64 = 0x72;
     /// HLT.
@@ -109,6 +121,12 @@ pub mod exit_code {
     pub const SKINIT: u64 = 0x86;
     /// RDTSCP.
     pub const RDTSCP: u64 = 0x87;
+    /// MONITOR.
+    pub const MONITOR: u64 = 0x8A;
+    /// MWAIT.
+    pub const MWAIT: u64 = 0x8B;
+    /// MWAIT when armed.
+    pub const MWAIT_CONDITIONAL: u64 = 0x8C;
     /// XSETBV.
     pub const XSETBV: u64 = 0x8D;
     /// Nested page fault.

@@ -7,9 +7,10 @@
 
 use guest_shim::abi::{Hypercall, HypercallError, CONSOLE_WRITE_MAX};
 
-use super::cpuid::{self, CpuidValues};
+use super::cpuid::{self, CpuidValues, GuestFeatures};
+use super::cr::{self, CrWrite};
 use super::msr::{self, GuestMsrs, MsrSlot};
-use super::{Decision, Exception, ExitCounters, GuestEnd, HardwareMsr, Vcpu, VmExit};
+use super::{read_gpr, write_gpr, CrAccess, Decision, Exception, ExitCounters, GuestEnd, HardwareMsr, Vcpu, VmExit};
 use crate::guest::GuestMemory;
 
 /// The guest's virtual TSC rate: 1 GHz at one tick per millisecond.
@@ -107,9 +108,16 @@ impl ExitHandler {
         host: &mut HostServices<'_>,
     ) -> Decision {
         self.counters.record(exit);
+        // SWAPGS runs natively and exchanges GS.base with IA32_KERNEL_GS_BASE: take the CPU's
+        // value so the store (what RDMSR and state capture read) follows it.
+        let kgs = HardwareMsr::KernelGsBase;
+        if let Some(MsrSlot::Stored(index)) = msr::slot(msr::numbers::IA32_KERNEL_GS_BASE) {
+            self.msrs.set(index, vcpu.hardware_msr(kgs));
+        }
         match *exit {
             VmExit::Cpuid { leaf, subleaf } => {
-                let v = cpuid::filter(leaf, subleaf, (host.cpuid)(leaf, subleaf));
+                let features = GuestFeatures { rdtscp: vcpu.rdtscp_intercepted() };
+                let v = cpuid::filter(leaf, subleaf, (host.cpuid)(leaf, subleaf), features);
                 let r = vcpu.registers();
                 (r.rax, r.rbx, r.rcx, r.rdx) = (v.eax.into(), v.ebx.into(), v.ecx.into(), v.edx.into());
                 Decision::Advance
@@ -135,10 +143,14 @@ impl ExitHandler {
             VmExit::Io { size, write, .. } => {
                 self.ignored_port_io += 1;
                 if !write {
-                    // No device answers: the bus floats high.
-                    let ones = if size >= 4 { 0xFFFF_FFFF } else { (1u64 << (8 * size)) - 1 };
+                    // No device answers: the bus floats high. IN AL/AX merges into RAX; IN EAX is
+                    // a 32-bit destination and zero-extends into RAX (SDM Vol. 1 §3.4.1.1).
                     let r = vcpu.registers();
-                    r.rax = (r.rax & !ones) | ones;
+                    r.rax = match size {
+                        1 => r.rax | 0xFF,
+                        2 => r.rax | 0xFFFF,
+                        _ => 0xFFFF_FFFF,
+                    };
                 }
                 Decision::Advance
             }
@@ -150,7 +162,23 @@ impl ExitHandler {
                 (r.rax, r.rdx) = (tsc & 0xFFFF_FFFF, tsc >> 32);
                 Decision::Advance
             }
-            VmExit::Xsetbv | VmExit::VirtualizationInstruction => Decision::Inject(Exception::INVALID_OPCODE),
+            VmExit::Rdtscp => {
+                // RDTSCP: EDX:EAX = TSC, ECX = IA32_TSC_AUX[31:0] (SDM Vol. 2B RDTSCP).
+                let tsc = host.now_ticks.wrapping_mul(VIRTUAL_TSC_PER_TICK);
+                let aux = self.read_msr(msr::numbers::IA32_TSC_AUX, vcpu, host.now_ticks).unwrap_or(0);
+                let r = vcpu.registers();
+                (r.rax, r.rdx, r.rcx) = (tsc & 0xFFFF_FFFF, tsc >> 32, aux & 0xFFFF_FFFF);
+                Decision::Advance
+            }
+            // INVD is handled as WBINVD: under EPT/NPT with write-back memory the caches are
+            // coherent, so writing back is nothing to do, and discarding is never done.
+            VmExit::Invd => Decision::Advance,
+            // RDPMC: "#GP(0) if ECX does not specify a valid counter" (SDM Vol. 2B); the guest's
+            // CPUID (leaf 0xA empty) gives it none.
+            VmExit::Rdpmc => Decision::Inject(Exception::GENERAL_PROTECTION),
+            VmExit::Xsetbv | VmExit::VirtualizationInstruction | VmExit::UndefinedInstruction { .. } => {
+                Decision::Inject(Exception::INVALID_OPCODE)
+            }
             VmExit::NestedPageFault { gpa, access } => Decision::End(GuestEnd::MemoryViolation { gpa, access }),
             VmExit::NestedPageMisconfig { .. } => Decision::End(GuestEnd::Unsupported {
                 what: "second-level page table entry (hypervisor bug)",
@@ -158,14 +186,57 @@ impl ExitHandler {
             }),
             VmExit::ExternalInterrupt { .. } | VmExit::PreemptionTimer | VmExit::DirtyLogFull => Decision::Resume,
             VmExit::TripleFault => Decision::End(GuestEnd::TripleFault),
-            VmExit::ControlRegisterAccess { .. } => Decision::End(GuestEnd::Unsupported {
-                what: "write to a control-register bit the hypervisor owns",
-                exit: *exit,
-            }),
+            VmExit::ControlRegisterAccess { cr, access } => self.control_register(cr, access, exit, vcpu, host),
             VmExit::EntryFailed { reason, qualification } => {
                 Decision::End(GuestEnd::EntryFailed { reason, qualification })
             }
             VmExit::Unhandled { .. } => Decision::End(GuestEnd::Unsupported { what: "exit reason", exit: *exit }),
+        }
+    }
+
+    /// MOV to/from CR, CLTS and LMSW, completed for the guest as the CPU would (see [`cr`]).
+    fn control_register(
+        &mut self,
+        number: u8,
+        access: CrAccess,
+        exit: &VmExit,
+        vcpu: &mut dyn Vcpu,
+        host: &mut HostServices<'_>,
+    ) -> Decision {
+        let state = vcpu.control_state();
+        let write = match (number, access) {
+            (_, CrAccess::Read { gpr }) => {
+                let value = match number {
+                    0 => state.cr0,
+                    3 => state.cr3,
+                    4 => state.cr4,
+                    8 => state.cr8,
+                    // CR1, CR5-CR7, CR9-CR15 do not exist: #UD (SDM Vol. 2B MOV CR).
+                    _ => return Decision::Inject(Exception::INVALID_OPCODE),
+                };
+                write_gpr(vcpu, gpr, value);
+                return Decision::Advance;
+            }
+            (0, CrAccess::Write { gpr }) => cr::write_cr0(&state, read_gpr(vcpu, gpr)),
+            (0, CrAccess::Clts) => cr::clts(&state),
+            (0, CrAccess::Lmsw { source: Some(source) }) => cr::lmsw(&state, source),
+            (0, CrAccess::Lmsw { source: None }) => CrWrite::Unsupported("LMSW with a memory operand"),
+            (4, CrAccess::Write { gpr }) => {
+                let features = GuestFeatures { rdtscp: vcpu.rdtscp_intercepted() };
+                let guest_cpuid = |leaf, subleaf| cpuid::filter(leaf, subleaf, (host.cpuid)(leaf, subleaf), features);
+                cr::write_cr4(&state, read_gpr(vcpu, gpr), cr::cr4_allowed(&guest_cpuid))
+            }
+            (8, CrAccess::Write { gpr }) => cr::write_cr8(read_gpr(vcpu, gpr)),
+            (3, CrAccess::Write { .. }) => CrWrite::Unsupported("CR3 write exit (this CPU forces CR3-load exiting)"),
+            _ => return Decision::Inject(Exception::INVALID_OPCODE),
+        };
+        match write {
+            CrWrite::Load(value) => {
+                vcpu.set_control_register(number, value);
+                Decision::Advance
+            }
+            CrWrite::GeneralProtection => Decision::Inject(Exception::GENERAL_PROTECTION),
+            CrWrite::Unsupported(what) => Decision::End(GuestEnd::Unsupported { what, exit: *exit }),
         }
     }
 
@@ -189,7 +260,18 @@ impl ExitHandler {
                 }
                 vcpu.set_hardware_msr(HardwareMsr::Efer, value);
             }
-            MsrSlot::Hardware(which @ (HardwareMsr::FsBase | HardwareMsr::GsBase)) => {
+            MsrSlot::Hardware(HardwareMsr::SysenterCs) => {
+                if value >> 32 != 0 {
+                    return false;
+                }
+                vcpu.set_hardware_msr(HardwareMsr::SysenterCs, value);
+            }
+            MsrSlot::Hardware(
+                which @ (HardwareMsr::FsBase
+                | HardwareMsr::GsBase
+                | HardwareMsr::SysenterEsp
+                | HardwareMsr::SysenterEip),
+            ) => {
                 if !msr::is_canonical(value) {
                     return false;
                 }
@@ -206,12 +288,24 @@ impl ExitHandler {
                     msr,
                     msr::numbers::IA32_LSTAR | msr::numbers::IA32_CSTAR | msr::numbers::IA32_KERNEL_GS_BASE
                 );
-                let tsc_aux_bad = msr == msr::numbers::IA32_TSC_AUX && value >> 32 != 0;
-                if (address_msr && !msr::is_canonical(value)) || tsc_aux_bad {
+                // IA32_FMASK and IA32_TSC_AUX: bits 63:32 are reserved (#GP if set).
+                let upper_reserved = matches!(msr, msr::numbers::IA32_TSC_AUX | msr::numbers::IA32_FMASK);
+                if (address_msr && !msr::is_canonical(value)) || (upper_reserved && value >> 32 != 0) {
                     return false;
                 }
                 self.msrs.set(index, value);
+                if let Some(&hardware) = HardwareMsr::SYSCALL.get(index) {
+                    vcpu.set_hardware_msr(hardware, value);
+                }
             }
+            // The SYSCALL MSRs are `Stored` (the store is their record); never slotted here.
+            MsrSlot::Hardware(
+                HardwareMsr::Star
+                | HardwareMsr::Lstar
+                | HardwareMsr::Cstar
+                | HardwareMsr::Fmask
+                | HardwareMsr::KernelGsBase,
+            ) => return false,
             // The guest clock is the hypervisor's to keep.
             MsrSlot::Tsc => return false,
             MsrSlot::Constant(expected) => return value == expected,
@@ -259,7 +353,8 @@ impl ExitHandler {
             Some(Hypercall::Panic) => match mem.slice(r.rdi, r.rsi.min(PANIC_MESSAGE_MAX)) {
                 Ok(bytes) => {
                     self.flush_console(host.console_line);
-                    let message = bytes.utf8_chunks().flat_map(|c| c.valid().chars()).collect();
+                    let mut message = alloc::string::String::new();
+                    escape_console(bytes, &mut message);
                     return Decision::End(GuestEnd::Panic { message });
                 }
                 Err(_) => Err(HypercallError::BadAddress),
@@ -278,14 +373,13 @@ impl ExitHandler {
         Decision::Advance
     }
 
-    /// Buffers console bytes into lines; control characters other than newline and tab become '.'.
+    /// Buffers console bytes into lines (raw; [`escape_console`] makes them printable on flush).
     fn console_bytes(&mut self, bytes: &[u8], out: &mut dyn FnMut(&str)) {
         for &b in bytes {
             if b == b'\n' {
                 self.flush_console(out);
                 continue;
             }
-            let b = if b == b'\t' || (0x20..0x7F).contains(&b) || b >= 0x80 { b } else { b'.' };
             if self.console.push(b).is_err() {
                 self.flush_console(out);
                 let _ = self.console.push(b);
@@ -296,9 +390,34 @@ impl ExitHandler {
     /// Emits a partial line, if any (at guest end, so nothing is lost).
     pub fn flush_console(&mut self, out: &mut dyn FnMut(&str)) {
         if !self.console.is_empty() {
-            let text = core::str::from_utf8(&self.console).unwrap_or("<invalid UTF-8>");
-            out(text);
+            let mut text = alloc::string::String::new();
+            escape_console(&self.console, &mut text);
+            out(&text);
             self.console.clear();
+        }
+    }
+}
+
+/// Makes guest console bytes safe for the operator's terminal: printable ASCII passes, a
+/// backslash becomes `\\`, tab `\t`, carriage return `\r`, a valid non-ASCII character
+/// `\u{XXXX}`, and every other byte (control bytes, bytes of invalid UTF-8) `\xNN`. The result
+/// is pure printable ASCII, so no guest can send escape sequences or raw bytes >= 0x80 to the
+/// serial console, and nothing printable is lost.
+pub fn escape_console(bytes: &[u8], out: &mut alloc::string::String) {
+    use core::fmt::Write as _;
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            let _ = match c {
+                '\\' => out.write_str("\\\\"),
+                '\t' => out.write_str("\\t"),
+                '\r' => out.write_str("\\r"),
+                ' '..='~' => out.write_char(c),
+                c if c.is_ascii() => write!(out, "\\x{:02x}", c as u32),
+                c => write!(out, "\\u{{{:x}}}", c as u32),
+            };
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
         }
     }
 }
@@ -316,6 +435,9 @@ mod tests {
         regs: GuestRegisters,
         efer: u64,
         fs: u64,
+        rsp: u64,
+        control: crate::vcpu::ControlState,
+        syscall: [u64; 5],
     }
 
     impl Vcpu for FakeVcpu {
@@ -337,15 +459,39 @@ mod tests {
             match msr {
                 HardwareMsr::Efer => self.efer,
                 HardwareMsr::FsBase => self.fs,
-                _ => 0,
+                other => HardwareMsr::SYSCALL.iter().position(|m| *m == other).map_or(0, |i| self.syscall[i]),
             }
         }
         fn set_hardware_msr(&mut self, msr: HardwareMsr, value: u64) {
             match msr {
                 HardwareMsr::Efer => self.efer = value,
                 HardwareMsr::FsBase => self.fs = value,
-                _ => {}
+                other => {
+                    if let Some(i) = HardwareMsr::SYSCALL.iter().position(|m| *m == other) {
+                        self.syscall[i] = value;
+                    }
+                }
             }
+        }
+        fn rsp(&self) -> u64 {
+            self.rsp
+        }
+        fn set_rsp(&mut self, value: u64) {
+            self.rsp = value;
+        }
+        fn control_state(&self) -> crate::vcpu::ControlState {
+            crate::vcpu::ControlState { efer: self.efer, ..self.control }
+        }
+        fn set_control_register(&mut self, cr: u8, value: u64) {
+            match cr {
+                0 => self.control.cr0 = value,
+                3 => self.control.cr3 = value,
+                4 => self.control.cr4 = value,
+                _ => self.control.cr8 = value,
+            }
+        }
+        fn rdtscp_intercepted(&self) -> bool {
+            true
         }
         fn set_time_slice(&mut self, _: u64) {}
         fn hypercall_insn(&self) -> guest_shim::abi::HypercallInsn {
@@ -370,12 +516,23 @@ mod tests {
 
     impl Rig {
         fn new() -> Self {
-            let vcpu = FakeVcpu { efer: crate::guest::boot::GUEST_EFER, ..Default::default() };
+            let control = crate::vcpu::ControlState {
+                cr0: 0x8000_0033,
+                cr3: 0x2000,
+                cr4: 0x620,
+                long_mode: true,
+                ..Default::default()
+            };
+            let vcpu = FakeVcpu { efer: crate::guest::boot::GUEST_EFER, control, ..Default::default() };
             Self { handler: ExitHandler::new(1000), vcpu, ram: std::vec![0; 1 << 20], lines: Vec::new(), now: 5 }
         }
 
         fn exit(&mut self, exit: VmExit) -> Decision {
-            let cpuid = |leaf: u32, _| CpuidValues { eax: leaf, ebx: 0, ecx: u32::MAX, edx: 0 };
+            // Leaf 1: FXSR, SSE, PAE, PGE (EDX); everything in ECX. Leaf 7: nothing.
+            let cpuid = |leaf: u32, _| match leaf {
+                7 => CpuidValues::default(),
+                _ => CpuidValues { eax: leaf, ebx: 0, ecx: u32::MAX, edx: 0x0300_2040 },
+            };
             let lines = &mut self.lines;
             let mut console = |l: &str| lines.push(l.to_string());
             let mut devices = crate::devices::NoDevices;
@@ -426,6 +583,14 @@ mod tests {
         assert_eq!(rig.exit(VmExit::MsrWrite { msr: msr::numbers::IA32_LSTAR, value: 0x1234 }), Decision::Advance);
         assert_eq!(rig.exit(VmExit::MsrRead { msr: msr::numbers::IA32_LSTAR }), Decision::Advance);
         assert_eq!((rig.vcpu.regs.rax, rig.vcpu.regs.rdx), (0x1234, 0));
+        assert_eq!(rig.vcpu.syscall[1], 0x1234, "LSTAR reaches the CPU (SYSCALL uses it)");
+        let fmask = VmExit::MsrWrite { msr: msr::numbers::IA32_FMASK, value: 1 << 32 };
+        assert_eq!(rig.exit(fmask), Decision::Inject(Exception::GENERAL_PROTECTION), "FMASK[63:32] reserved");
+        // A native SWAPGS changed IA32_KERNEL_GS_BASE in the CPU: RDMSR follows it.
+        rig.vcpu.syscall[4] = 0xFFFF_8000_0000_1000;
+        assert_eq!(rig.exit(VmExit::MsrRead { msr: msr::numbers::IA32_KERNEL_GS_BASE }), Decision::Advance);
+        assert_eq!((rig.vcpu.regs.rax, rig.vcpu.regs.rdx), (0x1000, 0xFFFF_8000));
+        assert_eq!(rig.handler.msrs()[4], 0xFFFF_8000_0000_1000, "state capture sees it too");
     }
 
     #[test]
@@ -470,6 +635,11 @@ mod tests {
             Decision::End(GuestEnd::Panic { message }) => assert_eq!(message.as_str(), "boom"),
             other => panic!("{other:?}"),
         }
+        rig.ram[0x3000..0x3005].copy_from_slice(b"x\x1b[J\xff");
+        match rig.hypercall(5, 0x3000, 6) {
+            Decision::End(GuestEnd::Panic { message }) => assert_eq!(message.as_str(), "x\\x1b[J\\xff\\x00"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(rig.hypercall(4, 7, 0), Decision::End(GuestEnd::Shutdown { status: 7 }));
     }
 
@@ -481,10 +651,70 @@ mod tests {
         rig.vcpu.regs.rax = 0x1234_5600;
         rig.exit(VmExit::Io { port: 0x60, size: 1, write: false, string: false });
         assert_eq!(rig.vcpu.regs.rax, 0x1234_56FF);
+        rig.vcpu.regs.rax = u64::MAX - 5;
+        rig.exit(VmExit::Io { port: 0x60, size: 4, write: false, string: false });
+        assert_eq!(rig.vcpu.regs.rax, 0xFFFF_FFFF, "a 32-bit IN zero-extends");
         assert!(matches!(
             rig.exit(VmExit::Io { port: 0x60, size: 1, write: false, string: true }),
             Decision::End(GuestEnd::Unsupported { .. })
         ));
+    }
+
+    #[test]
+    fn control_register_accesses_are_completed_as_the_cpu_would() {
+        let mut rig = Rig::new();
+        let cr = |access| VmExit::ControlRegisterAccess { cr: 8, access };
+        // MOV to CR8 from RBX (x86 register 3), then MOV from CR8 to RSP (register 4).
+        rig.vcpu.regs.rbx = 9;
+        assert_eq!(rig.exit(cr(CrAccess::Write { gpr: 3 })), Decision::Advance);
+        assert_eq!(rig.exit(cr(CrAccess::Read { gpr: 4 })), Decision::Advance);
+        assert_eq!(rig.vcpu.rsp, 9, "CR8 reads back into RSP");
+        rig.vcpu.regs.rbx = 16;
+        assert_eq!(rig.exit(cr(CrAccess::Write { gpr: 3 })), Decision::Inject(Exception::GENERAL_PROTECTION));
+        let cr0 = |access| VmExit::ControlRegisterAccess { cr: 0, access };
+        rig.vcpu.regs.rax = 0x8000_0032; // PE cleared while PG is set
+        assert_eq!(rig.exit(cr0(CrAccess::Write { gpr: 0 })), Decision::Inject(Exception::GENERAL_PROTECTION));
+        rig.vcpu.regs.rax = 0xC000_0033; // CD set: valid
+        assert_eq!(rig.exit(cr0(CrAccess::Write { gpr: 0 })), Decision::Advance);
+        assert_eq!(rig.vcpu.control.cr0, 0xC000_0033);
+        rig.vcpu.control.cr0 |= 8;
+        assert_eq!(rig.exit(cr0(CrAccess::Clts)), Decision::Advance);
+        assert_eq!(rig.vcpu.control.cr0 & 8, 0, "CLTS clears TS");
+        assert!(matches!(rig.exit(cr0(CrAccess::Lmsw { source: None })), Decision::End(GuestEnd::Unsupported { .. })));
+        let cr4 = |access| VmExit::ControlRegisterAccess { cr: 4, access };
+        rig.vcpu.regs.rcx = 0x620 | (1 << 13); // VMXE: hidden in CPUID
+        assert_eq!(rig.exit(cr4(CrAccess::Write { gpr: 1 })), Decision::Inject(Exception::GENERAL_PROTECTION));
+        rig.vcpu.regs.rcx = 0x6A0; // PGE
+        assert_eq!(rig.exit(cr4(CrAccess::Write { gpr: 1 })), Decision::Advance);
+        assert_eq!(rig.vcpu.control.cr4, 0x6A0);
+        let cr5 = VmExit::ControlRegisterAccess { cr: 5, access: CrAccess::Read { gpr: 0 } };
+        assert_eq!(rig.exit(cr5), Decision::Inject(Exception::INVALID_OPCODE));
+    }
+
+    #[test]
+    fn rdtscp_invd_rdpmc_and_undefined_instructions() {
+        let mut rig = Rig::new();
+        assert_eq!(rig.exit(VmExit::MsrWrite { msr: msr::numbers::IA32_TSC_AUX, value: 0x42 }), Decision::Advance);
+        rig.vcpu.regs.rcx = u64::MAX;
+        assert_eq!(rig.exit(VmExit::Rdtscp), Decision::Advance);
+        assert_eq!((rig.vcpu.regs.rax, rig.vcpu.regs.rcx), (5 * VIRTUAL_TSC_PER_TICK, 0x42));
+        assert_eq!(rig.exit(VmExit::Invd), Decision::Advance, "INVD completes (as WBINVD)");
+        assert_eq!(rig.exit(VmExit::Rdpmc), Decision::Inject(Exception::GENERAL_PROTECTION));
+        let lock = VmExit::UndefinedInstruction { what: "LOCK prefix" };
+        assert_eq!(rig.exit(lock), Decision::Inject(Exception::INVALID_OPCODE));
+    }
+
+    #[test]
+    fn console_escapes_what_it_cannot_print() {
+        let mut rig = Rig::new();
+        let line = b"ok \xff\x1b[2J caf\xc3\xa9 tab\tback\\slash \xe2\x82\n";
+        rig.ram[0x2000..0x2000 + line.len()].copy_from_slice(line);
+        rig.hypercall(1, 0x2000, line.len() as u64);
+        assert_eq!(rig.lines, ["ok \\xff\\x1b[2J caf\\u{e9} tab\\tback\\\\slash \\xe2\\x82"]);
+        assert!(rig.lines[0].bytes().all(|b| (0x20..0x7F).contains(&b)), "printable ASCII only");
+        let mut out = String::new();
+        escape_console(b"\x00\x7f\r", &mut out);
+        assert_eq!(out, "\\x00\\x7f\\r");
     }
 
     #[test]

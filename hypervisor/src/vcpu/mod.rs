@@ -1,14 +1,16 @@
 //! The vendor-neutral vCPU interface.
 //!
-//! A backend (VT-x in `vmx`, AMD-V later) implements [`Vcpu`]: `run()` enters the guest and
+//! A backend (VT-x in `vmx`, AMD-V in `svm`) implements [`Vcpu`]: `run()` enters the guest and
 //! returns a typed [`VmExit`]. The exit handler ([`handler::ExitHandler`]) turns each exit into
 //! a [`Decision`], and the guest runner applies it: the RIP is advanced in exactly one place
-//! (`Decision::Advance` → [`Vcpu::skip_instruction`]).
+//! (`Decision::Advance` → [`Vcpu::skip_instruction`], which also raises the single-step trap).
+//! What every exit means on each backend is tabled in `docs/exits.md`.
 #![deny(unsafe_code)]
 
 use core::fmt;
 
 pub mod cpuid;
+pub mod cr;
 pub mod handler;
 pub mod msr;
 pub mod state;
@@ -92,6 +94,19 @@ pub enum VmExit {
     Hypercall,
     /// RDTSC.
     Rdtsc,
+    /// RDTSCP (the coarse clock plus IA32_TSC_AUX in ECX).
+    Rdtscp,
+    /// INVD: handled as WBINVD (caches are coherent under EPT/NPT, so nothing to do); a guest
+    /// never throws away cache lines the host wrote.
+    Invd,
+    /// RDPMC: the PMU is hidden (CPUID leaf 0xA is empty), so every counter number is invalid.
+    Rdpmc,
+    /// An intercepted instruction that the guest's CPU model does not have, or whose encoding is
+    /// invalid (a LOCK prefix): the architecture says #UD.
+    UndefinedInstruction {
+        /// What it was, for reports.
+        what: &'static str,
+    },
     /// XSETBV.
     Xsetbv,
     /// A VMX/SVM instruction executed by the guest.
@@ -119,10 +134,13 @@ pub enum VmExit {
     DirtyLogFull,
     /// The guest triple-faulted (VT-x exit 2, AMD-V SHUTDOWN intercept).
     TripleFault,
-    /// A control-register access that the guest/host masks trap.
+    /// A control-register access that the guest/host masks (VT-x) or the CR intercepts (AMD-V)
+    /// trap, decoded by access type (SDM Vol. 3C §28.2.1, Table 28-3).
     ControlRegisterAccess {
         /// CR number.
         cr: u8,
+        /// MOV to/from CR, CLTS or LMSW.
+        access: CrAccess,
     },
     /// VM entry failed on a guest-state check; `reason` is the vendor's code.
     EntryFailed {
@@ -138,8 +156,48 @@ pub enum VmExit {
     },
 }
 
+/// How an intercepted instruction touched a control register (SDM Vol. 3C Table 28-3 access types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrAccess {
+    /// MOV to CR from general-purpose register `gpr` (x86 encoding: 0 = RAX ... 4 = RSP ... 15 = R15).
+    Write {
+        /// The source register.
+        gpr: u8,
+    },
+    /// MOV from CR into general-purpose register `gpr`.
+    Read {
+        /// The destination register.
+        gpr: u8,
+    },
+    /// CLTS.
+    Clts,
+    /// LMSW with the 16-bit source, or `None` when it is a memory operand the backend could not
+    /// read (AMD-V without decode assists).
+    Lmsw {
+        /// The source operand.
+        source: Option<u16>,
+    },
+}
+
+/// The guest-visible control state an instruction emulation needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ControlState {
+    /// CR0 as the guest reads it.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4 as the guest reads it.
+    pub cr4: u64,
+    /// CR8 (the task-priority register).
+    pub cr8: u64,
+    /// IA32_EFER as the guest reads it.
+    pub efer: u64,
+    /// CS.L: the guest runs in 64-bit mode (not compatibility mode).
+    pub long_mode: bool,
+}
+
 /// Number of [`VmExit`] kinds, for counters.
-pub const EXIT_KINDS: usize = 19;
+pub const EXIT_KINDS: usize = 23;
 
 impl VmExit {
     /// A dense index for counters.
@@ -163,6 +221,10 @@ impl VmExit {
             Self::ControlRegisterAccess { .. } => 15,
             Self::EntryFailed { .. } => 16,
             Self::Unhandled { .. } => 17,
+            Self::Rdtscp => 18,
+            Self::Invd => 19,
+            Self::Rdpmc => 20,
+            Self::UndefinedInstruction { .. } => 21,
         }
     }
 
@@ -186,6 +248,10 @@ impl VmExit {
         "cr-access",
         "entry-failed",
         "unhandled",
+        "rdtscp",
+        "invd",
+        "rdpmc",
+        "undefined-instruction",
         "reserved",
     ];
 }
@@ -240,6 +306,8 @@ impl Exception {
     pub const INVALID_OPCODE: Self = Self { vector: 6, error_code: None };
     /// #GP(0).
     pub const GENERAL_PROTECTION: Self = Self { vector: 13, error_code: Some(0) };
+    /// #DB (a trap when raised for single-step).
+    pub const DEBUG: Self = Self { vector: 1, error_code: None };
 }
 
 /// How a guest ended.
@@ -342,6 +410,28 @@ pub enum HardwareMsr {
     GsBase,
     /// IA32_PAT.
     Pat,
+    /// IA32_SYSENTER_CS (CPUID.1:EDX.SEP says it exists).
+    SysenterCs,
+    /// IA32_SYSENTER_ESP.
+    SysenterEsp,
+    /// IA32_SYSENTER_EIP.
+    SysenterEip,
+    /// IA32_STAR (SYSCALL/SYSRET selectors).
+    Star,
+    /// IA32_LSTAR (64-bit SYSCALL target).
+    Lstar,
+    /// IA32_CSTAR (compatibility-mode SYSCALL target).
+    Cstar,
+    /// IA32_FMASK (RFLAGS mask of SYSCALL).
+    Fmask,
+    /// IA32_KERNEL_GS_BASE (what SWAPGS exchanges with GS.base).
+    KernelGsBase,
+}
+
+impl HardwareMsr {
+    /// The SYSCALL/SWAPGS MSRs, in the order of the exit handler's store and of
+    /// `VcpuState::handler_msrs` (STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE).
+    pub const SYSCALL: [Self; 5] = [Self::Star, Self::Lstar, Self::Cstar, Self::Fmask, Self::KernelGsBase];
 }
 
 /// A failure of the backend itself (as opposed to the guest).
@@ -394,6 +484,52 @@ pub struct GuestEntryState {
     pub data_selector: u16,
 }
 
+impl GuestRegisters {
+    /// The register with x86 encoding number `n` (0 = RAX, 1 = RCX, 2 = RDX, 3 = RBX, 5 = RBP,
+    /// 6 = RSI, 7 = RDI, 8-15 = R8-R15); `None` for 4 (RSP lives in the VMCS/VMCB).
+    pub fn by_number(&mut self, n: u8) -> Option<&mut u64> {
+        Some(match n & 15 {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            4 => return None,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            _ => &mut self.r15,
+        })
+    }
+}
+
+/// Reads general-purpose register `n` (x86 encoding) of `vcpu`, RSP included.
+pub fn read_gpr(vcpu: &mut dyn Vcpu, n: u8) -> u64 {
+    match vcpu.registers().by_number(n) {
+        Some(r) => *r,
+        None => vcpu.rsp(),
+    }
+}
+
+/// Writes general-purpose register `n` (x86 encoding) of `vcpu`, RSP included.
+pub fn write_gpr(vcpu: &mut dyn Vcpu, n: u8, value: u64) {
+    match vcpu.registers().by_number(n) {
+        Some(r) => *r = value,
+        None => vcpu.set_rsp(value),
+    }
+}
+
+/// RFLAGS.TF.
+pub const RFLAGS_TF: u64 = 1 << 8;
+/// DR6.BS: the debug exception was a single-step trap (SDM Vol. 3A §17.2.3).
+pub const DR6_BS: u64 = 1 << 14;
+
 /// How a backend tracks the guest pages it writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirtyLogMethod {
@@ -413,7 +549,10 @@ pub trait Vcpu {
     fn rip(&self) -> u64;
     /// The guest RFLAGS.
     fn rflags(&self) -> u64;
-    /// Moves RIP past the instruction that caused the last exit.
+    /// Moves RIP past the instruction that caused the last exit: the hypervisor completed it for
+    /// the guest. As the CPU would, this ends an STI/MOV SS shadow and, when RFLAGS.TF was set,
+    /// raises the single-step #DB trap right after the instruction with DR6.BS set (SDM Vol. 3A
+    /// §17.3.1.4; AMD APM Vol. 2 §13.1.4 and §15.7.1).
     fn skip_instruction(&mut self);
     /// Queues an exception for the next entry.
     fn inject(&mut self, exception: Exception);
@@ -421,6 +560,17 @@ pub trait Vcpu {
     fn hardware_msr(&self, msr: HardwareMsr) -> u64;
     /// Writes a guest MSR held in hardware state.
     fn set_hardware_msr(&mut self, msr: HardwareMsr, value: u64);
+    /// The guest's RSP (it lives in the VMCS/VMCB, not in [`GuestRegisters`]).
+    fn rsp(&self) -> u64;
+    /// Sets the guest's RSP.
+    fn set_rsp(&mut self, value: u64);
+    /// The guest-visible control registers, EFER and CS.L.
+    fn control_state(&self) -> ControlState;
+    /// Loads a guest control register (0, 3, 4 or 8) after the handler checked the value against
+    /// the architecture: the guest reads `value` back; the backend keeps the bits it must own.
+    fn set_control_register(&mut self, cr: u8, value: u64);
+    /// RDTSCP exits on this backend, so the guest may be shown it in CPUID.
+    fn rdtscp_intercepted(&self) -> bool;
     /// Arms the preemption timer: the guest exits after at most `tsc_ticks` host TSC ticks.
     fn set_time_slice(&mut self, tsc_ticks: u64);
     /// The instruction a guest uses for hypercalls on this backend.

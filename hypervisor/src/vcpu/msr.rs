@@ -23,6 +23,10 @@ pub enum MsrSlot {
 pub mod numbers {
     pub const IA32_TSC: u32 = 0x10;
     pub const IA32_APIC_BASE: u32 = 0x1B;
+    pub const IA32_SYSENTER_CS: u32 = 0x174;
+    pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    pub const IA32_SYSENTER_EIP: u32 = 0x176;
+    pub const IA32_DEBUGCTL: u32 = 0x1D9;
     pub const IA32_MISC_ENABLE: u32 = 0x1A0;
     pub const IA32_PAT: u32 = 0x277;
     pub const IA32_EFER: u32 = 0xC000_0080;
@@ -36,8 +40,9 @@ pub mod numbers {
     pub const IA32_TSC_AUX: u32 = 0xC000_0103;
 }
 
-/// MSRs kept in the handler's store. The guest runtime does not use SYSCALL, so these are never
-/// loaded into the CPU; they only need to read back what was written.
+/// MSRs kept in the handler's store (the record vCPU state capture takes). The first five are
+/// also loaded into the CPU for the guest (SYSCALL, SYSRET and SWAPGS use them: AMD-V through the
+/// VMCB and VMLOAD, VT-x by writing the MSRs before entry), see [`HardwareMsr::SYSCALL`].
 const STORED: [u32; 6] = [
     numbers::IA32_STAR,
     numbers::IA32_LSTAR,
@@ -60,6 +65,12 @@ pub fn slot(msr: u32) -> Option<MsrSlot> {
         IA32_FS_BASE => MsrSlot::Hardware(HardwareMsr::FsBase),
         IA32_GS_BASE => MsrSlot::Hardware(HardwareMsr::GsBase),
         IA32_PAT => MsrSlot::Hardware(HardwareMsr::Pat),
+        IA32_SYSENTER_CS => MsrSlot::Hardware(HardwareMsr::SysenterCs),
+        IA32_SYSENTER_ESP => MsrSlot::Hardware(HardwareMsr::SysenterEsp),
+        IA32_SYSENTER_EIP => MsrSlot::Hardware(HardwareMsr::SysenterEip),
+        // Architectural on every CPU the guest can see (no CPUID bit); no debug-store, LBR or BTF
+        // features are offered, so it reads 0 and only 0 may be written.
+        IA32_DEBUGCTL => MsrSlot::Constant(0),
         IA32_TSC => MsrSlot::Tsc,
         IA32_APIC_BASE => MsrSlot::Constant(APIC_BASE_VALUE),
         IA32_MISC_ENABLE => MsrSlot::Constant(MISC_ENABLE_VALUE),

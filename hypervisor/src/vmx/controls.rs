@@ -51,6 +51,10 @@ pub mod pin {
 pub mod primary {
     /// HLT exiting.
     pub const HLT_EXITING: u32 = 1 << 7;
+    /// MWAIT exiting.
+    pub const MWAIT_EXITING: u32 = 1 << 10;
+    /// RDPMC exiting.
+    pub const RDPMC_EXITING: u32 = 1 << 11;
     /// RDTSC exiting.
     pub const RDTSC_EXITING: u32 = 1 << 12;
     /// CR8-load exiting (the guest never reaches the physical TPR).
@@ -61,6 +65,8 @@ pub mod primary {
     pub const USE_IO_BITMAPS: u32 = 1 << 25;
     /// Use MSR bitmaps.
     pub const USE_MSR_BITMAPS: u32 = 1 << 28;
+    /// MONITOR exiting.
+    pub const MONITOR_EXITING: u32 = 1 << 29;
     /// Activate secondary controls.
     pub const SECONDARY_CONTROLS: u32 = 1 << 31;
 }
@@ -69,8 +75,12 @@ pub mod primary {
 pub mod secondary {
     /// Enable EPT.
     pub const ENABLE_EPT: u32 = 1 << 1;
+    /// Enable RDTSCP (0: RDTSCP raises #UD; 1 with RDTSC exiting: RDTSCP exits, §26.1.3).
+    pub const ENABLE_RDTSCP: u32 = 1 << 3;
     /// Enable VPID.
     pub const ENABLE_VPID: u32 = 1 << 5;
+    /// Enable INVPCID (0: INVPCID raises #UD).
+    pub const ENABLE_INVPCID: u32 = 1 << 12;
     /// Enable PML.
     pub const ENABLE_PML: u32 = 1 << 17;
 }

@@ -21,8 +21,8 @@ use crate::memory::DirtyLog;
 use crate::memory::{FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use crate::vcpu::state::{seg, SegmentState};
 use crate::vcpu::{
-    DirtyLogMethod, Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess, StateError, Vcpu, VcpuError,
-    VcpuState, VmExit,
+    ControlState, CrAccess, DirtyLogMethod, Exception, GuestEntryState, GuestRegisters, HardwareMsr, MemoryAccess,
+    StateError, Vcpu, VcpuError, VcpuState, VmExit, DR6_BS, RFLAGS_TF,
 };
 
 /// Capability and control MSRs (§A.1-A.10).
@@ -51,6 +51,8 @@ mod msr {
     pub const IA32_EFER: u32 = 0xC000_0080;
     pub const IA32_FS_BASE: u32 = 0xC000_0100;
     pub const IA32_GS_BASE: u32 = 0xC000_0101;
+    /// STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE: not in the VMCS (SYSCALL/SWAPGS state).
+    pub const SYSCALL: [u32; 5] = [0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084, 0xC000_0102];
 }
 
 const CR4_VMXE: u64 = 1 << 13;
@@ -237,7 +239,13 @@ impl VmxBackend {
                 | primary::USE_IO_BITMAPS
                 | primary::USE_MSR_BITMAPS
                 | primary::SECONDARY_CONTROLS,
-            primary::CR8_LOAD_EXITING | primary::CR8_STORE_EXITING,
+            // CR8 accesses exit and go to the vCPU's own TPR; RDPMC (#GP: no PMU in CPUID) and
+            // MONITOR/MWAIT (#UD: hidden in CPUID) exit, as on AMD-V (docs/exits.md).
+            primary::CR8_LOAD_EXITING
+                | primary::CR8_STORE_EXITING
+                | primary::RDPMC_EXITING
+                | primary::MWAIT_EXITING
+                | primary::MONITOR_EXITING,
             primary_cap,
         )
         .map_err(VmxError::Controls)?;
@@ -251,9 +259,16 @@ impl VmxBackend {
                 return Err(VmxError::MissingFeature { feature });
             }
         }
-        let secondary_ctls =
-            controls::adjust("secondary processor-based", secondary::ENABLE_EPT, secondary::ENABLE_VPID, secondary_cap)
-                .map_err(VmxError::Controls)?;
+        // "Enable RDTSCP" with RDTSC exiting makes RDTSCP exit (reason 51) so it reads the coarse
+        // clock; without it RDTSCP is #UD and CPUID hides it (§26.1.3, §26.3). "Enable INVPCID"
+        // lets INVPCID run natively where CPUID shows it (else it would be #UD).
+        let secondary_ctls = controls::adjust(
+            "secondary processor-based",
+            secondary::ENABLE_EPT,
+            secondary::ENABLE_VPID | secondary::ENABLE_RDTSCP | secondary::ENABLE_INVPCID,
+            secondary_cap,
+        )
+        .map_err(VmxError::Controls)?;
         // PML needs EPT A/D flags (§29.3.6). It is switched on per vCPU only when a dirty log
         // buffer is attached, so here it is only recorded.
         let pml_available =
@@ -399,7 +414,11 @@ impl VmxBackend {
             debug: [0, 0, 0, 0, 0xFFFF_0FF0],
             pml_page: None,
             dirty_method: None,
+            tpr: 0,
+            syscall_msrs: [0; 5],
         };
+        // A new VMCS may reuse a released one's address: its MSR values are not in the CPU.
+        SYSCALL_MSRS_OWNER.store(0, core::sync::atomic::Ordering::Relaxed);
         // SAFETY: VMX is on; `vmcs` is a fresh region with the right revision, owned by the vCPU.
         unsafe {
             insn::vmclear(vmcs)?;
@@ -608,6 +627,13 @@ pub struct VmxVcpu {
     /// The page-modification log buffer, when PML is on.
     pml_page: Option<u64>,
     dirty_method: Option<DirtyLogMethod>,
+    /// The guest's CR8 (TPR): CR8 accesses exit (CR8-load/store exiting), so it lives here.
+    tpr: u64,
+    /// The guest's STAR, LSTAR, CSTAR, FMASK and KERNEL_GS_BASE. The VMCS does not switch them:
+    /// they are written to the CPU before entry when another vCPU's values are there (the host
+    /// never executes SYSCALL or SWAPGS, so it needs none of its own), and KERNEL_GS_BASE is
+    /// read back after every exit (a native SWAPGS changes it).
+    syscall_msrs: [u64; 5],
 }
 
 impl fmt::Debug for SwitchContext {
@@ -778,12 +804,20 @@ impl VmxVcpu {
             }
             2 => VmExit::TripleFault,
             10 => VmExit::Cpuid { leaf: regs.rax as u32, subleaf: regs.rcx as u32 },
+            // GETSEC exits unconditionally (§26.1.2); SMX is hidden in CPUID, so #UD.
+            11 => VmExit::UndefinedInstruction { what: "GETSEC" },
             12 => VmExit::Hlt,
+            // INVD exits unconditionally (§26.1.2).
+            13 => VmExit::Invd,
+            15 => VmExit::Rdpmc,
             16 => VmExit::Rdtsc,
             18 => VmExit::Hypercall,
-            19..=27 | 50 | 53 => VmExit::VirtualizationInstruction,
-            // §28.2.1, Table 28-3.
-            28 => VmExit::ControlRegisterAccess { cr: (q & 0xF) as u8 },
+            // VMCLEAR..VMXON, INVEPT, INVVPID, VMFUNC (§26.1.2).
+            19..=27 | 50 | 53 | 59 => VmExit::VirtualizationInstruction,
+            28 => VmExit::ControlRegisterAccess { cr: (q & 0xF) as u8, access: cr_access(q) },
+            36 => VmExit::UndefinedInstruction { what: "MWAIT" },
+            39 => VmExit::UndefinedInstruction { what: "MONITOR" },
+            51 => VmExit::Rdtscp,
             // Table 28-5.
             30 => {
                 VmExit::Io { port: (q >> 16) as u16, size: ((q & 7) + 1) as u8, write: q & 8 == 0, string: q & 16 != 0 }
@@ -847,6 +881,23 @@ impl VmxVcpu {
         }
     }
 }
+
+/// Decodes the exit qualification of a control-register access (§28.2.1, Table 28-3): bits 3:0
+/// the CR, bits 5:4 the access type (0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW), bits 11:8 the
+/// general-purpose register of a MOV (x86 encoding), bits 31:16 the LMSW source data (given for a
+/// memory operand too, bit 6 then being 1).
+fn cr_access(q: u64) -> CrAccess {
+    let gpr = ((q >> 8) & 0xF) as u8;
+    match (q >> 4) & 3 {
+        0 => CrAccess::Write { gpr },
+        1 => CrAccess::Read { gpr },
+        2 => CrAccess::Clts,
+        _ => CrAccess::Lmsw { source: Some((q >> 16) as u16) },
+    }
+}
+
+/// The VMCS of the vCPU whose SYSCALL MSRs are in the CPU (0 for none).
+static SYSCALL_MSRS_OWNER: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// The VMCS region VMPTRLD last made current (0 for none).
 static CURRENT_VMCS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
@@ -918,6 +969,15 @@ impl Vcpu for VmxVcpu {
                 .map_err(|_| VcpuError::EntryInstructionFailed { code: 0 })?;
         }
         self.last_exit.idt_vectoring = 0;
+        if SYSCALL_MSRS_OWNER.load(core::sync::atomic::Ordering::Relaxed) != self.vmcs {
+            for (msr, value) in msr::SYSCALL.iter().zip(self.syscall_msrs) {
+                // SAFETY: the values passed the WRMSR checks of the exit handler or `check_state`
+                // (canonical addresses, FMASK[63:32] = 0), so WRMSR cannot fault; the host never
+                // executes SYSCALL, SYSRET or SWAPGS, so no host code depends on these MSRs.
+                unsafe { insn::wrmsr(*msr, value) };
+            }
+            SYSCALL_MSRS_OWNER.store(self.vmcs, core::sync::atomic::Ordering::Relaxed);
+        }
         // SAFETY: this vCPU's VMCS is current (made so at creation; one vCPU runs at a time) and
         // fully set up; the context is boxed, so its address is stable across the switch.
         let result = unsafe {
@@ -931,6 +991,7 @@ impl Vcpu for VmxVcpu {
             return Err(VcpuError::EntryInstructionFailed { code });
         }
         self.context.launched = 1;
+        self.syscall_msrs[4] = rdmsr(msr::SYSCALL[4]);
         // Event injection is one-shot (§27.6).
         let _ = write(F::EntryInterruptionInfo, 0);
         Ok(self.decode_exit())
@@ -957,10 +1018,81 @@ impl Vcpu for VmxVcpu {
         // Emulating an instruction ends STI / MOV-SS blocking (§26.4.2 for the hardware case).
         let interruptibility = read(VmcsField::GuestInterruptibility) & !0b11;
         let _ = write(VmcsField::GuestInterruptibility, interruptibility);
+        if read(VmcsField::GuestRflags) & RFLAGS_TF != 0 {
+            // Vol. 3A §17.3.1.4: with TF set, a single-step #DB trap follows the instruction,
+            // with DR6.BS = 1, and RIP pointing past it. The instruction was completed here, so the
+            // trap is raised here: injected as a hardware exception at the new RIP. Event injection
+            // (§27.6) delivers the vector through the guest IDT without the DR6 update a real #DB
+            // makes, so BS is set in the guest's DR6 (loaded before entry) first.
+            // A trap the CPU recorded for an instruction in a MOV SS shadow (pending debug
+            // exceptions, §25.4.2) is the same #DB: it is delivered once, now. Blocking by MOV SS
+            // never holds this trap back: it covered the completed instruction only (§6.8.3).
+            self.debug[4] |= DR6_BS;
+            let _ = write(VmcsField::GuestPendingDebugExceptions, 0);
+            self.pending_event = Some(Exception::DEBUG);
+        }
     }
 
     fn inject(&mut self, exception: Exception) {
+        self.activate();
+        // Delivering an exception ends an STI/MOV SS shadow: the handler's first instruction is
+        // not in it. Clearing it also keeps the entry check of §27.3.1.5 (TF with blocking by
+        // STI or MOV SS needs a pending BS) from failing when the faulting instruction followed
+        // MOV SS or STI with TF set: the fault, not a single-step trap, is what the CPU delivers.
+        let interruptibility = read(VmcsField::GuestInterruptibility) & !0b11;
+        let _ = write(VmcsField::GuestInterruptibility, interruptibility);
         self.pending_event = Some(exception);
+    }
+
+    fn rsp(&self) -> u64 {
+        self.activate();
+        read(VmcsField::GuestRsp)
+    }
+
+    fn set_rsp(&mut self, value: u64) {
+        self.activate();
+        let _ = write(VmcsField::GuestRsp, value);
+    }
+
+    fn control_state(&self) -> ControlState {
+        self.activate();
+        use VmcsField as F;
+        // Host-owned bits read from the read shadows (§25.6.6), the rest from the guest fields.
+        ControlState {
+            cr0: (read(F::GuestCr0) & !CR0_HOST_OWNED) | (read(F::Cr0ReadShadow) & CR0_HOST_OWNED),
+            cr3: read(F::GuestCr3),
+            cr4: (read(F::GuestCr4) & !CR4_HOST_OWNED) | (read(F::Cr4ReadShadow) & CR4_HOST_OWNED),
+            cr8: self.tpr,
+            efer: read(F::GuestIa32Efer),
+            // CS access rights bit 13: L (§25.4.1, Table 25-2).
+            long_mode: read(F::GuestCsAccessRights) & (1 << 13) != 0,
+        }
+    }
+
+    fn set_control_register(&mut self, cr: u8, value: u64) {
+        self.activate();
+        use VmcsField as F;
+        let c = self.caps;
+        // The guest reads `value` back through the shadow; the CPU runs with the fixed bits the
+        // VMX operation requires (§24.8, App. A.7/A.8: CR0.NE/PE/PG, CR4.VMXE).
+        let _ = match cr {
+            0 => write(F::Cr0ReadShadow, value)
+                .and_then(|()| write(F::GuestCr0, controls::fix_control_register(value, c.cr0_fixed.0, c.cr0_fixed.1))),
+            3 => write(F::GuestCr3, value),
+            4 => write(F::Cr4ReadShadow, value).and_then(|()| {
+                write(F::GuestCr4, controls::fix_control_register(value | CR4_VMXE, c.cr4_fixed.0, c.cr4_fixed.1))
+            }),
+            8 => {
+                self.tpr = value & 0xF;
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+    }
+
+    fn rdtscp_intercepted(&self) -> bool {
+        self.caps.secondary & controls::secondary::ENABLE_RDTSCP != 0
+            && self.caps.primary & controls::primary::RDTSC_EXITING != 0
     }
 
     fn hardware_msr(&self, which: HardwareMsr) -> u64 {
@@ -970,6 +1102,13 @@ impl Vcpu for VmxVcpu {
             HardwareMsr::FsBase => VmcsField::GuestFsBase,
             HardwareMsr::GsBase => VmcsField::GuestGsBase,
             HardwareMsr::Pat => VmcsField::GuestIa32Pat,
+            HardwareMsr::SysenterCs => VmcsField::GuestSysenterCs,
+            HardwareMsr::SysenterEsp => VmcsField::GuestSysenterEsp,
+            HardwareMsr::SysenterEip => VmcsField::GuestSysenterEip,
+            other => {
+                let i = HardwareMsr::SYSCALL.iter().position(|m| *m == other).unwrap_or(0);
+                return self.syscall_msrs[i];
+            }
         })
     }
 
@@ -980,6 +1119,17 @@ impl Vcpu for VmxVcpu {
             HardwareMsr::FsBase => VmcsField::GuestFsBase,
             HardwareMsr::GsBase => VmcsField::GuestGsBase,
             HardwareMsr::Pat => VmcsField::GuestIa32Pat,
+            HardwareMsr::SysenterCs => VmcsField::GuestSysenterCs,
+            HardwareMsr::SysenterEsp => VmcsField::GuestSysenterEsp,
+            HardwareMsr::SysenterEip => VmcsField::GuestSysenterEip,
+            other => {
+                if let Some(i) = HardwareMsr::SYSCALL.iter().position(|m| *m == other) {
+                    self.syscall_msrs[i] = value;
+                    // Written to the CPU before the next entry.
+                    SYSCALL_MSRS_OWNER.store(0, core::sync::atomic::Ordering::Relaxed);
+                }
+                return;
+            }
         };
         let _ = write(field, value);
     }
@@ -1022,7 +1172,7 @@ impl Vcpu for VmxVcpu {
         s.cr4 = (read(F::GuestCr4) & !CR4_HOST_OWNED) | (read(F::Cr4ReadShadow) & CR4_HOST_OWNED);
         s.cr2 = self.cr2;
         s.cr3 = read(F::GuestCr3);
-        s.cr8 = 0; // CR8 accesses exit and are refused: the guest's TPR is always 0.
+        s.cr8 = self.tpr; // CR8 accesses exit and go to the vCPU's own TPR.
         s.efer = read(F::GuestIa32Efer);
         s.pat = read(F::GuestIa32Pat);
         s.debugctl = read(F::GuestIa32Debugctl);
@@ -1053,6 +1203,7 @@ impl Vcpu for VmxVcpu {
             s.pending_error_code = self.last_exit.idt_vectoring_error as u32;
             s.pending_instruction_length = self.last_exit.instruction_length as u32;
         }
+        s.handler_msrs[..5].copy_from_slice(&self.syscall_msrs);
         s.fx = self.context.guest_fx.0;
         Ok(s)
     }
@@ -1062,6 +1213,14 @@ impl Vcpu for VmxVcpu {
         let reserved_rflags = s.rflags & !0x003F_7FD7 != 0 || s.rflags & 2 == 0;
         if reserved_rflags || s.dr[5] >> 32 != 0 || s.cr3 & !0x000F_FFFF_FFFF_FFFF != 0 {
             return Err(StateError::Hardware { what: "RFLAGS, DR7 or CR3 has reserved bits set" });
+        }
+        // Loaded with WRMSR before entry: refuse what WRMSR would (#GP in the host).
+        let canonical = |v: u64| crate::vcpu::msr::is_canonical(v);
+        let m = &s.handler_msrs;
+        if !canonical(m[1]) || !canonical(m[2]) || !canonical(m[4]) || m[3] >> 32 != 0 {
+            return Err(StateError::Hardware {
+                what: "LSTAR, CSTAR or KERNEL_GS_BASE not canonical, or FMASK[63:32] set",
+            });
         }
         Ok(())
     }
@@ -1103,6 +1262,10 @@ impl Vcpu for VmxVcpu {
         self.context.regs = s.registers();
         self.context.guest_fx.0 = s.fx;
         self.cr2 = s.cr2;
+        self.tpr = s.cr8 & 0xF;
+        self.syscall_msrs =
+            [s.handler_msrs[0], s.handler_msrs[1], s.handler_msrs[2], s.handler_msrs[3], s.handler_msrs[4]];
+        SYSCALL_MSRS_OWNER.store(0, core::sync::atomic::Ordering::Relaxed);
         self.debug = [s.dr[0], s.dr[1], s.dr[2], s.dr[3], s.dr[4]];
         self.pending_event = None;
         self.last_exit = ExitInfo::default();
@@ -1213,6 +1376,12 @@ impl Vcpu for VmxVcpu {
                 log::error!("VT-x: freeing vCPU page {page:#x}: {e}");
             }
         }
+        let _ = SYSCALL_MSRS_OWNER.compare_exchange(
+            self.vmcs,
+            0,
+            core::sync::atomic::Ordering::Relaxed,
+            core::sync::atomic::Ordering::Relaxed,
+        );
         self.vmcs = 0;
     }
 }

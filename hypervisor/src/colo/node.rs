@@ -577,6 +577,8 @@ enum Ckpt {
         source: Box<dyn FullSyncSource>,
         digest: Option<u64>,
         since: Tick,
+        /// `FullSyncBegin` sent (it goes first, on the bulk lane).
+        begun: bool,
     },
     /// Everything sent, waiting for the ack.
     AwaitAck {
@@ -699,6 +701,7 @@ pub struct ColoNode<D: BlockBackend = MemDisk> {
     last_heartbeat: Tick,
     /// What the driver was last told about the local VM.
     vm_running: bool,
+    last_protocol_error: Option<&'static str>,
 }
 
 impl<D: BlockBackend> fmt::Debug for ColoNode<D> {
@@ -733,6 +736,7 @@ impl<D: BlockBackend> ColoNode<D> {
             scratch: vec![0; MAX_CHUNK],
             last_heartbeat: now,
             vm_running: config.role == NodeRole::Primary,
+            last_protocol_error: None,
         };
         match (config.role, disk) {
             (NodeRole::Primary, _) => {
@@ -782,6 +786,29 @@ impl<D: BlockBackend> ColoNode<D> {
     /// Counters.
     pub fn stats(&self) -> &NodeStats {
         &self.stats
+    }
+
+    /// Primary: the epoch the PVM runs in. Secondary: the epoch the SVM runs in.
+    pub fn epoch(&self) -> u64 {
+        match (&self.primary, &self.secondary) {
+            (Some(p), _) => p.epoch,
+            (_, Some(s)) => s.applied + 1,
+            _ => 0,
+        }
+    }
+
+    /// Last committed checkpoint (primary: acknowledged; secondary: applied and verified).
+    pub fn committed(&self) -> u64 {
+        match (&self.primary, &self.secondary) {
+            (Some(p), _) => p.acked,
+            (_, Some(s)) => s.applied,
+            _ => 0,
+        }
+    }
+
+    /// The last protocol error (a well-formed message that made no sense here), for logs.
+    pub fn last_protocol_error(&self) -> Option<&'static str> {
+        self.last_protocol_error
     }
 
     /// Status for management.
@@ -995,8 +1022,9 @@ impl<D: BlockBackend> ColoNode<D> {
         }
     }
 
-    fn protocol_error(&mut self, now: Tick) {
+    fn protocol_error(&mut self, now: Tick, what: &'static str) {
         self.stats.protocol_errors += 1;
+        self.last_protocol_error = Some(what);
         self.close_link(now);
     }
 
@@ -1064,13 +1092,13 @@ impl<D: BlockBackend> ColoNode<D> {
                     NodeRole::Secondary => LinkRole::Primary,
                 };
                 if hello_received || role != expected || guest_id != self.config.guest_id {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "bad hello");
                 }
                 if let Some(c) = &mut self.conn {
                     c.hello_received = true;
                 }
             }
-            _ if !hello_received => self.protocol_error(now),
+            _ if !hello_received => self.protocol_error(now, "message before hello"),
             Repr::Heartbeat { .. } => {}
             Repr::Failover { .. } => self.stats.failover_messages += 1,
             m if self.primary.is_some() => self.primary_message(now, m),
@@ -1344,15 +1372,7 @@ impl<D: BlockBackend> ColoNode<D> {
                 p.ckpt = Ckpt::Sending { epoch, source, offset: 0, len, digest, since: now };
             }
             (Capture::Full(source), true) => {
-                if let Some(c) = &mut self.conn {
-                    let begin = Repr::FullSyncBegin {
-                        epoch,
-                        ram_bytes: source.ram_bytes(),
-                        disk_sectors: source.disk_sectors(),
-                    };
-                    c.queue(&begin, now);
-                }
-                p.ckpt = Ckpt::Syncing { epoch, source, digest, since: now };
+                p.ckpt = Ckpt::Syncing { epoch, source, digest, since: now, begun: false };
             }
             _ => return self.abort_checkpoint(),
         }
@@ -1411,7 +1431,18 @@ impl<D: BlockBackend> ColoNode<D> {
                     true
                 }
             }
-            Ckpt::Syncing { epoch, source, digest, since } => match source.next_piece(&mut self.scratch) {
+            Ckpt::Syncing { epoch, source, begun, .. } if !*begun => {
+                *begun = true;
+                let begin = Repr::FullSyncBegin {
+                    epoch: *epoch,
+                    ram_bytes: source.ram_bytes(),
+                    disk_sectors: source.disk_sectors(),
+                };
+                c.current.clear();
+                c.current_sent = 0;
+                begin.emit_to_vec(&mut c.current).is_some()
+            }
+            Ckpt::Syncing { epoch, source, digest, since, .. } => match source.next_piece(&mut self.scratch) {
                 Some(piece) => {
                     let s = &self.scratch;
                     let m = match piece {
@@ -1473,7 +1504,7 @@ impl<D: BlockBackend> ColoNode<D> {
             Repr::SvmOutput { seq, epoch, frame } => {
                 let Some(c) = &mut self.conn else { return };
                 if seq != c.rx_seq_svm {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "SVM output out of sequence");
                 }
                 c.rx_seq_svm += 1;
                 let synced = c.synced;
@@ -1489,10 +1520,10 @@ impl<D: BlockBackend> ColoNode<D> {
             Repr::CheckpointAck { epoch, digest } => {
                 let Some(p) = &mut self.primary else { return };
                 let Ckpt::AwaitAck { epoch: want, full, digest: expected, since, .. } = p.ckpt else {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "ack without a checkpoint in flight");
                 };
                 if want != epoch {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "ack of another epoch");
                 }
                 if expected.is_some_and(|d| d != digest) {
                     self.stats.verify_failures += 1;
@@ -1539,7 +1570,7 @@ impl<D: BlockBackend> ColoNode<D> {
                     c.synced = false;
                 }
             }
-            _ => self.protocol_error(now),
+            _ => self.protocol_error(now, "message a primary does not take"),
         }
     }
 
@@ -1626,7 +1657,7 @@ impl<D: BlockBackend> ColoNode<D> {
             Repr::ClientFrame { seq, epoch, frame } => {
                 let Some(c) = &mut self.conn else { return };
                 if seq != c.rx_seq_frames {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "mirrored frame out of sequence");
                 }
                 c.rx_seq_frames += 1;
                 // The epoch the SVM runs in (or will, once the apply in progress is done).
@@ -1642,7 +1673,7 @@ impl<D: BlockBackend> ColoNode<D> {
                     rules::MirrorFate::Obsolete => self.stats.obsolete_frames += 1,
                     _ => {
                         if s.backlog_bytes + frame.len() > self.config.max_backlog_bytes {
-                            return self.protocol_error(now);
+                            return self.protocol_error(now, "mirrored backlog full");
                         }
                         s.backlog_bytes += frame.len();
                         s.backlog.push_back((epoch, frame.to_vec()));
@@ -1653,11 +1684,13 @@ impl<D: BlockBackend> ColoNode<D> {
                 if !s.synced || s.sync_epoch.is_some() {
                     return;
                 }
-                let Disk::Replica(r) = &mut s.disk else { return self.protocol_error(now) };
+                let Disk::Replica(r) = &mut s.disk else {
+                    return self.protocol_error(now, "disk write during full sync");
+                };
                 self.stats.disk_writes += 1;
                 if r.pvm_write(epoch, sector, data).is_err() {
                     self.stats.disk_errors += 1;
-                    self.protocol_error(now);
+                    self.protocol_error(now, "disk write refused");
                 }
             }
             Repr::CheckpointChunk { epoch, offset, bytes } => {
@@ -1665,11 +1698,11 @@ impl<D: BlockBackend> ColoNode<D> {
                     return; // stale: a full sync is coming
                 }
                 if s.applying.is_some() {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "checkpoint chunk during an apply");
                 }
                 if s.receiving.is_none() {
                     if offset != 0 {
-                        return self.protocol_error(now);
+                        return self.protocol_error(now, "checkpoint chunk not at offset 0");
                     }
                     if epoch != s.applied + 1 {
                         return self.nack(now, epoch, NackReason::UnexpectedEpoch);
@@ -1699,7 +1732,9 @@ impl<D: BlockBackend> ColoNode<D> {
                     return self.nack(now, epoch, NackReason::BadStream);
                 }
                 let Some((_, _, _, Some(staged))) = s.receiving.take() else { return };
-                let Disk::Replica(r) = &mut s.disk else { return self.protocol_error(now) };
+                let Disk::Replica(r) = &mut s.disk else {
+                    return self.protocol_error(now, "commit without a disk replica");
+                };
                 if r.commit(epoch).is_err() {
                     self.stats.disk_errors += 1;
                     return self.nack(now, epoch, NackReason::Disk);
@@ -1740,13 +1775,13 @@ impl<D: BlockBackend> ColoNode<D> {
             }
             Repr::FullSyncMemory { offset, data } => {
                 if s.sync_epoch.is_none() {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "full-sync memory outside a sync");
                 }
                 self.actions.push_back(Action::SyncMemory { offset, data: data.to_vec() });
             }
             Repr::FullSyncDisk { sector, data } => {
                 if s.sync_epoch.is_none() {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "full-sync disk outside a sync");
                 }
                 let ok = match &mut s.disk {
                     Disk::Raw(d) => write_raw(d, sector, data).is_ok(),
@@ -1759,13 +1794,13 @@ impl<D: BlockBackend> ColoNode<D> {
             }
             Repr::FullSyncState { kind, id, tag, data } => {
                 if s.sync_epoch.is_none() {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "full-sync state outside a sync");
                 }
                 self.actions.push_back(Action::SyncState { kind, id, tag, data: data.to_vec() });
             }
             Repr::FullSyncEnd { epoch, digest, verify } => {
                 if s.sync_epoch != Some(epoch) {
-                    return self.protocol_error(now);
+                    return self.protocol_error(now, "full-sync end of another epoch");
                 }
                 if s.sync_failed {
                     return self.nack(now, epoch, NackReason::Disk);
@@ -1778,7 +1813,7 @@ impl<D: BlockBackend> ColoNode<D> {
                 s.applying = Some((epoch, (self.config.verify && verify).then_some(digest), true));
                 self.actions.push_back(Action::FinishFullSync { epoch });
             }
-            _ => self.protocol_error(now),
+            _ => self.protocol_error(now, "message a secondary does not take"),
         }
     }
 

@@ -190,10 +190,11 @@ pub struct RestoreReport {
     pub clock_ticks: u64,
 }
 
-/// Restores a whole snapshot stream into `guest`: nothing is changed unless everything checks out.
-pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, SnapshotError> {
+/// Restores a whole snapshot stream of checkpoint `epoch` into `guest`: nothing is changed
+/// unless everything checks out.
+pub fn restore(guest: &mut Guest, stream: &[u8], epoch: u64) -> Result<RestoreReport, SnapshotError> {
     let frames = guest.ram.len() / PAGE as u64;
-    let mut decoder = CheckpointDecoder::new(StreamLimits::for_guest(frames));
+    let mut decoder = CheckpointDecoder::new(StreamLimits::for_guest(frames)).expecting_epoch(epoch);
     let checkpoint = match decoder.feed(stream).map_err(SnapshotError::Stream)? {
         Feed::Complete { checkpoint, .. } => checkpoint,
         Feed::NeedMore => return Err(SnapshotError::Incomplete { bytes: stream.len() }),
@@ -215,7 +216,7 @@ pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, Snapsh
                     .map_err(|_| SnapshotError::Device { id: blob.id, what: "clock state is not 8 bytes" })?;
                 clock_ticks = Some(u64::from_le_bytes(bytes));
             }
-            (CONSOLE_DEVICE, CONSOLE_TAG) if blob.data.len() <= CONSOLE_MAX => console = Some(blob.data),
+            (CONSOLE_DEVICE, CONSOLE_TAG) if blob.data.len() <= CONSOLE_MAX => console = Some(blob.data.to_vec()),
             (CONSOLE_DEVICE, CONSOLE_TAG) => {
                 return Err(SnapshotError::Device { id: blob.id, what: "console line longer than 200 bytes" })
             }
@@ -225,10 +226,10 @@ pub fn restore(guest: &mut Guest, stream: &[u8]) -> Result<RestoreReport, Snapsh
     let clock_ticks = clock_ticks.ok_or(SnapshotError::Device { id: CLOCK_DEVICE, what: "missing" })?;
     let console = console.ok_or(SnapshotError::Device { id: CONSOLE_DEVICE, what: "missing" })?;
     guest.vcpu.check_state(&state)?;
-    let report = checkpoint.apply_to(&mut guest.memory()).map_err(SnapshotError::Apply)?;
+    let report = checkpoint.apply_to(&mut guest.memory(), epoch).map_err(SnapshotError::Apply)?;
     guest.vcpu.load_state(&state)?;
     guest.handler.set_msrs(state.handler_msrs);
-    guest.handler.set_console_pending(console);
+    guest.handler.set_console_pending(&console);
     guest.clock = GuestClock::starting_at(clock_ticks);
     if let Some(log) = guest.dirty.as_mut() {
         log.clear();
@@ -353,6 +354,9 @@ fn bench_pause(guest: &mut Guest, method: DirtyLogMethod) -> Result<(), String> 
 /// finish, restore the snapshot into a fresh guest B and back into A, and compare what each
 /// printed after the snapshot point; then show a corrupted and a truncated snapshot refused with
 /// the target untouched.
+/// Epoch of the one snapshot the snapshot-restore scenario takes.
+const SNAPSHOT_EPOCH: u64 = 1;
+
 fn snapshot_restore(
     backend: &mut Backend,
     frames: &mut FrameAllocator,
@@ -381,7 +385,7 @@ fn snapshot_restore(
                 if preemptions == after && snapshot.is_none() {
                     let rip = a.vcpu.rip();
                     let (copy, t) = pause_and_copy(&mut a, Pages::All).map_err(|e| alloc::format!("{e}"))?;
-                    let stream = encode(&copy, 1, frames_in_guest).map_err(|e| alloc::format!("{e}"))?;
+                    let stream = encode(&copy, SNAPSHOT_EPOCH, frames_in_guest).map_err(|e| alloc::format!("{e}"))?;
                     log::info!(
                         "snapshot-restore: snapshot of `{}` at preemption {after}, rip {rip:#x}: {} pages, {} bytes \
                          encoded (capture {} + copy {} TSC cycles)",
@@ -401,7 +405,8 @@ fn snapshot_restore(
         log::info!("snapshot-restore: original run {end_a}; {} lines after the snapshot", original.len());
 
         for (label, target) in [("a second guest", &mut b), ("the same guest", &mut a)] {
-            let report = restore(target, &snapshot).map_err(|e| alloc::format!("restore into {label}: {e}"))?;
+            let report =
+                restore(target, &snapshot, SNAPSHOT_EPOCH).map_err(|e| alloc::format!("restore into {label}: {e}"))?;
             target.console_capture = Some(Vec::new());
             let end = target.run_to_end();
             let replay = target.console_capture.take().unwrap_or_default();
@@ -424,14 +429,14 @@ fn snapshot_restore(
         let mut corrupted = snapshot.clone();
         let middle = corrupted.len() / 2;
         corrupted[middle] ^= 0x40;
-        match restore(&mut b, &corrupted) {
+        match restore(&mut b, &corrupted, SNAPSHOT_EPOCH) {
             Err(e) => log::info!(
                 "snapshot-restore: corrupted snapshot refused: {e}; target memory unchanged: {}",
                 if ram_checksum(&mut b) == before { "yes" } else { "NO" }
             ),
             Ok(_) => log::error!("snapshot-restore: a corrupted snapshot was applied"),
         }
-        match restore(&mut b, &snapshot[..snapshot.len() - 100]) {
+        match restore(&mut b, &snapshot[..snapshot.len() - 100], SNAPSHOT_EPOCH) {
             Err(e) => log::info!(
                 "snapshot-restore: truncated snapshot refused: {e}; target memory unchanged: {}",
                 if ram_checksum(&mut b) == before { "yes" } else { "NO" }

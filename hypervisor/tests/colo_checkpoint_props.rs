@@ -194,17 +194,17 @@ proptest! {
         prop_assert_eq!(cp.epoch(), spec.epoch);
         prop_assert_eq!(cp.page_count(), new.len());
         let before = mem.clone();
-        cp.apply_to(&mut mem).unwrap();
+        let v: Vec<Vec<u8>> = cp.vcpu_states().map(|b| b.data.to_vec()).collect();
+        prop_assert_eq!(v, spec.vcpus.clone());
+        let d: BTreeMap<u64, Vec<u8>> = cp.device_states().map(|b| (b.id, b.data.to_vec())).collect();
+        prop_assert_eq!(d, spec.devices.clone());
+        cp.apply_to(&mut mem, spec.epoch).unwrap();
         for gfn in 0..FRAMES {
             match new.get(&gfn) {
                 Some(d) => prop_assert_eq!(mem.frame(gfn), &d[..]),
                 None => prop_assert_eq!(mem.frame(gfn), before.frame(gfn)),
             }
         }
-        let v: Vec<Vec<u8>> = cp.vcpu_states().map(|b| b.data.to_vec()).collect();
-        prop_assert_eq!(v, spec.vcpus.clone());
-        let d: BTreeMap<u64, Vec<u8>> = cp.device_states().map(|b| (b.id, b.data.to_vec())).collect();
-        prop_assert_eq!(d, spec.devices.clone());
     }
 
     #[test]
@@ -216,7 +216,7 @@ proptest! {
         let (mem, new) = materialise(&spec);
         let bytes = encode(&spec, &mem, &new);
         let mut expected = mem.clone();
-        decode_chunked(&bytes, &[bytes.len()]).unwrap().0.apply_to(&mut expected).unwrap();
+        decode_chunked(&bytes, &[bytes.len()]).unwrap().0.apply_to(&mut expected, spec.epoch).unwrap();
 
         let mut bad = bytes.clone();
         for m in &muts {
@@ -228,8 +228,8 @@ proptest! {
             Ok((cp, _consumed)) => {
                 // Only acceptable if the result is exactly the original checkpoint (e.g. the
                 // mutation hit bytes after the commit record).
-                cp.apply_to(&mut target).unwrap();
                 prop_assert_eq!(cp.epoch(), spec.epoch);
+                cp.apply_to(&mut target, spec.epoch).unwrap();
                 prop_assert!(target == expected, "undetected corruption changed the result");
             }
             Err(e) => {

@@ -50,16 +50,7 @@
 use core::fmt;
 use heapless::Vec as HVec;
 
-/// A point in time, in ticks of whatever timer the caller uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
-pub struct Tick(pub u64);
-
-impl Tick {
-    /// Ticks from `earlier` to `self` (0 if `earlier` is later).
-    pub fn since(self, earlier: Tick) -> u64 {
-        self.0.saturating_sub(earlier.0)
-    }
-}
+pub use super::time::Tick;
 
 /// Timing knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

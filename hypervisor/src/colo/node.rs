@@ -919,12 +919,17 @@ impl<D: BlockBackend> ColoNode<D> {
     pub fn handle(&mut self, now: Tick, event: Event<'_>) {
         self.last_now = now;
         if let Event::GuestDiskWrite { sector, data } = event {
-            // Never produces actions (the block device path need not drain them); a disk
-            // pressure checkpoint starts at the next event or timeout.
-            return match self.primary {
-                Some(_) => self.pvm_disk_write(now, sector, data),
+            // Produces at most `PauseVm(Backpressure)` (never a capture: the write may be one
+            // of several the guest makes in one go); a disk-pressure checkpoint starts at the
+            // next event or timeout, which `poll_timeout` makes immediate.
+            match self.primary {
+                Some(_) => {
+                    self.pvm_disk_write(now, sector, data);
+                    self.update_vm();
+                }
                 None => self.svm_disk_write(sector, data),
-            };
+            }
+            return;
         }
         match event {
             Event::ClientFrame(f) if self.primary.is_some() => self.on_client_frame(now, f),

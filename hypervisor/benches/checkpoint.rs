@@ -3,7 +3,8 @@
 //! Writes a Markdown section to `$COLO_BENCH_DIR/checkpoint.md` (default `target/bench`).
 
 use hypervisor::colo::checkpoint::{
-    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, HeaderInfo, StagedCheckpoint, StreamLimits, VecGuestMemory,
+    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, HeaderInfo, PageStaging, StagedCheckpoint, StreamLimits,
+    VecGuestMemory,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -71,7 +72,7 @@ fn mixed_set() -> Set {
 const EPOCH: u64 = 1;
 
 fn limits() -> StreamLimits {
-    StreamLimits::for_guest(FRAMES)
+    StreamLimits::for_guest(FRAMES, 1, 1)
 }
 
 fn encode(set: &Set, out: &mut Vec<u8>) {
@@ -95,8 +96,9 @@ fn encode(set: &Set, out: &mut Vec<u8>) {
     enc.finish().expect("finish");
 }
 
-fn decode(bytes: &[u8]) -> StagedCheckpoint {
-    let mut d = CheckpointDecoder::new(limits());
+/// Decodes into `staging` (reserved once, as the secondary does).
+fn decode(bytes: &[u8], staging: PageStaging) -> StagedCheckpoint {
+    let mut d = CheckpointDecoder::new(limits(), staging);
     for c in bytes.chunks(64 * 1024) {
         if let Feed::Complete { checkpoint, .. } = d.feed(c).expect("decode") {
             return checkpoint;
@@ -141,10 +143,12 @@ fn main() {
             encode(black_box(&set), &mut stream);
             black_box(&stream);
         });
+        let mut staging = Some(PageStaging::for_limits(&limits()));
         let dec = best(|| {
-            black_box(decode(black_box(&stream)));
+            let cp = decode(black_box(&stream), staging.take().expect("staging"));
+            staging = black_box(cp).into_staging();
         });
-        let cp = decode(&stream);
+        let cp = decode(&stream, staging.take().expect("staging"));
         let mut mem = set.base.clone();
         // Memory is reset outside the timed region.
         let apply = (0..REPS)

@@ -21,7 +21,8 @@ use zerocopy::IntoBytes;
 
 use crate::backend::Backend;
 use crate::colo::checkpoint::{
-    ApplyError, CheckpointDecoder, CheckpointEncoder, EncodeError, Feed, HeaderInfo, StreamError, StreamLimits,
+    ApplyError, CheckpointDecoder, CheckpointEncoder, EncodeError, Feed, HeaderInfo, PageStaging, StreamError,
+    StreamLimits,
 };
 use crate::guest::GuestMemory;
 use crate::host::time;
@@ -151,6 +152,12 @@ pub fn pause_and_copy(guest: &mut Guest, pages: Pages) -> Result<(LocalCopy, Pau
     Ok((copy, PauseTimings { capture_cycles: t1 - t0, copy_cycles: t2 - t1 }))
 }
 
+/// Stream limits for a snapshot of a guest of `frames` pages: one vCPU, two devices (clock,
+/// console).
+fn limits(frames: u64) -> StreamLimits {
+    StreamLimits::for_guest(frames, 1, 2)
+}
+
 /// The local copy as a checkpoint stream for a guest of `frames` pages.
 pub fn encode(copy: &LocalCopy, epoch: u64, frames: u64) -> Result<Vec<u8>, SnapshotError> {
     let info = HeaderInfo {
@@ -160,8 +167,7 @@ pub fn encode(copy: &LocalCopy, epoch: u64, frames: u64) -> Result<Vec<u8>, Snap
         vcpu_count: 1,
         device_count: 2,
     };
-    let mut encoder =
-        CheckpointEncoder::new(Vec::new(), info, StreamLimits::for_guest(frames)).map_err(SnapshotError::Encode)?;
+    let mut encoder = CheckpointEncoder::new(Vec::new(), info, limits(frames)).map_err(SnapshotError::Encode)?;
     let mut i = 0;
     while i < copy.gfns.len() {
         let mut run = 1;
@@ -194,7 +200,11 @@ pub struct RestoreReport {
 /// unless everything checks out.
 pub fn restore(guest: &mut Guest, stream: &[u8], epoch: u64) -> Result<RestoreReport, SnapshotError> {
     let frames = guest.ram.len() / PAGE as u64;
-    let mut decoder = CheckpointDecoder::new(StreamLimits::for_guest(frames)).expecting_epoch(epoch);
+    // The stream is already in memory: its pages cannot need more staging than its own length.
+    let staged_bytes = stream.len().min(frames as usize * PAGE);
+    let staged_pages = (stream.len() as u64).min(frames) as u32;
+    let staging = PageStaging::new(alloc::vec![0u8; staged_bytes], staged_pages);
+    let mut decoder = CheckpointDecoder::new(limits(frames), staging).expecting_epoch(epoch);
     let checkpoint = match decoder.feed(stream).map_err(SnapshotError::Stream)? {
         Feed::Complete { checkpoint, .. } => checkpoint,
         Feed::NeedMore => return Err(SnapshotError::Incomplete { bytes: stream.len() }),

@@ -1,12 +1,45 @@
 //! Property tests for the checkpoint codec and the failover state machine.
 
 use hypervisor::colo::checkpoint::{
-    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, GuestMemoryMut, HeaderInfo, StagedCheckpoint, StreamError,
-    StreamLimits, VecGuestMemory,
+    CheckpointDecoder, CheckpointEncoder, DirtyPage, Feed, GuestMemoryMut, HeaderInfo, PageStaging, StagedCheckpoint,
+    StreamError, StreamLimits, VecGuestMemory,
 };
 use hypervisor::colo::failover::{Action, Command, Event, FailoverConfig, FailoverMachine, Role, Tick, Verdict};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
+
+/// Counts heap bytes allocated by the current thread (so the item-7 test can see what a
+/// stream makes the decoder allocate; other tests' threads do not disturb it).
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCATED.try_with(|a| a.set(a.get() + layout.size()));
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCATED.try_with(|a| a.set(a.get() + new_size.saturating_sub(layout.size())));
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn allocated() -> usize {
+    ALLOCATED.with(|a| a.get())
+}
 
 const PS: usize = 512;
 const FRAMES: u64 = 128;
@@ -16,6 +49,8 @@ fn limits() -> StreamLimits {
         page_size: PS as u32,
         guest_frames: FRAMES,
         max_pages: FRAMES as u32,
+        max_vcpus: 4,
+        max_devices: 4,
         max_section_bytes: 256,
         max_records: 256,
         max_total_bytes: 1 << 20,
@@ -126,7 +161,7 @@ fn encode(spec: &Spec, mem: &VecGuestMemory, new: &BTreeMap<u64, Vec<u8>>) -> Ve
 
 /// Feeds `bytes` in chunks of the given sizes (cycled); returns the staged checkpoint.
 fn decode_chunked(bytes: &[u8], chunks: &[usize]) -> Result<(StagedCheckpoint, usize), StreamError> {
-    let mut d = CheckpointDecoder::new(limits());
+    let mut d = CheckpointDecoder::new(limits(), PageStaging::for_limits(&limits()));
     let mut pos = 0;
     let mut i = 0;
     while pos < bytes.len() {
@@ -253,7 +288,7 @@ proptest! {
             input.extend_from_slice(&encode(&spec, &mem, &new)[..40]);
         }
         input.extend_from_slice(&bytes);
-        let mut d = CheckpointDecoder::new(limits());
+        let mut d = CheckpointDecoder::new(limits(), PageStaging::for_limits(&limits()));
         for c in input.chunks(chunk) {
             match d.feed(c) {
                 Ok(Feed::NeedMore) => {}
@@ -279,6 +314,8 @@ enum Msg {
     ColoStart(u64),
     Checkpoint(u64),
     Ack(u64),
+    /// Secondary: the checkpoint was refused.
+    Nack(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -286,9 +323,15 @@ enum Op {
     Advance(u64),
     Deliver(usize),
     Drop(usize),
-    Cut { notify: [bool; 2] },
+    Cut {
+        notify: [bool; 2],
+    },
     Restore,
     WitnessReach(usize, bool),
+    /// The witness acts on node n's claims but its replies to n are lost (n sees Unreachable).
+    WitnessLossy(usize, bool),
+    /// The secondary refuses checkpoints (bad stream) while it keeps sending heartbeats.
+    Refuse(bool),
     Crash(usize),
     Restart(usize),
     Cmd(usize, Command),
@@ -304,6 +347,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<bool>(), any::<bool>()).prop_map(|(a, b)| Op::Cut { notify: [a, b] }),
         1 => Just(Op::Restore),
         1 => (node.clone(), any::<bool>()).prop_map(|(n, r)| Op::WitnessReach(n, r)),
+        1 => (node.clone(), any::<bool>()).prop_map(|(n, r)| Op::WitnessLossy(n, r)),
+        1 => any::<bool>().prop_map(Op::Refuse),
         1 => node.clone().prop_map(Op::Crash),
         1 => node.clone().prop_map(Op::Restart),
         2 => (node.clone(), prop_oneof![
@@ -324,6 +369,8 @@ struct World {
     /// queues[i]: messages travelling to node i.
     queues: [VecDeque<Msg>; 2],
     witness_reach: [bool; 2],
+    witness_lossy: [bool; 2],
+    refuse: bool,
     witness_gen: u64,
     witness_owner: usize,
     next_epoch: u64,
@@ -331,7 +378,7 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        let cfg = FailoverConfig { heartbeat_interval: 10, miss_limit: 3, witness_retry: 7 };
+        let cfg = FailoverConfig { heartbeat_interval: 10, miss_limit: 3, witness_retry: 7, checkpoint_timeout: 60 };
         Self {
             now: Tick(0),
             nodes: [
@@ -342,6 +389,8 @@ impl World {
             link_up: true,
             queues: [VecDeque::new(), VecDeque::new()],
             witness_reach: [true, true],
+            witness_lossy: [false, false],
+            refuse: false,
             witness_gen: 1,
             witness_owner: 0,
             next_epoch: 1,
@@ -379,6 +428,8 @@ impl World {
                         } else {
                             Verdict::Denied
                         };
+                        // A lossy witness acted on the claim, but the reply never arrives.
+                        let verdict = if self.witness_lossy[n] { Verdict::Unreachable } else { verdict };
                         work.push_back((n, Event::Witness { generation, verdict }));
                     }
                     Action::SendJoinRequest => self.send(n, Msg::JoinRequest),
@@ -418,9 +469,17 @@ impl World {
             Msg::ColoStart(g) => self.event(to, Event::FullSyncComplete { generation: g }),
             Msg::Checkpoint(epoch) => {
                 self.event(to, Event::CheckpointBegin { epoch });
-                self.event(to, Event::CheckpointCommitted { epoch });
+                if self.refuse {
+                    self.event(to, Event::CheckpointFailed { epoch });
+                    if self.nodes[to].role() == Role::Secondary {
+                        self.send(to, Msg::Nack(epoch));
+                    }
+                } else {
+                    self.event(to, Event::CheckpointCommitted { epoch });
+                }
             }
             Msg::Ack(epoch) => self.event(to, Event::CheckpointAcked { epoch }),
+            Msg::Nack(epoch) => self.event(to, Event::CheckpointFailed { epoch }),
         }
     }
 
@@ -452,6 +511,8 @@ impl World {
                 }
             }
             Op::WitnessReach(n, r) => self.witness_reach[n] = r,
+            Op::WitnessLossy(n, r) => self.witness_lossy[n] = r,
+            Op::Refuse(r) => self.refuse = r,
             Op::Crash(n) => {
                 self.alive[n] = false;
                 self.queues[n].clear();
@@ -483,6 +544,25 @@ impl World {
             let (a, b) = (live[0], live[1]);
             if a.role().faces_clients() && b.role().faces_clients() && a.generation() == b.generation() {
                 return Err(format!("two primaries in generation {}", a.generation()));
+            }
+        }
+        // A generation the witness granted is never forgotten by its owner: while the owner
+        // still runs in the old generation it keeps claiming the granted one (issue 15, item
+        // 5: otherwise the peer's later claim is denied and fences the only live host).
+        for i in 0..2 {
+            let m = &self.nodes[i];
+            if self.alive[i]
+                && self.witness_owner == i
+                && self.witness_gen > m.generation()
+                && matches!(m.role(), Role::Primary | Role::Secondary)
+                && m.pending_claim() != Some(self.witness_gen)
+            {
+                return Err(format!(
+                    "node {i} ({:?} at generation {}) dropped its claim on generation {} the witness granted it",
+                    m.role(),
+                    m.generation(),
+                    self.witness_gen
+                ));
             }
         }
         // Whoever releases unprotected owns its generation at the witness.
@@ -533,6 +613,62 @@ fn healthy_pair_stays_protected() {
     assert!(w.next_epoch > 10);
 }
 
+/// Issue 15, item 8: the secondary refuses checkpoints for a while (and keeps sending
+/// heartbeats); the primary aborts and retries, and checkpoints resume once it accepts again.
+#[test]
+fn refused_checkpoints_do_not_stall_the_pair() {
+    let mut w = World::new();
+    w.apply(&Op::Refuse(true));
+    w.apply(&Op::Cmd(0, Command::CheckpointNow));
+    w.apply(&Op::Deliver(1));
+    w.apply(&Op::Deliver(0));
+    assert_eq!(w.nodes[0].checkpoint_in_flight(), None, "a refusal aborts at once");
+    // The primary keeps retrying while the secondary keeps refusing.
+    let first = w.next_epoch;
+    for _ in 0..40 {
+        w.apply(&Op::Advance(5));
+        w.apply(&Op::Deliver(1));
+        w.apply(&Op::Deliver(0));
+    }
+    assert!(w.next_epoch > first + 3, "retries: {} -> {}", first, w.next_epoch);
+    assert_eq!(w.nodes[1].last_committed(), None);
+    w.apply(&Op::Refuse(false));
+    let before = w.next_epoch;
+    for _ in 0..100 {
+        w.apply(&Op::Advance(5));
+        w.apply(&Op::Deliver(1));
+        w.apply(&Op::Deliver(0));
+    }
+    assert!(w.next_epoch > before, "checkpoints started again");
+    assert_eq!(w.nodes[0].role(), Role::Primary);
+    assert_eq!(w.nodes[1].role(), Role::Secondary);
+    assert_eq!(w.nodes[1].last_committed(), Some(w.next_epoch - 1));
+    w.check().unwrap();
+}
+
+/// Issue 15, item 5 as a scenario: the witness grants S generation 2 but the reply is lost; S
+/// hears P again; S keeps claiming, gets the answer and takes over; P is fenced.
+#[test]
+fn lost_witness_reply_still_ends_with_one_server() {
+    let mut w = World::new();
+    w.apply(&Op::WitnessLossy(1, true));
+    w.apply(&Op::WitnessReach(0, false));
+    w.apply(&Op::Cut { notify: [false, true] });
+    assert_eq!(w.witness_owner, 1);
+    assert_eq!(w.nodes[1].role(), Role::Secondary);
+    w.apply(&Op::Restore);
+    w.apply(&Op::WitnessLossy(1, false));
+    w.apply(&Op::WitnessReach(0, true));
+    for _ in 0..20 {
+        w.apply(&Op::Advance(5));
+        w.apply(&Op::Deliver(0));
+        w.apply(&Op::Deliver(1));
+        w.check().unwrap();
+    }
+    assert_eq!(w.nodes[1].role(), Role::FailingOver);
+    assert_eq!(w.nodes[0].role(), Role::Fenced);
+}
+
 /// Primary crash: the secondary takes over; the old primary restarts and rejoins.
 #[test]
 fn primary_crash_then_rejoin() {
@@ -553,4 +689,37 @@ fn primary_crash_then_rejoin() {
     assert_eq!(w.nodes[0].role(), Role::Secondary);
     assert_eq!(w.nodes[1].role(), Role::Primary);
     w.check().unwrap();
+}
+
+/// Issue 15, item 7: a 40-byte header declaring every page of a 256 MiB guest makes the
+/// decoder allocate nothing (the old decoder reserved about page_count x 4097 bytes); pages go
+/// to the staging the caller reserved once; a stream too big for it is a named error.
+#[test]
+fn a_header_alone_allocates_nothing() {
+    let frames = 65_536u64; // 256 MiB of 4 KiB pages
+    let limits = StreamLimits::for_guest(frames, 1, 2);
+    let header = {
+        let mut h = Vec::new();
+        h.extend_from_slice(b"COLOCKPT");
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&40u16.to_le_bytes());
+        h.extend_from_slice(&4096u32.to_le_bytes());
+        h.extend_from_slice(&1u64.to_le_bytes());
+        h.extend_from_slice(&(frames as u32).to_le_bytes());
+        h.extend_from_slice(&1u32.to_le_bytes());
+        h.extend_from_slice(&2u32.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h
+    };
+    // Caller-supplied staging for the whole guest (page table reserved here, once; the page
+    // bytes are a boxed slice of zeroes the OS maps lazily).
+    let staging = PageStaging::for_limits(&limits);
+    let before = allocated();
+    let mut d = CheckpointDecoder::new(limits, staging);
+    assert!(matches!(d.feed(&header), Ok(Feed::NeedMore)));
+    let grew = allocated() - before;
+    assert!(grew < 4096, "a header made the decoder allocate {grew} bytes");
+    // A small staging refuses the same header by name.
+    let mut d = CheckpointDecoder::new(limits, PageStaging::new(vec![0u8; 16 * 4096], 16));
+    assert_eq!(d.feed(&header).unwrap_err(), StreamError::StagingFull { unit: "pages", needed: frames, capacity: 16 });
 }

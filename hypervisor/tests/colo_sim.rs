@@ -611,6 +611,8 @@ impl World {
             page_size: PAGE as u32,
             guest_frames: PAGES as u64,
             max_pages: PAGES as u32,
+            max_vcpus: 1,
+            max_devices: 0,
             max_section_bytes: 64,
             max_records: PAGES as u32 + 8,
             max_total_bytes: 1 << 20,
@@ -890,7 +892,9 @@ impl World {
         self.vms[1].running = false;
         let pages: Vec<u64> = staged.pages().map(|p| p.gfn).collect();
         let vcpu: Vec<u8> = staged.vcpu_states().next().map(|b| b.data.to_vec()).unwrap_or_default();
-        staged.apply_to(&mut self.cache, epoch).map_err(|e| format!("apply: {e}"))?;
+        let (applied, staging) = staged.apply_and_recycle(&mut self.cache, epoch);
+        applied.map_err(|e| format!("apply: {e}"))?;
+        self.nodes[1].recycle_staging(staging.ok_or("no staging back")?);
         // Pages dirtied by the PVM (in the checkpoint) or by the SVM go back to the cache's.
         let vm = &mut self.vms[1];
         let svm_dirty = vm.dirty.iter().filter(|&&d| d).count();

@@ -38,6 +38,7 @@
 //! record and checksum check out. Applying exists only on [`StagedCheckpoint`] and does all its
 //! checks before it writes the first byte.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 use core::mem::size_of;
@@ -227,6 +228,10 @@ pub struct StreamLimits {
     pub guest_frames: u64,
     /// Most pages one checkpoint may carry.
     pub max_pages: u32,
+    /// Most vCPU records one checkpoint may declare.
+    pub max_vcpus: u32,
+    /// Most device records one checkpoint may declare.
+    pub max_devices: u32,
     /// Most bytes one vCPU/device blob may carry.
     pub max_section_bytes: u32,
     /// Most records (page runs + blobs) one checkpoint may carry.
@@ -235,17 +240,34 @@ pub struct StreamLimits {
     pub max_total_bytes: u64,
 }
 
+/// Largest vCPU or device state blob [`StreamLimits::for_guest`] accepts.
+pub const MAX_SECTION_BYTES: u32 = 64 << 10;
+
 impl StreamLimits {
-    /// Limits for a guest of `guest_frames` 4 KiB frames: every page may be dirty, blobs up to
-    /// 1 MiB, 4096 records beyond one per page, total as the worst case of those.
-    pub fn for_guest(guest_frames: u64) -> Self {
+    /// Limits for a guest of `guest_frames` 4 KiB frames with `vcpus` vCPUs and `devices`
+    /// saved devices: every page may be dirty, each blob up to [`MAX_SECTION_BYTES`], one record
+    /// per page plus one per blob, and a total of exactly the worst case of those. So a 64 KiB
+    /// guest with one vCPU and two devices accepts at most about 260 KiB of stream.
+    pub fn for_guest(guest_frames: u64, vcpus: u32, devices: u32) -> Self {
         let max_pages = u32::try_from(guest_frames).unwrap_or(u32::MAX);
-        let max_section_bytes = 1 << 20;
-        let max_records = max_pages.saturating_add(4096);
-        let max_total_bytes = (u64::from(max_pages) * (4096 + 1 + RECORD_HEADER_LEN as u64))
-            .saturating_add(4096 * (u64::from(max_section_bytes) + RECORD_HEADER_LEN as u64))
-            .saturating_add(1 << 16);
-        Self { page_size: 4096, guest_frames, max_pages, max_section_bytes, max_records, max_total_bytes }
+        let max_section_bytes = MAX_SECTION_BYTES;
+        let blobs = vcpus.saturating_add(devices);
+        let max_records = max_pages.saturating_add(blobs);
+        let rec = RECORD_HEADER_LEN as u64;
+        let max_total_bytes = (HEADER_LEN as u64)
+            .saturating_add(u64::from(max_pages) * (4096 + 1 + rec))
+            .saturating_add(u64::from(blobs) * (u64::from(max_section_bytes) + rec))
+            .saturating_add(rec + COMMIT_BODY_LEN as u64);
+        Self {
+            page_size: 4096,
+            guest_frames,
+            max_pages,
+            max_vcpus: vcpus,
+            max_devices: devices,
+            max_section_bytes,
+            max_records,
+            max_total_bytes,
+        }
     }
 }
 
@@ -335,6 +357,25 @@ pub enum StreamError {
         found: u64,
         /// Cap.
         max: u32,
+    },
+    /// More vCPU or device sections than the header declared, or a header declaring more than
+    /// the limits allow.
+    TooManySections {
+        /// Which section.
+        kind: SectionKind,
+        /// Count found (declared or reached).
+        found: u64,
+        /// Cap (declared count or limit).
+        max: u64,
+    },
+    /// The receiver's page staging memory cannot take this checkpoint.
+    StagingFull {
+        /// "pages" or "bytes".
+        unit: &'static str,
+        /// Amount needed.
+        needed: u64,
+        /// Staging capacity.
+        capacity: u64,
     },
     /// A blob longer than allowed.
     SectionTooLarge {
@@ -480,6 +521,12 @@ impl fmt::Display for StreamError {
             Self::TooManyRecords { found, max } => {
                 write!(f, "checkpoint carries {found} records, expected at most {max}")
             }
+            Self::TooManySections { kind, found, max } => {
+                write!(f, "checkpoint carries {found} {kind} sections, expected at most {max}")
+            }
+            Self::StagingFull { unit, needed, capacity } => {
+                write!(f, "checkpoint needs {needed} {unit} of page staging, expected at most {capacity}")
+            }
             Self::SectionTooLarge { kind, found, max } => {
                 write!(f, "{kind} section is {found} bytes, expected at most {max}")
             }
@@ -550,6 +597,9 @@ struct Validator {
     records: u64,
     vcpus: u64,
     devices: u64,
+    declared_pages: u32,
+    declared_vcpus: u64,
+    declared_devices: u64,
 }
 
 impl Validator {
@@ -563,6 +613,9 @@ impl Validator {
             records: 0,
             vcpus: 0,
             devices: 0,
+            declared_pages: 0,
+            declared_vcpus: 0,
+            declared_devices: 0,
         }
     }
 
@@ -573,10 +626,21 @@ impl Validator {
         if h.page_count > self.limits.max_pages {
             return Err(StreamError::TooManyPages { found: h.page_count.into(), max: self.limits.max_pages });
         }
+        for (kind, found, max) in [
+            (SectionKind::Vcpu, h.vcpu_count, self.limits.max_vcpus),
+            (SectionKind::Device, h.device_count, self.limits.max_devices),
+        ] {
+            if found > max {
+                return Err(StreamError::TooManySections { kind, found: found.into(), max: max.into() });
+            }
+        }
         let recs = u64::from(h.vcpu_count) + u64::from(h.device_count);
         if recs > u64::from(self.limits.max_records) {
             return Err(StreamError::TooManyRecords { found: recs, max: self.limits.max_records });
         }
+        self.declared_pages = h.page_count;
+        self.declared_vcpus = h.vcpu_count.into();
+        self.declared_devices = h.device_count.into();
         self.phase = SectionKind::Header;
         Ok(())
     }
@@ -609,8 +673,9 @@ impl Validator {
             return Err(StreamError::FrameOutOfRange { gfn: frames, frames });
         }
         self.pages += u64::from(count);
-        if self.pages > u64::from(self.limits.max_pages) {
-            return Err(StreamError::TooManyPages { found: self.pages, max: self.limits.max_pages });
+        let max = self.limits.max_pages.min(self.declared_pages);
+        if self.pages > u64::from(max) {
+            return Err(StreamError::TooManyPages { found: self.pages, max });
         }
         self.phase = SectionKind::PageRun;
         self.next_gfn = end;
@@ -639,10 +704,16 @@ impl Validator {
                 max: self.limits.max_section_bytes.into(),
             });
         }
-        match kind {
-            SectionKind::Vcpu => self.vcpus += 1,
-            _ => self.devices += 1,
+        // Blob space is bounded by the declared counts: one section more than declared is
+        // refused before its bytes arrive.
+        let (count, declared) = match kind {
+            SectionKind::Vcpu => (&mut self.vcpus, self.declared_vcpus),
+            _ => (&mut self.devices, self.declared_devices),
+        };
+        if *count + 1 > declared {
+            return Err(StreamError::TooManySections { kind, found: *count + 1, max: declared });
         }
+        *count += 1;
         self.phase = kind;
         self.last_id = Some(id);
         Ok(())
@@ -1150,7 +1221,7 @@ impl Expect {
     }
 }
 
-/// Where a page's data sits in a staged checkpoint.
+/// Where a page's data sits in the staging memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PageRef {
     gfn: u64,
@@ -1159,7 +1230,7 @@ struct PageRef {
     len: usize,
 }
 
-/// Where a blob sits in a staged checkpoint.
+/// Where a blob sits in a staged checkpoint's blob bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BlobRef {
     id: u64,
@@ -1168,16 +1239,69 @@ struct BlobRef {
     len: usize,
 }
 
+/// Memory a decoder stages a checkpoint's pages in: sized for the guest and reserved once by
+/// the caller (the secondary keeps one for its whole life and hands it from checkpoint to
+/// checkpoint), so a checkpoint's pages never come from the general heap and a stream can
+/// never make it grow. `B` is the page data area: a boxed slice ([`PageStaging::for_limits`])
+/// or any memory the caller set aside (`&'static mut [u8]` carved from free frames at boot).
+/// Raw pages take `page_size` bytes each, delta pages less, zero pages nothing.
+#[derive(Debug, Clone)]
+pub struct PageStaging<B = Box<[u8]>> {
+    data: B,
+    pages: Vec<PageRef>,
+}
+
+impl PageStaging<Box<[u8]>> {
+    /// Staging for the worst case `limits` allow: `max_pages` raw pages (one allocation).
+    pub fn for_limits(limits: &StreamLimits) -> Self {
+        let bytes = limits.max_pages as usize * limits.page_size as usize;
+        Self::new(alloc::vec![0u8; bytes].into_boxed_slice(), limits.max_pages)
+    }
+}
+
+impl<B: AsRef<[u8]> + AsMut<[u8]>> PageStaging<B> {
+    /// Staging in `data` (its whole length) for at most `max_pages` pages. The page table
+    /// (`max_pages` entries) is reserved here, once.
+    pub fn new(data: B, max_pages: u32) -> Self {
+        Self { data, pages: Vec::with_capacity(max_pages as usize) }
+    }
+
+    /// Bytes of page data it can hold.
+    pub fn capacity(&self) -> usize {
+        self.data.as_ref().len()
+    }
+
+    /// Pages it can hold.
+    pub fn max_pages(&self) -> usize {
+        self.pages.capacity()
+    }
+
+    /// Gives the memory back.
+    pub fn into_inner(self) -> B {
+        self.data
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    /// Small fixed-size elements (headers, page kinds, delta lengths, commit body).
+    Scratch,
+    /// Page data, at the staging's fill level.
+    Staging,
+    /// vCPU / device blob bytes.
+    Blob,
+}
+
 /// Result of feeding bytes.
 #[derive(Debug)]
-pub enum Feed {
+pub enum Feed<B = Box<[u8]>> {
     /// The checkpoint is not complete yet; all input was consumed.
     NeedMore,
     /// The commit record checked out. `consumed` bytes of the last input belonged to this
     /// checkpoint; the rest belongs to whatever follows on the connection.
     Complete {
         /// The verified checkpoint.
-        checkpoint: StagedCheckpoint,
+        checkpoint: StagedCheckpoint<B>,
         /// Bytes of the last input used.
         consumed: usize,
     },
@@ -1190,45 +1314,71 @@ enum DecState {
     Done,
 }
 
-/// Incremental checkpoint decoder: feed it bytes in any chunking; it buffers and validates the
+/// Incremental checkpoint decoder: feed it bytes in any chunking; it stages and validates the
 /// whole checkpoint and returns it only once the commit record and checksum check out.
+///
+/// Memory: page data goes into the caller's [`PageStaging`] (never the heap); vCPU and device
+/// blobs go into a heap buffer that grows only as their bytes arrive, bounded by the header's
+/// declared vCPU and device counts times [`StreamLimits::max_section_bytes`]; nothing is
+/// reserved on the strength of a length field. The stream as a whole is bounded by both
+/// [`StreamLimits::max_total_bytes`] and the most the header's declared counts can take.
 #[derive(Debug)]
-pub struct CheckpointDecoder {
+pub struct CheckpointDecoder<B = Box<[u8]>> {
     limits: StreamLimits,
     expect_epoch: Option<u64>,
     state: DecState,
-    buf: Vec<u8>,
-    elem_start: usize,
+    staging: Option<PageStaging<B>>,
+    /// Bytes of page data staged.
+    staged: usize,
+    blobs: Vec<u8>,
+    scratch: [u8; HEADER_LEN],
+    /// Stream bytes received.
+    received: u64,
+    /// Stream offset where the current element starts.
+    elem_start: u64,
+    /// Bytes of the current element received / needed.
+    have: usize,
     need: usize,
     expect: Expect,
+    dest: Dest,
+    /// Most bytes this stream may take (total cap, then the declared counts' worst case).
+    stream_cap: u64,
     crc: Crc32c,
     val: Validator,
     info: Option<HeaderInfo>,
     cur_gfn: u64,
     run_left: u32,
-    pages: Vec<PageRef>,
     vcpus: Vec<BlobRef>,
     devices: Vec<BlobRef>,
     pending_blob: (u64, u32),
 }
 
-impl CheckpointDecoder {
-    /// A decoder for one checkpoint under `limits`.
-    pub fn new(limits: StreamLimits) -> Self {
+impl<B: AsRef<[u8]> + AsMut<[u8]>> CheckpointDecoder<B> {
+    /// A decoder for one checkpoint under `limits`, staging its pages in `staging` (get it
+    /// back with [`CheckpointDecoder::into_staging`], [`StagedCheckpoint::into_staging`] or
+    /// [`StagedCheckpoint::apply_and_recycle`]).
+    pub fn new(limits: StreamLimits, mut staging: PageStaging<B>) -> Self {
+        staging.pages.clear();
         Self {
             limits,
             expect_epoch: None,
             state: DecState::Running,
-            buf: Vec::new(),
+            staging: Some(staging),
+            staged: 0,
+            blobs: Vec::new(),
+            scratch: [0; HEADER_LEN],
+            received: 0,
             elem_start: 0,
+            have: 0,
             need: HEADER_LEN,
             expect: Expect::Header,
+            dest: Dest::Scratch,
+            stream_cap: limits.max_total_bytes,
             crc: Crc32c::new(),
             val: Validator::new(limits),
             info: None,
             cur_gfn: 0,
             run_left: 0,
-            pages: Vec::new(),
             vcpus: Vec::new(),
             devices: Vec::new(),
             pending_blob: (0, 0),
@@ -1241,14 +1391,29 @@ impl CheckpointDecoder {
         self
     }
 
-    /// Bytes buffered so far.
+    /// Bytes held so far (staged page data and blob bytes).
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.staged + self.blobs.len()
+    }
+
+    /// Stream bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// The staging memory back (after a failure, or to give up on this checkpoint). `None`
+    /// once the checkpoint completed (it went with the [`StagedCheckpoint`]).
+    pub fn into_staging(self) -> Option<PageStaging<B>> {
+        self.staging
+    }
+
+    fn staging_capacity(&self) -> usize {
+        self.staging.as_ref().map_or(0, PageStaging::capacity)
     }
 
     /// Feeds the next bytes of the stream. After an error the decoder stays failed and returns
     /// the same error.
-    pub fn feed(&mut self, mut input: &[u8]) -> Result<Feed, StreamError> {
+    pub fn feed(&mut self, mut input: &[u8]) -> Result<Feed<B>, StreamError> {
         match &self.state {
             DecState::Failed(e) => return Err(e.clone()),
             DecState::Done => return Err(StreamError::AlreadyComplete),
@@ -1256,8 +1421,7 @@ impl CheckpointDecoder {
         }
         let total_in = input.len();
         loop {
-            let have = self.buf.len() - self.elem_start;
-            if have == self.need {
+            if self.have == self.need {
                 match self.step() {
                     Ok(true) => {
                         self.state = DecState::Done;
@@ -1267,7 +1431,7 @@ impl CheckpointDecoder {
                     Ok(false) => continue,
                     Err(e) => {
                         self.state = DecState::Failed(e.clone());
-                        self.buf = Vec::new();
+                        self.blobs = Vec::new();
                         return Err(e);
                     }
                 }
@@ -1275,8 +1439,20 @@ impl CheckpointDecoder {
             if input.is_empty() {
                 return Ok(Feed::NeedMore);
             }
-            let take = (self.need - have).min(input.len());
-            self.buf.extend_from_slice(&input[..take]);
+            let take = (self.need - self.have).min(input.len());
+            let chunk = &input[..take];
+            match self.dest {
+                Dest::Scratch => self.scratch[self.have..self.have + take].copy_from_slice(chunk),
+                Dest::Staging => {
+                    let at = self.staged + self.have;
+                    if let Some(s) = self.staging.as_mut() {
+                        s.data.as_mut()[at..at + take].copy_from_slice(chunk);
+                    }
+                }
+                Dest::Blob => self.blobs.extend_from_slice(chunk),
+            }
+            self.have += take;
+            self.received += take as u64;
             input = &input[take..];
         }
     }
@@ -1287,20 +1463,38 @@ impl CheckpointDecoder {
             DecState::Done => Ok(()),
             DecState::Failed(e) => Err(e.clone()),
             DecState::Running => Err(StreamError::Truncated {
-                received: self.buf.len() as u64,
-                needed: (self.elem_start + self.need) as u64,
+                received: self.received,
+                needed: self.elem_start + self.need as u64,
                 reading: self.expect.section(),
             }),
         }
     }
 
-    /// Sets up the next element of `need` bytes, enforcing the total size cap first.
+    /// Sets up the next element of `need` bytes, enforcing the stream caps and the staging
+    /// capacity before any of it arrives.
     fn next(&mut self, expect: Expect, need: usize) -> Result<(), StreamError> {
-        let end = self.buf.len() as u64 + need as u64;
+        let end = self.received + need as u64;
         check_total(end, &self.limits)?;
-        self.elem_start = self.buf.len();
+        if end > self.stream_cap {
+            return Err(StreamError::StreamTooLarge { found: end, max: self.stream_cap });
+        }
+        let dest = match expect {
+            Expect::PageRaw | Expect::DeltaBody => Dest::Staging,
+            Expect::Blob(_) => Dest::Blob,
+            _ => Dest::Scratch,
+        };
+        if dest == Dest::Staging && self.staged + need > self.staging_capacity() {
+            return Err(StreamError::StagingFull {
+                unit: "bytes",
+                needed: (self.staged + need) as u64,
+                capacity: self.staging_capacity() as u64,
+            });
+        }
+        self.elem_start = self.received;
+        self.have = 0;
         self.need = need;
         self.expect = expect;
+        self.dest = dest;
         Ok(())
     }
 
@@ -1314,15 +1508,32 @@ impl CheckpointDecoder {
         }
     }
 
-    /// Processes the complete element at `buf[elem_start..]`. Returns true when committed.
+    fn push_page(&mut self, enc: u8, len: usize) -> Result<(), StreamError> {
+        let offset = self.staged;
+        let Some(s) = self.staging.as_mut() else {
+            return Err(StreamError::StagingFull { unit: "pages", needed: 1, capacity: 0 });
+        };
+        if s.pages.len() == s.pages.capacity() {
+            return Err(StreamError::StagingFull {
+                unit: "pages",
+                needed: s.pages.len() as u64 + 1,
+                capacity: s.pages.capacity() as u64,
+            });
+        }
+        s.pages.push(PageRef { gfn: self.cur_gfn, enc, offset, len });
+        self.staged += len;
+        Ok(())
+    }
+
+    /// Processes the complete current element. Returns true when committed.
     fn step(&mut self) -> Result<bool, StreamError> {
-        let start = self.elem_start;
-        let elem = &self.buf[start..];
         let ps = self.limits.page_size as usize;
+        let n = self.need;
         match self.expect {
             Expect::Header => {
+                let elem = &self.scratch[..n];
                 let h = StreamHeader::read_from_bytes(elem).map_err(|_| StreamError::Truncated {
-                    received: elem.len() as u64,
+                    received: n as u64,
                     needed: HEADER_LEN as u64,
                     reading: SectionKind::Header,
                 })?;
@@ -1357,21 +1568,25 @@ impl CheckpointDecoder {
                     device_count: h.device_count.get(),
                 };
                 self.val.header(&info)?;
+                let max_pages = self.staging.as_ref().map_or(0, PageStaging::max_pages) as u64;
+                if u64::from(info.page_count) > max_pages {
+                    return Err(StreamError::StagingFull {
+                        unit: "pages",
+                        needed: info.page_count.into(),
+                        capacity: max_pages,
+                    });
+                }
+                self.stream_cap = declared_max_len(&info, &self.limits).min(self.limits.max_total_bytes);
                 self.info = Some(info);
-                self.pages.reserve(info.page_count as usize);
-                // Raw-page worst case for the declared pages, bounded by the total cap.
-                let hint = (u64::from(info.page_count) * (u64::from(info.page_size) + 1))
-                    .min(self.limits.max_total_bytes)
-                    .min(1 << 30);
-                self.buf.reserve(hint as usize);
-                self.crc.update(&self.buf[start..]);
+                self.crc.update(&self.scratch[..n]);
                 self.next(Expect::Record, RECORD_HEADER_LEN)?;
             }
             Expect::Record => {
+                let elem = &self.scratch[..n];
                 let r = RecordHeader::read_from_bytes(elem).map_err(|_| StreamError::Truncated {
-                    received: elem.len() as u64,
+                    received: n as u64,
                     needed: RECORD_HEADER_LEN as u64,
-                    reading: SectionKind::Commit,
+                    reading: SectionKind::RecordHeader,
                 })?;
                 if r.reserved.get() != 0 {
                     return Err(StreamError::ReservedNotZero {
@@ -1380,7 +1595,7 @@ impl CheckpointDecoder {
                     });
                 }
                 let (kind, tag, id, len) = (r.kind.get(), r.tag.get(), r.id.get(), r.len.get());
-                self.crc.update(&self.buf[start..]);
+                self.crc.update(&self.scratch[..n]);
                 match kind {
                     KIND_PAGE_RUN => {
                         if tag != 0 {
@@ -1429,11 +1644,11 @@ impl CheckpointDecoder {
                 }
             }
             Expect::PageKind => {
-                let k = elem[0];
-                self.crc.update(&self.buf[start..]);
+                let k = self.scratch[0];
+                self.crc.update(&self.scratch[..1]);
                 match k {
                     PAGE_ZERO => {
-                        self.pages.push(PageRef { gfn: self.cur_gfn, enc: PAGE_ZERO, offset: start, len: 0 });
+                        self.push_page(PAGE_ZERO, 0)?;
                         self.after_page()?;
                     }
                     PAGE_RAW => self.next(Expect::PageRaw, ps)?,
@@ -1442,33 +1657,40 @@ impl CheckpointDecoder {
                 }
             }
             Expect::PageRaw => {
-                self.crc.update(&self.buf[start..]);
-                self.pages.push(PageRef { gfn: self.cur_gfn, enc: PAGE_RAW, offset: start, len: ps });
+                if let Some(s) = self.staging.as_ref() {
+                    self.crc.update(&s.data.as_ref()[self.staged..self.staged + n]);
+                }
+                self.push_page(PAGE_RAW, n)?;
                 self.after_page()?;
             }
             Expect::DeltaLen => {
-                let n = u32::from_le_bytes([elem[0], elem[1], elem[2], elem[3]]);
-                self.crc.update(&self.buf[start..]);
+                let e = &self.scratch;
+                let len = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                self.crc.update(&self.scratch[..4]);
                 let max = self.limits.page_size.saturating_sub(4);
-                if n >= max {
-                    return Err(StreamError::DeltaTooLarge { gfn: self.cur_gfn, found: n, max });
+                if len >= max {
+                    return Err(StreamError::DeltaTooLarge { gfn: self.cur_gfn, found: len, max });
                 }
-                self.next(Expect::DeltaBody, n as usize)?;
+                self.next(Expect::DeltaBody, len as usize)?;
             }
             Expect::DeltaBody => {
-                validate_delta(elem, ps).map_err(|covered| StreamError::BadDelta {
-                    gfn: self.cur_gfn,
-                    covered,
-                    expected: self.limits.page_size,
-                })?;
-                self.crc.update(&self.buf[start..]);
-                self.pages.push(PageRef { gfn: self.cur_gfn, enc: PAGE_DELTA, offset: start, len: self.need });
+                if let Some(s) = self.staging.as_ref() {
+                    let body = &s.data.as_ref()[self.staged..self.staged + n];
+                    validate_delta(body, ps).map_err(|covered| StreamError::BadDelta {
+                        gfn: self.cur_gfn,
+                        covered,
+                        expected: self.limits.page_size,
+                    })?;
+                    self.crc.update(body);
+                }
+                self.push_page(PAGE_DELTA, n)?;
                 self.after_page()?;
             }
             Expect::Blob(kind) => {
-                self.crc.update(&self.buf[start..]);
+                let offset = self.blobs.len() - n;
+                self.crc.update(&self.blobs[offset..]);
                 let (id, tag) = self.pending_blob;
-                let b = BlobRef { id, tag, offset: start, len: self.need };
+                let b = BlobRef { id, tag, offset, len: n };
                 if kind == SectionKind::Vcpu {
                     self.vcpus.push(b);
                 } else {
@@ -1477,12 +1699,13 @@ impl CheckpointDecoder {
                 self.next(Expect::Record, RECORD_HEADER_LEN)?;
             }
             Expect::CommitBody => {
+                let elem = &self.scratch[..n];
                 let c = CommitBody::read_from_bytes(elem).map_err(|_| StreamError::Truncated {
-                    received: elem.len() as u64,
+                    received: n as u64,
                     needed: COMMIT_BODY_LEN as u64,
                     reading: SectionKind::Commit,
                 })?;
-                self.crc.update(&self.buf[start..start + COMMIT_BODY_LEN - 4]);
+                self.crc.update(&self.scratch[..COMMIT_BODY_LEN - 4]);
                 let computed = self.crc.value();
                 if c.crc32c.get() != computed {
                     return Err(StreamError::ChecksumMismatch { found: c.crc32c.get(), expected: computed });
@@ -1494,7 +1717,7 @@ impl CheckpointDecoder {
                         expected: COMMIT_END_MAGIC.into(),
                     });
                 }
-                let body_len = (start - RECORD_HEADER_LEN) as u64;
+                let body_len = self.elem_start - RECORD_HEADER_LEN as u64;
                 let checks: [(&'static str, u64, u64); 3] = [
                     ("body_len", c.body_len.get(), body_len),
                     ("page_count", c.page_count.get().into(), self.val.pages),
@@ -1511,7 +1734,7 @@ impl CheckpointDecoder {
         Ok(false)
     }
 
-    fn take_staged(&mut self) -> StagedCheckpoint {
+    fn take_staged(&mut self) -> StagedCheckpoint<B> {
         let info = self.info.unwrap_or(HeaderInfo {
             epoch: 0,
             page_size: self.limits.page_size,
@@ -1523,12 +1746,23 @@ impl CheckpointDecoder {
             epoch: info.epoch,
             page_size: info.page_size,
             crc32c: self.crc.value(),
-            bytes: core::mem::take(&mut self.buf),
-            pages: core::mem::take(&mut self.pages),
+            stream_len: self.received as usize,
+            staging: self.staging.take(),
+            blobs: core::mem::take(&mut self.blobs),
             vcpus: core::mem::take(&mut self.vcpus),
             devices: core::mem::take(&mut self.devices),
         }
     }
+}
+
+/// The most bytes a stream with this header can take: the header, one run record and a raw
+/// page per declared page, a record and a full blob per declared vCPU and device, the commit.
+fn declared_max_len(info: &HeaderInfo, limits: &StreamLimits) -> u64 {
+    let rec = RECORD_HEADER_LEN as u64;
+    let pages = u64::from(info.page_count) * (rec + 1 + u64::from(limits.page_size));
+    let blobs =
+        (u64::from(info.vcpu_count) + u64::from(info.device_count)) * (rec + u64::from(limits.max_section_bytes));
+    (HEADER_LEN as u64).saturating_add(pages).saturating_add(blobs).saturating_add(rec + COMMIT_BODY_LEN as u64)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1655,19 +1889,22 @@ pub struct ApplyReport {
 }
 
 /// A fully received checkpoint whose structure, totals and checksum have been verified. Only
-/// [`CheckpointDecoder`] makes these, so a partial checkpoint can never be applied.
+/// [`CheckpointDecoder`] makes these, so a partial checkpoint can never be applied. Its pages
+/// sit in the decoder's [`PageStaging`].
 #[derive(Debug, Clone)]
-pub struct StagedCheckpoint {
+pub struct StagedCheckpoint<B = Box<[u8]>> {
     epoch: u64,
     page_size: u32,
     crc32c: u32,
-    bytes: Vec<u8>,
-    pages: Vec<PageRef>,
+    stream_len: usize,
+    /// Always `Some` (an `Option` only so the decoder can move it out).
+    staging: Option<PageStaging<B>>,
+    blobs: Vec<u8>,
     vcpus: Vec<BlobRef>,
     devices: Vec<BlobRef>,
 }
 
-impl StagedCheckpoint {
+impl<B: AsRef<[u8]> + AsMut<[u8]>> StagedCheckpoint<B> {
     /// Epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -1678,14 +1915,18 @@ impl StagedCheckpoint {
         self.page_size
     }
 
+    fn page_refs(&self) -> &[PageRef] {
+        self.staging.as_ref().map_or(&[], |s| &s.pages)
+    }
+
     /// Number of pages.
     pub fn page_count(&self) -> usize {
-        self.pages.len()
+        self.page_refs().len()
     }
 
     /// Stream length in bytes.
     pub fn stream_len(&self) -> usize {
-        self.bytes.len()
+        self.stream_len
     }
 
     /// The stream's CRC-32C.
@@ -1695,7 +1936,7 @@ impl StagedCheckpoint {
 
     /// Pages in frame order.
     pub fn pages(&self) -> impl Iterator<Item = StagedPage> + '_ {
-        self.pages.iter().map(|p| StagedPage {
+        self.page_refs().iter().map(|p| StagedPage {
             gfn: p.gfn,
             encoding: match p.enc {
                 PAGE_ZERO => PageEncoding::Zero,
@@ -1706,7 +1947,7 @@ impl StagedCheckpoint {
     }
 
     fn blob<'a>(&'a self, b: &BlobRef) -> StateBlob<'a> {
-        StateBlob { id: b.id, tag: b.tag, data: &self.bytes[b.offset..b.offset + b.len] }
+        StateBlob { id: b.id, tag: b.tag, data: &self.blobs[b.offset..b.offset + b.len] }
     }
 
     /// vCPU state blobs in index order.
@@ -1719,6 +1960,11 @@ impl StagedCheckpoint {
         self.devices.iter().map(|b| self.blob(b))
     }
 
+    /// The staging memory back, without applying.
+    pub fn into_staging(mut self) -> Option<PageStaging<B>> {
+        self.staging.take()
+    }
+
     /// Checks that this is checkpoint `expected_epoch` and that `mem` can take every page, then
     /// writes them all. On error nothing was written. Delta pages are XORed onto `mem`'s current
     /// content, so applying the same checkpoint twice would undo them: applying consumes the
@@ -1728,6 +1974,21 @@ impl StagedCheckpoint {
         mem: &mut M,
         expected_epoch: u64,
     ) -> Result<ApplyReport, ApplyError> {
+        self.apply_and_recycle(mem, expected_epoch).0
+    }
+
+    /// [`StagedCheckpoint::apply_to`] that also hands the staging memory back for the next
+    /// checkpoint's decoder (whether or not applying succeeded).
+    pub fn apply_and_recycle<M: GuestMemoryMut + ?Sized>(
+        mut self,
+        mem: &mut M,
+        expected_epoch: u64,
+    ) -> (Result<ApplyReport, ApplyError>, Option<PageStaging<B>>) {
+        let result = self.write(mem, expected_epoch);
+        (result, self.staging.take())
+    }
+
+    fn write<M: GuestMemoryMut + ?Sized>(&self, mem: &mut M, expected_epoch: u64) -> Result<ApplyReport, ApplyError> {
         if self.epoch != expected_epoch {
             return Err(ApplyError::EpochMismatch { found: self.epoch, expected: expected_epoch });
         }
@@ -1735,21 +1996,23 @@ impl StagedCheckpoint {
             return Err(ApplyError::PageSizeMismatch { found: mem.page_size(), expected: self.page_size });
         }
         let frames = mem.frame_count();
+        let refs = self.page_refs();
         // Frames are strictly increasing (decoder-verified), so the last is the largest.
-        if let Some(last) = self.pages.last() {
+        if let Some(last) = refs.last() {
             if last.gfn >= frames {
                 return Err(ApplyError::FrameOutOfRange { gfn: last.gfn, frames });
             }
         }
-        for p in &self.pages {
+        let data: &[u8] = self.staging.as_ref().map_or(&[], |s| s.data.as_ref());
+        for p in refs {
             let page = mem.frame_mut(p.gfn);
             match p.enc {
                 PAGE_ZERO => page.fill(0),
-                PAGE_RAW => page.copy_from_slice(&self.bytes[p.offset..p.offset + p.len]),
-                _ => apply_delta(&self.bytes[p.offset..p.offset + p.len], page),
+                PAGE_RAW => page.copy_from_slice(&data[p.offset..p.offset + p.len]),
+                _ => apply_delta(&data[p.offset..p.offset + p.len], page),
             }
         }
-        Ok(ApplyReport { epoch: self.epoch, pages: self.pages.len() as u64 })
+        Ok(ApplyReport { epoch: self.epoch, pages: refs.len() as u64 })
     }
 }
 
@@ -1765,6 +2028,8 @@ mod tests {
             page_size: PS as u32,
             guest_frames: 64,
             max_pages: 32,
+            max_vcpus: 8,
+            max_devices: 8,
             max_section_bytes: 1024,
             max_records: 64,
             max_total_bytes: 1 << 20,
@@ -1807,8 +2072,12 @@ mod tests {
         (bytes, prev)
     }
 
+    fn decoder(l: StreamLimits) -> CheckpointDecoder {
+        CheckpointDecoder::new(l, PageStaging::for_limits(&l))
+    }
+
     fn decode_all(bytes: &[u8], l: StreamLimits) -> Result<StagedCheckpoint, StreamError> {
-        let mut d = CheckpointDecoder::new(l);
+        let mut d = decoder(l);
         match d.feed(bytes)? {
             Feed::Complete { checkpoint, consumed } => {
                 assert_eq!(consumed, bytes.len());
@@ -1861,7 +2130,7 @@ mod tests {
         let (mut bytes, _) = sample();
         let n = bytes.len();
         bytes.extend_from_slice(b"next");
-        let mut d = CheckpointDecoder::new(limits());
+        let mut d = decoder(limits());
         for (i, b) in bytes.iter().enumerate() {
             match d.feed(core::slice::from_ref(b)).unwrap() {
                 Feed::NeedMore => assert!(i < n - 1),
@@ -1874,7 +2143,7 @@ mod tests {
         }
         assert_eq!(d.feed(b"x").unwrap_err(), StreamError::AlreadyComplete);
         // Whole buffer with trailing bytes: consumed excludes them.
-        let mut d = CheckpointDecoder::new(limits());
+        let mut d = decoder(limits());
         match d.feed(&bytes).unwrap() {
             Feed::Complete { consumed, .. } => assert_eq!(consumed, n),
             Feed::NeedMore => panic!("should complete"),
@@ -1885,7 +2154,7 @@ mod tests {
     fn truncation_is_rejected_at_every_length() {
         let (bytes, _) = sample();
         for cut in 0..bytes.len() {
-            let mut d = CheckpointDecoder::new(limits());
+            let mut d = decoder(limits());
             assert!(matches!(d.feed(&bytes[..cut]), Ok(Feed::NeedMore)));
             assert!(matches!(d.end_of_stream(), Err(StreamError::Truncated { .. })));
         }
@@ -1897,7 +2166,7 @@ mod tests {
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 1 << (i % 8);
-            let mut d = CheckpointDecoder::new(limits());
+            let mut d = decoder(limits());
             let r = d.feed(&b);
             assert!(!matches!(r, Ok(Feed::Complete { .. })), "flip at {i} accepted");
         }
@@ -1923,7 +2192,7 @@ mod tests {
         let mut l = limits();
         l.page_size = 8192;
         assert_eq!(decode_all(&bytes, l).unwrap_err(), StreamError::PageSizeMismatch { found: 4096, expected: 8192 });
-        let mut d = CheckpointDecoder::new(limits()).expecting_epoch(6);
+        let mut d = decoder(limits()).expecting_epoch(6);
         assert_eq!(d.feed(&bytes).unwrap_err(), StreamError::EpochMismatch { found: 5, expected: 6 });
     }
 
@@ -1945,7 +2214,7 @@ mod tests {
         let mut l = limits();
         l.max_total_bytes = 1000;
         // Header + record header fit; the raw page would not: rejected with only 65 bytes fed.
-        let mut d = CheckpointDecoder::new(l);
+        let mut d = decoder(l);
         assert!(matches!(
             d.feed(&bytes[..HEADER_LEN + RECORD_HEADER_LEN + 1]),
             Err(StreamError::StreamTooLarge { .. })
@@ -2111,9 +2380,86 @@ mod tests {
     fn failed_decoder_stays_failed() {
         let (mut bytes, _) = sample();
         bytes[0] = 0;
-        let mut d = CheckpointDecoder::new(limits());
+        let mut d = decoder(limits());
         let e = d.feed(&bytes).unwrap_err();
         assert_eq!(d.feed(b"more").unwrap_err(), e);
         assert_eq!(d.end_of_stream().unwrap_err(), e);
+    }
+
+    /// Issue 15, item 7: `for_guest` bounds the stream by the guest's size and declared
+    /// vCPU/device counts (a 64 KiB guest no longer accepts gigabytes).
+    #[test]
+    fn for_guest_bounds_the_stream_by_guest_and_counts() {
+        let l = StreamLimits::for_guest(16, 1, 2);
+        assert!(l.max_total_bytes < 300_000, "{}", l.max_total_bytes);
+        assert_eq!((l.max_vcpus, l.max_devices, l.max_records), (1, 2, 19));
+        // A header declaring more vCPUs than the limits allow.
+        let mut s = Vec::new();
+        let mut l = limits();
+        l.max_vcpus = 1;
+        raw_header(&mut s, 0, 2, 0);
+        assert_eq!(
+            decode_all(&s, l).unwrap_err(),
+            StreamError::TooManySections { kind: SectionKind::Vcpu, found: 2, max: 1 }
+        );
+        // More vCPU records than the header declared: refused at the record header, before
+        // the blob's bytes arrive.
+        let mut s = Vec::new();
+        raw_header(&mut s, 0, 1, 0);
+        raw_record(&mut s, KIND_VCPU, 0, 4);
+        s.extend_from_slice(b"abcd");
+        raw_record(&mut s, KIND_VCPU, 1, 1000);
+        let mut d = decoder(limits());
+        assert_eq!(d.feed(&s).unwrap_err(), StreamError::TooManySections { kind: SectionKind::Vcpu, found: 2, max: 1 });
+        assert_eq!(d.received(), s.len() as u64);
+    }
+
+    /// Item 7: pages go into caller-supplied staging; a stream needing more than it holds is a
+    /// named error before the page bytes arrive, and a header's declared counts cap the stream.
+    #[test]
+    fn pages_staged_in_caller_memory_with_named_overflow() {
+        let (bytes, _) = sample();
+        // Room for 4 page entries but only 1 raw page of bytes: the second raw page overflows.
+        let staging = PageStaging::new(vec![0u8; PS + 100], 4);
+        let mut d = CheckpointDecoder::new(limits(), staging);
+        let err = d.feed(&bytes).unwrap_err();
+        assert!(matches!(err, StreamError::StagingFull { unit: "bytes", .. }), "{err:?}");
+        let staging = d.into_staging().unwrap();
+        assert_eq!(staging.capacity(), PS + 100);
+        // Too few page entries: refused at the header.
+        let mut d = CheckpointDecoder::new(limits(), PageStaging::new(vec![0u8; 8 * PS], 3));
+        assert_eq!(
+            d.feed(&bytes[..HEADER_LEN]).unwrap_err(),
+            StreamError::StagingFull { unit: "pages", needed: 4, capacity: 3 }
+        );
+        // The staging goes from checkpoint to checkpoint.
+        let mut d = CheckpointDecoder::new(limits(), PageStaging::for_limits(&limits()));
+        let Feed::Complete { checkpoint, .. } = d.feed(&bytes).unwrap() else { panic!("incomplete") };
+        let mut mem = VecGuestMemory::new(PS, 64);
+        let (r, staging) = checkpoint.apply_and_recycle(&mut mem, 5);
+        assert_eq!(r.unwrap().pages, 4);
+        let mut d = CheckpointDecoder::new(limits(), staging.unwrap());
+        assert!(matches!(d.feed(&bytes).unwrap(), Feed::Complete { .. }));
+        // A header declaring 0 pages and 0 blobs cannot be followed by a page run's data.
+        let mut s = Vec::new();
+        raw_header(&mut s, 0, 0, 0);
+        raw_record(&mut s, KIND_PAGE_RUN, 0, 1);
+        let mut d = decoder(limits());
+        assert_eq!(d.feed(&s).unwrap_err(), StreamError::TooManyPages { found: 1, max: 0 });
+    }
+
+    /// Item 9: applying consumes the checkpoint (a second apply cannot compile) and the epoch
+    /// is checked; applying a delta checkpoint once gives the new page.
+    #[test]
+    fn apply_checks_the_expected_epoch() {
+        let (bytes, prev) = sample();
+        let cp = decode_all(&bytes, limits()).unwrap();
+        let mut mem = VecGuestMemory::new(PS, 64);
+        mem.frame_mut(4).copy_from_slice(&prev);
+        let before = mem.clone();
+        assert_eq!(cp.clone().apply_to(&mut mem, 4), Err(ApplyError::EpochMismatch { found: 5, expected: 4 }));
+        assert_eq!(mem, before);
+        cp.apply_to(&mut mem, 5).unwrap();
+        assert_ne!(mem.frame(4), &prev[..]);
     }
 }

@@ -54,7 +54,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
-use super::packet::{parse_frame_with, ChecksumPolicy, FlowKey, FrameClass, ParseError, TcpFlags};
+use super::packet::{parse_frame_with, ChecksumPolicy, FlowKey, FrameClass, ParseError, SynOptions, TcpFlags};
 pub use super::time::Tick;
 
 /// Most live incarnations (connections on one reused 4-tuple) a flow keeps between two
@@ -269,6 +269,8 @@ struct Side {
     isn: Option<u32>,
     /// SYN seen, with whether it carried ACK.
     syn: Option<bool>,
+    /// The options of that SYN.
+    syn_options: Option<SynOptions>,
     /// Offset of the FIN.
     fin: Option<u64>,
     /// Offset of the RST.
@@ -290,6 +292,7 @@ impl Side {
             anchor: self.anchor,
             isn: self.isn,
             syn: self.syn,
+            syn_options: self.syn_options,
             fin: self.fin,
             rst: self.rst,
             max_ack: self.max_ack,
@@ -408,7 +411,7 @@ impl TcpNeed {
     /// **COLO rule (TCP release)**: a held PVM TCP frame is released when everything it tells
     /// the client is something the SVM has told it too, in the same connection incarnation:
     /// - its payload: all stream bytes up to its end are matched;
-    /// - SYN: the SVM sent a SYN with the same ACK flag (SYN vs SYN-ACK);
+    /// - SYN: the SVM sent a SYN with the same ACK flag (SYN vs SYN-ACK) and the same options;
     /// - FIN: the SVM sent a FIN at the same offset and all bytes before it matched;
     /// - RST: the SVM sent an RST at the same offset;
     /// - its acknowledgement number (data segments, pure ACKs and window updates alike): the SVM
@@ -421,7 +424,7 @@ impl TcpNeed {
     /// are released (see [`OutputComparator::release_ready`]).
     fn satisfied(&self, tc: &TcpConn) -> bool {
         self.data_end <= tc.matched
-            && self.syn.is_none_or(|a| tc.svm.syn == Some(a))
+            && self.syn.is_none_or(|a| tc.svm.syn == Some(a) && tc.svm.syn_options == tc.pvm.syn_options)
             && self.fin.is_none_or(|f| tc.svm.fin == Some(f) && tc.matched >= f)
             && self.rst.is_none_or(|r| tc.svm.rst == Some(r))
             && self.ack.is_none_or(|a| tc.svm.max_ack.is_some_and(|m| m.wrapping_sub(a) as i32 >= 0))
@@ -630,14 +633,16 @@ impl TcpConn {
     }
 
     /// **COLO rule (TCP control)**: SYN (with or without ACK), FIN and RST are compared by
-    /// position: both SYNs must agree on the ACK flag (reported at offset 0); FINs and RSTs must
+    /// position: both SYNs must agree on the ACK flag and on the connection parameters their
+    /// options announce (MSS, window scale, SACK permitted, timestamps on; reported at offset
+    /// 0); FINs and RSTs must
     /// sit at the same offset; data past the other side's FIN is a mismatch at the FIN (a FIN
     /// takes one sequence number, so a segment without data at FIN + 1, such as the final ACK,
     /// is not data past it).
     fn check_controls(&self) -> Option<u64> {
         let (p, s) = (&self.pvm, &self.svm);
         if let (Some(a), Some(b)) = (p.syn, s.syn) {
-            if a != b {
+            if a != b || p.syn_options != s.syn_options {
                 return Some(0);
             }
         }
@@ -1130,6 +1135,7 @@ impl OutputComparator {
         let end_off = end.max(0) as u64;
         if syn {
             side.syn = Some(flags.contains(TcpFlags::ACK));
+            side.syn_options = seg.syn_options;
         }
         if flags.contains(TcpFlags::FIN) && side.fin.is_none() {
             side.fin = Some(end_off);
@@ -2010,6 +2016,17 @@ mod tests {
         assert!(drain(&mut c).is_empty(), "nothing of the new connection without the SVM");
         assert_eq!(c.pending_request(), None);
         assert_eq!(c.stats().incarnations, 1);
+        // The same with an ISN below the old one and the old ACK (main released both frames:
+        // negative offsets were "uncompared" and the old SVM SYN and ACK satisfied them).
+        let mut c2 = cmp();
+        c2.push_pvm(&seg(80, 1000, Some(501), TcpControl::Syn, b""), Tick(0));
+        c2.push_svm(&seg(80, 1000, Some(501), TcpControl::Syn, b""), Tick(0));
+        c2.push_pvm(&rst(1001), Tick(0));
+        c2.push_svm(&rst(1001), Tick(0));
+        assert_eq!(drain(&mut c2).len(), 2);
+        assert_eq!(c2.push_pvm(&seg(80, 100, Some(501), TcpControl::Syn, b""), Tick(1)), Verdict::Held);
+        assert_eq!(c2.push_pvm(&seg(80, 101, Some(501), TcpControl::Psh, b"SECRET"), Tick(1)), Verdict::Held);
+        assert!(drain(&mut c2).is_empty());
         // The SVM opens its own new connection (its own ISN): both frames go.
         c.push_svm(&seg(80, 9000, Some(900), TcpControl::Syn, b""), Tick(2));
         assert_eq!(drain(&mut c), vec![synack]);
@@ -2119,5 +2136,66 @@ mod tests {
             matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 2, .. })),
             "{v:?}"
         );
+    }
+
+    /// Also-seen item of issue 15: SYN options (MSS, window scale, SACK permitted, timestamps)
+    /// are compared; a SYN-ACK announcing a different window scale is a mismatch.
+    #[test]
+    fn syn_options_compared() {
+        let synack = |isn, wscale, mss| {
+            let mut r = crate::colo::frames::tcp_repr((80, 40000), isn, Some(501), TcpControl::Syn, 1000, b"");
+            r.window_scale = wscale;
+            r.max_seg_size = mss;
+            r.sack_permitted = true;
+            crate::colo::frames::tcp_v4(SRV, CLI, &r)
+        };
+        let mut c = cmp();
+        let p = synack(1000, Some(7), Some(1460));
+        assert_eq!(c.push_pvm(&p, Tick(0)), Verdict::Held);
+        assert_eq!(c.push_svm(&synack(5000, Some(7), Some(1460)), Tick(0)), Verdict::Matched);
+        assert_eq!(drain(&mut c), vec![p]);
+        let mut c = cmp();
+        c.push_pvm(&synack(1000, Some(7), Some(1460)), Tick(0));
+        let v = c.push_svm(&synack(5000, Some(5), Some(1460)), Tick(0));
+        assert!(
+            matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 0, .. })),
+            "{v:?}"
+        );
+        assert!(drain(&mut c).is_empty());
+        let mut c = cmp();
+        c.push_pvm(&synack(1000, None, Some(1460)), Tick(0));
+        let v = c.push_svm(&synack(5000, None, Some(536)), Tick(0));
+        assert!(
+            matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 0, .. })),
+            "{v:?}"
+        );
+    }
+
+    /// Also-seen item of issue 15: a table full of live flows. The overflowing flow asks for a
+    /// checkpoint; its commit forgets the idle flows, so the next new flow is compared again
+    /// instead of waiting for yet another checkpoint; a forgotten flow seen again shares the
+    /// PVM's anchor and still matches.
+    #[test]
+    fn full_table_commit_forgets_idle_flows() {
+        let mut c = OutputComparator::new(ComparatorLimits { max_connections: 2, ..ComparatorLimits::default() });
+        let on = |port: u16, seq: u32, p: &[u8]| seg(port, seq, Some(1), TcpControl::Psh, p);
+        for port in [80, 81] {
+            c.push_pvm(&on(port, 1, b"live"), Tick(0));
+            c.push_svm(&on(port, 1, b"live"), Tick(0));
+        }
+        assert_eq!(drain(&mut c).len(), 2);
+        let v = c.push_pvm(&on(82, 1, b"new"), Tick(0));
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::MemoryPressure { .. })), "{v:?}");
+        commit(&mut c);
+        assert_eq!(drain(&mut c).len(), 1);
+        assert_eq!(c.stats().connections, 0);
+        assert_eq!(c.push_pvm(&on(83, 1, b"next"), Tick(1)), Verdict::Held);
+        assert_eq!(c.push_svm(&on(83, 1, b"next"), Tick(1)), Verdict::Matched);
+        assert_eq!(drain(&mut c).len(), 1);
+        // An old flow continues: compared at the shared anchor.
+        assert_eq!(c.push_pvm(&on(80, 5, b"more"), Tick(1)), Verdict::Held);
+        assert_eq!(c.push_svm(&on(80, 5, b"more"), Tick(1)), Verdict::Matched);
+        assert_eq!(drain(&mut c).len(), 1);
+        assert_eq!(c.pending_request(), None);
     }
 }

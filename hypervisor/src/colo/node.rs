@@ -46,7 +46,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use super::block::{BlockBackend, BlockError, BlockReplica, MemDisk, SECTOR_SIZE};
-use super::checkpoint::{CheckpointDecoder, Feed, StagedCheckpoint, StreamLimits};
+use super::checkpoint::{CheckpointDecoder, Feed, PageStaging, StagedCheckpoint, StreamLimits};
 use super::comparator::{CaptureMark, CheckpointRequest, ComparatorLimits, ComparatorStats, OutputComparator};
 use super::link::{LinkDecoder, LinkRole, NackReason, Repr, StateKind, MAX_CHUNK, MAX_DISK_WRITE, MAX_FRAME};
 use super::rewriter::{ChecksumFix, SequenceRewriter};
@@ -136,7 +136,7 @@ impl NodeConfig {
             max_disk_epoch_bytes: 8 << 20,
             max_disk_write: 1 << 20,
             comparator: ComparatorLimits::default(),
-            stream_limits: StreamLimits::for_guest(guest_frames),
+            stream_limits: StreamLimits::for_guest(guest_frames, 1, 8),
             rewrite_seq: true,
         }
     }
@@ -682,7 +682,10 @@ struct Secondary<D: BlockBackend> {
     /// A full sync in progress: its epoch.
     sync_epoch: Option<u64>,
     /// Receiving checkpoint: epoch, decoder, bytes so far, the verified result once complete.
-    receiving: Option<(u64, CheckpointDecoder, u64, Option<StagedCheckpoint>)>,
+    receiving: Option<Receiving>,
+    /// Where checkpoints are decoded: reserved once for the guest, handed to the driver inside
+    /// each `StagedCheckpoint` and given back with [`ColoNode::recycle_staging`].
+    staging: Option<PageStaging>,
     /// Applying (checkpoint or full sync): epoch, expected digest.
     /// Applying (checkpoint or full sync): epoch, expected digest, full, connection serial.
     applying: Option<(u64, Option<u64>, bool, u64)>,
@@ -691,6 +694,30 @@ struct Secondary<D: BlockBackend> {
     backlog_bytes: usize,
     /// A full-sync piece could not be stored: the sync ends with a refusal.
     sync_failed: bool,
+}
+
+/// A checkpoint being received.
+struct Receiving {
+    epoch: u64,
+    decoder: Option<CheckpointDecoder>,
+    got: u64,
+    staged: Option<StagedCheckpoint>,
+}
+
+impl<D: BlockBackend> Secondary<D> {
+    /// Drops a checkpoint being received (the SVM never saw a byte of it), keeping the staging.
+    fn drop_receiving(&mut self) {
+        if let Some(r) = self.receiving.take() {
+            let staging = match (r.staged, r.decoder) {
+                (Some(c), _) => c.into_staging(),
+                (None, Some(d)) => d.into_staging(),
+                (None, None) => None,
+            };
+            if self.staging.is_none() {
+                self.staging = staging;
+            }
+        }
+    }
 }
 
 /// Primary state.
@@ -795,6 +822,7 @@ impl<D: BlockBackend> ColoNode<D> {
                     synced: false,
                     sync_epoch: None,
                     receiving: None,
+                    staging: Some(PageStaging::for_limits(&config.stream_limits)),
                     applying: None,
                     backlog: VecDeque::new(),
                     backlog_bytes: 0,
@@ -871,6 +899,17 @@ impl<D: BlockBackend> ColoNode<D> {
             Some(Disk::Replica(r)) => Some(r.disk()),
             Some(Disk::Raw(d)) => Some(d),
             _ => None,
+        }
+    }
+
+    /// Secondary: gives back the page staging of an applied checkpoint
+    /// (`StagedCheckpoint::apply_and_recycle`), so the next checkpoint decodes into the same
+    /// memory instead of a new allocation.
+    pub fn recycle_staging(&mut self, staging: PageStaging) {
+        if let Some(s) = &mut self.secondary {
+            if s.staging.is_none() {
+                s.staging = Some(staging);
+            }
         }
     }
 
@@ -1081,7 +1120,7 @@ impl<D: BlockBackend> ColoNode<D> {
             self.abort_checkpoint();
         }
         if let Some(s) = &mut self.secondary {
-            s.receiving = None;
+            s.drop_receiving();
             s.backlog.clear();
             s.backlog_bytes = 0;
             if s.sync_epoch.take().is_some() {
@@ -1688,7 +1727,7 @@ impl<D: BlockBackend> ColoNode<D> {
             self.stats.verify_failures += 1;
         }
         if let Some(s) = &mut self.secondary {
-            s.receiving = None;
+            s.drop_receiving();
             s.synced = false;
             s.sync_epoch = None;
             s.backlog.clear();
@@ -1780,44 +1819,53 @@ impl<D: BlockBackend> ColoNode<D> {
                     if epoch != s.applied + 1 {
                         return self.nack(now, epoch, NackReason::UnexpectedEpoch);
                     }
-                    let dec = CheckpointDecoder::new(self.config.stream_limits).expecting_epoch(epoch);
-                    s.receiving = Some((epoch, dec, 0, None));
+                    let limits = self.config.stream_limits;
+                    let staging = s.staging.take().unwrap_or_else(|| PageStaging::for_limits(&limits));
+                    let decoder = CheckpointDecoder::new(limits, staging).expecting_epoch(epoch);
+                    s.receiving = Some(Receiving { epoch, decoder: Some(decoder), got: 0, staged: None });
                 }
-                let Some((e, dec, got, staged)) = &mut s.receiving else { return };
-                if *e != epoch || *got != offset || staged.is_some() {
+                let Some(r) = &mut s.receiving else { return };
+                let Some(dec) =
+                    r.decoder.as_mut().filter(|_| r.epoch == epoch && r.got == offset && r.staged.is_none())
+                else {
                     return self.nack(now, epoch, NackReason::BadStream);
-                }
+                };
                 match dec.feed(bytes) {
-                    Ok(Feed::NeedMore) => *got += bytes.len() as u64,
+                    Ok(Feed::NeedMore) => r.got += bytes.len() as u64,
                     Ok(Feed::Complete { checkpoint, consumed }) if consumed == bytes.len() => {
-                        *got += bytes.len() as u64;
-                        *staged = Some(checkpoint);
+                        r.got += bytes.len() as u64;
+                        r.staged = Some(checkpoint);
                     }
-                    _ => self.nack(now, epoch, NackReason::BadStream),
+                    Ok(Feed::Complete { checkpoint, .. }) => {
+                        r.staged = Some(checkpoint); // recovered by the nack
+                        self.nack(now, epoch, NackReason::BadStream);
+                    }
+                    Err(_) => self.nack(now, epoch, NackReason::BadStream),
                 }
             }
             Repr::CheckpointCommit { epoch, stream_len, digest, verify } => {
                 if !s.synced || s.sync_epoch.is_some() {
                     return;
                 }
-                let complete = matches!(&s.receiving, Some((e, _, got, Some(_))) if *e == epoch && *got == stream_len);
+                let complete =
+                    s.receiving.as_ref().is_some_and(|r| r.epoch == epoch && r.got == stream_len && r.staged.is_some());
                 if !complete {
                     return self.nack(now, epoch, NackReason::BadStream);
                 }
-                let Some((_, _, _, Some(staged))) = s.receiving.take() else { return };
-                let Disk::Replica(r) = &mut s.disk else {
+                let Disk::Replica(disk) = &mut s.disk else {
                     return self.protocol_error(now, "commit without a disk replica");
                 };
-                if r.commit(epoch).is_err() {
+                if disk.commit(epoch).is_err() {
                     self.stats.disk_errors += 1;
                     return self.nack(now, epoch, NackReason::Disk);
                 }
+                let Some(staged) = s.receiving.take().and_then(|r| r.staged) else { return };
                 s.applying = Some((epoch, (self.config.verify && verify).then_some(digest), false, self.conn_serial));
                 self.vm_running = false;
                 self.actions.push_back(Action::ApplyCheckpoint(staged));
             }
             Repr::FullSyncBegin { epoch, ram_bytes, disk_sectors } => {
-                s.receiving = None;
+                s.drop_receiving();
                 s.applying = None;
                 // Input mirrored after the sync's capture point arrived ahead of this message.
                 s.backlog.retain(|(e, _)| *e > epoch);
@@ -1995,6 +2043,8 @@ mod tests {
             page_size: PAGE,
             guest_frames: FRAMES,
             max_pages: FRAMES as u32,
+            max_vcpus: 1,
+            max_devices: 0,
             max_section_bytes: 64,
             max_records: 16,
             max_total_bytes: 1 << 16,

@@ -168,6 +168,59 @@ bitflags::bitflags! {
     }
 }
 
+/// The connection parameters a SYN or SYN-ACK announces (TCP options). They fix how the peer
+/// talks to this end for the whole connection, so after a failover the SVM must hold the ones
+/// the client saw: the comparator compares them. Timestamp *values* are not part of it (only
+/// whether timestamps are on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct SynOptions {
+    /// Maximum segment size.
+    pub mss: Option<u16>,
+    /// Window scale shift.
+    pub window_scale: Option<u8>,
+    /// SACK permitted.
+    pub sack_permitted: bool,
+    /// Timestamps on.
+    pub timestamps: bool,
+    /// Unknown options' kinds, in order (up to 4; more are counted in the last slot as 0xff).
+    pub unknown: [u8; 4],
+}
+
+impl SynOptions {
+    /// Parses a SYN's option bytes; unparseable options end the list (the rest counts as one
+    /// unknown option 0xff so a malformed list still differs from a clean one).
+    fn parse(mut opts: &[u8]) -> SynOptions {
+        use smoltcp::wire::TcpOption;
+        let mut o = SynOptions::default();
+        let mut unknown = 0;
+        let mut note_unknown = |o: &mut SynOptions, kind: u8| {
+            if unknown < o.unknown.len() {
+                o.unknown[unknown] = kind;
+                unknown += 1;
+            } else {
+                o.unknown[o.unknown.len() - 1] = 0xff;
+            }
+        };
+        while !opts.is_empty() {
+            let Ok((rest, opt)) = TcpOption::parse(opts) else {
+                note_unknown(&mut o, 0xff);
+                break;
+            };
+            match opt {
+                TcpOption::EndOfList => break,
+                TcpOption::NoOperation | TcpOption::SackRange(_) => {}
+                TcpOption::MaxSegmentSize(m) => o.mss = Some(m),
+                TcpOption::WindowScale(w) => o.window_scale = Some(w),
+                TcpOption::SackPermitted => o.sack_permitted = true,
+                TcpOption::TimeStamp { .. } => o.timestamps = true,
+                TcpOption::Unknown { kind, .. } => note_unknown(&mut o, kind),
+            }
+            opts = rest;
+        }
+        o
+    }
+}
+
 /// Header facts of one TCP segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpSegment {
@@ -183,6 +236,8 @@ pub struct TcpSegment {
     pub header_offset: usize,
     /// Where the TCP payload lies in the frame.
     pub payload: Range<usize>,
+    /// The options of a SYN / SYN-ACK (`None` for other segments).
+    pub syn_options: Option<SynOptions>,
 }
 
 impl TcpSegment {
@@ -433,6 +488,7 @@ fn parse_l4(
                     window: tcp.window_len(),
                     header_offset: l4_off,
                     payload: payload.clone(),
+                    syn_options: tcp.syn().then(|| SynOptions::parse(tcp.options())),
                 }),
                 content: payload,
                 net,

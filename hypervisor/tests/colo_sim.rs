@@ -33,7 +33,7 @@ use std::fmt::Write as _;
 
 use hypervisor::colo::block::{BlockBackend, MemDisk, SECTOR_SIZE};
 use hypervisor::colo::checkpoint::{
-    CheckpointEncoder, DirtyPage, GuestMemoryMut, HeaderInfo, StagedCheckpoint, StreamLimits, VecGuestMemory,
+    CheckpointEncoder, Crc32c, DirtyPage, GuestMemoryMut, HeaderInfo, StagedCheckpoint, StreamLimits, VecGuestMemory,
 };
 use hypervisor::colo::comparator::ComparatorLimits;
 use hypervisor::colo::frames;
@@ -74,6 +74,13 @@ impl Rng {
     fn chance(&mut self, per_million: u64) -> bool {
         self.below(1_000_000) < per_million
     }
+}
+
+/// Folds `bytes` into a trace hash (CRC-32C of the bytes, then FNV-1a over that and the hash:
+/// cheap in debug builds, stable across versions).
+fn fold(hash: &mut u64, bytes: &[u8]) {
+    fnv(hash, &Crc32c::checksum(bytes).to_le_bytes());
+    fnv(hash, &(bytes.len() as u32).to_le_bytes());
 }
 
 fn fnv(hash: &mut u64, bytes: &[u8]) {
@@ -314,9 +321,9 @@ impl std::fmt::Write for Sink<'_> {
 
 fn digest(mem: &[u8], pc: u64, disk: &[u8]) -> u64 {
     let mut h = 0xCBF2_9CE4_8422_2325;
-    fnv(&mut h, mem);
-    fnv(&mut h, &pc.to_le_bytes());
-    fnv(&mut h, disk);
+    fold(&mut h, mem);
+    fold(&mut h, &pc.to_le_bytes());
+    fold(&mut h, disk);
     h
 }
 
@@ -561,6 +568,7 @@ struct World {
     garbage_sent: bool,
     applied_checks: u64,
     released_frames: u64,
+    txbuf: Vec<u8>,
 }
 
 type SimResult = Result<(), String>;
@@ -653,6 +661,7 @@ impl World {
             garbage_sent: false,
             applied_checks: 0,
             released_frames: 0,
+            txbuf: Vec::new(),
         };
         w.vms[1].running = false;
         w.drain(0).expect("primary start");
@@ -669,7 +678,7 @@ impl World {
     }
 
     fn trace(&mut self, line: String) {
-        fnv(&mut self.trace_hash, line.as_bytes());
+        fold(&mut self.trace_hash, line.as_bytes());
         if self.verbose {
             println!("{:6} {line}", self.now);
         }
@@ -709,7 +718,7 @@ impl World {
         fnv(&mut self.trace_hash, tag);
         match a {
             Action::DeliverToGuest(f) => {
-                fnv(&mut self.trace_hash, &f);
+                fold(&mut self.trace_hash, &f);
                 self.vms[h].nic_receive(&f);
             }
             Action::ReleaseToClients(f) => self.release(f)?,
@@ -822,7 +831,7 @@ impl World {
         observe(view, &t, &f, self.client_isn.get(&port).copied());
         let epoch = self.nodes[0].epoch();
         self.produced.entry(port).or_default().push_back((f.clone(), epoch));
-        fnv(&mut self.trace_hash, &f);
+        fold(&mut self.trace_hash, &f);
         self.feed(0, Event::GuestOutput(&f))
     }
 
@@ -953,8 +962,9 @@ impl World {
     }
 
     fn svm_output(&mut self, f: Vec<u8>) -> SimResult {
-        if let Some(t) = parse_frame(&f).tcp().cloned() {
-            let port = parse_frame(&f).flow.dst_port;
+        let p = parse_frame(&f);
+        if let Some(t) = p.tcp().cloned() {
+            let port = p.flow.dst_port;
             let cisn = self.client_isn.get(&port).copied();
             observe(self.svm_view.entry(port).or_default(), &t, &f, cisn);
         }
@@ -988,15 +998,18 @@ impl World {
             if room == 0 {
                 continue;
             }
-            let mut buf = vec![0u8; room];
-            let n = self.nodes[h].poll_transmit(Tick(self.now), &mut buf);
+            let mut buf = core::mem::take(&mut self.txbuf);
+            if buf.len() < room {
+                buf.resize(room, 0);
+            }
+            let n = self.nodes[h].poll_transmit(Tick(self.now), &mut buf[..room]);
             self.drain(h)?;
             if n == 0 || !self.link_up {
+                self.txbuf = buf;
                 continue;
             }
-            buf.truncate(n);
             // Arbitrary segmentation, in order.
-            let mut rest = &buf[..];
+            let mut rest = &buf[..n];
             while !rest.is_empty() {
                 let k = (self.rng.range(1, 1500) as usize).min(rest.len());
                 let at = (self.now + self.p.latency + self.rng.below(self.p.jitter + 1)).max(self.pipes[h].last_at);
@@ -1005,6 +1018,7 @@ impl World {
                 self.pipes[h].q.push_back((at, rest[..k].to_vec()));
                 rest = &rest[k..];
             }
+            self.txbuf = buf;
         }
         Ok(())
     }

@@ -19,9 +19,12 @@
 //! produced after capture `a` ([`rules::epoch_of_svm_output`]).
 //!
 //! # Rules, each in one place
-//! - **Consistency** ([`rules::may_release`]): a PVM frame reaches clients only when the
-//!   comparator matched it against SVM output, or when the secondary acknowledged a checkpoint
-//!   whose capture point follows the frame.
+//! - **Consistency**: a PVM frame reaches clients only when the comparator matched it against
+//!   SVM output of the same epoch, or when the secondary acknowledged a checkpoint whose
+//!   capture point follows the frame (`checkpoint_committed`, the only place output is released
+//!   by coverage). A checkpoint whose ack a cut link lost is neither committed nor aborted until
+//!   the secondary's next hello says whether it applied it (`Ckpt::Unknown`): an abort would let
+//!   the SVM's pre-apply output match post-capture PVM output the SVM's history no longer holds.
 //! - **Input durability**: the comparator holds a PVM frame acknowledging client bytes until the
 //!   SVM acknowledged them too; a committed checkpoint covers them otherwise.
 //! - **Epochs**: above.
@@ -31,6 +34,29 @@
 //!   is dropped; the SVM never sees a byte of it.
 //! - **Never stall**: a refused or lost checkpoint is aborted (held output stays held) and the
 //!   secondary is brought back by a full sync, after which checkpoints resume.
+//!
+//! # Driver contract
+//! - Call order: after every [`ColoNode::handle`], [`ColoNode::handle_timeout`] or
+//!   [`ColoNode::poll_transmit`], drain [`ColoNode::poll_action`] and carry the actions out in
+//!   order before the VM runs again (the capture point is the moment [`Action::Capture`] is
+//!   emitted; the VM must not run between that and the capture). `GuestDiskWrite` produces at
+//!   most `PauseVm(Backpressure)`, so the block device may feed it mid-exit.
+//! - Time: pass the clock (ms) with every call; come back at [`ColoNode::poll_timeout`] (it may
+//!   return the current time when something is due at once). There are no periodic ticks.
+//! - Buffers: events borrow the driver's bytes for the call only. Actions own their bytes
+//!   (`Vec`s the driver may keep or drop). Link bytes are copied into the driver's buffer by
+//!   [`ColoNode::poll_transmit`]; the node keeps at most one encoded message in progress plus
+//!   the small-message queue (capped by `max_link_queue_bytes`), and pulls checkpoint and
+//!   full-sync bytes from the driver's [`StreamSource`] / [`FullSyncSource`] only as link room
+//!   allows (the source is dropped when the checkpoint is acknowledged or aborted).
+//! - Secondary: the node owns the SVM's disk (`BlockReplica`); the SVM's block device reads with
+//!   [`ColoNode::svm_disk_read`] and writes with `Event::GuestDiskWrite`. A checkpoint's pages
+//!   come in a [`StagedCheckpoint`] decoded into the node's one `PageStaging`; apply it with
+//!   `apply_and_recycle` and give the staging back with [`ColoNode::recycle_staging`].
+//! - Link: report `LinkConnected` when the TCP connection is up (both roles; the secondary
+//!   listens, the primary connects), `LinkBytes` as they arrive, `LinkClosed` when it ends. On
+//!   [`Action::CloseLink`] close the socket (the node already treats the link as down) and
+//!   reconnect later.
 //!
 //! # Connections and full sync
 //! Every (re)connection starts with a [`Repr::Hello`] each way, then a full sync: the primary
@@ -465,7 +491,7 @@ pub struct NodeStats {
     pub svm_frames_dropped: u64,
     /// PVM disk writes replicated (primary) or buffered (secondary).
     pub disk_writes: u64,
-    /// Link errors by [`LinkError::index`].
+    /// Link errors by `LinkError::index`.
     pub link_errors: [u64; 8],
     /// Protocol errors (well-formed messages that make no sense here), each closing the link.
     pub protocol_errors: u64,
@@ -556,12 +582,6 @@ pub mod rules {
         Obsolete,
     }
 
-    /// **Consistency**: a held PVM frame may go to clients only when the comparator matched it
-    /// (`matched`) or an acknowledged checkpoint captured after it covers it
-    /// (`frame_epoch <= acked`).
-    pub fn may_release(matched: bool, frame_epoch: u64, acked: u64) -> bool {
-        matched || frame_epoch <= acked
-    }
 }
 
 /// Where the primary's checkpoint stands.

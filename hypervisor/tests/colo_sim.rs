@@ -117,11 +117,14 @@ struct Vm {
     pc: u64,
     running: bool,
     rx_dropped: u64,
+    /// Declared divergence: XORed into the ISNs this VM picks (as with `shim_isn=off`), so the
+    /// SVM's connections start at other sequence numbers and the rewriter translates them.
+    isn_salt: u32,
 }
 
 impl Vm {
     fn new() -> Self {
-        Vm { mem: vec![0; MEM], dirty: vec![false; PAGES], pc: 0, running: true, rx_dropped: 0 }
+        Vm { mem: vec![0; MEM], dirty: vec![false; PAGES], pc: 0, running: true, rx_dropped: 0, isn_salt: 0 }
     }
     fn r32(&self, at: usize) -> u32 {
         u32::from_le_bytes(self.mem[at..at + 4].try_into().unwrap())
@@ -216,7 +219,7 @@ fn guest_step(vm: &mut Vm, clock: u64, disk: &mut dyn GuestDisk) -> Option<Vec<V
                 None => {
                     let Some(i) = (0..CONNS).find(|&i| vm.mem[CONN_BASE + i * CONN_SIZE] == 0) else { break };
                     let b = CONN_BASE + i * CONN_SIZE;
-                    let isn = isn_for(port);
+                    let isn = isn_for(port) ^ vm.isn_salt;
                     vm.write(b, &[1, 0]);
                     vm.w16(b + 2, port);
                     vm.w32(b + 4, isn);
@@ -529,6 +532,7 @@ struct Params {
     request_rate: u64,
     capture_delay: u64,
     apply_delay: u64,
+    isn_diverges: bool,
 }
 
 struct Pending {
@@ -595,6 +599,7 @@ impl World {
             request_rate: [20_000, 100_000, 300_000][rng.below(3) as usize],
             capture_delay: rng.range(0, 3),
             apply_delay: rng.range(0, 3),
+            isn_diverges: rng.below(3) == 0,
         };
         let mut cfg = NodeConfig::new(NodeRole::Primary, PAGES as u64);
         cfg.guest_id = 0xC0FFEE;
@@ -664,6 +669,9 @@ impl World {
             txbuf: Vec::new(),
         };
         w.vms[1].running = false;
+        if w.p.isn_diverges {
+            w.vms[1].isn_salt = 0x00AB_CDEF;
+        }
         w.drain(0).expect("primary start");
         w.drain(1).expect("secondary start");
         // Either host may come up first; the link connects a little later.
@@ -855,17 +863,19 @@ impl World {
             let svm = self.svm_view.get(&port).cloned().unwrap_or_default();
             let cisn = self.client_isn.get(&port).copied();
             if t.flags.contains(TcpFlags::SYN) {
-                if svm.isn != Some(t.seq) {
+                // After failover the rewriter carries on the PVM's numbering; the SVM must
+                // have answered the SYN (with its own ISN if they diverge).
+                if svm.isn.is_none() {
                     return Err(format!(
                         "consistency: port {port}: SYN-ACK isn {} released; SVM has not sent it ({:?}), epoch {epoch} > committed {committed}",
                         t.seq, svm.isn
                     ));
                 }
             } else {
-                let isn = svm
-                    .isn
-                    .ok_or_else(|| format!("consistency: port {port}: data released before the SVM's SYN-ACK"))?;
-                let off = t.seq.wrapping_sub(isn.wrapping_add(1)) as usize;
+                svm.isn.ok_or_else(|| format!("consistency: port {port}: data released before the SVM's SYN-ACK"))?;
+                // Stream offsets count from each side's own ISN.
+                let pvm_isn = self.pvm_view.get(&port).and_then(|v| v.isn).ok_or("PVM data before its SYN-ACK")?;
+                let off = t.seq.wrapping_sub(pvm_isn.wrapping_add(1)) as usize;
                 let payload = &f[t.payload.clone()];
                 if svm.stream.len() < off + payload.len() || &svm.stream[off..off + payload.len()] != payload {
                     return Err(format!(

@@ -581,7 +581,6 @@ pub mod rules {
         /// Drop it: an applied checkpoint already holds its effect.
         Obsolete,
     }
-
 }
 
 /// Where the primary's checkpoint stands.

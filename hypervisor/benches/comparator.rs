@@ -19,9 +19,13 @@ const PVM_SEG: usize = 1448;
 const SVM_SEG: usize = 1000;
 const ROUNDS: usize = 6;
 
-fn tcp(port: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+fn tcp_ctl(port: u16, seq: u32, ctl: TcpControl, payload: &[u8]) -> Vec<u8> {
     let (src, dst) = (Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2));
-    frames::tcp_v4(src, dst, &frames::tcp_repr((port, 40000), seq, Some(1), TcpControl::None, 65535, payload))
+    frames::tcp_v4(src, dst, &frames::tcp_repr((port, 40000), seq, Some(1), ctl, 65535, payload))
+}
+
+fn tcp(port: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+    tcp_ctl(port, seq, TcpControl::None, payload)
 }
 
 fn segments(port: u16, isn: u32, base: usize, stream: &[u8], size: usize) -> Vec<Vec<u8>> {
@@ -37,8 +41,15 @@ fn main() {
         let mut svm = Vec::new();
         for c in 0..CONNS {
             let base = r * STREAM;
-            pvm.push(segments(80 + c, 1000, base, &stream, PVM_SEG));
-            svm.push(segments(80 + c, 900_000, base, &stream, SVM_SEG));
+            let mut p = segments(80 + c, 1000, base, &stream, PVM_SEG);
+            let mut s = segments(80 + c, 900_000, base, &stream, SVM_SEG);
+            if r == 0 {
+                // Each side's SYN-ACK carries its own ISN (the VMs' ISNs differ).
+                p.insert(0, tcp_ctl(80 + c, 999, TcpControl::Syn, b""));
+                s.insert(0, tcp_ctl(80 + c, 899_999, TcpControl::Syn, b""));
+            }
+            pvm.push(p);
+            svm.push(s);
         }
         rounds.push((pvm, svm));
     }

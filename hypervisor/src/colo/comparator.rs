@@ -1512,6 +1512,16 @@ impl OutputComparator {
         Ok(())
     }
 
+    /// The primary lost its secondary and releases output unprotected (the failover machine's
+    /// `ReleaseOutputUnprotected`, after the witness granted it the next generation): every
+    /// held frame is released in its original order, an outstanding capture is abandoned, and
+    /// comparison starts afresh as after a commit.
+    pub fn release_all_unprotected(&mut self) {
+        let mark = self.mark_capture();
+        let _ = self.on_checkpoint_committed(mark);
+        self.stats.checkpoints_committed -= 1;
+    }
+
     /// The checkpoint captured at `mark` failed (the secondary refused it, the link dropped, a
     /// timeout): nothing is released, every held frame stays held, and comparison carries on
     /// as if the mark had never been taken, so a later checkpoint covers the held output.
@@ -2197,5 +2207,19 @@ mod tests {
         assert_eq!(c.push_svm(&on(80, 5, b"more"), Tick(1)), Verdict::Matched);
         assert_eq!(drain(&mut c).len(), 1);
         assert_eq!(c.pending_request(), None);
+    }
+
+    /// Going unprotected releases everything held, including frames after an outstanding mark.
+    #[test]
+    fn release_all_unprotected_releases_everything() {
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"a"), Tick(0));
+        let _mark = c.mark_capture();
+        c.push_pvm(&udp(53, b"b"), Tick(0));
+        c.release_all_unprotected();
+        assert_eq!(drain(&mut c), vec![data(1, b"a"), udp(53, b"b")]);
+        assert_eq!(c.outstanding_mark(), None);
+        assert_eq!(c.stats().held_frames, 0);
+        assert_eq!(c.stats().checkpoints_committed, 0);
     }
 }

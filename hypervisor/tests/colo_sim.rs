@@ -39,8 +39,8 @@ use hypervisor::colo::comparator::ComparatorLimits;
 use hypervisor::colo::frames;
 use hypervisor::colo::link::StateKind;
 use hypervisor::colo::node::{
-    Action, Capture, CaptureKind, ColoNode, Event, FullSyncSource, NodeCommand, NodeConfig, NodeRole, NodeStats,
-    SyncPiece,
+    Action, ApplyFailure, Capture, CaptureKind, ColoNode, Event, FullSyncSource, NodeCommand, NodeConfig, NodeRole,
+    NodeStats, SyncPiece,
 };
 use hypervisor::colo::packet::{parse_frame, TcpFlags};
 use hypervisor::colo::Tick;
@@ -533,11 +533,13 @@ struct Params {
     capture_delay: u64,
     apply_delay: u64,
     isn_diverges: bool,
+    apply_fail: u64,
 }
 
 struct Pending {
     capture: Option<(u64, Capture, u64, u64)>,
-    apply: Option<(u64, u64)>,
+    /// Epoch and digest (`None`: the driver refused the checkpoint and left the SVM alone).
+    apply: Option<(u64, Option<u64>)>,
 }
 
 struct World {
@@ -600,6 +602,7 @@ impl World {
             capture_delay: rng.range(0, 3),
             apply_delay: rng.range(0, 3),
             isn_diverges: rng.below(3) == 0,
+            apply_fail: [0, 0, 30_000][rng.below(3) as usize],
         };
         let mut cfg = NodeConfig::new(NodeRole::Primary, PAGES as u64);
         cfg.guest_id = 0xC0FFEE;
@@ -911,6 +914,15 @@ impl World {
         self.vms[1].running = false;
         let pages: Vec<u64> = staged.pages().map(|p| p.gfn).collect();
         let vcpu: Vec<u8> = staged.vcpu_states().next().map(|b| b.data.to_vec()).unwrap_or_default();
+        if self.faults_on && self.rng.chance(self.p.apply_fail) {
+            // The driver refuses it (a device rejects its state) before changing anything.
+            self.trace(format!("fault: secondary refuses checkpoint {epoch}"));
+            self.nodes[1].recycle_staging(staged.into_staging().ok_or("no staging back")?);
+            self.pending.apply = Some((epoch, None));
+            let delay = self.p.apply_delay;
+            self.at(delay, Sched::ApplyDone(epoch));
+            return Ok(());
+        }
         let (applied, staging) = staged.apply_and_recycle(&mut self.cache, epoch);
         applied.map_err(|e| format!("apply: {e}"))?;
         self.nodes[1].recycle_staging(staging.ok_or("no staging back")?);
@@ -965,7 +977,7 @@ impl World {
         self.applied_checks += 1;
         // The SVM's history is now the PVM's up to the capture point.
         self.svm_view = snap.flows.clone();
-        self.pending.apply = Some((epoch, d));
+        self.pending.apply = Some((epoch, Some(d)));
         let delay = self.p.apply_delay;
         self.at(delay, Sched::ApplyDone(epoch));
         Ok(())
@@ -1180,8 +1192,9 @@ impl World {
                         return Err("apply done without an apply".into());
                     };
                     debug_assert_eq!(e, epoch);
-                    self.trace(format!("secondary applied {epoch}"));
-                    self.feed(1, Event::ApplyDone { epoch, result: Ok(Some(d)), apply_us: 50 })?;
+                    self.trace(format!("secondary applied {epoch}: {d:?}"));
+                    let result = d.map(Some).ok_or(ApplyFailure::State);
+                    self.feed(1, Event::ApplyDone { epoch, result, apply_us: 50 })?;
                 }
                 Sched::Reconnect(g) => {
                     if g == self.link_gen && !self.link_up {
@@ -1392,12 +1405,15 @@ struct Outcome {
     applied_checks: u64,
     released: u64,
     cuts: u64,
+    refused: u64,
+    garbage_errors: u64,
 }
 
 fn run_seed(seed: u64, verbose: bool) -> Outcome {
     let mut w = World::new(seed, verbose);
     let r = w.run();
     let ps = w.nodes[0].stats().clone();
+    let ss = w.nodes[1].stats().clone();
     if let Err(e) = &r {
         w.trace(format!("FAILED: {e}"));
     }
@@ -1410,6 +1426,8 @@ fn run_seed(seed: u64, verbose: bool) -> Outcome {
         applied_checks: w.applied_checks,
         released: w.released_frames,
         cuts: ps.link_closes,
+        refused: ss.nacks.iter().sum(),
+        garbage_errors: ps.link_errors_total() + ss.link_errors_total() + ps.protocol_errors + ss.protocol_errors,
     }
 }
 
@@ -1430,7 +1448,7 @@ fn histories() {
     let n = env("COLO_SIM_SEEDS").unwrap_or(1000);
     let first = env("COLO_SIM_FIRST").unwrap_or(1);
     let start = std::time::Instant::now();
-    let (mut ckpts, mut syncs, mut checks, mut released, mut cuts) = (0, 0, 0, 0, 0);
+    let (mut ckpts, mut syncs, mut checks, mut released, mut cuts, mut refused, mut errors) = (0, 0, 0, 0, 0, 0, 0);
     let mut failures = Vec::new();
     for seed in first..first + n {
         let o = run_seed(seed, false);
@@ -1439,6 +1457,8 @@ fn histories() {
         checks += o.applied_checks;
         released += o.released;
         cuts += o.cuts;
+        refused += o.refused;
+        errors += o.garbage_errors;
         if let Some(e) = o.error {
             if failures.is_empty() {
                 eprintln!("seed {seed} failed: {e}\nlast events:");
@@ -1450,7 +1470,7 @@ fn histories() {
         }
     }
     println!(
-        "colo_sim: {n} histories (seeds {first}..{}) in {:.1} s: {ckpts} checkpoints acknowledged ({syncs} full syncs), {checks} applies checked, {released} frames released, {cuts} link closures",
+        "colo_sim: {n} histories (seeds {first}..{}) in {:.1} s: {ckpts} checkpoints acknowledged ({syncs} full syncs), {checks} applies checked, {released} frames released, {cuts} link closures, {refused} checkpoints refused, {errors} link/protocol errors counted",
         first + n - 1,
         start.elapsed().as_secs_f64()
     );

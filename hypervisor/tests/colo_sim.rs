@@ -1505,9 +1505,15 @@ fn same_seed_same_trace() {
 /// - 255: the link was cut after the secondary applied a checkpoint but before its ack
 ///   arrived; aborting released PVM output of the next epoch that only the SVM's pre-apply
 ///   history had matched. Now the outcome waits for the secondary's next hello.
+/// - 220720: after a refused checkpoint, a PVM disk write made before the full sync's capture
+///   point arrived after `FullSyncBegin` (which overtakes queued messages on the bulk lane) and
+///   was taken for a protocol error; it is covered by the sync's disk copy.
+///
+/// (Seeds below 220720 were found with earlier versions of this generator; they still run as
+/// ordinary histories.)
 #[test]
 fn regression_seeds() {
-    for seed in [4, 10, 60, 255, 3938] {
+    for seed in [4, 10, 60, 255, 3938, 220720] {
         let o = run_seed(seed, false);
         assert!(o.error.is_none(), "seed {seed}: {:?}\n{}", o.error, o.trace.join("\n"));
     }

@@ -1815,6 +1815,11 @@ impl<D: BlockBackend> ColoNode<D> {
                 if !s.synced && s.applying.is_none() && s.sync_epoch.is_none() {
                     return; // stale: a full sync is coming
                 }
+                if s.sync_epoch.is_some_and(|sync| epoch <= sync) {
+                    // Made before the sync's capture point (its `FullSyncBegin` overtook it on
+                    // the bulk lane): the sync's disk copy holds it.
+                    return;
+                }
                 let Disk::Replica(r) = &mut s.disk else {
                     return self.protocol_error(now, "disk write during full sync");
                 };

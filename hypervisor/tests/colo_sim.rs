@@ -7,7 +7,9 @@
 //!   lives in model memory pages, plus one "vCPU register"; its disk is a `MemDisk`. The declared
 //!   source of divergence is `T` (TIME), whose reply is the VM's clock;
 //! - the drivers: capture (dirty pages encoded with `colo::checkpoint`), apply (checkpoint cache,
-//!   pages dirtied by either VM restored, vCPU reset), full sync, disk;
+//!   pages dirtied by either VM restored, vCPU reset), full sync, disk; the secondary's driver
+//!   sometimes refuses a checkpoint (before changing anything), and the secondary host
+//!   sometimes restarts with nothing;
 //! - the replication link: a reliable in-order byte stream with latency, bandwidth, arbitrary
 //!   chunking, cuts and reconnects, and injected garbage;
 //! - clients on a network with loss, duplication and reordering (client to server), which
@@ -16,7 +18,9 @@
 //! Invariants, checked as the history runs:
 //! - consistency: every frame released to a client is covered by a checkpoint the secondary
 //!   applied (produced before its capture point), or matched by the SVM's current history (same
-//!   bytes at the same stream offsets, acknowledgement not beyond the SVM's, SYN-ACK seen);
+//!   bytes at the same stream offsets, acknowledgement not beyond the SVM's, SYN-ACK seen; the
+//!   history is reset to the PVM's at the capture point by every apply, and is void while a
+//!   restarted secondary holds nothing);
 //! - every client stream is released in order, with no byte lost or duplicated (each PVM frame
 //!   released once, in production order per connection; clients see no gap and no repeat, and
 //!   every reply is what the reference model says);
@@ -498,7 +502,8 @@ enum Sched {
     ToServer(Vec<u8>),
     ToClient(Vec<u8>),
     CaptureDone(u64),
-    ApplyDone(u64),
+    /// Epoch, and the secondary's incarnation it was for.
+    ApplyDone(u64, u64),
     Reconnect(u64),
 }
 
@@ -534,6 +539,7 @@ struct Params {
     apply_delay: u64,
     isn_diverges: bool,
     apply_fail: u64,
+    restart: u64,
 }
 
 struct Pending {
@@ -575,6 +581,12 @@ struct World {
     applied_checks: u64,
     released_frames: u64,
     txbuf: Vec<u8>,
+    cfg: NodeConfig,
+    /// Incarnation of the secondary host (it restarts with nothing).
+    sec_gen: u64,
+    /// False from a secondary restart until its first full sync is applied: no SVM holds any
+    /// history then, so nobody could fail over and contradict what clients got.
+    svm_alive: bool,
 }
 
 type SimResult = Result<(), String>;
@@ -603,6 +615,7 @@ impl World {
             apply_delay: rng.range(0, 3),
             isn_diverges: rng.below(3) == 0,
             apply_fail: [0, 0, 30_000][rng.below(3) as usize],
+            restart: [0, 0, 0, 1000][rng.below(4) as usize],
         };
         let mut cfg = NodeConfig::new(NodeRole::Primary, PAGES as u64);
         cfg.guest_id = 0xC0FFEE;
@@ -634,11 +647,7 @@ impl World {
             max_total_bytes: 1 << 20,
         };
         let primary = ColoNode::primary(NodeConfig { host_id: 1, ..cfg }, Tick(0));
-        let secondary = ColoNode::secondary(
-            NodeConfig { host_id: 2, role: NodeRole::Secondary, ..cfg },
-            MemDisk::new(DISK_SECTORS),
-            Tick(0),
-        );
+        let secondary = new_secondary(cfg, Tick(0));
         let clients = (0..p.clients).map(|i| Client::new(i, &mut rng)).collect();
         let mut w = World {
             rng,
@@ -670,6 +679,9 @@ impl World {
             applied_checks: 0,
             released_frames: 0,
             txbuf: Vec::new(),
+            cfg,
+            sec_gen: 0,
+            svm_alive: true,
         };
         w.vms[1].running = false;
         if w.p.isn_diverges {
@@ -861,8 +873,8 @@ impl World {
         }
         self.released_frames += 1;
         let committed = self.nodes[1].committed();
-        let covered = epoch <= committed && self.snaps_ok(epoch);
-        if !covered {
+        let covered = epoch <= committed;
+        if !covered && self.svm_alive {
             let svm = self.svm_view.get(&port).cloned().unwrap_or_default();
             let cisn = self.client_isn.get(&port).copied();
             if t.flags.contains(TcpFlags::SYN) {
@@ -903,10 +915,6 @@ impl World {
         Ok(())
     }
 
-    fn snaps_ok(&self, _epoch: u64) -> bool {
-        true
-    }
-
     // --- secondary driver ----------------------------------------------------------------
 
     fn apply(&mut self, staged: StagedCheckpoint) -> SimResult {
@@ -920,7 +928,7 @@ impl World {
             self.nodes[1].recycle_staging(staged.into_staging().ok_or("no staging back")?);
             self.pending.apply = Some((epoch, None));
             let delay = self.p.apply_delay;
-            self.at(delay, Sched::ApplyDone(epoch));
+            self.at(delay, Sched::ApplyDone(epoch, self.sec_gen));
             return Ok(());
         }
         let (applied, staging) = staged.apply_and_recycle(&mut self.cache, epoch);
@@ -975,11 +983,12 @@ impl World {
             ));
         }
         self.applied_checks += 1;
+        self.svm_alive = true;
         // The SVM's history is now the PVM's up to the capture point.
         self.svm_view = snap.flows.clone();
         self.pending.apply = Some((epoch, Some(d)));
         let delay = self.p.apply_delay;
-        self.at(delay, Sched::ApplyDone(epoch));
+        self.at(delay, Sched::ApplyDone(epoch, self.sec_gen));
         Ok(())
     }
 
@@ -994,6 +1003,22 @@ impl World {
     }
 
     // --- link ----------------------------------------------------------------------------
+
+    /// The secondary host dies and boots again with nothing: a fresh node, VM and disk.
+    fn restart_secondary(&mut self) -> SimResult {
+        self.trace("fault: secondary restarts".into());
+        self.cut()?;
+        self.sec_gen += 1;
+        self.svm_alive = false;
+        self.pending.apply = None;
+        self.nodes[1] = new_secondary(self.cfg, Tick(self.now));
+        let salt = self.vms[1].isn_salt;
+        self.vms[1] = Vm::new();
+        self.vms[1].isn_salt = salt;
+        self.vms[1].running = false;
+        self.cache = VecGuestMemory::new(PAGE, PAGES);
+        self.drain(1)
+    }
 
     fn cut(&mut self) -> SimResult {
         if !self.link_up {
@@ -1187,7 +1212,8 @@ impl World {
                     let pause_us = 100 + pages * 10;
                     self.feed(0, Event::CaptureDone { epoch, capture, digest: Some(d), pause_us, pages })?;
                 }
-                Sched::ApplyDone(e) => {
+                Sched::ApplyDone(_, gen) if gen != self.sec_gen => {} // that secondary died
+                Sched::ApplyDone(e, _) => {
                     let Some((epoch, d)) = self.pending.apply.take() else {
                         return Err("apply done without an apply".into());
                     };
@@ -1245,6 +1271,9 @@ impl World {
         self.transmit()?;
         self.clients_step();
         // Faults.
+        if self.faults_on && self.rng.chance(self.p.restart) {
+            self.restart_secondary()?;
+        }
         if self.faults_on {
             if self.link_up && self.rng.chance(self.p.cut) {
                 self.trace("fault: link cut".into());
@@ -1347,6 +1376,10 @@ fn observe(view: &mut FlowView, t: &hypervisor::colo::packet::TcpSegment, f: &[u
             view.max_ack = Some(view.max_ack.map_or(ack, |m| m.max(ack)));
         }
     }
+}
+
+fn new_secondary(cfg: NodeConfig, now: Tick) -> ColoNode<MemDisk> {
+    ColoNode::secondary(NodeConfig { host_id: 2, role: NodeRole::Secondary, ..cfg }, MemDisk::new(DISK_SECTORS), now)
 }
 
 fn name(h: usize) -> &'static str {

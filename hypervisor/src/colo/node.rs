@@ -374,7 +374,10 @@ pub enum Event<'a> {
         /// Epoch from the action.
         epoch: u64,
     },
-    /// Secondary: [`Action::ApplyCheckpoint`] or [`Action::FinishFullSync`] is done.
+    /// Secondary: [`Action::ApplyCheckpoint`] or [`Action::FinishFullSync`] is done. An
+    /// `Err` from `ApplyCheckpoint` must mean the SVM was left exactly as it was (check every
+    /// state before writing anything): the primary then aborts the checkpoint and keeps
+    /// comparing against the SVM's output from before it.
     ApplyDone {
         /// Epoch.
         epoch: u64,

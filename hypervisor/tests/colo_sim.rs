@@ -1542,8 +1542,11 @@ fn same_seed_same_trace() {
 ///   point arrived after `FullSyncBegin` (which overtakes queued messages on the bulk lane) and
 ///   was taken for a protocol error; it is covered by the sync's disk copy.
 ///
-/// (Seeds below 220720 were found with earlier versions of this generator; they still run as
-/// ordinary histories.)
+/// The generator has gained parameters since, so these seeds now replay other histories; each
+/// bug is pinned by a unit test in `colo::node` (`full_sync_begin_goes_before_any_sync_data`,
+/// `disk_writes_arriving_while_the_full_sync_applies_are_kept`,
+/// `disk_pressure_pauses_the_pvm_and_checkpoints`, `a_lost_ack_is_resolved_by_the_next_hello`,
+/// `a_disk_write_overtaken_by_the_full_sync_is_covered_by_it`), and the seeds keep running.
 #[test]
 fn regression_seeds() {
     for seed in [4, 10, 60, 255, 3938, 220720] {

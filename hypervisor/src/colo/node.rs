@@ -2350,6 +2350,28 @@ mod tests {
         assert_eq!(pair.s.stats().disk_errors, 0);
     }
 
+    /// `FullSyncBegin` travels on the bulk lane and may overtake a disk write queued before the
+    /// sync's capture point: the sync's disk copy holds that write, so it is dropped, not a
+    /// protocol error (found by the simulation, seed 220720 at the time). A write from after
+    /// the capture point cannot come during the sync (the PVM is paused): that one is refused.
+    #[test]
+    fn a_disk_write_overtaken_by_the_full_sync_is_covered_by_it() {
+        let mut pair = Pair::synced();
+        let msg = |r: Repr<'_>| {
+            let mut v = Vec::new();
+            r.emit_to_vec(&mut v).unwrap();
+            v
+        };
+        let data = [4u8; SECTOR_SIZE];
+        pair.feed(1, Event::LinkBytes(&msg(Repr::FullSyncBegin { epoch: 5, ram_bytes: 2048, disk_sectors: 8 })));
+        pair.feed(1, Event::LinkBytes(&msg(Repr::DiskWrite { epoch: 5, sector: 1, data: &data })));
+        assert_eq!(pair.s.stats().protocol_errors, 0);
+        assert_eq!(pair.closes, 0);
+        pair.feed(1, Event::LinkBytes(&msg(Repr::DiskWrite { epoch: 6, sector: 1, data: &data })));
+        assert_eq!(pair.s.last_protocol_error(), Some("disk write during full sync"));
+        assert_eq!(pair.closes, 1);
+    }
+
     #[test]
     fn output_waits_for_the_checkpoint_that_covers_it() {
         let mut pair = Pair::synced();

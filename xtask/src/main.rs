@@ -44,7 +44,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const SUITES: &[(&str, &str)] = &[
     ("lint", "cargo fmt --check and cargo clippy -D warnings over the workspace"),
     ("host", "every host unit and property test (includes `core`)"),
-    ("core", "the COLO engine: comparator, rewriter, checkpoint stream, block cache, failover"),
+    ("core", "the COLO engine: comparator, rewriter, checkpoint stream, block cache, failover, node, link, two-host simulation"),
     ("boot", "the GRUB image boots under QEMU (CD-ROM, USB SeaBIOS, USB UEFI) and Bochs"),
     ("vtx", "the VT-x backend under Bochs: reference guest, isolation guests, preemption"),
     ("snapshot", "dirty tracking (PML, EPT A/D), snapshot/restore and vCPU reset under Bochs VT-x"),
@@ -72,6 +72,9 @@ commands:
   demo                        build, boot under QEMU and Bochs, and summarise what happened
   bench                       run the benchmarks; figures go to target/bench-report.md
   fuzz [--seeds N]            the fuzz guest with seeds 1..=N (default 10) over QEMU AMD-V, Bochs VT-x and AMD-V
+  sim [--seeds N] [--first S] [--seed S]
+                              run N two-host COLO simulation histories (release build), or replay
+                              one seed with its trace; a failing seed is printed with its trace
   ctl <command> [--addr IP:PORT]
                               send one management request (status, stats, tunables, set KEY VALUE,
                               checkpoint, failover, shutdown, raw 'JSON') and print the reply
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("bench") => bench(),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("sim") => sim(&args[1..]),
         Some("ctl") => ctl::ctl(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
@@ -332,6 +336,28 @@ fn ensure_rust_components() -> Result {
     }
     step("adding the rustfmt and clippy components (rustup)");
     run_checked(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]), "rustup component add")
+}
+
+/// `cargo xtask sim`: the deterministic two-host simulation (`hypervisor/tests/colo_sim.rs`)
+/// with more histories than the `core` suite runs, or one seed replayed verbosely.
+fn sim(args: &[String]) -> Result {
+    let mut c = cargo();
+    c.args(["test", "--release", "-p", "colo-hypervisor", "--test", "colo_sim"]);
+    let mut i = 0;
+    while i < args.len() {
+        let var = match args[i].as_str() {
+            "--seeds" => "COLO_SIM_SEEDS",
+            "--first" => "COLO_SIM_FIRST",
+            "--seed" => "COLO_SIM_SEED",
+            other => return Err(format!("unknown option `{other}`; accepted: --seeds N, --first S, --seed S")),
+        };
+        let value = args.get(i + 1).filter(|v| v.parse::<u64>().is_ok());
+        let value = value.ok_or_else(|| format!("{} needs a number, e.g. `{} 5000`", args[i], args[i]))?;
+        c.env(var, value);
+        i += 2;
+    }
+    c.args(["--", "--nocapture", "--exact", "histories"]);
+    run_checked(&mut c, "simulation")
 }
 
 fn test(args: &[String]) -> Result {

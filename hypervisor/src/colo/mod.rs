@@ -9,6 +9,8 @@
 //! - [`checkpoint`]: the versioned, checksummed checkpoint stream format;
 //! - [`block`]: secondary-side block write cache and SVM overlay;
 //! - [`failover`]: heartbeat and role state machine;
+//! - [`link`]: the replication link messages (typed, versioned, checksummed);
+//! - [`node`]: `ColoNode`, one host of a pair as a sans-IO state machine;
 //! - [`time`]: the one [`Tick`] type every module takes.
 #![deny(unsafe_code)]
 
@@ -17,6 +19,8 @@ pub mod checkpoint;
 pub mod comparator;
 pub mod failover;
 pub mod frames;
+pub mod link;
+pub mod node;
 pub mod packet;
 pub mod rewriter;
 pub mod time;

@@ -12,6 +12,8 @@ pub mod guests;
 
 pub mod plot;
 
+pub mod report;
+
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};

@@ -544,20 +544,6 @@ fn malformed_resp_gets_errors_and_the_connection_survives() {
     assert!(lines[6].contains("wrong number of arguments"), "{text}");
 }
 
-/// `(rps, p50 ms, p99 ms)` per test from `redis-benchmark --csv`.
-fn benchmark_rows(csv: &str) -> Vec<(String, f64, f64, f64)> {
-    csv.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<String> = l.split(',').map(|x| x.trim_matches('"').to_string()).collect();
-            if f.len() < 7 {
-                return None;
-            }
-            Some((f[0].clone(), f[1].parse().ok()?, f[4].parse().ok()?, f[6].parse().ok()?))
-        })
-        .collect()
-}
-
 #[test]
 fn redis_benchmark_set_get_completes_without_errors() {
     let mut s = GuestSetup::boot(
@@ -575,12 +561,13 @@ fn redis_benchmark_set_get_completes_without_errors() {
     eprintln!("redis-benchmark:\n{stdout}{stderr}");
     assert!(out.status.success(), "redis-benchmark failed: {}\n{stdout}{stderr}", out.status);
     assert!(!stderr.to_lowercase().contains("error") && !stdout.to_lowercase().contains("error"), "{stdout}{stderr}");
-    let rows = benchmark_rows(&stdout);
+    let rows = qemu_tests::report::parse_redis_benchmark_csv(&stdout);
     assert_eq!(rows.len(), 2, "{stdout}");
-    for (test, rps, p50, p99) in &rows {
-        assert!(*rps > 0.0, "{test}: {rps}");
+    for r in &rows {
+        assert!(r.rps > 0.0, "{}: {}", r.test, r.rps);
         eprintln!(
-            "[bench] QEMU TCG + AMD-V, guest-redis, -n 10000 -c 20: {test}: {rps:.0} req/s, p50 {p50} ms, p99 {p99} ms"
+            "[bench] QEMU TCG + AMD-V, guest-redis, -n 10000 -c 20: {}: {:.0} req/s, p50 {} ms, p99 {} ms",
+            r.test, r.rps, r.p50_ms, r.p99_ms
         );
     }
     // The guest is still healthy and its data is there.

@@ -17,6 +17,7 @@
 pub mod classify;
 pub mod metrics;
 pub mod mgmt;
+pub mod repl;
 
 #[cfg(feature = "bare-metal")]
 pub mod e1000;

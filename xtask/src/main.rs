@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+mod cluster;
 mod ctl;
 
 use qemu_tests::{make_image, target_dir, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
@@ -68,6 +69,8 @@ commands:
   ctl <command> [--addr IP:PORT]
                               send one management request (status, stats, tunables, set KEY VALUE,
                               checkpoint, failover, shutdown, raw 'JSON') and print the reply
+  cluster start|status|stop|exec -- CMD|kill primary|secondary
+                              a two-host COLO cluster (QEMU TCG) with a client namespace (root)
 ";
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("bench") => bench(),
         Some("ctl") => ctl::ctl(&args[1..]),
+        Some("cluster") => cluster::cluster(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             Ok(())

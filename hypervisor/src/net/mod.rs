@@ -26,6 +26,6 @@ pub mod iface;
 
 #[cfg(feature = "bare-metal")]
 pub use iface::{
-    bring_up, clear_guest_hook, is_up, poll, send_from_guest, serve_until_shutdown, set_guest_hook, GuestForward,
-    NetError, PollOutcome,
+    bring_up, clear_guest_hook, is_up, poll, send_from_guest, serve_until_shutdown, set_guest_hook, take_repl_nic,
+    GuestForward, NetError, PollOutcome,
 };

@@ -476,6 +476,187 @@ impl ReplLink {
     }
 }
 
+/// The bare-metal side: the e1000 with the `repl` role alone as the link's smoltcp device.
+#[cfg(feature = "bare-metal")]
+pub mod nic {
+    use alloc::vec::Vec;
+    use core::fmt;
+
+    use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+    use smoltcp::time::Instant;
+
+    use super::{LinkConfig, Mode, ReplLink};
+    use crate::config::{Config, Role};
+    use crate::host::time;
+    use crate::net::e1000::{TxError, E1000, MAX_FRAME};
+    use crate::stats;
+
+    /// Why the link could not start.
+    #[derive(Debug)]
+    pub enum ReplError {
+        /// `role=standalone` has no link.
+        NotReplicating,
+        /// Networking did not find (or already gave away) a NIC whose only role is `repl`.
+        NoReplNic,
+        /// `repl_addr=` or `peer_addr=` is missing (the config parser normally refuses that).
+        Unaddressed,
+    }
+
+    impl fmt::Display for ReplError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                Self::NotReplicating => write!(f, "role=standalone has no replication link"),
+                Self::NoReplNic => write!(
+                    f,
+                    "no e1000 NIC with the repl role alone (nics=... e.g. mgmt+client,repl, and as many e1000 NICs on the PCI bus)"
+                ),
+                Self::Unaddressed => write!(f, "the replication link needs repl_addr= and peer_addr="),
+            }
+        }
+    }
+
+    /// The e1000 of the replication network.
+    pub struct ReplNic {
+        dev: E1000,
+        index: usize,
+    }
+
+    impl fmt::Debug for ReplNic {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("ReplNic").field("index", &self.index).finish_non_exhaustive()
+        }
+    }
+
+    /// The link and its NIC, as the node driver holds them.
+    #[derive(Debug)]
+    pub struct ReplPort {
+        /// The transport.
+        pub link: ReplLink,
+        nic: ReplNic,
+    }
+
+    impl ReplPort {
+        /// Takes the `repl` NIC from the network stack and starts the link for `config`'s role.
+        pub fn bring_up(config: &Config) -> Result<Self, ReplError> {
+            let mode = match config.role {
+                Role::Primary => Mode::Connect { peer: config.peer_addr.ok_or(ReplError::Unaddressed)? },
+                Role::Secondary => Mode::Listen { port: config.repl_port },
+                Role::Standalone => return Err(ReplError::NotReplicating),
+            };
+            let addr = config.repl_addr.ok_or(ReplError::Unaddressed)?;
+            let (index, dev) = crate::net::take_repl_nic().ok_or(ReplError::NoReplNic)?;
+            let mac = dev.mac();
+            let mut nic = ReplNic { dev, index };
+            let link = ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut nic, time::now_ms());
+            match mode {
+                Mode::Connect { peer } => {
+                    log::info!("repl: {}/{} on nic{index}, connecting to {peer}", addr.addr, addr.prefix)
+                }
+                Mode::Listen { port } => {
+                    log::info!("repl: {}/{} on nic{index}, listening on TCP port {port}", addr.addr, addr.prefix)
+                }
+            }
+            Ok(Self { link, nic })
+        }
+
+        /// One round of link work at the current time.
+        pub fn poll(&mut self) {
+            self.link.poll(time::now_ms(), &mut self.nic);
+            let up = self.nic.dev.link_up();
+            stats::with(|s| s.nic_mut(self.nic.index).link_up = up);
+        }
+    }
+
+    /// A received frame for smoltcp.
+    pub struct RxBuf(Vec<u8>);
+
+    impl phy::RxToken for RxBuf {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+
+    /// Permission to send one frame.
+    pub struct TxSlot<'a>(&'a mut ReplNic);
+
+    impl phy::TxToken for TxSlot<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let index = self.0.index;
+            let mut f = Some(f);
+            match self.0.dev.transmit(len, |buf| (f.take().expect("called once"))(buf)) {
+                Ok(r) => {
+                    stats::with(|s| {
+                        let c = &mut s.nic_mut(index).counters;
+                        c.tx_frames += 1;
+                        c.tx_bytes += len as u64;
+                    });
+                    r
+                }
+                Err(err) => {
+                    stats::with(|s| {
+                        let c = &mut s.nic_mut(index).counters;
+                        match err {
+                            TxError::RingFull => c.tx_dropped += 1,
+                            TxError::BadLength { .. } => c.tx_errors += 1,
+                        }
+                    });
+                    // Not sent; smoltcp still needs its result (TCP retransmits).
+                    let mut scratch = alloc::vec![0u8; len.min(MAX_FRAME * 2)];
+                    (f.take().expect("not called yet"))(&mut scratch)
+                }
+            }
+        }
+    }
+
+    impl Device for ReplNic {
+        type RxToken<'a>
+            = RxBuf
+        where
+            Self: 'a;
+        type TxToken<'a>
+            = TxSlot<'a>
+        where
+            Self: 'a;
+
+        fn receive(&mut self, _timestamp: Instant) -> Option<(RxBuf, TxSlot<'_>)> {
+            let index = self.index;
+            // Skip (bounded) over frames the NIC flagged; smoltcp checks the rest.
+            for _ in 0..64 {
+                let frame = self.dev.receive(|result| {
+                    let frame = result.ok().map(<[u8]>::to_vec);
+                    stats::with(|s| {
+                        let c = &mut s.nic_mut(index).counters;
+                        match &frame {
+                            Some(f) => {
+                                c.rx_frames += 1;
+                                c.rx_bytes += f.len() as u64;
+                            }
+                            None => c.rx_errors += 1,
+                        }
+                    });
+                    frame
+                })?;
+                if let Some(frame) = frame {
+                    return Some((RxBuf(frame), TxSlot(self)));
+                }
+            }
+            None
+        }
+
+        fn transmit(&mut self, _timestamp: Instant) -> Option<TxSlot<'_>> {
+            self.dev.can_transmit().then_some(TxSlot(self))
+        }
+
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ethernet;
+            caps.max_transmission_unit = 1514;
+            caps.max_burst_size = Some(32);
+            caps
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,9 @@
 //! - [`rewriter`]: `SequenceRewriter`, SVM-side TCP seq/ack translation;
 //! - [`checkpoint`]: the versioned, checksummed checkpoint stream format;
 //! - [`block`]: secondary-side block write cache and SVM overlay;
-//! - [`failover`]: heartbeat and role state machine.
+//! - [`failover`]: heartbeat and role state machine;
+//! - [`link`]: the replication link messages (typed, versioned, checksummed);
+//! - [`node`]: `ColoNode`, one host of a pair as a sans-IO state machine.
 #![deny(unsafe_code)]
 
 pub mod block;
@@ -16,5 +18,7 @@ pub mod checkpoint;
 pub mod comparator;
 pub mod failover;
 pub mod frames;
+pub mod link;
+pub mod node;
 pub mod packet;
 pub mod rewriter;

@@ -82,6 +82,12 @@ impl Session {
     fn service(&mut self, link: &mut ReplLink, now_ms: u64) {
         let current = link.connection();
         if current.map(|c| c.id) != self.conn {
+            // A stream the peer ended (FIN or reset) inside a message is bad bytes too.
+            let local_close = matches!(link.last_close(), Some(CloseReason::Protocol(_) | CloseReason::Local(_)));
+            if let (Err(e), false) = (self.decoder.end_of_stream(), local_close) {
+                log::warn!("node: link error `{}`: {e}", e.name());
+                link.count_error(e.name());
+            }
             if self.conn.is_some() {
                 log::info!(
                     "node: link down (heartbeats in {} out {}); {}",
@@ -132,7 +138,8 @@ impl Session {
             loop {
                 match self.decoder.decode(&mut input) {
                     Ok(Some(repr)) => {
-                        let (role, peer_hello, heartbeats_in) = (self.role, &mut self.peer_hello, &mut self.heartbeats_in);
+                        let (role, peer_hello, heartbeats_in) =
+                            (self.role, &mut self.peer_hello, &mut self.heartbeats_in);
                         if let Err(reason) = on_message(role, &repr, peer_hello, heartbeats_in) {
                             log::warn!("node: link message refused: {reason}; closing the connection");
                             link.close(CloseReason::Protocol(reason), now_ms);
@@ -156,7 +163,12 @@ impl Session {
 }
 
 /// One decoded message; `Err(name)` when it is not acceptable here.
-fn on_message(role: LinkRole, repr: &Repr<'_>, peer_hello: &mut bool, heartbeats_in: &mut u64) -> Result<(), &'static str> {
+fn on_message(
+    role: LinkRole,
+    repr: &Repr<'_>,
+    peer_hello: &mut bool,
+    heartbeats_in: &mut u64,
+) -> Result<(), &'static str> {
     match repr {
         Repr::Hello { role: peer, host_id, guest_id, .. } => {
             if *peer == role {

@@ -50,9 +50,10 @@ const SUITES: &[(&str, &str)] = &[
     ("snapshot", "dirty tracking (PML, EPT A/D), snapshot/restore and vCPU reset under Bochs VT-x"),
     ("amdv", "the AMD-V backend under QEMU TCG and Bochs ryzen: the same scenarios as `vtx`"),
     ("net", "e1000 + management plane: ping, ctl, metrics, malformed input, shutdown (QEMU tap, netns; root)"),
+    ("colo", "two QEMU TCG hosts (cargo xtask cluster): replication link, bad bytes on it, the service (root)"),
 ];
 /// `core` is part of `host`, so the full run skips it.
-const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "net"];
+const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "net", "colo"];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -416,6 +417,14 @@ fn run_suite(suite: &str) -> Result {
             run_checked(
                 cargo().args(["test", "-p", "qemu-tests", "--test", "net", "--", "--test-threads=1", "--nocapture"]),
                 "net tests",
+            )
+        }
+        "colo" => {
+            ensure_deps()?;
+            build_kernel()?;
+            run_checked(
+                cargo().args(["test", "-p", "qemu-tests", "--test", "colo", "--", "--test-threads=1", "--nocapture"]),
+                "colo tests",
             )
         }
         "vtx" => emulator_suite("vtx"),

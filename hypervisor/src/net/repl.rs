@@ -134,13 +134,14 @@ pub struct ReplCounters {
     pub connects: u64,
     /// Connections that ended, for any reason.
     pub closes: u64,
-    /// Connections closed because the caller found bad bytes ([`CloseReason::Protocol`]).
+    /// Bad bytes the caller found: connections it closed with [`CloseReason::Protocol`] and
+    /// streams that ended inside a message ([`ReplLink::count_error`]).
     pub errors: u64,
     /// Bytes the caller handed to [`ReplLink::send`] that were accepted.
     pub bytes_sent: u64,
     /// Bytes [`ReplLink::recv`] delivered.
     pub bytes_received: u64,
-    /// Closes by reason name, in order of first appearance.
+    /// Closes and errors by name, in order of first appearance.
     pub by_reason: heapless::Vec<(&'static str, u64), MAX_REASONS>,
 }
 
@@ -157,8 +158,8 @@ impl ReplCounters {
         ]
     }
 
-    /// Closes with this reason name so far.
-    pub fn closes_by(&self, reason: &str) -> u64 {
+    /// Closes or errors with this name so far.
+    pub fn by_name(&self, reason: &str) -> u64 {
         self.by_reason.iter().find(|(name, _)| *name == reason).map_or(0, |(_, n)| *n)
     }
 
@@ -167,7 +168,10 @@ impl ReplCounters {
         if matches!(reason, CloseReason::Protocol(_)) {
             self.errors += 1;
         }
-        let name = reason.name();
+        self.count_name(reason.name());
+    }
+
+    fn count_name(&mut self, name: &'static str) {
         if let Some(entry) = self.by_reason.iter_mut().find(|(n, _)| *n == name) {
             entry.1 += 1;
         } else if self.by_reason.push((name, 1)).is_err() {
@@ -189,7 +193,7 @@ impl fmt::Display for ReplCounters {
             sep = " ";
         }
         for (name, value) in &self.by_reason {
-            write!(f, " closed_{name}={value}")?;
+            write!(f, " {name}={value}")?;
         }
         Ok(())
     }
@@ -374,6 +378,13 @@ impl ReplLink {
         n
     }
 
+    /// Counts bad bytes named `name` that did not lead to [`Self::close`] (a stream that ended
+    /// inside a message).
+    pub fn count_error(&mut self, name: &'static str) {
+        self.counters.errors += 1;
+        self.counters.count_name(name);
+    }
+
     /// Ends the current connection at once (reset; unread bytes are discarded) and counts
     /// `reason`. The primary connects again after [`RECONNECT_MS`]; the secondary keeps listening.
     pub fn close(&mut self, reason: CloseReason, now_ms: u64) {
@@ -404,6 +415,10 @@ impl ReplLink {
             let state = self.sockets.get::<tcp::Socket>(self.slots[slot].handle).state();
             let reason = match state {
                 tcp::State::Established | tcp::State::FinWait1 | tcp::State::FinWait2 => None,
+                // What arrived before the FIN is read first.
+                tcp::State::CloseWait if self.sockets.get::<tcp::Socket>(self.slots[slot].handle).recv_queue() > 0 => {
+                    None
+                }
                 tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait => {
                     Some(CloseReason::PeerClosed)
                 }
@@ -568,6 +583,7 @@ pub mod nic {
     }
 
     /// A received frame for smoltcp.
+    #[derive(Debug)]
     pub struct RxBuf(Vec<u8>);
 
     impl phy::RxToken for RxBuf {
@@ -577,6 +593,7 @@ pub mod nic {
     }
 
     /// Permission to send one frame.
+    #[derive(Debug)]
     pub struct TxSlot<'a>(&'a mut ReplNic);
 
     impl phy::TxToken for TxSlot<'_> {
@@ -903,13 +920,13 @@ mod tests {
         let mut buf = [0u8; 16];
         assert_eq!(pair.secondary.recv(&mut buf), 0, "bytes of a closed connection are never delivered");
         assert_eq!(pair.secondary.counters().errors, 1);
-        assert_eq!(pair.secondary.counters().closes_by("bad_magic"), 1);
+        assert_eq!(pair.secondary.counters().by_name("bad_magic"), 1);
         assert_eq!(pair.secondary.last_close(), Some(CloseReason::Protocol("bad_magic")));
         // The primary sees the reset and connects again; the new connection has a new id.
         pair.run_until(5_000, |p| p.secondary.connection().is_some_and(|c| c.id != first));
         pair.run_until(100, |p| p.primary.connection().is_some());
         assert_eq!(pair.primary.counters().connects, 2);
-        assert_eq!(pair.primary.counters().closes_by("lost"), 1);
+        assert_eq!(pair.primary.counters().by_name("lost"), 1);
         assert_eq!(transfer(&mut pair, b"again", true, 1_000), b"again");
     }
 
@@ -920,8 +937,30 @@ mod tests {
         let (slot, _) = pair.primary.current.unwrap();
         pair.primary.sockets.get_mut::<tcp::Socket>(pair.primary.slots[slot].handle).close();
         pair.run_until(1_000, |p| p.secondary.connection().is_none());
-        assert_eq!(pair.secondary.counters().closes_by("peer_closed"), 1);
+        assert_eq!(pair.secondary.counters().by_name("peer_closed"), 1);
         pair.run_until(5_000, |p| p.primary.connection().is_some() && p.secondary.connection().is_some());
+    }
+
+    #[test]
+    fn bytes_before_a_fin_are_delivered_before_the_close() {
+        let mut pair = Pair::new(usize::MAX);
+        pair.connected();
+        assert_eq!(pair.primary.send(b"half a message"), 14);
+        let (slot, _) = pair.primary.current.unwrap();
+        pair.primary.sockets.get_mut::<tcp::Socket>(pair.primary.slots[slot].handle).close();
+        // Nobody reads on the secondary for a while: the connection stays until the bytes are read.
+        for _ in 0..200 {
+            pair.step();
+        }
+        assert!(pair.secondary.connection().is_some(), "retired before its bytes were read");
+        let mut buf = [0u8; 64];
+        assert_eq!(pair.secondary.recv(&mut buf), 14);
+        assert_eq!(&buf[..14], b"half a message");
+        pair.step();
+        assert!(pair.secondary.connection().is_none());
+        pair.secondary.count_error("truncated");
+        let c = pair.secondary.counters();
+        assert_eq!((c.errors, c.by_name("truncated"), c.by_name("peer_closed")), (1, 1, 1));
     }
 
     #[test]

@@ -442,7 +442,7 @@ impl ReplLink {
                 let remote = socket.remote_endpoint().map_or(peer, to_v4);
                 self.activate(0, remote);
             }
-            tcp::State::Closed if now_ms >= self.retry_at_ms => {
+            tcp::State::Closed if now_ms >= self.retry_at_ms && socket.local_endpoint().is_none() => {
                 let local_port = self.next_local_port;
                 self.next_local_port = if local_port >= 65_000 { FIRST_LOCAL_PORT } else { local_port + 1 };
                 self.retry_at_ms = now_ms + RECONNECT_MS;
@@ -459,13 +459,18 @@ impl ReplLink {
     fn manage_listen(&mut self, port: u16, now_ms: u64) {
         for slot in 0..self.slots.len() {
             let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
-            if !socket.is_open() {
+            // An aborted socket keeps its endpoints until its RST has left: listen after that.
+            if !socket.is_open() && socket.local_endpoint().is_none() {
                 if let Err(e) = socket.listen(port) {
                     log::warn!("repl: listen on port {port}: {e:?}");
                 }
                 continue;
             }
-            if socket.state() == tcp::State::Established && self.slots[slot].active.is_none() {
+            // A peer may send and close (FIN) before this loop first sees its connection: what
+            // it sent is still read and judged.
+            let arrived = matches!(socket.state(), tcp::State::Established)
+                || (socket.state() == tcp::State::CloseWait && socket.recv_queue() > 0);
+            if arrived && self.slots[slot].active.is_none() {
                 let remote = socket.remote_endpoint().map(to_v4);
                 if let Some((old, _)) = self.current {
                     self.retire(old, CloseReason::Replaced, now_ms);
@@ -917,6 +922,8 @@ mod tests {
         let first = pair.secondary.connection().unwrap().id;
         pair.secondary.close(CloseReason::Protocol("bad_magic"), pair.now);
         assert!(pair.secondary.connection().is_none());
+        // The primary learns it from the reset at once (not from a keep-alive timeout).
+        pair.run_until(50, |p| p.primary.counters().by_name("lost") == 1);
         let mut buf = [0u8; 16];
         assert_eq!(pair.secondary.recv(&mut buf), 0, "bytes of a closed connection are never delivered");
         assert_eq!(pair.secondary.counters().errors, 1);
@@ -961,6 +968,31 @@ mod tests {
         pair.secondary.count_error("truncated");
         let c = pair.secondary.counters();
         assert_eq!((c.errors, c.by_name("truncated"), c.by_name("peer_closed")), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_connection_that_sends_and_closes_at_once_is_still_read() {
+        let mut pair = Pair::new(usize::MAX);
+        // Handshake, but the secondary does not look again once the primary is established: the
+        // primary's ACK, data and FIN then arrive in one secondary poll (state CloseWait).
+        for _ in 0..100 {
+            pair.now += 1;
+            pair.primary.poll(pair.now, &mut pair.wire.a());
+            if pair.primary.connection().is_some() {
+                break;
+            }
+            pair.secondary.poll(pair.now, &mut pair.wire.b());
+        }
+        assert!(pair.primary.connection().is_some() && pair.secondary.connection().is_none());
+        assert_eq!(pair.primary.send(b"garbage"), 7);
+        let (slot, _) = pair.primary.current.unwrap();
+        pair.primary.sockets.get_mut::<tcp::Socket>(pair.primary.slots[slot].handle).close();
+        pair.primary.poll(pair.now, &mut pair.wire.a());
+        pair.secondary.poll(pair.now, &mut pair.wire.b());
+        assert!(pair.secondary.connection().is_some(), "a connection closed with unread bytes was dropped unseen");
+        let mut buf = [0u8; 16];
+        assert_eq!(pair.secondary.recv(&mut buf), 7);
+        assert_eq!(&buf[..7], b"garbage");
     }
 
     #[test]

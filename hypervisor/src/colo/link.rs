@@ -798,3 +798,202 @@ impl LinkDecoder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn samples() -> Vec<Repr<'static>> {
+        static FRAME: [u8; 60] = [7; 60];
+        static SECT: [u8; 1024] = [3; 1024];
+        vec![
+            Repr::Hello { role: LinkRole::Primary, host_id: 1, generation: 2, guest_id: 3, epoch: 4 },
+            Repr::Hello { role: LinkRole::Secondary, host_id: 9, generation: 8, guest_id: 7, epoch: 0 },
+            Repr::ClientFrame { seq: 5, epoch: 6, frame: &FRAME },
+            Repr::SvmOutput { seq: 1, epoch: 2, frame: &FRAME[..14] },
+            Repr::DiskWrite { epoch: 3, sector: 100, data: &SECT },
+            Repr::CheckpointChunk { epoch: 3, offset: 4096, bytes: &SECT[..17] },
+            Repr::CheckpointCommit { epoch: 3, stream_len: 9999, digest: 0xdead_beef, verify: true },
+            Repr::CheckpointAck { epoch: 3, digest: 42 },
+            Repr::CheckpointNack { epoch: 3, reason: NackReason::VerifyFailed },
+            Repr::Heartbeat { generation: 2, now: 123 },
+            Repr::FullSyncBegin { epoch: 1, ram_bytes: 1 << 30, disk_sectors: 2048 },
+            Repr::FullSyncMemory { offset: 8192, data: &SECT[..100] },
+            Repr::FullSyncDisk { sector: 0, data: &SECT[..512] },
+            Repr::FullSyncState { kind: StateKind::Device, id: 3, tag: 0x11, data: &SECT[..5] },
+            Repr::FullSyncState { kind: StateKind::Vcpu, id: 0, tag: 1, data: &[] },
+            Repr::FullSyncEnd { epoch: 1, digest: 5, verify: false },
+            Repr::Failover { code: 1, body: b"promote" },
+        ]
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in samples() {
+            r.emit_to_vec(&mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for r in samples() {
+            let mut buf = vec![0u8; r.buffer_len()];
+            assert_eq!(r.emit(&mut buf), Some(buf.len()));
+            assert_eq!(Repr::parse(&buf), Ok(r));
+            assert!(r.emit(&mut buf[..r.buffer_len() - 1]).is_none(), "short buffer refused");
+        }
+    }
+
+    #[test]
+    fn decoder_takes_any_chunking() {
+        let bytes = stream();
+        for step in [1, 2, 3, 7, 64, 1000, bytes.len()] {
+            let mut dec = LinkDecoder::new();
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(step) {
+                let mut input = chunk;
+                while let Some(r) = dec.decode(&mut input).unwrap() {
+                    let mut v = Vec::new();
+                    r.emit_to_vec(&mut v).unwrap();
+                    got.push(v);
+                    assert!(dec.buffered() <= MAX_MESSAGE);
+                }
+                assert!(input.is_empty());
+            }
+            assert_eq!(got.len(), samples().len(), "step {step}");
+            assert_eq!(got.concat(), bytes);
+            assert_eq!(dec.end_of_stream(), Ok(()));
+        }
+    }
+
+    fn first_error(bytes: &[u8]) -> LinkError {
+        let mut dec = LinkDecoder::new();
+        let mut input = bytes;
+        loop {
+            match dec.decode(&mut input) {
+                Ok(Some(_)) => continue,
+                Ok(None) => return dec.end_of_stream().unwrap_err(),
+                Err(e) => {
+                    // Failed for good.
+                    assert_eq!(dec.decode(&mut &b"CL"[..]), Err(e));
+                    return e;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn corruption_is_named() {
+        let mut m = Vec::new();
+        Repr::CheckpointAck { epoch: 3, digest: 42 }.emit_to_vec(&mut m).unwrap();
+        let mut bad = m.clone();
+        bad[0] = b'X';
+        assert_eq!(first_error(&bad).name(), "bad_magic");
+        let mut bad = m.clone();
+        bad[2] = 9;
+        assert_eq!(first_error(&bad), LinkError::UnsupportedVersion { found: 9 });
+        let mut bad = m.clone();
+        bad[3] = 200;
+        assert_eq!(first_error(&bad), LinkError::UnknownKind { found: 200 });
+        let mut bad = m.clone();
+        bad[10] ^= 1;
+        assert_eq!(first_error(&bad).name(), "bad_checksum");
+        let mut bad = m.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 0x80;
+        assert_eq!(first_error(&bad).name(), "bad_checksum");
+        assert_eq!(first_error(&m[..m.len() - 3]), LinkError::Truncated { received: m.len() - 3 });
+        assert_eq!(first_error(&m[..3]), LinkError::Truncated { received: 3 });
+    }
+
+    /// A message whose CRC is right but whose fields are wrong.
+    fn forged(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'C', b'L', VERSION, kind];
+        m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        m.extend_from_slice(payload);
+        let crc = Crc32c::checksum(&m);
+        m.extend_from_slice(&crc.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn fields_are_checked_after_the_checksum() {
+        assert_eq!(
+            first_error(&forged(kind::CKPT_ACK, &[0; 15])),
+            LinkError::BadLength { kind: kind::CKPT_ACK, len: 15, expected: 16 }
+        );
+        assert_eq!(first_error(&forged(kind::CKPT_ACK, &[0; 17])).name(), "bad_length");
+        let mut hello = [0u8; 33];
+        hello[0] = 3;
+        assert_eq!(first_error(&forged(kind::HELLO, &hello)), LinkError::BadField { field: "role", value: 3 });
+        let mut nack = [0u8; 9];
+        nack[8] = 99;
+        assert_eq!(first_error(&forged(kind::CKPT_NACK, &nack)).name(), "bad_field");
+        // Disk writes must be whole sectors; frames must fit an Ethernet frame.
+        assert_eq!(first_error(&forged(kind::DISK_WRITE, &[0; 16 + 100])).name(), "bad_field");
+        assert_eq!(first_error(&forged(kind::CLIENT_FRAME, &[0; 16])).name(), "bad_field");
+        assert_eq!(first_error(&forged(kind::CLIENT_FRAME, &vec![0; 16 + MAX_FRAME + 1])).name(), "bad_field");
+        let mut commit = [0u8; 25];
+        commit[24] = 2;
+        assert_eq!(first_error(&forged(kind::CKPT_COMMIT, &commit)).name(), "bad_field");
+    }
+
+    #[test]
+    fn oversized_length_fails_before_any_payload_is_buffered() {
+        let mut h = vec![b'C', b'L', VERSION, kind::CKPT_CHUNK];
+        h.extend_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        let mut dec = LinkDecoder::new();
+        let mut input = &h[..];
+        assert_eq!(dec.decode(&mut input), Err(LinkError::TooLong { len: MAX_PAYLOAD as u32 + 1 }));
+        assert_eq!(dec.buffered(), 0);
+        // A maximal message is accepted.
+        let big = vec![1u8; MAX_CHUNK];
+        let r = Repr::CheckpointChunk { epoch: 1, offset: 0, bytes: &big };
+        let mut m = Vec::new();
+        assert_eq!(r.emit_to_vec(&mut m), Some(MAX_MESSAGE));
+        let mut dec = LinkDecoder::new();
+        let mut input = &m[..];
+        assert_eq!(dec.decode(&mut input).unwrap(), Some(r));
+        // One byte more than the maximum is refused by the emitter.
+        let big = vec![1u8; MAX_CHUNK + 1];
+        assert!(Repr::CheckpointChunk { epoch: 1, offset: 0, bytes: &big }.emit_to_vec(&mut m).is_none());
+    }
+
+    #[test]
+    fn bad_header_bytes_fail_as_soon_as_they_arrive() {
+        let mut dec = LinkDecoder::new();
+        let mut input = &b"CX"[..];
+        assert_eq!(dec.decode(&mut input), Err(LinkError::BadMagic { found: *b"CX" }));
+        let mut dec = LinkDecoder::new();
+        let mut input = &b"CL\x01\x63"[..];
+        assert_eq!(dec.decode(&mut input), Err(LinkError::UnknownKind { found: 0x63 }));
+    }
+
+    #[test]
+    fn random_garbage_never_panics_and_stays_bounded() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..200 {
+            let mut bytes = stream();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x as usize) % bytes.len();
+                bytes[at] ^= (x >> 32) as u8 | 1;
+            }
+            let mut dec = LinkDecoder::new();
+            for chunk in bytes.chunks(1 + (x as usize % 97)) {
+                let mut input = chunk;
+                loop {
+                    match dec.decode(&mut input) {
+                        Ok(Some(_)) => continue,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                assert!(dec.buffered() <= MAX_MESSAGE);
+            }
+        }
+    }
+}

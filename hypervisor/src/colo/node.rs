@@ -48,9 +48,7 @@ use core::fmt;
 use super::block::{BlockBackend, BlockError, BlockReplica, MemDisk, SECTOR_SIZE};
 use super::checkpoint::{CheckpointDecoder, Feed, StagedCheckpoint, StreamLimits};
 use super::comparator::{CheckpointRequest, ComparatorLimits, ComparatorStats, OutputComparator};
-use super::link::{
-    LinkDecoder, LinkError, LinkRole, NackReason, Repr, StateKind, MAX_CHUNK, MAX_DISK_WRITE, MAX_FRAME,
-};
+use super::link::{LinkDecoder, LinkRole, NackReason, Repr, StateKind, MAX_CHUNK, MAX_DISK_WRITE, MAX_FRAME};
 use super::rewriter::{ChecksumFix, SequenceRewriter};
 
 /// Time in milliseconds, as the driver's clock reads it.
@@ -471,6 +469,10 @@ pub struct NodeStats {
     pub verify_failures: u64,
     /// Checkpoints not acknowledged in time.
     pub ack_timeouts: u64,
+    /// Links closed because the peer was silent for `peer_timeout_ms`.
+    pub peer_timeouts: u64,
+    /// Mirrored frames the secondary dropped as obsolete (an applied checkpoint holds them).
+    pub obsolete_frames: u64,
     /// Disk errors (secondary block replica).
     pub disk_errors: u64,
     /// Failover messages received (ignored until issue #12).
@@ -559,7 +561,6 @@ enum Ckpt {
     Capturing {
         epoch: u64,
         full: bool,
-        cause: Cause,
     },
     /// Streaming an incremental checkpoint.
     Sending {
@@ -576,6 +577,8 @@ enum Ckpt {
         source: Box<dyn FullSyncSource>,
         digest: Option<u64>,
         since: Tick,
+        /// `FullSyncBegin` sent (it goes first, on the bulk lane).
+        begun: bool,
     },
     /// Everything sent, waiting for the ack.
     AwaitAck {
@@ -665,6 +668,8 @@ struct Secondary<D: BlockBackend> {
     /// Mirrored frames of later epochs.
     backlog: VecDeque<(u64, Vec<u8>)>,
     backlog_bytes: usize,
+    /// A full-sync piece could not be stored: the sync ends with a refusal.
+    sync_failed: bool,
 }
 
 /// Primary state.
@@ -681,7 +686,7 @@ struct Primary {
     ahead_bytes: usize,
     last_commit: Tick,
     held_since: Option<Tick>,
-    paused_for: Option<PauseReason>,
+    mark: Option<compat::CaptureMark>,
 }
 
 /// One host of a COLO pair. See the module documentation.
@@ -694,6 +699,9 @@ pub struct ColoNode<D: BlockBackend = MemDisk> {
     secondary: Option<Secondary<D>>,
     scratch: Vec<u8>,
     last_heartbeat: Tick,
+    /// What the driver was last told about the local VM.
+    vm_running: bool,
+    last_protocol_error: Option<&'static str>,
 }
 
 impl<D: BlockBackend> fmt::Debug for ColoNode<D> {
@@ -725,8 +733,10 @@ impl<D: BlockBackend> ColoNode<D> {
             stats: NodeStats::default(),
             primary: None,
             secondary: None,
-            scratch: vec![0; config.chunk_bytes],
+            scratch: vec![0; MAX_CHUNK],
             last_heartbeat: now,
+            vm_running: config.role == NodeRole::Primary,
+            last_protocol_error: None,
         };
         match (config.role, disk) {
             (NodeRole::Primary, _) => {
@@ -745,7 +755,7 @@ impl<D: BlockBackend> ColoNode<D> {
                     ahead_bytes: 0,
                     last_commit: now,
                     held_since: None,
-                    paused_for: None,
+                    mark: None,
                 });
             }
             (NodeRole::Secondary, disk) => {
@@ -760,6 +770,7 @@ impl<D: BlockBackend> ColoNode<D> {
                     applying: None,
                     backlog: VecDeque::new(),
                     backlog_bytes: 0,
+                    sync_failed: false,
                 });
                 node.actions.push_back(Action::PauseVm(PauseReason::NotSynced));
             }
@@ -775,6 +786,29 @@ impl<D: BlockBackend> ColoNode<D> {
     /// Counters.
     pub fn stats(&self) -> &NodeStats {
         &self.stats
+    }
+
+    /// Primary: the epoch the PVM runs in. Secondary: the epoch the SVM runs in.
+    pub fn epoch(&self) -> u64 {
+        match (&self.primary, &self.secondary) {
+            (Some(p), _) => p.epoch,
+            (_, Some(s)) => s.applied + 1,
+            _ => 0,
+        }
+    }
+
+    /// Last committed checkpoint (primary: acknowledged; secondary: applied and verified).
+    pub fn committed(&self) -> u64 {
+        match (&self.primary, &self.secondary) {
+            (Some(p), _) => p.acked,
+            (_, Some(s)) => s.applied,
+            _ => 0,
+        }
+    }
+
+    /// The last protocol error (a well-formed message that made no sense here), for logs.
+    pub fn last_protocol_error(&self) -> Option<&'static str> {
+        self.last_protocol_error
     }
 
     /// Status for management.
@@ -851,9 +885,12 @@ impl<D: BlockBackend> ColoNode<D> {
     /// Feed one event.
     pub fn handle(&mut self, now: Tick, event: Event<'_>) {
         match event {
-            Event::ClientFrame(f) => self.on_client_frame(now, f),
-            Event::GuestOutput(f) => self.on_guest_output(now, f),
-            Event::GuestDiskWrite { sector, data } => self.on_disk_write(now, sector, data),
+            Event::ClientFrame(f) if self.primary.is_some() => self.on_client_frame(now, f),
+            Event::ClientFrame(_) => self.on_client_frame_secondary(),
+            Event::GuestOutput(f) if self.primary.is_some() => self.pvm_output(now, f),
+            Event::GuestOutput(f) => self.svm_output(now, f),
+            Event::GuestDiskWrite { sector, data } if self.primary.is_some() => self.pvm_disk_write(now, sector, data),
+            Event::GuestDiskWrite { sector, data } => self.svm_disk_write(sector, data),
             Event::LinkConnected => self.on_connected(now),
             Event::LinkBytes(b) => self.on_link_bytes(now, b),
             Event::LinkClosed => self.on_closed(now),
@@ -919,32 +956,927 @@ fn read_raw<D: BlockBackend>(d: &D, sector: u64, buf: &mut [u8]) -> Result<(), B
     Ok(())
 }
 
-// The logic.
-impl<D: BlockBackend> ColoNode<D> {
-    fn on_client_frame(&mut self, _now: Tick, _f: &[u8]) {}
-    fn on_guest_output(&mut self, _now: Tick, _f: &[u8]) {}
-    fn on_disk_write(&mut self, _now: Tick, _sector: u64, _data: &[u8]) {}
-    fn on_connected(&mut self, _now: Tick) {}
-    fn on_link_bytes(&mut self, _now: Tick, _b: &[u8]) {}
-    fn on_closed(&mut self, _now: Tick) {}
-    fn on_capture_done(
-        &mut self,
-        _now: Tick,
-        _epoch: u64,
-        _capture: Capture,
-        _digest: Option<u64>,
-        _pause_us: u64,
-        _pages: u64,
-    ) {
+/// Until the comparator's epoch API (`mark_capture`, commit/abort by mark) is merged.
+mod compat {
+    use super::OutputComparator;
+
+    #[derive(Debug, Clone, Copy)]
+    pub struct CaptureMark;
+
+    pub fn mark(_c: &mut OutputComparator) -> CaptureMark {
+        CaptureMark
     }
-    fn on_capture_failed(&mut self, _now: Tick, _epoch: u64) {}
-    fn on_apply_done(&mut self, _now: Tick, _epoch: u64, _r: Result<Option<u64>, ApplyFailure>, _us: u64) {}
-    fn timers(&mut self, _now: Tick) {}
-    fn next_message(&mut self, _now: Tick) -> bool {
-        false
+
+    pub fn commit(c: &mut OutputComparator, _m: CaptureMark) {
+        c.on_checkpoint_committed();
+    }
+
+    pub fn abort(_c: &mut OutputComparator, _m: CaptureMark) {}
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both roles: link, timers, the local VM.
+impl<D: BlockBackend> ColoNode<D> {
+    fn on_connected(&mut self, now: Tick) {
+        if self.conn.is_some() {
+            self.drop_conn(now);
+        }
+        let mut c = Conn::new(now);
+        let hello = match (&self.primary, &self.secondary) {
+            (Some(p), _) => Repr::Hello {
+                role: LinkRole::Primary,
+                host_id: self.config.host_id,
+                generation: self.config.generation,
+                guest_id: self.config.guest_id,
+                epoch: p.epoch,
+            },
+            (_, Some(s)) => Repr::Hello {
+                role: LinkRole::Secondary,
+                host_id: self.config.host_id,
+                generation: self.config.generation,
+                guest_id: self.config.guest_id,
+                epoch: if s.synced { s.applied } else { 0 },
+            },
+            _ => return,
+        };
+        c.queue(&hello, now);
+        self.conn = Some(c);
+        self.last_heartbeat = now;
+        self.stats.link_connects += 1;
+    }
+
+    fn on_closed(&mut self, now: Tick) {
+        if let Some(c) = &self.conn {
+            if let Err(e) = c.decoder.end_of_stream() {
+                self.stats.link_errors[e.index()] += 1;
+            }
+            self.drop_conn(now);
+        }
+    }
+
+    /// The node closes the link: counted, the driver is told, state reset as for a closure.
+    fn close_link(&mut self, now: Tick) {
+        if self.conn.is_some() {
+            self.drop_conn(now);
+            self.actions.push_back(Action::CloseLink);
+        }
+    }
+
+    fn protocol_error(&mut self, now: Tick, what: &'static str) {
+        self.stats.protocol_errors += 1;
+        self.last_protocol_error = Some(what);
+        self.close_link(now);
+    }
+
+    /// Everything that belonged to the connection goes: an in-flight checkpoint is aborted
+    /// (held output stays held), a partial checkpoint or full sync is dropped (the SVM stays
+    /// on its last applied state).
+    fn drop_conn(&mut self, _now: Tick) {
+        self.conn = None;
+        self.stats.link_closes += 1;
+        if let Some(p) = &mut self.primary {
+            match p.ckpt {
+                Ckpt::Idle | Ckpt::Capturing { .. } => {}
+                _ => {
+                    if let Some(m) = p.mark.take() {
+                        compat::abort(&mut p.comparator, m);
+                    }
+                    p.ckpt = Ckpt::Idle;
+                    self.stats.checkpoints_aborted += 1;
+                }
+            }
+            p.ahead_bytes = 0;
+        }
+        if let Some(s) = &mut self.secondary {
+            s.receiving = None;
+            s.backlog.clear();
+            s.backlog_bytes = 0;
+            if s.sync_epoch.take().is_some() {
+                s.synced = false;
+            }
+        }
+    }
+
+    fn on_link_bytes(&mut self, now: Tick, bytes: &[u8]) {
+        let Some(c) = &mut self.conn else { return };
+        c.last_rx = now;
+        let mut dec = core::mem::take(&mut c.decoder);
+        let mut input = bytes;
+        loop {
+            match dec.decode(&mut input) {
+                Ok(Some(repr)) => {
+                    self.on_message(now, repr);
+                    if self.conn.is_none() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.stats.link_errors[e.index()] += 1;
+                    self.close_link(now);
+                    return;
+                }
+            }
+        }
+        if let Some(c) = &mut self.conn {
+            c.decoder = dec;
+        }
+    }
+
+    fn on_message(&mut self, now: Tick, m: Repr<'_>) {
+        let hello_received = self.conn.as_ref().is_some_and(|c| c.hello_received);
+        match m {
+            Repr::Hello { role, guest_id, .. } => {
+                let expected = match self.config.role {
+                    NodeRole::Primary => LinkRole::Secondary,
+                    NodeRole::Secondary => LinkRole::Primary,
+                };
+                if hello_received || role != expected || guest_id != self.config.guest_id {
+                    return self.protocol_error(now, "bad hello");
+                }
+                if let Some(c) = &mut self.conn {
+                    c.hello_received = true;
+                }
+            }
+            _ if !hello_received => self.protocol_error(now, "message before hello"),
+            Repr::Heartbeat { .. } => {}
+            Repr::Failover { .. } => self.stats.failover_messages += 1,
+            m if self.primary.is_some() => self.primary_message(now, m),
+            m => self.secondary_message(now, m),
+        }
+    }
+
+    fn timers(&mut self, now: Tick) {
+        if let Some(c) = &self.conn {
+            if self.config.peer_timeout_ms > 0 && now >= c.last_rx + self.config.peer_timeout_ms {
+                self.stats.peer_timeouts += 1;
+                self.close_link(now);
+            }
+        }
+        if let Some(c) = &mut self.conn {
+            if self.config.heartbeat_ms > 0 && now >= self.last_heartbeat + self.config.heartbeat_ms {
+                c.queue(&Repr::Heartbeat { generation: self.config.generation, now }, now);
+                self.last_heartbeat = now;
+            }
+        }
+        if self.primary.is_some() {
+            self.primary_timers(now);
+        }
+        self.update_vm();
+    }
+
+    /// Tells the driver whether the local VM may run, when that changes.
+    fn update_vm(&mut self) {
+        let pause = match (&self.primary, &self.secondary) {
+            (Some(p), _) => match p.ckpt {
+                Ckpt::Capturing { .. } => Some(None),
+                Ckpt::Syncing { .. } => Some(Some(PauseReason::FullSync)),
+                _ if self.backpressure() => Some(Some(PauseReason::Backpressure)),
+                _ => None,
+            },
+            (_, Some(s)) => {
+                if s.applying.is_some() {
+                    Some(None)
+                } else if !s.synced || s.sync_epoch.is_some() {
+                    Some(Some(PauseReason::NotSynced))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        match (pause, self.vm_running) {
+            (None, false) => {
+                self.vm_running = true;
+                self.actions.push_back(Action::ResumeVm);
+            }
+            (Some(reason), true) => {
+                self.vm_running = false;
+                if let Some(r) = reason {
+                    self.actions.push_back(Action::PauseVm(r));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Copies the next message into `conn.current`. Control messages and bulk (checkpoint,
+    /// full-sync) messages alternate when both wait.
+    fn next_message(&mut self, now: Tick) -> bool {
+        let bulk_ready =
+            matches!(self.primary.as_ref().map(|p| &p.ckpt), Some(Ckpt::Sending { .. } | Ckpt::Syncing { .. }));
+        let Some(c) = &mut self.conn else { return false };
+        let control_ready = !c.control.is_empty();
+        let use_bulk = bulk_ready && (c.bulk_turn || !control_ready);
+        c.bulk_turn = !c.bulk_turn;
+        if !use_bulk {
+            let Some(m) = c.control.pop_front() else { return false };
+            c.control_bytes -= m.len();
+            c.current = m;
+            c.current_sent = 0;
+            return true;
+        }
+        self.next_bulk(now)
     }
 }
 
-#[allow(dead_code)]
-const _USED: (usize, usize, LinkRole, NackReason, Option<LinkError>, Option<Feed>) =
-    (MAX_DISK_WRITE, MAX_FRAME, LinkRole::Primary, NackReason::BadStream, None, None);
+// ---------------------------------------------------------------------------------------------
+// Primary.
+impl<D: BlockBackend> ColoNode<D> {
+    /// Mirroring is on from the full-sync capture of the current connection.
+    fn mirroring(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.sync_started)
+    }
+
+    fn on_client_frame(&mut self, now: Tick, frame: &[u8]) {
+        let Some(p) = &mut self.primary else { return };
+        if frame.is_empty() || frame.len() > MAX_FRAME {
+            self.stats.input_dropped += 1;
+            return;
+        }
+        if let Some(c) = self.conn.as_mut().filter(|c| c.sync_started) {
+            let size = frame.len() + 32;
+            let ahead = p.epoch > p.acked + 1;
+            if c.control_bytes + size > self.config.max_link_queue_bytes
+                || (ahead && p.ahead_bytes + size > self.config.max_backlog_bytes)
+            {
+                // Refused before the PVM sees it: the client retransmits.
+                self.stats.input_dropped += 1;
+                return;
+            }
+            c.queue(&Repr::ClientFrame { seq: c.tx_seq, epoch: p.epoch, frame }, now);
+            c.tx_seq += 1;
+            if ahead {
+                p.ahead_bytes += size;
+            }
+            self.stats.mirrored_frames += 1;
+        }
+        self.actions.push_back(Action::DeliverToGuest(frame.to_vec()));
+    }
+
+    fn pvm_output(&mut self, now: Tick, frame: &[u8]) {
+        let Some(p) = &mut self.primary else { return };
+        p.comparator.push_pvm(frame, now);
+        self.after_compare(now);
+    }
+
+    /// Released frames go out; the held-frame clock is kept.
+    fn after_compare(&mut self, now: Tick) {
+        let Some(p) = &mut self.primary else { return };
+        while let Some(f) = p.comparator.pop_released() {
+            self.actions.push_back(Action::ReleaseToClients(f));
+        }
+        if p.comparator.stats().held_frames == 0 {
+            p.held_since = None;
+        } else if p.held_since.is_none() {
+            p.held_since = Some(now);
+        }
+    }
+
+    fn pvm_disk_write(&mut self, now: Tick, sector: u64, data: &[u8]) {
+        let mirroring = self.mirroring();
+        let Some(p) = &mut self.primary else { return };
+        if !mirroring {
+            // The next full sync copies the disk.
+            return;
+        }
+        let Some(c) = &mut self.conn else { return };
+        for (i, piece) in data.chunks(MAX_DISK_WRITE).enumerate() {
+            let sector = sector + (i * MAX_DISK_WRITE / SECTOR_SIZE) as u64;
+            c.queue(&Repr::DiskWrite { epoch: p.epoch, sector, data: piece }, now);
+            self.stats.disk_writes += 1;
+        }
+        p.disk_epoch_bytes += data.len();
+    }
+
+    fn backpressure(&self) -> bool {
+        let Some(p) = &self.primary else { return false };
+        let l = p.comparator.limits();
+        let st = p.comparator.stats();
+        let link = self.conn.as_ref().map_or(0, |c| c.control_bytes);
+        st.held_frames > l.max_held_frames
+            || st.held_bytes + st.svm_buffered_bytes > l.max_held_bytes
+            || link > self.config.max_link_queue_bytes
+            || p.disk_epoch_bytes > self.config.max_disk_epoch_bytes.saturating_mul(2)
+    }
+
+    fn primary_timers(&mut self, now: Tick) {
+        let Some(p) = &mut self.primary else { return };
+        if let Ckpt::AwaitAck { sent_at, .. } = p.ckpt {
+            if self.config.ack_timeout_ms > 0 && now >= sent_at + self.config.ack_timeout_ms {
+                self.stats.ack_timeouts += 1;
+                self.close_link(now);
+                return;
+            }
+        }
+        let Some(c) = &self.conn else { return };
+        if !matches!(p.ckpt, Ckpt::Idle) || !c.hello_received {
+            return;
+        }
+        if !c.sync_started {
+            return self.start_capture(now, CaptureKind::Full, Cause::FullSync);
+        }
+        if !c.synced {
+            return;
+        }
+        let request = p.comparator.poll(now);
+        let cause = if p.manual {
+            Some(Cause::Manual)
+        } else if let Some(r) = request {
+            Some(Cause::of(r))
+        } else if p.disk_epoch_bytes > self.config.max_disk_epoch_bytes {
+            Some(Cause::Pressure)
+        } else if self.config.checkpoint_ms > 0 && now >= p.last_commit + self.config.checkpoint_ms {
+            Some(Cause::Periodic)
+        } else {
+            None
+        };
+        match cause {
+            Some(cause) => self.start_capture(now, CaptureKind::Incremental, cause),
+            None => {
+                // The oldest held frame is younger than the timeout: look again one timeout
+                // from now at the latest.
+                if p.held_since.is_some_and(|t| now >= t + self.config.compare_timeout_ms) {
+                    p.held_since = Some(now);
+                }
+            }
+        }
+    }
+
+    /// **Epochs**: the capture point. From here the PVM runs in the next epoch.
+    fn start_capture(&mut self, now: Tick, kind: CaptureKind, cause: Cause) {
+        let Some(p) = &mut self.primary else { return };
+        let epoch = p.epoch;
+        if let Some(old) = p.mark.take() {
+            compat::abort(&mut p.comparator, old);
+        }
+        p.mark = Some(compat::mark(&mut p.comparator));
+        let full = kind == CaptureKind::Full;
+        p.ckpt = Ckpt::Capturing { epoch, full };
+        p.epoch = epoch + 1;
+        p.disk_epoch_bytes = 0;
+        if cause == Cause::Manual {
+            p.manual = false;
+        }
+        if full {
+            if let Some(c) = &mut self.conn {
+                c.sync_started = true;
+            }
+        }
+        self.stats.checkpoints_by_cause[cause.index()] += 1;
+        self.vm_running = false;
+        self.actions.push_back(Action::Capture { epoch, kind });
+        let _ = now;
+    }
+
+    fn abort_checkpoint(&mut self) {
+        let Some(p) = &mut self.primary else { return };
+        if let Some(m) = p.mark.take() {
+            compat::abort(&mut p.comparator, m);
+        }
+        p.ckpt = Ckpt::Idle;
+        self.stats.checkpoints_aborted += 1;
+    }
+
+    fn on_capture_done(
+        &mut self,
+        now: Tick,
+        epoch: u64,
+        capture: Capture,
+        digest: Option<u64>,
+        pause_us: u64,
+        pages: u64,
+    ) {
+        let Some(p) = &mut self.primary else { return };
+        let Ckpt::Capturing { epoch: want, full, .. } = p.ckpt else {
+            return;
+        };
+        if want != epoch {
+            return;
+        }
+        self.stats.pause_us_last = pause_us;
+        self.stats.pause_us_total += pause_us;
+        let conn_ok = self.conn.as_ref().is_some_and(|c| c.sync_started && (full || c.synced));
+        if !conn_ok {
+            // The link went while the PVM was being captured: a full sync follows.
+            return self.abort_checkpoint();
+        }
+        let digest = if self.config.verify { digest } else { None };
+        match (capture, full) {
+            (Capture::Checkpoint(source), false) => {
+                let len = source.stream_len();
+                self.stats.pages_last = pages;
+                self.stats.pages_total += pages;
+                self.stats.bytes_last = len;
+                self.stats.bytes_total += len;
+                p.ckpt = Ckpt::Sending { epoch, source, offset: 0, len, digest, since: now };
+            }
+            (Capture::Full(source), true) => {
+                p.ckpt = Ckpt::Syncing { epoch, source, digest, since: now, begun: false };
+            }
+            _ => return self.abort_checkpoint(),
+        }
+    }
+
+    fn on_capture_failed(&mut self, _now: Tick, epoch: u64) {
+        if let Some(Ckpt::Capturing { epoch: want, full, .. }) = self.primary.as_ref().map(|p| &p.ckpt) {
+            if *want == epoch {
+                let full = *full;
+                self.abort_checkpoint();
+                if full {
+                    if let Some(c) = &mut self.conn {
+                        c.sync_started = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next checkpoint chunk or full-sync piece, read from the source now.
+    fn next_bulk(&mut self, now: Tick) -> bool {
+        let verify = self.config.verify;
+        let chunk = self.config.chunk_bytes;
+        let (Some(p), Some(c)) = (&mut self.primary, &mut self.conn) else { return false };
+        let mut done = None;
+        let ok = match &mut p.ckpt {
+            Ckpt::Sending { epoch, source, offset, len, digest, since } => {
+                let want = (*len - *offset).min(chunk as u64) as usize;
+                let n = if want == 0 { 0 } else { source.read_at(*offset, &mut self.scratch[..want]).min(want) };
+                if n == 0 && want > 0 {
+                    false
+                } else {
+                    if n > 0 {
+                        let m = Repr::CheckpointChunk { epoch: *epoch, offset: *offset, bytes: &self.scratch[..n] };
+                        c.current.clear();
+                        m.emit_to_vec(&mut c.current);
+                        c.current_sent = 0;
+                        *offset += n as u64;
+                    }
+                    if *offset == *len {
+                        let commit = Repr::CheckpointCommit {
+                            epoch: *epoch,
+                            stream_len: *len,
+                            digest: digest.unwrap_or(0),
+                            verify: verify && digest.is_some(),
+                        };
+                        c.queue(&commit, now);
+                        done = Some(Ckpt::AwaitAck {
+                            epoch: *epoch,
+                            full: false,
+                            digest: *digest,
+                            since: *since,
+                            sent_at: now,
+                        });
+                    }
+                    true
+                }
+            }
+            Ckpt::Syncing { epoch, source, begun, .. } if !*begun => {
+                *begun = true;
+                let begin = Repr::FullSyncBegin {
+                    epoch: *epoch,
+                    ram_bytes: source.ram_bytes(),
+                    disk_sectors: source.disk_sectors(),
+                };
+                c.current.clear();
+                c.current_sent = 0;
+                begin.emit_to_vec(&mut c.current).is_some()
+            }
+            Ckpt::Syncing { epoch, source, digest, since, .. } => match source.next_piece(&mut self.scratch) {
+                Some(piece) => {
+                    let s = &self.scratch;
+                    let m = match piece {
+                        SyncPiece::Memory { offset, len } => {
+                            Repr::FullSyncMemory { offset, data: &s[..len.min(s.len())] }
+                        }
+                        SyncPiece::Disk { sector, len } => Repr::FullSyncDisk { sector, data: &s[..len.min(s.len())] },
+                        SyncPiece::State { kind, id, tag, len } => {
+                            Repr::FullSyncState { kind, id, tag, data: &s[..len.min(s.len())] }
+                        }
+                    };
+                    c.current.clear();
+                    c.current_sent = 0;
+                    m.emit_to_vec(&mut c.current).is_some()
+                }
+                None => {
+                    let end = Repr::FullSyncEnd {
+                        epoch: *epoch,
+                        digest: digest.unwrap_or(0),
+                        verify: verify && digest.is_some(),
+                    };
+                    c.queue(&end, now);
+                    done = Some(Ckpt::AwaitAck {
+                        epoch: *epoch,
+                        full: true,
+                        digest: *digest,
+                        since: *since,
+                        sent_at: now,
+                    });
+                    true
+                }
+            },
+            _ => false,
+        };
+        if let Some(next) = done {
+            p.ckpt = next;
+        }
+        if !ok {
+            // The driver's source gave out before its declared end: give up on this
+            // checkpoint; the secondary is brought back by a full sync.
+            self.abort_checkpoint();
+            if let Some(c) = &mut self.conn {
+                c.sync_started = false;
+                c.synced = false;
+            }
+            return false;
+        }
+        self.update_vm();
+        let Some(c) = &mut self.conn else { return false };
+        if c.current.is_empty() {
+            // The stream ended exactly here: send the commit (now queued) instead.
+            return self.next_message(now);
+        }
+        true
+    }
+
+    fn primary_message(&mut self, now: Tick, m: Repr<'_>) {
+        match m {
+            Repr::SvmOutput { seq, epoch, frame } => {
+                let Some(c) = &mut self.conn else { return };
+                if seq != c.rx_seq_svm {
+                    return self.protocol_error(now, "SVM output out of sequence");
+                }
+                c.rx_seq_svm += 1;
+                let synced = c.synced;
+                let Some(p) = &mut self.primary else { return };
+                self.stats.svm_frames += 1;
+                if !synced || epoch != rules::epoch_of_svm_output(p.acked) {
+                    self.stats.svm_frames_dropped += 1;
+                    return;
+                }
+                p.comparator.push_svm(frame, now);
+                self.after_compare(now);
+            }
+            Repr::CheckpointAck { epoch, digest } => {
+                let Some(p) = &mut self.primary else { return };
+                let Ckpt::AwaitAck { epoch: want, full, digest: expected, since, .. } = p.ckpt else {
+                    return self.protocol_error(now, "ack without a checkpoint in flight");
+                };
+                if want != epoch {
+                    return self.protocol_error(now, "ack of another epoch");
+                }
+                if expected.is_some_and(|d| d != digest) {
+                    self.stats.verify_failures += 1;
+                    return self.refused(now);
+                }
+                if let Some(m) = p.mark.take() {
+                    compat::commit(&mut p.comparator, m);
+                }
+                p.acked = epoch;
+                p.ahead_bytes = 0;
+                p.last_commit = now;
+                p.ckpt = Ckpt::Idle;
+                let us = (now - since) * 1000;
+                self.stats.transfer_us_last = us;
+                self.stats.transfer_us_total += us;
+                self.stats.checkpoints_committed += 1;
+                if full {
+                    self.stats.full_syncs += 1;
+                    if let Some(c) = &mut self.conn {
+                        c.synced = true;
+                    }
+                }
+                self.after_compare(now);
+            }
+            Repr::CheckpointNack { epoch, reason } => {
+                self.stats.nacks[reason as usize] += 1;
+                if reason == NackReason::VerifyFailed {
+                    self.stats.verify_failures += 1;
+                }
+                let in_flight = match self.primary.as_ref().map(|p| &p.ckpt) {
+                    Some(
+                        Ckpt::Sending { epoch: e, .. }
+                        | Ckpt::Syncing { epoch: e, .. }
+                        | Ckpt::AwaitAck { epoch: e, .. },
+                    ) => *e == epoch,
+                    _ => false,
+                };
+                if in_flight {
+                    self.refused(now);
+                } else if let Some(c) = &mut self.conn {
+                    // A refusal of something no longer in flight: the secondary waits for a
+                    // full sync all the same.
+                    c.sync_started = false;
+                    c.synced = false;
+                }
+            }
+            _ => self.protocol_error(now, "message a primary does not take"),
+        }
+    }
+
+    /// The secondary refused the checkpoint in flight: abort it and start over with a full sync.
+    fn refused(&mut self, _now: Tick) {
+        self.abort_checkpoint();
+        if let Some(c) = &mut self.conn {
+            c.sync_started = false;
+            c.synced = false;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secondary.
+impl<D: BlockBackend> ColoNode<D> {
+    fn on_client_frame_secondary(&mut self) {
+        self.stats.input_dropped += 1;
+    }
+
+    fn svm_output(&mut self, now: Tick, frame: &[u8]) {
+        let Some(s) = &mut self.secondary else { return };
+        let Some(c) = self.conn.as_mut().filter(|c| c.synced) else {
+            self.stats.svm_frames_dropped += 1;
+            return;
+        };
+        if !s.synced || s.applying.is_some() || frame.is_empty() || frame.len() > MAX_FRAME {
+            self.stats.svm_frames_dropped += 1;
+            return;
+        }
+        if c.control_bytes + frame.len() + 32 > self.config.max_link_queue_bytes {
+            // Unmatched PVM output times out into a checkpoint: nothing unsafe is lost.
+            self.stats.svm_frames_dropped += 1;
+            return;
+        }
+        let mut f = frame.to_vec();
+        if self.config.rewrite_seq {
+            s.rewriter.rewrite_svm_output(&mut f);
+        }
+        c.queue(&Repr::SvmOutput { seq: c.tx_seq, epoch: s.applied + 1, frame: &f }, now);
+        c.tx_seq += 1;
+        self.stats.svm_frames += 1;
+    }
+
+    fn svm_disk_write(&mut self, sector: u64, data: &[u8]) {
+        let Some(s) = &mut self.secondary else { return };
+        if let Disk::Replica(r) = &mut s.disk {
+            if r.svm_write(sector, data).is_err() {
+                self.stats.disk_errors += 1;
+            }
+        }
+    }
+
+    fn nack(&mut self, now: Tick, epoch: u64, reason: NackReason) {
+        self.stats.nacks[reason as usize] += 1;
+        if reason == NackReason::VerifyFailed {
+            self.stats.verify_failures += 1;
+        }
+        if let Some(s) = &mut self.secondary {
+            s.receiving = None;
+            s.synced = false;
+            s.sync_epoch = None;
+            s.backlog.clear();
+            s.backlog_bytes = 0;
+        }
+        if let Some(c) = &mut self.conn {
+            c.synced = false;
+            c.queue(&Repr::CheckpointNack { epoch, reason }, now);
+        }
+    }
+
+    fn deliver_mirrored(&mut self, frame: &[u8]) {
+        let Some(s) = &mut self.secondary else { return };
+        let mut f = frame.to_vec();
+        if self.config.rewrite_seq {
+            s.rewriter.rewrite_client_input(&mut f);
+        }
+        self.actions.push_back(Action::DeliverToGuest(f));
+    }
+
+    fn secondary_message(&mut self, now: Tick, m: Repr<'_>) {
+        let Some(s) = &mut self.secondary else { return };
+        match m {
+            Repr::ClientFrame { seq, epoch, frame } => {
+                let Some(c) = &mut self.conn else { return };
+                if seq != c.rx_seq_frames {
+                    return self.protocol_error(now, "mirrored frame out of sequence");
+                }
+                c.rx_seq_frames += 1;
+                // The epoch the SVM runs in (or will, once the apply in progress is done).
+                let svm_epoch = match (s.applying, s.sync_epoch) {
+                    (Some((e, _, _)), _) | (None, Some(e)) => e + 1,
+                    (None, None) if s.synced => s.applied + 1,
+                    // Not synced: keep it; the coming full sync's epoch decides.
+                    _ => 0,
+                };
+                let deliverable = s.applying.is_none() && s.sync_epoch.is_none() && s.synced;
+                match rules::mirrored_frame(epoch, svm_epoch) {
+                    rules::MirrorFate::Deliver if deliverable => self.deliver_mirrored(frame),
+                    rules::MirrorFate::Obsolete => self.stats.obsolete_frames += 1,
+                    _ => {
+                        if s.backlog_bytes + frame.len() > self.config.max_backlog_bytes {
+                            return self.protocol_error(now, "mirrored backlog full");
+                        }
+                        s.backlog_bytes += frame.len();
+                        s.backlog.push_back((epoch, frame.to_vec()));
+                    }
+                }
+            }
+            Repr::DiskWrite { epoch, sector, data } => {
+                if !s.synced || s.sync_epoch.is_some() {
+                    return;
+                }
+                let Disk::Replica(r) = &mut s.disk else {
+                    return self.protocol_error(now, "disk write during full sync");
+                };
+                self.stats.disk_writes += 1;
+                if r.pvm_write(epoch, sector, data).is_err() {
+                    self.stats.disk_errors += 1;
+                    self.protocol_error(now, "disk write refused");
+                }
+            }
+            Repr::CheckpointChunk { epoch, offset, bytes } => {
+                if !s.synced || s.sync_epoch.is_some() {
+                    return; // stale: a full sync is coming
+                }
+                if s.applying.is_some() {
+                    return self.protocol_error(now, "checkpoint chunk during an apply");
+                }
+                if s.receiving.is_none() {
+                    if offset != 0 {
+                        return self.protocol_error(now, "checkpoint chunk not at offset 0");
+                    }
+                    if epoch != s.applied + 1 {
+                        return self.nack(now, epoch, NackReason::UnexpectedEpoch);
+                    }
+                    let dec = CheckpointDecoder::new(self.config.stream_limits).expecting_epoch(epoch);
+                    s.receiving = Some((epoch, dec, 0, None));
+                }
+                let Some((e, dec, got, staged)) = &mut s.receiving else { return };
+                if *e != epoch || *got != offset || staged.is_some() {
+                    return self.nack(now, epoch, NackReason::BadStream);
+                }
+                match dec.feed(bytes) {
+                    Ok(Feed::NeedMore) => *got += bytes.len() as u64,
+                    Ok(Feed::Complete { checkpoint, consumed }) if consumed == bytes.len() => {
+                        *got += bytes.len() as u64;
+                        *staged = Some(checkpoint);
+                    }
+                    _ => self.nack(now, epoch, NackReason::BadStream),
+                }
+            }
+            Repr::CheckpointCommit { epoch, stream_len, digest, verify } => {
+                if !s.synced || s.sync_epoch.is_some() {
+                    return;
+                }
+                let complete = matches!(&s.receiving, Some((e, _, got, Some(_))) if *e == epoch && *got == stream_len);
+                if !complete {
+                    return self.nack(now, epoch, NackReason::BadStream);
+                }
+                let Some((_, _, _, Some(staged))) = s.receiving.take() else { return };
+                let Disk::Replica(r) = &mut s.disk else {
+                    return self.protocol_error(now, "commit without a disk replica");
+                };
+                if r.commit(epoch).is_err() {
+                    self.stats.disk_errors += 1;
+                    return self.nack(now, epoch, NackReason::Disk);
+                }
+                s.applying = Some((epoch, (self.config.verify && verify).then_some(digest), false));
+                self.vm_running = false;
+                self.actions.push_back(Action::ApplyCheckpoint(staged));
+            }
+            Repr::FullSyncBegin { epoch, ram_bytes, disk_sectors } => {
+                s.receiving = None;
+                s.applying = None;
+                // Input mirrored after the sync's capture point arrived ahead of this message.
+                s.backlog.retain(|(e, _)| *e > epoch);
+                s.backlog_bytes = s.backlog.iter().map(|(_, f)| f.len()).sum();
+                s.synced = false;
+                s.sync_epoch = Some(epoch);
+                s.sync_failed = false;
+                let disk = match core::mem::replace(&mut s.disk, Disk::Gone) {
+                    Disk::Replica(r) => Some(r.into_disk()),
+                    Disk::Raw(d) => Some(d),
+                    Disk::Gone => None,
+                };
+                match disk {
+                    Some(d) => {
+                        if d.sector_count() != disk_sectors {
+                            s.sync_failed = true;
+                        }
+                        s.disk = Disk::Raw(d);
+                    }
+                    None => s.sync_failed = true,
+                }
+                if let Some(c) = &mut self.conn {
+                    c.sync_started = true;
+                    c.synced = false;
+                }
+                self.vm_running = false;
+                self.actions.push_back(Action::BeginFullSync { epoch, ram_bytes });
+            }
+            Repr::FullSyncMemory { offset, data } => {
+                if s.sync_epoch.is_none() {
+                    return self.protocol_error(now, "full-sync memory outside a sync");
+                }
+                self.actions.push_back(Action::SyncMemory { offset, data: data.to_vec() });
+            }
+            Repr::FullSyncDisk { sector, data } => {
+                if s.sync_epoch.is_none() {
+                    return self.protocol_error(now, "full-sync disk outside a sync");
+                }
+                let ok = match &mut s.disk {
+                    Disk::Raw(d) => write_raw(d, sector, data).is_ok(),
+                    _ => false,
+                };
+                if !ok {
+                    self.stats.disk_errors += 1;
+                    s.sync_failed = true;
+                }
+            }
+            Repr::FullSyncState { kind, id, tag, data } => {
+                if s.sync_epoch.is_none() {
+                    return self.protocol_error(now, "full-sync state outside a sync");
+                }
+                self.actions.push_back(Action::SyncState { kind, id, tag, data: data.to_vec() });
+            }
+            Repr::FullSyncEnd { epoch, digest, verify } => {
+                if s.sync_epoch != Some(epoch) {
+                    return self.protocol_error(now, "full-sync end of another epoch");
+                }
+                if s.sync_failed {
+                    return self.nack(now, epoch, NackReason::Disk);
+                }
+                let max_pending = self.config.max_disk_epoch_bytes.saturating_mul(2);
+                if let Disk::Raw(d) = core::mem::replace(&mut s.disk, Disk::Gone) {
+                    s.disk = Disk::Replica(BlockReplica::new(d, max_pending));
+                }
+                s.sync_epoch = None;
+                s.applying = Some((epoch, (self.config.verify && verify).then_some(digest), true));
+                self.actions.push_back(Action::FinishFullSync { epoch });
+            }
+            _ => self.protocol_error(now, "message a secondary does not take"),
+        }
+    }
+
+    fn on_apply_done(&mut self, now: Tick, epoch: u64, result: Result<Option<u64>, ApplyFailure>, apply_us: u64) {
+        let Some(s) = &mut self.secondary else { return };
+        let Some((want, expected, full)) = s.applying else { return };
+        if want != epoch {
+            return;
+        }
+        s.applying = None;
+        self.stats.apply_us_last = apply_us;
+        self.stats.apply_us_total += apply_us;
+        let digest = match result {
+            Err(_) => return self.nack(now, epoch, NackReason::ApplyFailed),
+            Ok(d) => d,
+        };
+        if let Some(x) = expected {
+            if digest != Some(x) {
+                return self.nack(now, epoch, NackReason::VerifyFailed);
+            }
+        }
+        s.synced = true;
+        s.applied = epoch;
+        s.rewriter.on_checkpoint_committed();
+        self.stats.checkpoints_committed += 1;
+        if full {
+            self.stats.full_syncs += 1;
+        }
+        if let Some(c) = &mut self.conn {
+            c.synced = true;
+            c.queue(&Repr::CheckpointAck { epoch, digest: digest.unwrap_or(0) }, now);
+        }
+        // Mirrored input that waited for this epoch goes to the SVM now.
+        let backlog = core::mem::take(&mut s.backlog);
+        s.backlog_bytes = 0;
+        let next = epoch + 1;
+        for (e, f) in backlog {
+            match rules::mirrored_frame(e, next) {
+                rules::MirrorFate::Deliver => self.deliver_mirrored(&f),
+                rules::MirrorFate::Obsolete => self.stats.obsolete_frames += 1,
+                rules::MirrorFate::Backlog => {
+                    if let Some(s) = &mut self.secondary {
+                        s.backlog_bytes += f.len();
+                        s.backlog.push_back((e, f));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn write_raw<D: BlockBackend>(d: &mut D, sector: u64, data: &[u8]) -> Result<(), BlockError> {
+    if data.is_empty() || data.len() % SECTOR_SIZE != 0 {
+        return Err(BlockError::Misaligned { len: data.len() });
+    }
+    let count = (data.len() / SECTOR_SIZE) as u64;
+    if sector.checked_add(count).is_none_or(|end| end > d.sector_count()) {
+        return Err(BlockError::OutOfRange { sector, count, disk_sectors: d.sector_count() });
+    }
+    for (i, chunk) in data.chunks_exact(SECTOR_SIZE).enumerate() {
+        let mut s = [0u8; SECTOR_SIZE];
+        s.copy_from_slice(chunk);
+        d.write_sector(sector + i as u64, &s)?;
+    }
+    Ok(())
+}

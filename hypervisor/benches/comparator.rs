@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use hypervisor::colo::comparator::{ComparatorLimits, OutputComparator, Verdict};
 use hypervisor::colo::frames;
+use hypervisor::colo::Tick;
 use smoltcp::wire::{Ipv4Address, TcpControl};
 
 const CONNS: u16 = 8;
@@ -60,7 +61,7 @@ fn main() {
             while i < p.len() || j < s.len() {
                 for _ in 0..4 {
                     if i < p.len() {
-                        if let Verdict::CheckpointRequired(_) = cmp.push_pvm(&p[i], 0) {
+                        if let Verdict::CheckpointRequired(_) = cmp.push_pvm(&p[i], Tick(0)) {
                             checkpoints += 1;
                         }
                         i += 1;
@@ -68,7 +69,7 @@ fn main() {
                 }
                 for _ in 0..6 {
                     if j < s.len() {
-                        if let Verdict::CheckpointRequired(_) = cmp.push_svm(&s[j], 0) {
+                        if let Verdict::CheckpointRequired(_) = cmp.push_svm(&s[j], Tick(0)) {
                             checkpoints += 1;
                         }
                         j += 1;

@@ -6,46 +6,20 @@
 
 use core::fmt::Write;
 
+use crate::backend::Backend;
 use crate::config::{self, Config, OnIdle, TestFault};
+use crate::guest::spec::GUEST_PREFIX;
+use crate::guest::GuestSpec;
 use crate::host::{cpu, gdt, heap, idt, paging, serial, shutdown, time};
 use crate::memory::{FrameAllocator, PhysRange};
+use crate::runner::Guest;
 
-/// Most memory ranges and modules taken from the boot information.
-pub const MAX_BOOT_RANGES: usize = 64;
-/// Most multiboot2 modules.
-pub const MAX_MODULES: usize = 16;
+pub use crate::boot_info::{BootInfo, BootModule, MAX_BOOT_RANGES, MAX_MODULES};
 
 /// The kernel heap: a quarter of free memory, within these bounds. Snapshots and checkpoint
 /// streams of whole guests live here.
 const HEAP_MIN_BYTES: u64 = 16 << 20;
 const HEAP_MAX_BYTES: u64 = 256 << 20;
-
-/// A module the boot loader loaded (a guest image or a disk image).
-#[derive(Clone, Copy, Debug)]
-pub struct BootModule<'a> {
-    /// Where it sits in physical memory.
-    pub range: PhysRange,
-    /// The module's own command line (its name).
-    pub cmdline: &'a str,
-}
-
-/// What the boot loader told us, already parsed by `boot`.
-#[derive(Debug)]
-pub struct BootInfo<'a> {
-    /// Which loader booted us.
-    pub loader: &'a str,
-    /// The kernel command line.
-    pub cmdline: &'a str,
-    /// RAM the firmware reports as available.
-    pub available: heapless::Vec<PhysRange, MAX_BOOT_RANGES>,
-    /// Memory in use that the allocator must not hand out: the kernel image, the boot
-    /// information, the modules.
-    pub reserved: heapless::Vec<PhysRange, MAX_BOOT_RANGES>,
-    /// The kernel image (the only executable memory).
-    pub kernel_image: PhysRange,
-    /// Loaded modules.
-    pub modules: heapless::Vec<BootModule<'a>, MAX_MODULES>,
-}
 
 /// Runs the hypervisor. Never returns: it ends in [`shutdown::exit`] or halts.
 pub fn run(boot: &BootInfo<'_>) -> ! {
@@ -113,17 +87,65 @@ pub fn run(boot: &BootInfo<'_>) -> ! {
 
 /// Starts the virtualization backend and runs the guest modules, if there are any.
 fn run_guest_modules(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) {
-    if !boot.modules.iter().any(|m| m.cmdline.starts_with(crate::runner::GUEST_PREFIX)) {
+    if !boot.modules.iter().any(|m| m.name().starts_with(GUEST_PREFIX)) {
         return;
     }
     match crate::backend::Backend::detect(frames) {
         Ok(mut backend) => {
             log::info!("backend: {}: {}", backend.name(), backend.describe());
             log::info!("dirty tracking: {}", backend.dirty_tracking());
-            crate::runner::run_guests(&mut backend, frames, &boot.modules, config.guest_mem_bytes);
+            run_guests(&mut backend, frames, &boot.modules, config.guest_mem_bytes);
             log::info!("all guests done");
         }
         Err(e) => log::error!("no guest can run: {e}"),
+    }
+}
+
+/// Runs every guest module in order: a self-test scenario (`selftest`) or a plain run, `restarts`
+/// more times after it ends. A module line with a bad value ends that guest with the error; the
+/// hypervisor survives whatever a guest does and goes on with the next module.
+fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &[BootModule<'_>], guest_mem: u64) {
+    for module in modules.iter().filter(|m| m.name().starts_with(GUEST_PREFIX)) {
+        let name = module.name();
+        let spec = match GuestSpec::parse(module.cmdline) {
+            Ok(spec) => spec,
+            Err(e) => {
+                log::error!("guest `{name}` not started: {e}");
+                continue;
+            }
+        };
+        if let Some(scenario) = spec.scenario {
+            log::info!("guest `{name}`: self-test scenario `{}` on {}", scenario.name(), backend.name());
+            crate::selftest::run(scenario, backend, frames, module, &spec, modules, guest_mem);
+            log::info!("free memory: {} KiB", frames.free_bytes() >> 10);
+            continue;
+        }
+        let runs = 1 + spec.restarts;
+        for run in 1..=runs {
+            log::info!(
+                "starting guest `{name}` on {} ({} MiB RAM), run {run} of {runs}",
+                backend.name(),
+                guest_mem >> 20
+            );
+            match Guest::create(backend, frames, module, &spec, guest_mem) {
+                Ok(mut guest) => {
+                    let disk = spec.disk.map(|d| (d, crate::devices::host::find_disk(modules, d)));
+                    match disk {
+                        Some((_, Some(disk))) => {
+                            // SAFETY: guests run one at a time and the slice is dropped with this guest.
+                            guest.attach_disk(unsafe { crate::devices::host::disk_bytes(disk) });
+                        }
+                        Some((d, None)) => log::warn!("guest `{name}`: no disk module `disk-{d}`; no block device"),
+                        None => {}
+                    }
+                    let end = guest.run_to_end();
+                    guest.report(&end);
+                    guest.destroy(frames);
+                }
+                Err(e) => log::error!("guest `{name}` not started: {e}"),
+            }
+            log::info!("free memory: {} KiB", frames.free_bytes() >> 10);
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 
 extern crate alloc;
 
+pub mod boot_info;
 pub mod colo;
 pub mod config;
 pub mod devices;
@@ -31,5 +32,7 @@ pub mod kernel;
 pub mod node;
 #[cfg(feature = "bare-metal")]
 pub mod runner;
+#[cfg(feature = "bare-metal")]
+pub mod selftest;
 #[cfg(feature = "bare-metal")]
 pub mod snapshot;

@@ -1,21 +1,28 @@
-//! The guest runner: loads each guest module into fresh guest RAM, starts it on a vCPU of the
-//! chosen backend, applies the exit handler's decisions until the guest ends, reports how it
-//! ended with its exit counters, and frees everything before the next guest.
+//! The guest runner: [`Guest`] loads a guest module into fresh guest RAM, starts it on a vCPU of
+//! the chosen backend, applies the exit handler's decisions until the guest ends, reports how it
+//! ended with its exit counters, and frees everything. It also offers what snapshots and the
+//! two-host driver need of a live guest: device state save/check/load, its disk, digests.
 //!
-//! [`apply`] is the one place RIP moves past an exiting instruction.
+//! [`apply`] is the one place RIP moves past an exiting instruction. Nothing here imports the
+//! modules above it (`snapshot`, `selftest`, `kernel`, the node driver).
 
 use core::fmt::Write;
 
+use alloc::vec::Vec;
+
 use crate::backend::{Backend, BackendError};
+use crate::boot_info::BootModule;
 use crate::devices::host::{HostDevices, HostHooks};
+use crate::devices::pvblock::BlockHook;
+use crate::devices::state::{ClockState, ConsoleState, DeviceStateError, DeviceStates};
 use crate::devices::{pvblock::PvBlock, pvnet::PvNet, GuestDevices};
 use crate::guest::boot::{self, BootError, BootParams};
+use crate::guest::digest::{self, GuestDigest};
 use crate::guest::elf::{ElfError, GuestImage};
 use crate::guest::memory::TrackedMemory;
 use crate::guest::GuestMemory;
-use crate::guest::{GuestRam, MemoryError};
+use crate::guest::{GuestRam, GuestSpec, MemoryError};
 use crate::host::{cpu, serial, time};
-use crate::kernel::BootModule;
 use crate::memory::{FrameAllocator, FrameError, PhysRange};
 use crate::vcpu::cpuid::CpuidValues;
 use crate::vcpu::handler::{ExitHandler, HostServices};
@@ -23,13 +30,8 @@ use crate::vcpu::{Decision, GuestEnd, Vcpu, VcpuError, VmExit};
 
 /// Guest clock ticks per second (the boot info tells guests).
 pub const TICKS_PER_SECOND: u64 = 1000;
-/// How long a guest may run unless its module line says `time_limit_ms=N`.
-const DEFAULT_TIME_LIMIT_MS: u64 = 30_000;
 /// The preemption time slice: the hypervisor regains control at least this often.
 const TIME_SLICE_MS: u64 = 10;
-
-/// Module names starting with this are guests.
-pub const GUEST_PREFIX: &str = "guest-";
 
 /// Why a guest could not be started.
 #[derive(Clone, Debug)]
@@ -65,56 +67,6 @@ pub struct GuestReport {
     pub end: GuestEnd,
     /// Guest clock ticks it ran for.
     pub ticks: u64,
-}
-
-/// Runs every guest module in order. The hypervisor survives whatever a guest does.
-pub fn run_guests(backend: &mut Backend, frames: &mut FrameAllocator, modules: &[BootModule<'_>], guest_mem: u64) {
-    for module in modules.iter().filter(|m| m.cmdline.starts_with(GUEST_PREFIX)) {
-        let name = guest_name(module);
-        let scenario = module_arg(module.cmdline, "scenario");
-        if let Some(scenario) = scenario {
-            log::info!("guest `{name}`: self-test scenario `{scenario}` on {}", backend.name());
-            if !crate::snapshot::run_scenario(scenario, backend, frames, module, guest_mem) {
-                log::error!(
-                    "guest `{name}`: unknown scenario `{scenario}`; accepted: dirty-count|snapshot-restore|snapshot-bench"
-                );
-            }
-            log::info!("free memory: {} KiB", frames.free_bytes() >> 10);
-            continue;
-        }
-        // `restarts=N`: run the same module N more times after it ends (same disk).
-        let runs = 1 + module_arg(module.cmdline, "restarts").and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
-        for run in 1..=runs {
-            log::info!(
-                "starting guest `{name}` on {} ({} MiB RAM), run {run} of {runs}",
-                backend.name(),
-                guest_mem >> 20
-            );
-            match Guest::create(backend, frames, module, guest_mem) {
-                Ok(mut guest) => {
-                    if let Some(disk) = crate::devices::host::find_disk(modules, module.cmdline) {
-                        // SAFETY: guests run one at a time and the slice is dropped with this guest.
-                        guest.attach_disk(unsafe { crate::devices::host::disk_bytes(disk) });
-                    }
-                    let end = guest.run_to_end();
-                    guest.report(&end);
-                    guest.destroy(frames);
-                }
-                Err(e) => log::error!("guest `{name}` not started: {e}"),
-            }
-            log::info!("free memory: {} KiB", frames.free_bytes() >> 10);
-        }
-    }
-}
-
-/// The value of `key=` on a module line (the one place module arguments are read).
-pub fn module_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-/// A guest's name: the first word of its module line.
-pub fn guest_name<'a>(module: &BootModule<'a>) -> &'a str {
-    module.cmdline.split_ascii_whitespace().next().unwrap_or(module.cmdline)
 }
 
 /// The guest clock: ticks since the guest started, continuing from `base` (a restored guest
@@ -169,6 +121,8 @@ pub struct Guest {
     pub last_exit: Option<VmExit>,
     /// When set, console lines are also kept here (self-tests compare them).
     pub console_capture: Option<alloc::vec::Vec<alloc::string::String>>,
+    /// Console lines the guest has printed (a measure of its progress).
+    pub console_lines: u64,
 }
 
 impl core::fmt::Debug for Guest {
@@ -179,14 +133,16 @@ impl core::fmt::Debug for Guest {
 
 impl Guest {
     /// Allocates RAM, loads the module's ELF image, writes the boot structures and makes a vCPU.
+    /// `spec` is the module line, already parsed.
     pub fn create(
         backend: &mut Backend,
         frames: &mut FrameAllocator,
         module: &BootModule<'_>,
+        spec: &GuestSpec<'_>,
         guest_mem: u64,
     ) -> Result<Self, StartError> {
         let ram = frames.allocate(guest_mem, 2 << 20).map_err(StartError::Memory)?;
-        let result = Self::load(backend, frames, module, ram);
+        let result = Self::load(backend, frames, module, spec, ram);
         if result.is_err() {
             if let Err(e) = frames.free(ram) {
                 log::error!("freeing guest RAM: {e}");
@@ -199,6 +155,7 @@ impl Guest {
         backend: &mut Backend,
         frames: &mut FrameAllocator,
         module: &BootModule<'_>,
+        spec: &GuestSpec<'_>,
         ram: PhysRange,
     ) -> Result<Self, StartError> {
         let mut mem = ram_of(ram);
@@ -217,32 +174,105 @@ impl Guest {
         };
         let entry = boot::prepare(&mut mem, &params).map_err(StartError::Boot)?;
         let vcpu = backend.create_vcpu(frames, ram, &entry).map_err(StartError::Backend)?;
-        let time_limit_ms =
-            module_arg(module.cmdline, "time_limit_ms").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TIME_LIMIT_MS);
-        let mac = module_arg(module.cmdline, "mac").and_then(crate::devices::parse_mac);
-        let device_hooks = match mac {
+        let device_hooks = match spec.mac {
             Some(mac) => HostHooks::install(mac),
             None => HostHooks::without_net(),
         };
-        Ok(Self {
-            name: guest_name(module).into(),
+        let mut guest = Self {
+            name: spec.name.into(),
             ram,
             vcpu,
-            handler: ExitHandler::new(time_limit_ms * TICKS_PER_SECOND / 1000),
+            handler: ExitHandler::new(spec.time_limit_ms * TICKS_PER_SECOND / 1000),
             clock: GuestClock::starting_at(0),
             clock_running: false,
-            time_slice_tsc: module_arg(module.cmdline, "time_slice_us")
-                .and_then(|v| v.parse::<u64>().ok())
-                .filter(|us| (10..=1_000_000).contains(us))
-                .map_or(TIME_SLICE_MS * time::tsc_per_ms(), |us| us * time::tsc_per_ms() / 1000),
+            time_slice_tsc: TIME_SLICE_MS * time::tsc_per_ms(),
             hypercall_cycles: (u64::MAX, 0, 0),
-            devices: GuestDevices { net: mac.map(PvNet::new), block: None },
+            devices: GuestDevices { net: spec.mac.map(PvNet::new), block: None },
             device_hooks,
             last_net_poll: 0,
             dirty: None,
             last_exit: None,
             console_capture: None,
-        })
+            console_lines: 0,
+        };
+        if let Some(us) = spec.time_slice_us {
+            guest.set_time_slice_us(us);
+        }
+        Ok(guest)
+    }
+
+    /// Sets the preemption time slice (from the next entry on).
+    pub fn set_time_slice_us(&mut self, us: u64) {
+        self.time_slice_tsc = (us * time::tsc_per_ms() / 1000).max(1);
+    }
+
+    /// Puts `hook` beneath the block device: every guest disk read and write goes through it
+    /// (the COLO block replica on either role).
+    pub fn set_block_hook(&mut self, hook: alloc::boxed::Box<dyn BlockHook>) {
+        self.device_hooks.set_block_hook(hook);
+    }
+
+    /// The disk's bytes, if the guest has a block device.
+    pub fn disk(&self) -> Option<&[u8]> {
+        self.devices.block.as_ref().map(PvBlock::disk)
+    }
+
+    /// The disk's bytes for writing (a block replica committing beneath the device).
+    pub fn disk_mut(&mut self) -> Option<&mut [u8]> {
+        self.devices.block.as_mut().map(PvBlock::disk_mut)
+    }
+
+    /// Replaces the whole disk (a full sync); it must have the disk's size.
+    pub fn replace_disk(&mut self, image: &[u8]) -> Result<(), DeviceStateError> {
+        match self.devices.block.as_mut() {
+            Some(block) => block.replace_disk(image),
+            None => Err(DeviceStateError::Presence { device: "pvblock", in_state: true, in_guest: false }),
+        }
+    }
+
+    /// Every device's state (the guest is paused: it never runs between `step`s).
+    pub fn save_devices(&self) -> DeviceStates {
+        let (net, block) = self.devices.save_state();
+        DeviceStates {
+            clock: ClockState { ticks: self.clock.ticks() },
+            console: ConsoleState { pending: self.handler.console_pending().to_vec() },
+            net,
+            block,
+        }
+    }
+
+    /// Checks that `states` can be loaded into this guest; changes nothing.
+    pub fn check_devices(&self, states: &DeviceStates) -> Result<(), DeviceStateError> {
+        self.devices.check_state(states.net.as_ref(), states.block.as_ref(), self.ram.len())
+    }
+
+    /// Loads states [`Guest::check_devices`] accepted.
+    pub fn load_devices(&mut self, states: &DeviceStates) {
+        self.clock = GuestClock::starting_at(states.clock.ticks);
+        self.handler.set_console_pending(&states.console.pending);
+        self.devices.load_state(states.net.as_ref(), states.block.as_ref());
+    }
+
+    /// CRC-32C of all guest RAM and of the whole disk (`checkpoint_verify`).
+    pub fn digest(&self) -> GuestDigest {
+        let len = self.ram.len();
+        let mem = ram_of(self.ram);
+        // The whole range is RAM by construction.
+        let ram = mem.slice(0, len).unwrap_or(&[]);
+        let disk = self.devices.block.as_ref().map_or(&[][..], PvBlock::disk);
+        GuestDigest::of(ram, disk)
+    }
+
+    /// One CRC-32C per 4 KiB page of guest RAM (to name the first page two hosts disagree on).
+    pub fn page_digests(&self) -> Vec<u32> {
+        let len = self.ram.len();
+        let mem = ram_of(self.ram);
+        digest::unit_digests(mem.slice(0, len).unwrap_or(&[]), digest::PAGE_BYTES)
+    }
+
+    /// One CRC-32C per 512-byte disk sector (empty without a disk).
+    pub fn sector_digests(&self) -> Vec<u32> {
+        self.disk().map_or_else(Vec::new, |d| digest::unit_digests(d, digest::SECTOR_BYTES))
     }
 
     /// Gives the guest the block device over `disk`.
@@ -298,8 +328,11 @@ impl Guest {
                 }
             }
         }
-        let (name, capture) = (self.name.as_str(), &mut self.console_capture);
-        let mut console = |line: &str| console_line(name, capture, line);
+        let (name, capture, lines) = (self.name.as_str(), &mut self.console_capture, &mut self.console_lines);
+        let mut console = |line: &str| {
+            *lines += 1;
+            console_line(name, capture, line)
+        };
         let mut devices = HostDevices { devices: &mut self.devices, hooks: &mut self.device_hooks };
         let mut host = HostServices {
             now_ticks: self.clock.ticks(),

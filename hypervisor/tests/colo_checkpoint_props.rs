@@ -194,17 +194,17 @@ proptest! {
         prop_assert_eq!(cp.epoch(), spec.epoch);
         prop_assert_eq!(cp.page_count(), new.len());
         let before = mem.clone();
-        cp.apply_to(&mut mem).unwrap();
+        let v: Vec<Vec<u8>> = cp.vcpu_states().map(|b| b.data.to_vec()).collect();
+        prop_assert_eq!(v, spec.vcpus.clone());
+        let d: BTreeMap<u64, Vec<u8>> = cp.device_states().map(|b| (b.id, b.data.to_vec())).collect();
+        prop_assert_eq!(d, spec.devices.clone());
+        cp.apply_to(&mut mem, spec.epoch).unwrap();
         for gfn in 0..FRAMES {
             match new.get(&gfn) {
                 Some(d) => prop_assert_eq!(mem.frame(gfn), &d[..]),
                 None => prop_assert_eq!(mem.frame(gfn), before.frame(gfn)),
             }
         }
-        let v: Vec<Vec<u8>> = cp.vcpu_states().map(|b| b.data.to_vec()).collect();
-        prop_assert_eq!(v, spec.vcpus.clone());
-        let d: BTreeMap<u64, Vec<u8>> = cp.device_states().map(|b| (b.id, b.data.to_vec())).collect();
-        prop_assert_eq!(d, spec.devices.clone());
     }
 
     #[test]
@@ -216,7 +216,7 @@ proptest! {
         let (mem, new) = materialise(&spec);
         let bytes = encode(&spec, &mem, &new);
         let mut expected = mem.clone();
-        decode_chunked(&bytes, &[bytes.len()]).unwrap().0.apply_to(&mut expected).unwrap();
+        decode_chunked(&bytes, &[bytes.len()]).unwrap().0.apply_to(&mut expected, spec.epoch).unwrap();
 
         let mut bad = bytes.clone();
         for m in &muts {
@@ -228,8 +228,8 @@ proptest! {
             Ok((cp, _consumed)) => {
                 // Only acceptable if the result is exactly the original checkpoint (e.g. the
                 // mutation hit bytes after the commit record).
-                cp.apply_to(&mut target).unwrap();
                 prop_assert_eq!(cp.epoch(), spec.epoch);
+                cp.apply_to(&mut target, spec.epoch).unwrap();
                 prop_assert!(target == expected, "undetected corruption changed the result");
             }
             Err(e) => {
@@ -279,6 +279,8 @@ enum Msg {
     ColoStart(u64),
     Checkpoint(u64),
     Ack(u64),
+    /// Secondary: the checkpoint was refused.
+    Nack(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -286,9 +288,15 @@ enum Op {
     Advance(u64),
     Deliver(usize),
     Drop(usize),
-    Cut { notify: [bool; 2] },
+    Cut {
+        notify: [bool; 2],
+    },
     Restore,
     WitnessReach(usize, bool),
+    /// The witness acts on node n's claims but its replies to n are lost (n sees Unreachable).
+    WitnessLossy(usize, bool),
+    /// The secondary refuses checkpoints (bad stream) while it keeps sending heartbeats.
+    Refuse(bool),
     Crash(usize),
     Restart(usize),
     Cmd(usize, Command),
@@ -304,6 +312,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<bool>(), any::<bool>()).prop_map(|(a, b)| Op::Cut { notify: [a, b] }),
         1 => Just(Op::Restore),
         1 => (node.clone(), any::<bool>()).prop_map(|(n, r)| Op::WitnessReach(n, r)),
+        1 => (node.clone(), any::<bool>()).prop_map(|(n, r)| Op::WitnessLossy(n, r)),
+        1 => any::<bool>().prop_map(Op::Refuse),
         1 => node.clone().prop_map(Op::Crash),
         1 => node.clone().prop_map(Op::Restart),
         2 => (node.clone(), prop_oneof![
@@ -324,6 +334,8 @@ struct World {
     /// queues[i]: messages travelling to node i.
     queues: [VecDeque<Msg>; 2],
     witness_reach: [bool; 2],
+    witness_lossy: [bool; 2],
+    refuse: bool,
     witness_gen: u64,
     witness_owner: usize,
     next_epoch: u64,
@@ -331,7 +343,7 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        let cfg = FailoverConfig { heartbeat_interval: 10, miss_limit: 3, witness_retry: 7 };
+        let cfg = FailoverConfig { heartbeat_interval: 10, miss_limit: 3, witness_retry: 7, checkpoint_timeout: 60 };
         Self {
             now: Tick(0),
             nodes: [
@@ -342,6 +354,8 @@ impl World {
             link_up: true,
             queues: [VecDeque::new(), VecDeque::new()],
             witness_reach: [true, true],
+            witness_lossy: [false, false],
+            refuse: false,
             witness_gen: 1,
             witness_owner: 0,
             next_epoch: 1,
@@ -379,6 +393,8 @@ impl World {
                         } else {
                             Verdict::Denied
                         };
+                        // A lossy witness acted on the claim, but the reply never arrives.
+                        let verdict = if self.witness_lossy[n] { Verdict::Unreachable } else { verdict };
                         work.push_back((n, Event::Witness { generation, verdict }));
                     }
                     Action::SendJoinRequest => self.send(n, Msg::JoinRequest),
@@ -418,9 +434,17 @@ impl World {
             Msg::ColoStart(g) => self.event(to, Event::FullSyncComplete { generation: g }),
             Msg::Checkpoint(epoch) => {
                 self.event(to, Event::CheckpointBegin { epoch });
-                self.event(to, Event::CheckpointCommitted { epoch });
+                if self.refuse {
+                    self.event(to, Event::CheckpointFailed { epoch });
+                    if self.nodes[to].role() == Role::Secondary {
+                        self.send(to, Msg::Nack(epoch));
+                    }
+                } else {
+                    self.event(to, Event::CheckpointCommitted { epoch });
+                }
             }
             Msg::Ack(epoch) => self.event(to, Event::CheckpointAcked { epoch }),
+            Msg::Nack(epoch) => self.event(to, Event::CheckpointFailed { epoch }),
         }
     }
 
@@ -452,6 +476,8 @@ impl World {
                 }
             }
             Op::WitnessReach(n, r) => self.witness_reach[n] = r,
+            Op::WitnessLossy(n, r) => self.witness_lossy[n] = r,
+            Op::Refuse(r) => self.refuse = r,
             Op::Crash(n) => {
                 self.alive[n] = false;
                 self.queues[n].clear();
@@ -483,6 +509,25 @@ impl World {
             let (a, b) = (live[0], live[1]);
             if a.role().faces_clients() && b.role().faces_clients() && a.generation() == b.generation() {
                 return Err(format!("two primaries in generation {}", a.generation()));
+            }
+        }
+        // A generation the witness granted is never forgotten by its owner: while the owner
+        // still runs in the old generation it keeps claiming the granted one (issue 15, item
+        // 5: otherwise the peer's later claim is denied and fences the only live host).
+        for i in 0..2 {
+            let m = &self.nodes[i];
+            if self.alive[i]
+                && self.witness_owner == i
+                && self.witness_gen > m.generation()
+                && matches!(m.role(), Role::Primary | Role::Secondary)
+                && m.pending_claim() != Some(self.witness_gen)
+            {
+                return Err(format!(
+                    "node {i} ({:?} at generation {}) dropped its claim on generation {} the witness granted it",
+                    m.role(),
+                    m.generation(),
+                    self.witness_gen
+                ));
             }
         }
         // Whoever releases unprotected owns its generation at the witness.
@@ -531,6 +576,62 @@ fn healthy_pair_stays_protected() {
     assert_eq!(w.nodes[0].role(), Role::Primary);
     assert_eq!(w.nodes[1].role(), Role::Secondary);
     assert!(w.next_epoch > 10);
+}
+
+/// Issue 15, item 8: the secondary refuses checkpoints for a while (and keeps sending
+/// heartbeats); the primary aborts and retries, and checkpoints resume once it accepts again.
+#[test]
+fn refused_checkpoints_do_not_stall_the_pair() {
+    let mut w = World::new();
+    w.apply(&Op::Refuse(true));
+    w.apply(&Op::Cmd(0, Command::CheckpointNow));
+    w.apply(&Op::Deliver(1));
+    w.apply(&Op::Deliver(0));
+    assert_eq!(w.nodes[0].checkpoint_in_flight(), None, "a refusal aborts at once");
+    // The primary keeps retrying while the secondary keeps refusing.
+    let first = w.next_epoch;
+    for _ in 0..40 {
+        w.apply(&Op::Advance(5));
+        w.apply(&Op::Deliver(1));
+        w.apply(&Op::Deliver(0));
+    }
+    assert!(w.next_epoch > first + 3, "retries: {} -> {}", first, w.next_epoch);
+    assert_eq!(w.nodes[1].last_committed(), None);
+    w.apply(&Op::Refuse(false));
+    let before = w.next_epoch;
+    for _ in 0..100 {
+        w.apply(&Op::Advance(5));
+        w.apply(&Op::Deliver(1));
+        w.apply(&Op::Deliver(0));
+    }
+    assert!(w.next_epoch > before, "checkpoints started again");
+    assert_eq!(w.nodes[0].role(), Role::Primary);
+    assert_eq!(w.nodes[1].role(), Role::Secondary);
+    assert_eq!(w.nodes[1].last_committed(), Some(w.next_epoch - 1));
+    w.check().unwrap();
+}
+
+/// Issue 15, item 5 as a scenario: the witness grants S generation 2 but the reply is lost; S
+/// hears P again; S keeps claiming, gets the answer and takes over; P is fenced.
+#[test]
+fn lost_witness_reply_still_ends_with_one_server() {
+    let mut w = World::new();
+    w.apply(&Op::WitnessLossy(1, true));
+    w.apply(&Op::WitnessReach(0, false));
+    w.apply(&Op::Cut { notify: [false, true] });
+    assert_eq!(w.witness_owner, 1);
+    assert_eq!(w.nodes[1].role(), Role::Secondary);
+    w.apply(&Op::Restore);
+    w.apply(&Op::WitnessLossy(1, false));
+    w.apply(&Op::WitnessReach(0, true));
+    for _ in 0..20 {
+        w.apply(&Op::Advance(5));
+        w.apply(&Op::Deliver(0));
+        w.apply(&Op::Deliver(1));
+        w.check().unwrap();
+    }
+    assert_eq!(w.nodes[1].role(), Role::FailingOver);
+    assert_eq!(w.nodes[0].role(), Role::Fenced);
 }
 
 /// Primary crash: the secondary takes over; the old primary restarts and rejoins.

@@ -9,6 +9,7 @@
 use hypervisor::colo::comparator::{CheckpointRequest, ComparatorLimits, OutputComparator, Verdict};
 use hypervisor::colo::frames;
 use hypervisor::colo::packet::parse_frame;
+use hypervisor::colo::Tick;
 use proptest::prelude::*;
 use smoltcp::wire::{Ipv4Address, TcpControl};
 
@@ -57,6 +58,12 @@ fn side_frames(
         }
     }
     out
+}
+
+/// Capture and commit at once (no pipelining).
+fn commit(c: &mut OutputComparator) {
+    let m = c.mark_capture();
+    c.on_checkpoint_committed(m).unwrap();
 }
 
 fn drain(c: &mut OutputComparator) -> Vec<Vec<u8>> {
@@ -132,10 +139,10 @@ proptest! {
             let take_p = j >= svm_all.len()
                 || (i < pvm_all.len() && interleave.get(k % interleave.len().max(1)).copied().unwrap_or(true) ^ (k % 3 == 0));
             k += 1;
-            let v = if take_p { i += 1; c.push_pvm(&pvm_all[i - 1], 0) } else { j += 1; c.push_svm(&svm_all[j - 1], 0) };
+            let v = if take_p { i += 1; c.push_pvm(&pvm_all[i - 1], Tick(0)) } else { j += 1; c.push_svm(&svm_all[j - 1], Tick(0)) };
             prop_assert!(!matches!(v, Verdict::CheckpointRequired(_)), "unexpected {:?}", v);
         }
-        prop_assert_eq!(c.poll(1), None);
+        prop_assert_eq!(c.poll(Tick(1)), None);
         let out = drain(&mut c);
         // Per flow, released frames are the PVM's frames in the PVM's order, all of them.
         for port in [80u16, 81] {
@@ -173,7 +180,7 @@ proptest! {
         let mut seen = None;
         let mut push_all = |c: &mut OutputComparator, pvm: bool| {
             for (f, _) in if pvm { &p } else { &s } {
-                let v = if pvm { c.push_pvm(f, 0) } else { c.push_svm(f, 0) };
+                let v = if pvm { c.push_pvm(f, Tick(0)) } else { c.push_svm(f, Tick(0)) };
                 if let Verdict::CheckpointRequired(r) = v {
                     seen.get_or_insert(r);
                 }
@@ -182,18 +189,18 @@ proptest! {
         push_all(&mut c, !svm_first);
         push_all(&mut c, svm_first);
         prop_assert_eq!(seen, Some(want));
-        prop_assert_eq!(c.poll(0), Some(want));
+        prop_assert_eq!(c.poll(Tick(0)), Some(want));
         let before = drain(&mut c);
         for f in &before {
             let end = p.iter().find(|(g, _)| g == f).map(|(_, e)| *e).unwrap();
             prop_assert!(end <= k, "released a frame ending at {} past mismatch {}", end, k);
         }
-        c.on_checkpoint_committed();
+        commit(&mut c);
         let mut all = before;
         all.extend(drain(&mut c));
         let want_frames: Vec<Vec<u8>> = p.iter().map(|(f, _)| f.clone()).collect();
         prop_assert_eq!(all, want_frames);
-        prop_assert_eq!(c.poll(1), None);
+        prop_assert_eq!(c.poll(Tick(1)), None);
     }
 
     /// Random operations (PVM/SVM TCP segments, datagrams, divergences, checkpoints): no PVM
@@ -214,15 +221,15 @@ proptest! {
         let mut dgram = 0u32;
         // Both sides open the connection.
         let syn = tcp(80, isn, TcpControl::Syn, b"");
-        c.push_pvm(&syn, 0);
+        c.push_pvm(&syn, Tick(0));
         pushed.push(syn);
-        c.push_svm(&tcp(80, s_isn, TcpControl::Syn, b""), 0);
+        c.push_svm(&tcp(80, s_isn, TcpControl::Syn, b""), Tick(0));
         for (op, n) in ops {
             match op {
                 0..=2 => {
                     let e = (ppos + n).min(stream.len());
                     let f = tcp(80, isn.wrapping_add(1 + ppos as u32), TcpControl::None, &stream[ppos..e]);
-                    c.push_pvm(&f, 0);
+                    c.push_pvm(&f, Tick(0));
                     pushed.push(f);
                     ppos = e;
                 }
@@ -233,16 +240,16 @@ proptest! {
                         bytes[0] ^= 0x80;
                         diverged = true;
                     }
-                    c.push_svm(&tcp(80, s_isn.wrapping_add(1 + spos as u32), TcpControl::None, &bytes), 0);
+                    c.push_svm(&tcp(80, s_isn.wrapping_add(1 + spos as u32), TcpControl::None, &bytes), Tick(0));
                     spos = e;
                 }
                 5 => {
                     dgram += 1;
                     let f = udp(53, &dgram.to_be_bytes());
-                    c.push_pvm(&f, 0);
+                    c.push_pvm(&f, Tick(0));
                     pushed.push(f);
                     if n % 3 != 0 {
-                        c.push_svm(&udp(53, &dgram.to_be_bytes()), 0);
+                        c.push_svm(&udp(53, &dgram.to_be_bytes()), Tick(0));
                     }
                 }
                 6 => {
@@ -250,12 +257,12 @@ proptest! {
                     let s = ppos.saturating_sub(n);
                     if s < ppos {
                         let f = tcp(80, isn.wrapping_add(1 + s as u32), TcpControl::None, &stream[s..ppos]);
-                        c.push_pvm(&f, 0);
+                        c.push_pvm(&f, Tick(0));
                         pushed.push(f);
                     }
                 }
                 _ => {
-                    c.on_checkpoint_committed();
+                    commit(&mut c);
                     // The SVM now runs the PVM's state.
                     spos = ppos;
                     s_isn = isn;
@@ -269,7 +276,7 @@ proptest! {
                 prop_assert!(diverged, "unexpected request {:?}", r);
             }
         }
-        c.on_checkpoint_committed();
+        commit(&mut c);
         out.extend(drain(&mut c));
         prop_assert_eq!(out.len(), pushed.len());
         let mut a = out.clone();
@@ -309,13 +316,13 @@ proptest! {
                 if f.len() > 13 { f[12] = 0x08; f[13] = if x % 2 == 0 { 0 } else { 6 }; }
                 f
             };
-            if pvm { c.push_pvm(&f, t as u64); pushed += 1; } else { c.push_svm(&f, t as u64); }
-            if c.poll(t as u64).is_some() && x % 4 == 0 {
-                c.on_checkpoint_committed();
+            if pvm { c.push_pvm(&f, Tick(t as u64)); pushed += 1; } else { c.push_svm(&f, Tick(t as u64)); }
+            if c.poll(Tick(t as u64)).is_some() && x % 4 == 0 {
+                commit(&mut c);
             }
             c.drain_released(|_| out += 1);
         }
-        c.on_checkpoint_committed();
+        commit(&mut c);
         c.drain_released(|_| out += 1);
         prop_assert_eq!(out, pushed);
     }

@@ -188,6 +188,10 @@ pub fn dirty_pages_are_counted_exactly(platform: &Platform, method: &str, counts
 /// A snapshot taken at a preemption-timer exit (mid-computation), restored into a second guest
 /// and back into the same guest, reproduces the rest of the console output byte for byte; a
 /// corrupted and a truncated snapshot are refused and leave the target's memory as it was.
+///
+/// The snapshot point follows the guest's progress (the first preemption after K console lines,
+/// with a short time slice from then on), not a count of preemptions: under TCG preemption
+/// follows host time, so a count could outlast the guest on a loaded machine.
 pub fn snapshot_restore_reproduces_output(platform: &Platform) {
     let outcome = boot_guests(
         platform,
@@ -196,13 +200,24 @@ pub fn snapshot_restore_reproduces_output(platform: &Platform) {
         &[
             // A short time slice makes sure the preemption timer fires mid-step on every backend
             // (the guest exits for its console output more often than every 10 ms under QEMU).
-            ("guest-counter", "steps=30 scenario=snapshot-restore snapshot_after=2 time_slice_us=200"),
-            ("guest-counter", "steps=30 scenario=snapshot-restore snapshot_after=11 time_slice_us=200"),
+            ("guest-counter", "steps=30 scenario=snapshot-restore snapshot_after_lines=2 time_slice_us=200"),
+            ("guest-counter", "steps=30 scenario=snapshot-restore snapshot_after_lines=11 time_slice_us=200"),
         ],
     );
     let s = &outcome.serial;
     let taken: Vec<&str> = s.lines().filter(|l| l.contains("snapshot-restore: snapshot of")).collect();
     assert_eq!(taken.len(), 2, "{s}");
+    for (line, k) in taken.iter().zip([2u64, 11]) {
+        // Taken at a preemption (mid-step) once the guest printed K lines, and before its end:
+        // the rest of the run is what the restores must reproduce.
+        let lines: u64 = line
+            .split("at the first preemption after ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no line count in {line}"));
+        assert!((k..30).contains(&lines), "snapshot after {lines} lines, expected {k} to 29: {line}\n{s}");
+    }
     for line in &taken {
         eprintln!("[figures] {}: {line}", platform.backend);
     }
@@ -217,4 +232,27 @@ pub fn snapshot_restore_reproduces_output(platform: &Platform) {
     assert!(!s.contains("snapshot was applied"), "{s}");
     let originals: Vec<&str> = s.lines().filter(|l| l.contains("original run shut down with status 0")).collect();
     assert_eq!(originals.len(), 2, "{s}");
+}
+
+/// A module line with a bad value ends that guest with the key, the value and the accepted form;
+/// the hypervisor goes on and the next guest runs.
+pub fn bad_guest_arguments_are_named(platform: &Platform) {
+    let outcome = boot_guests(
+        platform,
+        "guest-spec",
+        "guest_mem=16M",
+        &[("guest-hello", "time_limit_ms=soon"), ("guest-hello", "mac=01:00:5e:00:00:01"), ("guest-hello", "status=0")],
+    );
+    let s = &outcome.serial;
+    for expected in [
+        "guest `guest-hello` not started: bad module argument `time_limit_ms=soon`: expected a whole number of \
+         milliseconds from 1 to 86400000",
+        "guest `guest-hello` not started: bad module argument `mac=01:00:5e:00:00:01`: expected a unicast MAC address",
+    ] {
+        assert!(s.contains(expected), "missing `{expected}`:\n{s}");
+    }
+    let ends: Vec<&str> =
+        s.lines().filter(|l| l.contains("guest `guest-hello` ") && l.contains("exits: total=")).collect();
+    assert_eq!(ends.len(), 1, "only the good guest runs:\n{s}");
+    assert!(ends[0].contains("shut down with status 0"), "{}", ends[0]);
 }

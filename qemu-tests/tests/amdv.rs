@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use qemu_tests::guests::{
-    cpuid_msr_and_io_exits_behave, dirty_pages_are_counted_exactly, isolation_guests_are_contained,
-    reference_guest_runs, snapshot_restore_reproduces_output, Platform,
+    bad_guest_arguments_are_named, cpuid_msr_and_io_exits_behave, dirty_pages_are_counted_exactly,
+    isolation_guests_are_contained, reference_guest_runs, snapshot_restore_reproduces_output, Platform,
 };
 use qemu_tests::Emulator;
 
@@ -68,4 +68,9 @@ fn snapshot_restore_reproduces_output_under_amdv_qemu() {
 #[test]
 fn snapshot_restore_reproduces_output_under_amdv_bochs() {
     snapshot_restore_reproduces_output(&BOCHS_AMDV);
+}
+
+#[test]
+fn bad_guest_arguments_are_named_under_amdv_qemu() {
+    bad_guest_arguments_are_named(&QEMU_AMDV);
 }

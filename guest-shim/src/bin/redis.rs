@@ -1,7 +1,8 @@
 //! `guest-redis`: the reference service. A RESP server on TCP port 6379 over the paravirtual
 //! NIC (smoltcp with the determinism shim), enough of Redis for `redis-cli` and
 //! `redis-benchmark`: PING, ECHO, GET, SET (NX/XX; EX/PX accepted and ignored: no expiry), DEL,
-//! EXISTS, INCR/DECR/INCRBY/DECRBY, MGET, MSET, DBSIZE, FLUSHALL/FLUSHDB, plus the connection
+//! EXISTS, INCR/DECR/INCRBY/DECRBY, MGET, MSET, DBSIZE, FLUSHALL/FLUSHDB, TIME (from the guest
+//! clock, so a PVM and an SVM answer differently, as a real service's replies would), plus the connection
 //! chatter (CONFIG GET, COMMAND, CLIENT, SELECT, INFO, QUIT) and SHUTDOWN (persist and end the
 //! guest). Many connections ([`SOCKETS`]), pipelined requests, inline commands; a malformed
 //! request gets a RESP error and the connection stays open.
@@ -27,7 +28,7 @@ use core::fmt::Write as _;
 use guest_shim::netshim::{self, ShimConfig};
 use guest_shim::pvblock::Disk;
 use guest_shim::pvnet::PvNic;
-use guest_shim::rt::{block_until, clock_now, Env};
+use guest_shim::rt::{block_until, clock_now, ticks_per_second, Env};
 use guest_shim::{guest_main, println};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -486,7 +487,7 @@ fn execute(db: &mut Db, args: &[&[u8]], out: &mut Vec<u8>) -> After {
         b"INCRBY" | b"DECRBY" => n == 2,
         b"DEL" | b"EXISTS" | b"MGET" => n >= 1,
         b"MSET" => n >= 2 && n % 2 == 0,
-        b"DBSIZE" => n == 0,
+        b"DBSIZE" | b"TIME" => n == 0,
         _ => true,
     };
     if !arity_ok {
@@ -556,6 +557,17 @@ fn execute(db: &mut Db, args: &[&[u8]], out: &mut Vec<u8>) -> After {
             }
         }
         b"DBSIZE" => int(out, db.map.len() as i64),
+        b"TIME" => {
+            // As Redis: seconds and microseconds, two bulk strings; here of the guest clock.
+            let (now, per_second) = (clock_now(), ticks_per_second().max(1));
+            let mut text = Vec::new();
+            let _ = write!(Buf(&mut text), "{}", now / per_second);
+            out.extend_from_slice(b"*2\r\n");
+            bulk(out, &text);
+            text.clear();
+            let _ = write!(Buf(&mut text), "{}", (now % per_second) * 1_000_000 / per_second);
+            bulk(out, &text);
+        }
         b"FLUSHALL" | b"FLUSHDB" => {
             db.flush_all();
             out.extend_from_slice(b"+OK\r\n");

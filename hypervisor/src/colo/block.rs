@@ -266,6 +266,11 @@ impl<B: BlockBackend> BlockReplica<B> {
 
     /// Checkpoint `epoch` committed: PVM writes of every epoch up to it go to disk in arrival
     /// order, and the SVM overlay is dropped. Later epochs stay pending.
+    ///
+    /// Write first, then switch state: the writes go to disk before anything is forgotten, so a
+    /// disk error leaves the pending writes, the overlay and the committed epoch as they were,
+    /// and the same commit can be retried (the writes are idempotent: each puts fixed bytes at
+    /// a fixed sector, in the same order).
     pub fn commit(&mut self, epoch: u64) -> Result<BlockReport, BlockError> {
         if let Some(committed) = self.committed {
             if epoch <= committed {
@@ -273,19 +278,18 @@ impl<B: BlockBackend> BlockReplica<B> {
             }
         }
         let mut report = BlockReport { overlay_sectors_dropped: self.overlay.len() as u64, ..BlockReport::default() };
-        let (due, later): (Vec<_>, Vec<_>) =
-            core::mem::take(&mut self.pending).into_iter().partition(|w| w.epoch <= epoch);
-        self.pending = later;
+        for w in self.pending.iter().filter(|w| w.epoch <= epoch) {
+            report.pvm_sectors_applied += Self::write_through(&mut self.disk, w.sector, &w.data)?;
+        }
+        self.pending.retain(|w| w.epoch > epoch);
         self.pending_bytes = self.pending.iter().map(|w| w.data.len()).sum();
         self.overlay.clear();
         self.committed = Some(epoch);
-        for w in &due {
-            report.pvm_sectors_applied += Self::write_through(&mut self.disk, w.sector, &w.data)?;
-        }
         Ok(report)
     }
 
     /// The primary is gone: drop uncommitted PVM writes, merge the SVM overlay into the disk.
+    /// The overlay is dropped only once all of it is on disk, so a disk error can be retried.
     pub fn failover(&mut self) -> Result<BlockReport, BlockError> {
         let mut report = BlockReport {
             pvm_sectors_discarded: self.pending.iter().map(|w| (w.data.len() / SECTOR_SIZE) as u64).sum(),
@@ -293,11 +297,11 @@ impl<B: BlockBackend> BlockReplica<B> {
         };
         self.pending.clear();
         self.pending_bytes = 0;
-        let overlay = core::mem::take(&mut self.overlay);
-        for (s, data) in &overlay {
+        for (s, data) in &self.overlay {
             self.disk.write_sector(*s, data)?;
             report.overlay_sectors_merged += 1;
         }
+        self.overlay.clear();
         Ok(report)
     }
 }
@@ -398,5 +402,67 @@ mod tests {
         let mut r = BlockReplica::new(MemDisk::new(16), 2 * SECTOR_SIZE);
         r.pvm_write(1, 0, &[0; 1024]).unwrap();
         assert_eq!(r.pvm_write(1, 2, &sec(1)), Err(BlockError::PendingFull { needed: 1536, max: 1024 }));
+    }
+
+    /// A disk whose `fail_at`-th write (counting from 0) fails once.
+    #[derive(Debug)]
+    struct FlakyDisk {
+        disk: MemDisk,
+        writes: u32,
+        fail_at: Option<u32>,
+    }
+
+    impl BlockBackend for FlakyDisk {
+        fn sector_count(&self) -> u64 {
+            self.disk.sector_count()
+        }
+        fn read_sector(&self, sector: u64, buf: &mut [u8; SECTOR_SIZE]) -> Result<(), BlockError> {
+            self.disk.read_sector(sector, buf)
+        }
+        fn write_sector(&mut self, sector: u64, data: &[u8; SECTOR_SIZE]) -> Result<(), BlockError> {
+            let n = self.writes;
+            self.writes += 1;
+            if self.fail_at == Some(n) {
+                self.fail_at = None;
+                return Err(BlockError::Backend { sector });
+            }
+            self.disk.write_sector(sector, data)
+        }
+    }
+
+    /// Issue 15, item 6: a disk error on the second write of a commit loses nothing; the
+    /// retried commit writes everything and only then drops the overlay.
+    #[test]
+    fn commit_survives_a_disk_error_and_can_be_retried() {
+        let disk = FlakyDisk { disk: MemDisk::new(16), writes: 0, fail_at: Some(1) };
+        let mut r = BlockReplica::new(disk, 8 * SECTOR_SIZE);
+        r.pvm_write(1, 2, &sec(5)).unwrap();
+        r.pvm_write(1, 3, &sec(6)).unwrap();
+        r.pvm_write(2, 4, &sec(7)).unwrap();
+        r.svm_write(9, &sec(9)).unwrap();
+        assert_eq!(r.commit(1), Err(BlockError::Backend { sector: 3 }));
+        assert_eq!(r.committed_epoch(), None);
+        assert_eq!(r.pending_bytes(), 3 * SECTOR_SIZE);
+        assert_eq!(r.overlay_sectors(), 1);
+        let report = r.commit(1).unwrap();
+        assert_eq!(report.pvm_sectors_applied, 2);
+        assert_eq!(r.committed_epoch(), Some(1));
+        assert_eq!(r.overlay_sectors(), 0);
+        assert_eq!(r.pending_bytes(), SECTOR_SIZE);
+        let bytes = r.disk().disk.as_bytes();
+        assert_eq!((bytes[2 * SECTOR_SIZE], bytes[3 * SECTOR_SIZE], bytes[4 * SECTOR_SIZE]), (5, 6, 0));
+    }
+
+    #[test]
+    fn failover_merge_survives_a_disk_error() {
+        let disk = FlakyDisk { disk: MemDisk::new(16), writes: 0, fail_at: Some(1) };
+        let mut r = BlockReplica::new(disk, 8 * SECTOR_SIZE);
+        r.svm_write(1, &sec(1)).unwrap();
+        r.svm_write(2, &sec(2)).unwrap();
+        assert!(r.failover().is_err());
+        assert_eq!(r.overlay_sectors(), 2);
+        assert_eq!(r.failover().unwrap().overlay_sectors_merged, 2);
+        let bytes = r.disk().disk.as_bytes();
+        assert_eq!((bytes[SECTOR_SIZE], bytes[2 * SECTOR_SIZE]), (1, 2));
     }
 }

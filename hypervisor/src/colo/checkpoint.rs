@@ -1593,6 +1593,13 @@ pub enum ApplyError {
         /// Checkpoint's page size.
         expected: u32,
     },
+    /// The checkpoint is not the one the caller expects next.
+    EpochMismatch {
+        /// The checkpoint's epoch.
+        found: u64,
+        /// Epoch the caller expected.
+        expected: u64,
+    },
     /// Memory too small for a frame in the checkpoint.
     FrameOutOfRange {
         /// Frame.
@@ -1607,6 +1614,9 @@ impl fmt::Display for ApplyError {
         match self {
             Self::PageSizeMismatch { found, expected } => {
                 write!(f, "guest memory page size is {found}, expected {expected} (checkpoint's)")
+            }
+            Self::EpochMismatch { found, expected } => {
+                write!(f, "checkpoint epoch is {found}, expected {expected} (the next one to apply)")
             }
             Self::FrameOutOfRange { gfn, frames } => {
                 write!(f, "checkpoint frame {gfn:#x} is outside guest memory, expected below {frames:#x}")
@@ -1709,9 +1719,18 @@ impl StagedCheckpoint {
         self.devices.iter().map(|b| self.blob(b))
     }
 
-    /// Checks that `mem` can take every page, then writes them all. On error nothing was
-    /// written. Delta pages are XORed onto `mem`'s current content.
-    pub fn apply_to<M: GuestMemoryMut + ?Sized>(&self, mem: &mut M) -> Result<ApplyReport, ApplyError> {
+    /// Checks that this is checkpoint `expected_epoch` and that `mem` can take every page, then
+    /// writes them all. On error nothing was written. Delta pages are XORed onto `mem`'s current
+    /// content, so applying the same checkpoint twice would undo them: applying consumes the
+    /// checkpoint.
+    pub fn apply_to<M: GuestMemoryMut + ?Sized>(
+        self,
+        mem: &mut M,
+        expected_epoch: u64,
+    ) -> Result<ApplyReport, ApplyError> {
+        if self.epoch != expected_epoch {
+            return Err(ApplyError::EpochMismatch { found: self.epoch, expected: expected_epoch });
+        }
         if mem.page_size() != self.page_size as usize {
             return Err(ApplyError::PageSizeMismatch { found: mem.page_size(), expected: self.page_size });
         }
@@ -1823,7 +1842,11 @@ mod tests {
         let mut mem = VecGuestMemory::new(PS, 64);
         mem.frame_mut(3).fill(0xAA);
         mem.frame_mut(4).copy_from_slice(&prev);
-        cp.apply_to(&mut mem).unwrap();
+        let v: Vec<_> = cp.vcpu_states().map(|b| (b.id, b.tag, b.data.to_vec())).collect();
+        assert_eq!(v, vec![(0, 0x11, b"vcpu0".to_vec())]);
+        let d: Vec<_> = cp.device_states().map(|b| (b.id, b.tag, b.data.len())).collect();
+        assert_eq!(d, vec![(3, 7, 3), (9, 8, 0)]);
+        cp.apply_to(&mut mem, 5).unwrap();
         assert_eq!(mem.frame(2), &pattern(1)[..]);
         assert!(mem.frame(3).iter().all(|&b| b == 0));
         let mut want = prev.clone();
@@ -1831,11 +1854,6 @@ mod tests {
         want[4000] = 0;
         assert_eq!(mem.frame(4), &want[..]);
         assert_eq!(mem.frame(10), &pattern(9)[..]);
-        let v: Vec<_> = cp.vcpu_states().collect();
-        assert_eq!(v.len(), 1);
-        assert_eq!((v[0].id, v[0].tag, v[0].data), (0, 0x11, &b"vcpu0"[..]));
-        let d: Vec<_> = cp.device_states().map(|b| (b.id, b.tag, b.data.len())).collect();
-        assert_eq!(d, vec![(3, 7, 3), (9, 8, 0)]);
     }
 
     #[test]
@@ -2072,10 +2090,21 @@ mod tests {
         let mut mem = VecGuestMemory::new(PS, 8);
         mem.frame_mut(2).fill(0x5A);
         let before = mem.clone();
-        assert_eq!(cp.apply_to(&mut mem).unwrap_err(), ApplyError::FrameOutOfRange { gfn: 10, frames: 8 });
+        let epoch = cp.epoch();
+        assert_eq!(
+            cp.clone().apply_to(&mut mem, epoch).unwrap_err(),
+            ApplyError::FrameOutOfRange { gfn: 10, frames: 8 }
+        );
         assert_eq!(mem, before);
         let mut small = VecGuestMemory::new(512, 64);
-        assert!(matches!(cp.apply_to(&mut small), Err(ApplyError::PageSizeMismatch { .. })));
+        assert!(matches!(cp.clone().apply_to(&mut small, epoch), Err(ApplyError::PageSizeMismatch { .. })));
+        let mut big = VecGuestMemory::new(PS, 64);
+        let before = big.clone();
+        assert_eq!(
+            cp.apply_to(&mut big, epoch + 1).unwrap_err(),
+            ApplyError::EpochMismatch { found: epoch, expected: epoch + 1 }
+        );
+        assert_eq!(big, before);
     }
 
     #[test]

@@ -5,14 +5,27 @@
 //! [`OutputComparator::push_svm`]. A held PVM frame is *released* (drained with
 //! [`OutputComparator::drain_released`]) once the SVM has produced everything it carries; a
 //! disagreement, a held frame that waits too long, memory pressure or the periodic timer make the
-//! comparator ask for a checkpoint ([`CheckpointRequest`]). After the secondary acknowledges a
-//! checkpoint the caller calls [`OutputComparator::on_checkpoint_committed`], which releases all
-//! held output (the checkpoint made it the SVM's own history) and re-bases connection state.
+//! comparator ask for a checkpoint ([`CheckpointRequest`]).
+//!
+//! # Epochs
+//! When the primary captures a checkpoint it calls [`OutputComparator::mark_capture`] at the
+//! capture instant. The returned [`CaptureMark`] records the frame order and, per connection,
+//! the PVM's stream position, anchor and control state at that instant. Output the PVM produces
+//! after the mark belongs to the next epoch: it is held (never released by the pending
+//! checkpoint), and its bytes are not compared past the marked position until the checkpoint is
+//! decided. Once the secondary acknowledges, [`OutputComparator::on_checkpoint_committed`]
+//! releases exactly the frames before the mark and re-bases every connection from the marked
+//! state; the later frames are then compared with what the SVM produces after it applied the
+//! checkpoint. If the checkpoint fails, [`OutputComparator::on_checkpoint_aborted`] releases
+//! nothing and comparison goes on as if no mark had been taken: a later checkpoint covers the
+//! held frames. One capture is outstanding at a time (a new mark abandons an older one).
 //!
 //! The COLO rules this module implements each live in one function, with a doc comment that
 //! starts with "**COLO rule**":
 //! - TCP stream comparison by offset: [`TcpConn::feed`] and [`TcpConn::compare_pending`];
 //! - ISN / offset learning: [`Side::learn_anchor`];
+//! - connection incarnations on a reused 4-tuple: [`Side::starts_new_incarnation`];
+//! - keep-alive probes: [`Side::is_keepalive_probe`];
 //! - control (SYN/FIN/RST) comparison: [`TcpConn::check_controls`];
 //! - when a held TCP frame (data, control, pure ACK, window update) may be released:
 //!   [`TcpNeed::satisfied`];
@@ -20,6 +33,7 @@
 //! - per-flow release order: [`OutputComparator::release_ready`];
 //! - never drop a frame, pressure becomes a checkpoint: [`OutputComparator::check_pressure`];
 //! - checkpoint triggers and their priority: [`OutputComparator::poll`];
+//! - the capture point: [`OutputComparator::mark_capture`];
 //! - what a committed checkpoint does: [`OutputComparator::on_checkpoint_committed`].
 //!
 //! Memory: held PVM frames are copied into buffers recycled through a pool (up to
@@ -27,21 +41,25 @@
 //! for the other side live in per-connection `VecDeque`s that are reused; out-of-order TCP
 //! pieces and unmatched SVM datagrams are copied into their own `Vec`s. All of it is bounded by
 //! [`ComparatorLimits`] through the pressure rule (crossing a limit asks for a checkpoint, whose
-//! commit frees everything).
+//! commit frees everything before its mark).
 //!
 //! Caller contract: SVM frames pushed after `on_checkpoint_committed` must come from the SVM
 //! *after* it applied that checkpoint (the replication link delivers in order, and the secondary
-//! drops SVM output produced before it applied the checkpoint).
+//! acknowledges a checkpoint only after it applied it, so every SVM frame produced before the
+//! apply reaches the comparator before the commit).
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
+use core::fmt;
 use core::ops::Range;
 
 use super::packet::{parse_frame_with, ChecksumPolicy, FlowKey, FrameClass, ParseError, TcpFlags};
+pub use super::time::Tick;
 
-/// Coarse time as the hypervisor counts it (timer ticks).
-pub type Tick = u64;
+/// Most live incarnations (connections on one reused 4-tuple) a flow keeps between two
+/// checkpoints; one more asks for a checkpoint ([`PressureResource::Incarnations`]).
+pub const MAX_INCARNATIONS: usize = 4;
 
 /// Resource limits. Crossing one asks for a checkpoint; it never drops a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,9 +72,9 @@ pub struct ComparatorLimits {
     /// Tracked flows (TCP connections and datagram flows) above which a checkpoint is requested.
     pub max_connections: usize,
     /// A held frame older than this many ticks requests a checkpoint.
-    pub held_frame_timeout: Tick,
+    pub held_frame_timeout: u64,
     /// Ticks between periodic checkpoints (0 = no periodic checkpoints).
-    pub periodic_ticks: Tick,
+    pub periodic_ticks: u64,
     /// Per-connection bytes of already-matched stream kept to re-compare retransmissions.
     pub retransmit_history: usize,
     /// Whether parsing verifies checksums.
@@ -86,6 +104,8 @@ pub enum PressureResource {
     HeldBytes,
     /// [`ComparatorLimits::max_connections`].
     Connections,
+    /// [`MAX_INCARNATIONS`] connections on one 4-tuple within one epoch.
+    Incarnations,
 }
 
 /// Why the comparator wants a checkpoint.
@@ -104,8 +124,8 @@ pub enum CheckpointRequest {
     HeldFrameTimeout {
         /// The flow (or [`FlowKey::OPAQUE`] for frames of untracked flows).
         conn: FlowKey,
-        /// Its age.
-        age: Tick,
+        /// Its age in ticks.
+        age: u64,
     },
     /// A limit was crossed.
     MemoryPressure {
@@ -138,6 +158,53 @@ pub enum Verdict {
     CheckpointRequired(CheckpointRequest),
 }
 
+/// The capture point of one checkpoint, from [`OutputComparator::mark_capture`]. Hand it back
+/// to [`OutputComparator::on_checkpoint_committed`] or
+/// [`OutputComparator::on_checkpoint_aborted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureMark {
+    id: u64,
+    order: u64,
+}
+
+impl CaptureMark {
+    /// Sequence number of this mark (the comparator's own count, starting at 0).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Number of PVM frames pushed before the capture (frames `0..frames_before()` in push
+    /// order belong to this checkpoint's epoch).
+    pub fn frames_before(&self) -> u64 {
+        self.order
+    }
+}
+
+/// A commit or abort named a mark that is not the outstanding one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkError {
+    /// The mark was already committed or aborted, or a newer mark replaced it.
+    NotOutstanding {
+        /// The mark given.
+        mark: u64,
+        /// The outstanding mark, if any.
+        outstanding: Option<u64>,
+    },
+}
+
+impl fmt::Display for MarkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotOutstanding { mark, outstanding: Some(o) } => {
+                write!(f, "capture mark {mark} is not outstanding, expected mark {o}")
+            }
+            Self::NotOutstanding { mark, outstanding: None } => {
+                write!(f, "capture mark {mark} is not outstanding, expected no commit or abort (no mark outstanding)")
+            }
+        }
+    }
+}
+
 /// Counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ComparatorStats {
@@ -157,6 +224,10 @@ pub struct ComparatorStats {
     pub retransmitted_bytes: u64,
     /// Retransmitted bytes older than the history that could not be re-compared.
     pub uncompared_retransmitted_bytes: u64,
+    /// TCP keep-alive probes seen (their garbage byte is not compared).
+    pub keepalive_probes: u64,
+    /// TCP connections started on a 4-tuple that already had one (new ISN or after a reset).
+    pub incarnations: u64,
     /// Datagrams matched.
     pub matched_datagrams: u64,
     /// SVM frames discarded (diverged or untracked flow).
@@ -177,6 +248,8 @@ pub struct ComparatorStats {
     pub periodic_requests: u64,
     /// Checkpoints committed.
     pub checkpoints_committed: u64,
+    /// Checkpoints aborted.
+    pub checkpoints_aborted: u64,
     /// Currently held PVM frames.
     pub held_frames: usize,
     /// Bytes of currently held PVM frames.
@@ -187,11 +260,13 @@ pub struct ComparatorStats {
     pub connections: usize,
 }
 
-/// Per-side TCP state (PVM or SVM).
+/// Per-side TCP state (PVM or SVM) of one connection incarnation.
 #[derive(Debug, Default)]
 struct Side {
     /// (sequence number, stream offset) pair that maps this side's sequence space to offsets.
     anchor: Option<(u32, u64)>,
+    /// ISN of this side's SYN.
+    isn: Option<u32>,
     /// SYN seen, with whether it carried ACK.
     syn: Option<bool>,
     /// Offset of the FIN.
@@ -200,7 +275,7 @@ struct Side {
     rst: Option<u64>,
     /// Highest acknowledgement number sent (client sequence space).
     max_ack: Option<u32>,
-    /// Highest data end offset seen.
+    /// Highest data end offset seen (segments without payload do not count).
     high: u64,
     /// Unmatched bytes contiguous from the connection's `matched` offset.
     pend: VecDeque<u8>,
@@ -209,15 +284,79 @@ struct Side {
 }
 
 impl Side {
-    /// **COLO rule (offset learning)**: stream offset 0 is the first data byte. A side learns
-    /// its ISN from its SYN / SYN-ACK (offset 0 = ISN + 1); a side first seen mid-connection
-    /// takes the first segment's sequence number as offset 0. The PVM/SVM sequence offset of a
-    /// connection is the difference of the two anchors ([`OutputComparator::seq_offset`]). A
-    /// committed checkpoint copies the PVM's anchor to the SVM (the SVM now *is* the PVM).
-    fn learn_anchor(&mut self, seq: u32, syn: bool) {
-        if self.anchor.is_none() {
-            self.anchor = Some(if syn { (seq.wrapping_add(1), 0) } else { (seq, 0) });
+    /// The scalar state (anchor, controls, position) without buffered bytes.
+    fn snapshot(&self) -> Side {
+        Side {
+            anchor: self.anchor,
+            isn: self.isn,
+            syn: self.syn,
+            fin: self.fin,
+            rst: self.rst,
+            max_ack: self.max_ack,
+            high: self.high,
+            pend: VecDeque::new(),
+            ooo: Vec::new(),
         }
+    }
+
+    /// **COLO rule (offset learning)**: stream offset 0 is the first data byte. A side learns
+    /// its ISN from its SYN / SYN-ACK (offset 0 = ISN + 1). On a connection with no SYN since
+    /// the last commit (older than the join or the last checkpoint), the SVM is a copy of the
+    /// PVM, so both sides use the same sequence numbers: a side first seen mid-connection takes
+    /// the other side's anchor if it has one (offset difference 0), and only otherwise anchors
+    /// on its own first segment (which the other side then shares). So a retransmission that
+    /// happens to be one side's first segment cannot shift the comparison. The PVM/SVM sequence
+    /// offset of a connection is the difference of the two anchors
+    /// ([`OutputComparator::seq_offset`]). A committed checkpoint copies the PVM's anchor to the
+    /// SVM (the SVM now *is* the PVM).
+    fn learn_anchor(&mut self, seq: u32, syn: bool, other: &Side) {
+        if self.anchor.is_some() {
+            return;
+        }
+        self.anchor = Some(if syn {
+            self.isn = Some(seq);
+            (seq.wrapping_add(1), 0)
+        } else if other.syn.is_none() {
+            other.anchor.unwrap_or((seq, 0))
+        } else {
+            (seq, 0)
+        });
+    }
+
+    /// **COLO rule (incarnations)**: a 4-tuple can carry one connection after another. A
+    /// segment starts a fresh connection (incarnation) on its side when that side already reset
+    /// this one (anything after an RST, including another RST), or when it is a SYN that is not
+    /// a retransmission of this side's own SYN: a SYN with a different ISN, a SYN after this
+    /// side's FIN, or a SYN on a connection this side was seen on mid-stream. Each incarnation is
+    /// compared on its own, so the old connection's SVM SYN, ACKs and bytes never satisfy the
+    /// new one's.
+    fn starts_new_incarnation(&self, seq: u32, flags: TcpFlags) -> bool {
+        if self.rst.is_some() {
+            return true;
+        }
+        if flags.contains(TcpFlags::SYN) {
+            if self.fin.is_some() {
+                return true;
+            }
+            return match self.isn {
+                Some(isn) => isn != seq,
+                None => self.anchor.is_some(),
+            };
+        }
+        false
+    }
+
+    /// **COLO rule (keep-alive probe)**: a TCP keep-alive probe is a segment at `snd_nxt - 1`
+    /// with no data (Linux) or one garbage byte (smoltcp, Windows). The byte is not stream data
+    /// (the client already has the byte at that position and discards it), so it is not
+    /// compared; the probe is released like a pure ACK. It is recognised only when the byte it
+    /// sits on is already matched (`start < matched`), so the probe can never carry a byte the
+    /// client has not received from matched output first.
+    fn is_keepalive_probe(&self, start: i64, len: usize, flags: TcpFlags, matched: u64) -> bool {
+        len == 1
+            && !flags.intersects(TcpFlags::SYN | TcpFlags::FIN | TcpFlags::RST)
+            && start + 1 == self.high as i64
+            && start < matched as i64
     }
 
     /// Stream offset of `seq` (negative: before offset 0). Anchor must be known.
@@ -238,11 +377,26 @@ impl Side {
     fn buffered(&self) -> usize {
         self.pend.len() + self.ooo.iter().map(|(_, v)| v.len()).sum::<usize>()
     }
+
+    /// Moves out-of-order pieces the pending bytes now reach into `pend`; returns the offset
+    /// of a self-inconsistency.
+    fn merge_ooo(&mut self, matched: u64) -> Option<u64> {
+        loop {
+            let pend_end = matched + self.pend.len() as u64;
+            let i = self.ooo.iter().position(|(o, _)| *o <= pend_end)?;
+            let (o, v) = self.ooo.swap_remove(i);
+            if let Some(off) = TcpConn::insert(self, matched, o, &v) {
+                return Some(off);
+            }
+        }
+    }
 }
 
 /// What a held PVM TCP frame waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TcpNeed {
+    /// Incarnation the frame belongs to.
+    inc: u32,
     data_end: u64,
     syn: Option<bool>,
     fin: Option<u64>,
@@ -252,7 +406,7 @@ struct TcpNeed {
 
 impl TcpNeed {
     /// **COLO rule (TCP release)**: a held PVM TCP frame is released when everything it tells
-    /// the client is something the SVM has told it too:
+    /// the client is something the SVM has told it too, in the same connection incarnation:
     /// - its payload: all stream bytes up to its end are matched;
     /// - SYN: the SVM sent a SYN with the same ACK flag (SYN vs SYN-ACK);
     /// - FIN: the SVM sent a FIN at the same offset and all bytes before it matched;
@@ -274,7 +428,7 @@ impl TcpNeed {
     }
 }
 
-/// Per-connection TCP comparison state.
+/// Per-incarnation TCP comparison state.
 #[derive(Debug, Default)]
 struct TcpConn {
     pvm: Side,
@@ -284,6 +438,53 @@ struct TcpConn {
     matched: u64,
     /// The last matched bytes, ending at `matched`, for re-comparing retransmissions.
     history: VecDeque<u8>,
+    /// While a capture is outstanding: the PVM's stream position at the mark (0 for
+    /// incarnations the PVM started after it). Bytes past it belong to the next epoch and are
+    /// not compared until the checkpoint commits or aborts.
+    cap: Option<u64>,
+}
+
+/// All connection incarnations of one TCP 4-tuple that are still referenced.
+#[derive(Debug)]
+struct TcpFlow {
+    /// Incarnations `base..base + incs.len()`.
+    incs: VecDeque<TcpConn>,
+    base: u32,
+    /// Incarnation the PVM's / SVM's segments currently go to.
+    pvm_inc: u32,
+    svm_inc: u32,
+}
+
+impl TcpFlow {
+    fn new(cap: Option<u64>) -> Self {
+        let mut incs = VecDeque::with_capacity(1);
+        incs.push_back(TcpConn { cap, ..TcpConn::default() });
+        TcpFlow { incs, base: 0, pvm_inc: 0, svm_inc: 0 }
+    }
+
+    fn inc(&self, n: u32) -> Option<&TcpConn> {
+        self.incs.get(n.checked_sub(self.base)? as usize)
+    }
+
+    fn inc_mut(&mut self, n: u32) -> Option<&mut TcpConn> {
+        self.incs.get_mut(n.checked_sub(self.base)? as usize)
+    }
+
+    /// Forget incarnations nothing refers to any more (both sides moved on, no held frame,
+    /// not the outstanding mark's).
+    fn collect(&mut self, oldest_held: Option<u32>, marked: Option<u32>) {
+        let mut keep = self.pvm_inc.min(self.svm_inc);
+        if let Some(h) = oldest_held {
+            keep = keep.min(h);
+        }
+        if let Some(m) = marked {
+            keep = keep.min(m);
+        }
+        while self.base < keep && self.incs.len() > 1 {
+            self.incs.pop_front();
+            self.base += 1;
+        }
+    }
 }
 
 /// Outcome of feeding bytes: counters and an optional mismatch offset.
@@ -370,17 +571,7 @@ impl TcpConn {
             return r;
         }
         // Merge out-of-order pieces the new bytes made contiguous.
-        loop {
-            let pend_end = matched as u64 + side.pend.len() as u64;
-            let Some(i) = side.ooo.iter().position(|(o, _)| *o <= pend_end) else {
-                break;
-            };
-            let (o, v) = side.ooo.swap_remove(i);
-            if let Some(off) = Self::insert(side, matched as u64, o, &v) {
-                r.mismatch = Some(off);
-                return r;
-            }
-        }
+        r.mismatch = side.merge_ooo(matched as u64);
         r
     }
 
@@ -403,10 +594,16 @@ impl TcpConn {
 
     /// **COLO rule (TCP byte streams, comparison)**: the bytes both sides have produced past the
     /// matched frontier are compared; equal bytes advance the frontier (and enter the retransmit
-    /// history), the first differing byte is a mismatch at its stream offset.
+    /// history), the first differing byte is a mismatch at its stream offset. While a capture is
+    /// outstanding the frontier stops at the PVM's marked position: later PVM bytes belong to
+    /// the next epoch and are compared only with the SVM's output after it applied the
+    /// checkpoint (or, if the checkpoint aborts, with the SVM's output as it is).
     fn compare_pending(&mut self, hist_cap: usize) -> FeedResult {
         let mut r = FeedResult::default();
-        let n = self.pvm.pend.len().min(self.svm.pend.len());
+        let mut n = self.pvm.pend.len().min(self.svm.pend.len());
+        if let Some(cap) = self.cap {
+            n = n.min(cap.saturating_sub(self.matched) as usize);
+        }
         if n == 0 {
             return r;
         }
@@ -434,7 +631,9 @@ impl TcpConn {
 
     /// **COLO rule (TCP control)**: SYN (with or without ACK), FIN and RST are compared by
     /// position: both SYNs must agree on the ACK flag (reported at offset 0); FINs and RSTs must
-    /// sit at the same offset; data past the other side's FIN is a mismatch at the FIN.
+    /// sit at the same offset; data past the other side's FIN is a mismatch at the FIN (a FIN
+    /// takes one sequence number, so a segment without data at FIN + 1, such as the final ACK,
+    /// is not data past it).
     fn check_controls(&self) -> Option<u64> {
         let (p, s) = (&self.pvm, &self.svm);
         if let (Some(a), Some(b)) = (p.syn, s.syn) {
@@ -465,8 +664,61 @@ impl TcpConn {
         None
     }
 
+    /// Compare what both sides have (unless the flow diverged); returns the mismatch offset.
+    fn compare_all(&mut self, hist_cap: usize, stats: &mut ComparatorStats) -> Option<u64> {
+        let c = self.compare_pending(hist_cap);
+        stats.compared_bytes += c.compared;
+        c.mismatch.or_else(|| self.check_controls())
+    }
+
+    /// The checkpoint captured at `mark` (the PVM side of this incarnation at the capture)
+    /// committed: the SVM side becomes the marked PVM side, the matched frontier moves to the
+    /// marked position, and PVM bytes from before the mark leave the pending buffers (into the
+    /// retransmit history where contiguous). PVM bytes after the mark stay pending, to be
+    /// compared with the SVM's post-apply output.
+    fn rebase_to(&mut self, mark: &Side, hist_cap: usize) {
+        let target = mark.high.max(self.matched);
+        let p = &mut self.pvm;
+        let contiguous_end = self.matched + p.pend.len() as u64;
+        if contiguous_end >= target {
+            let n = (target - self.matched) as usize;
+            if hist_cap > 0 {
+                self.history.extend(p.pend.range(..n));
+                let excess = self.history.len().saturating_sub(hist_cap);
+                self.history.drain(..excess);
+            }
+            p.pend.drain(..n);
+        } else {
+            self.history.clear();
+            p.pend.clear();
+        }
+        p.ooo.retain_mut(|(o, v)| {
+            let end = *o + v.len() as u64;
+            if end <= target {
+                return false;
+            }
+            if *o < target {
+                v.drain(..(target - *o) as usize);
+                *o = target;
+            }
+            true
+        });
+        self.matched = target;
+        // Cannot fail: the pieces are the PVM's own bytes, already checked against each other.
+        let _ = p.merge_ooo(target);
+        self.svm = mark.snapshot();
+        self.cap = None;
+    }
+
+    /// This incarnation lies wholly after the capture (for the PVM): the SVM's pre-apply state in
+    /// it is forgotten.
+    fn reset_svm(&mut self) {
+        self.svm = Side::default();
+        self.cap = None;
+    }
+
     fn closed(&self) -> bool {
-        self.pvm.rst.is_some() || (self.pvm.fin.is_some() && self.svm.fin.is_some())
+        self.pvm.rst.is_some() || self.pvm.fin.is_some()
     }
 }
 
@@ -479,8 +731,17 @@ struct DgramConn {
 
 #[derive(Debug)]
 enum ConnState {
-    Tcp(Box<TcpConn>),
+    Tcp(Box<TcpFlow>),
     Dgram(DgramConn),
+}
+
+/// The PVM's state of a TCP flow at the outstanding capture.
+#[derive(Debug)]
+struct TcpMark {
+    /// The PVM's incarnation at the capture.
+    inc: u32,
+    /// Its PVM side at the capture (no buffered bytes).
+    pvm: Side,
 }
 
 #[derive(Debug)]
@@ -488,14 +749,16 @@ struct Conn {
     /// Held PVM frames of this flow, oldest first (slot indices).
     held: VecDeque<u32>,
     state: ConnState,
-    /// A mismatch was found: nothing more is compared or released until the checkpoint commits.
+    /// A mismatch was found: nothing more is compared or released until a checkpoint commits.
     diverged: bool,
+    /// The PVM's state at the outstanding capture (TCP flows that existed at the capture).
+    mark: Option<TcpMark>,
 }
 
 impl Conn {
     fn svm_buffered(&self) -> usize {
         match &self.state {
-            ConnState::Tcp(t) => t.svm.buffered(),
+            ConnState::Tcp(t) => t.incs.iter().map(|i| i.svm.buffered()).sum(),
             ConnState::Dgram(d) => d.svm_unmatched.iter().map(Vec::len).sum(),
         }
     }
@@ -507,7 +770,8 @@ enum Need {
     Datagram {
         matched: bool,
     },
-    /// Frame of an untracked flow (connection table full): waits for the checkpoint.
+    /// Frame of an untracked flow (connection table full, or too many incarnations): waits for
+    /// a checkpoint captured after it.
     Checkpoint,
 }
 
@@ -534,6 +798,9 @@ pub struct OutputComparator {
     next_order: u64,
     request: Option<CheckpointRequest>,
     epoch_start: Option<Tick>,
+    /// The capture whose checkpoint is not decided yet.
+    outstanding: Option<CaptureMark>,
+    next_mark: u64,
     stats: ComparatorStats,
 }
 
@@ -552,6 +819,8 @@ impl OutputComparator {
             next_order: 0,
             request: None,
             epoch_start: None,
+            outstanding: None,
+            next_mark: 0,
             stats: ComparatorStats::default(),
         }
     }
@@ -576,12 +845,18 @@ impl OutputComparator {
         self.request
     }
 
-    /// `svm_seq - pvm_seq` (mod 2^32) for a TCP connection whose both anchors are known. The
-    /// [`super::rewriter::SequenceRewriter`]'s delta (`pvm - svm`) is its negation:
-    /// `set_delta(conn, offset.wrapping_neg())`.
+    /// The capture whose checkpoint is not committed or aborted yet.
+    pub fn outstanding_mark(&self) -> Option<CaptureMark> {
+        self.outstanding
+    }
+
+    /// `svm_seq - pvm_seq` (mod 2^32) for the SVM's current incarnation of a TCP connection
+    /// whose both anchors are known. The [`super::rewriter::SequenceRewriter`]'s delta
+    /// (`pvm - svm`) is its negation: `set_delta(conn, offset.wrapping_neg())`.
     pub fn seq_offset(&self, conn: &FlowKey) -> Option<u32> {
         match &self.conns.get(conn)?.state {
-            ConnState::Tcp(t) => {
+            ConnState::Tcp(flow) => {
+                let t = flow.inc(flow.svm_inc)?;
                 let (ps, po) = t.pvm.anchor?;
                 let (ss, so) = t.svm.anchor?;
                 let p0 = ps.wrapping_sub(po as u32);
@@ -663,10 +938,10 @@ impl OutputComparator {
     /// **COLO rule (never drop; pressure becomes a checkpoint)**: limits are checked *after* a
     /// frame is stored. A PVM frame is always kept (storage grows past the reservation if it
     /// must) and the push answers [`Verdict::CheckpointRequired`]; the caller is expected to stop
-    /// feeding the PVM's NIC until the checkpoint commits, which releases everything held. So no
-    /// client output is ever lost, and memory stays bounded by the limit plus what is in flight
-    /// while the checkpoint is taken. SVM output beyond the limits is likewise kept (it is only
-    /// discarded by a committed checkpoint, or when its flow already diverged).
+    /// feeding the PVM's NIC until the checkpoint commits, which releases everything held before
+    /// its mark. So no client output is ever lost, and memory stays bounded by the limit plus
+    /// what is in flight while the checkpoint is taken. SVM output beyond the limits is likewise
+    /// kept (it is only discarded by a committed checkpoint, or when its flow already diverged).
     fn check_pressure(&mut self) -> Option<CheckpointRequest> {
         let l = self.limits;
         let bytes = self.stats.held_bytes + self.stats.svm_buffered_bytes;
@@ -742,24 +1017,19 @@ impl OutputComparator {
                 self.stats.svm_discarded_frames += 1;
                 return self.finish_push(None, Verdict::Discarded);
             }
+            // A flow first seen while a capture is outstanding lies wholly after the mark.
+            let cap = self.outstanding.map(|_| 0);
             let state = match parsed.class {
-                FrameClass::Tcp(_) => ConnState::Tcp(Box::default()),
+                FrameClass::Tcp(_) => ConnState::Tcp(Box::new(TcpFlow::new(cap))),
                 _ => ConnState::Dgram(DgramConn::default()),
             };
-            self.conns.insert(key, Conn { held: VecDeque::new(), state, diverged: false });
+            self.conns.insert(key, Conn { held: VecDeque::new(), state, diverged: false, mark: None });
             self.stats.connections = self.conns.len();
         }
         let diverged = self.conns.get(&key).is_some_and(|c| c.diverged);
         if diverged && !pvm {
             self.stats.svm_discarded_frames += 1;
             return self.finish_push(None, Verdict::Discarded);
-        }
-        if diverged && !matches!(parsed.class, FrameClass::Tcp(_)) {
-            let slot = self.store(frame, now, 0..0, Need::Checkpoint);
-            if let Some(c) = self.conns.get_mut(&key) {
-                c.held.push_back(slot);
-            }
-            return self.finish_push(self.request, Verdict::Held);
         }
         match parsed.class {
             FrameClass::Tcp(seg) => self.push_tcp(pvm, key, frame, &seg, now),
@@ -776,60 +1046,122 @@ impl OutputComparator {
         now: Tick,
     ) -> Verdict {
         let hist_cap = self.limits.retransmit_history;
+        let marking = self.outstanding.is_some();
         let Some(conn) = self.conns.get_mut(&key) else {
             return Verdict::Discarded;
         };
         let before = conn.svm_buffered();
-        let ConnState::Tcp(tc) = &mut conn.state else {
+        let diverged = conn.diverged;
+        let ConnState::Tcp(flow) = &mut conn.state else {
             // Cannot happen: the protocol is part of the flow key.
             return Verdict::Discarded;
         };
-        let syn = seg.flags.contains(TcpFlags::SYN);
-        let side = tc.side(pvm);
-        side.learn_anchor(seg.seq, syn);
+        let flags = seg.flags;
+        let syn = flags.contains(TcpFlags::SYN);
+
+        // Which incarnation this segment belongs to.
+        let cur = if pvm { flow.pvm_inc } else { flow.svm_inc };
+        let starts_new = flow.inc(cur).is_some_and(|tc| {
+            let side = if pvm { &tc.pvm } else { &tc.svm };
+            side.starts_new_incarnation(seg.seq, flags)
+        });
+        let mut inc = Some(cur);
+        if starts_new {
+            let next = cur + 1;
+            if flow.inc(next).is_none() {
+                if flow.incs.len() >= MAX_INCARNATIONS {
+                    inc = None;
+                } else {
+                    flow.incs.push_back(TcpConn { cap: marking.then_some(0), ..TcpConn::default() });
+                    self.stats.incarnations += 1;
+                }
+            }
+            if inc.is_some() {
+                inc = Some(next);
+                if pvm {
+                    flow.pvm_inc = next;
+                } else {
+                    flow.svm_inc = next;
+                }
+            }
+        }
+        let Some(inc) = inc else {
+            // Too many connections on this 4-tuple in one epoch: stop comparing it; a
+            // checkpoint captured after this frame releases it.
+            conn.diverged = true;
+            let r = CheckpointRequest::MemoryPressure {
+                resource: PressureResource::Incarnations,
+                used: MAX_INCARNATIONS + 1,
+                limit: MAX_INCARNATIONS,
+            };
+            if !pvm {
+                self.stats.svm_discarded_frames += 1;
+                return self.finish_push(Some(r), Verdict::Discarded);
+            }
+            let slot = self.store(frame, now, 0..0, Need::Checkpoint);
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.held.push_back(slot);
+            }
+            return self.finish_push(Some(r), Verdict::Held);
+        };
+        let Some(tc) = flow.inc_mut(inc) else {
+            return Verdict::Discarded;
+        };
+
+        let TcpConn { pvm: p, svm: s, matched, .. } = &mut *tc;
+        let matched = *matched;
+        let (side, other) = if pvm { (p, &*s) } else { (s, &*p) };
+        side.learn_anchor(seg.seq, syn, other);
         let data_seq = if syn { seg.seq.wrapping_add(1) } else { seg.seq };
         let start = side.offset(data_seq);
-        let payload = &frame[seg.payload.clone()];
+        let mut payload = &frame[seg.payload.clone()];
+        let mut probe = false;
+        if side.is_keepalive_probe(start, payload.len(), flags, matched) {
+            payload = &[];
+            probe = true;
+        }
+        // On a SYN-anchored side, data before the ISN cannot exist: that is a different stream.
+        let mut mismatch = (!payload.is_empty() && start < 0 && side.syn.is_some()).then_some(0);
         let end = start + payload.len() as i64;
-        if end > 0 {
+        if !payload.is_empty() && end > 0 {
             side.high = side.high.max(end as u64);
             side.advance_anchor(end as u64);
         }
         let end_off = end.max(0) as u64;
         if syn {
-            side.syn = Some(seg.flags.contains(TcpFlags::ACK));
+            side.syn = Some(flags.contains(TcpFlags::ACK));
         }
-        if seg.flags.contains(TcpFlags::FIN) && side.fin.is_none() {
+        if flags.contains(TcpFlags::FIN) && side.fin.is_none() {
             side.fin = Some(end_off);
         }
-        if seg.flags.contains(TcpFlags::RST) && side.rst.is_none() {
+        if flags.contains(TcpFlags::RST) && side.rst.is_none() {
             side.rst = Some(start.max(0) as u64);
         }
-        if seg.flags.contains(TcpFlags::ACK) {
+        if flags.contains(TcpFlags::ACK) {
             side.max_ack = Some(match side.max_ack {
                 Some(m) if m.wrapping_sub(seg.ack) as i32 >= 0 => m,
                 _ => seg.ack,
             });
         }
-        let mut mismatch = None;
-        let diverged = conn.diverged;
         let mut fr = FeedResult::default();
         if !diverged {
-            // A diverged flow only tracks the PVM side (anchor, high, controls, above) so
-            // the commit re-bases correctly; nothing is compared until then.
             fr = tc.feed(pvm, start, payload);
             if fr.mismatch.is_none() {
                 let c = tc.compare_pending(hist_cap);
                 fr.compared = c.compared;
                 fr.mismatch = c.mismatch;
             }
-            if let Some(off) = fr.mismatch.or_else(|| tc.check_controls()) {
-                mismatch = Some(off);
-            }
+            mismatch = mismatch.or(fr.mismatch).or_else(|| tc.check_controls());
+        } else if pvm {
+            // A diverged flow still records the PVM's bytes, so that what the PVM sends after
+            // the capture can be compared with the SVM once the checkpoint commits.
+            let _ = tc.feed(true, start, payload);
         }
+        self.stats.keepalive_probes += u64::from(probe);
         self.stats.compared_bytes += fr.compared;
         self.stats.retransmitted_bytes += fr.retransmitted;
         self.stats.uncompared_retransmitted_bytes += fr.uncompared;
+        let marked = conn.mark.as_ref().map(|m| m.inc);
         let after = conn.svm_buffered();
         self.stats.svm_buffered_bytes = self.stats.svm_buffered_bytes + after - before;
         let own = mismatch.map(|offset| {
@@ -838,17 +1170,14 @@ impl OutputComparator {
         });
         let own = own.or(if diverged { self.request } else { None });
         let ok = if pvm {
-            let need = if diverged {
-                Need::Checkpoint
-            } else {
-                Need::Tcp(TcpNeed {
-                    data_end: end_off,
-                    syn: syn.then(|| seg.flags.contains(TcpFlags::ACK)),
-                    fin: seg.flags.contains(TcpFlags::FIN).then_some(end_off),
-                    rst: seg.flags.contains(TcpFlags::RST).then_some(start.max(0) as u64),
-                    ack: seg.flags.contains(TcpFlags::ACK).then_some(seg.ack),
-                })
-            };
+            let need = Need::Tcp(TcpNeed {
+                inc,
+                data_end: if payload.is_empty() { 0 } else { end_off },
+                syn: syn.then(|| flags.contains(TcpFlags::ACK)),
+                fin: flags.contains(TcpFlags::FIN).then_some(end_off),
+                rst: flags.contains(TcpFlags::RST).then_some(start.max(0) as u64),
+                ack: flags.contains(TcpFlags::ACK).then_some(seg.ack),
+            });
             let slot = self.store(frame, now, 0..0, need);
             if let Some(c) = self.conns.get_mut(&key) {
                 c.held.push_back(slot);
@@ -868,7 +1197,24 @@ impl OutputComparator {
                 Verdict::Matched
             }
         };
+        self.collect_incarnations(&key, marked);
         self.finish_push(own, ok)
+    }
+
+    /// Forget incarnations of `key` nothing refers to any more.
+    fn collect_incarnations(&mut self, key: &FlowKey, marked: Option<u32>) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let oldest_held = match conn.held.front().and_then(|&s| self.slots[s as usize].as_ref()) {
+            None => None,
+            Some(HeldFrame { need: Need::Tcp(n), .. }) => Some(n.inc),
+            // An untracked-incarnation frame: keep everything until a checkpoint.
+            Some(_) => Some(0),
+        };
+        if let ConnState::Tcp(flow) = &mut conn.state {
+            flow.collect(oldest_held, marked);
+        }
     }
 
     /// The flow holds nothing: the frame just pushed (its newest) was released.
@@ -876,16 +1222,17 @@ impl OutputComparator {
         self.conns.get(key).is_none_or(|c| c.held.is_empty())
     }
 
-    /// **COLO rule (datagrams)**: UDP, ICMP, ARP, other IP, other ethertypes and opaque frames
-    /// are compared as whole datagrams (their [`super::packet::ParsedFrame::content`]) within
-    /// their flow, in any order: a PVM datagram is matched by the first equal unmatched SVM
-    /// datagram of the flow and vice versa. A datagram the SVM never produces is found by the
-    /// held-frame timeout.
+    /// **COLO rule (datagrams)**: UDP, ICMP, ARP, other IP, IPv4 fragments, other ethertypes and
+    /// opaque frames are compared as whole datagrams (their
+    /// [`super::packet::ParsedFrame::content`]) within their flow, in any order: a PVM datagram
+    /// is matched by the first equal unmatched SVM datagram of the flow and vice versa. A
+    /// datagram the SVM never produces is found by the held-frame timeout.
     fn push_datagram(&mut self, pvm: bool, key: FlowKey, frame: &[u8], content: Range<usize>, now: Tick) -> Verdict {
         let body = &frame[content.clone()];
         let Some(conn) = self.conns.get_mut(&key) else {
             return Verdict::Discarded;
         };
+        let own = if conn.diverged { self.request } else { None };
         let ConnState::Dgram(dc) = &mut conn.state else {
             return Verdict::Discarded;
         };
@@ -906,7 +1253,7 @@ impl OutputComparator {
             }
             self.release_ready(&key);
             let v = if self.flow_drained(&key) { Verdict::Released } else { Verdict::Held };
-            return self.finish_push(None, v);
+            return self.finish_push(own, v);
         }
         let slots = &mut self.slots;
         let hit = conn.held.iter().copied().find(|&s| {
@@ -935,8 +1282,10 @@ impl OutputComparator {
     /// **COLO rule (release order)**: a flow's held PVM frames leave in the order the PVM sent
     /// them: the oldest is released as soon as its own need is met ([`TcpNeed::satisfied`], or a
     /// matched datagram), then the next, and so on; a frame whose need is met waits behind an
-    /// older unmatched one. Nothing is released from a diverged flow before the checkpoint.
+    /// older unmatched one. Nothing is released from a diverged flow before the checkpoint, and
+    /// nothing pushed after an outstanding capture mark before that checkpoint is decided.
     fn release_ready(&mut self, key: &FlowKey) {
+        let fence = self.outstanding.map(|m| m.order);
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
@@ -951,8 +1300,11 @@ impl OutputComparator {
                 conn.held.pop_front();
                 continue;
             };
+            if fence.is_some_and(|o| f.order >= o) {
+                return;
+            }
             let ready = match (&f.need, &conn.state) {
-                (Need::Tcp(n), ConnState::Tcp(tc)) => n.satisfied(tc),
+                (Need::Tcp(n), ConnState::Tcp(flow)) => flow.inc(n.inc).is_some_and(|tc| n.satisfied(tc)),
                 (Need::Datagram { matched }, _) => *matched,
                 _ => false,
             };
@@ -991,7 +1343,7 @@ impl OutputComparator {
         }
         consider(FlowKey::OPAQUE, self.overflow.front(), &self.slots);
         if let Some((conn, t)) = oldest {
-            let age = now.saturating_sub(t);
+            let age = now.since(t);
             if age >= self.limits.held_frame_timeout {
                 let r = CheckpointRequest::HeldFrameTimeout { conn, age };
                 self.note_request(r);
@@ -1000,7 +1352,7 @@ impl OutputComparator {
         }
         if self.limits.periodic_ticks > 0 {
             if let Some(s) = self.epoch_start {
-                if now.saturating_sub(s) >= self.limits.periodic_ticks {
+                if now.since(s) >= self.limits.periodic_ticks {
                     self.note_request(CheckpointRequest::Periodic);
                     return Some(CheckpointRequest::Periodic);
                 }
@@ -1009,58 +1361,139 @@ impl OutputComparator {
         None
     }
 
-    /// **COLO rule (checkpoint commit)**: call once the secondary acknowledged the checkpoint.
-    /// All held PVM frames are released in their original global order (the checkpoint made them
-    /// the SVM's own history); SVM state (buffered output, divergence) is discarded; each TCP
-    /// connection is re-based: the SVM side takes the PVM side's sequence anchor, control state
-    /// and ACK (the SVM now runs the PVM's state), the matched frontier moves to the end of
-    /// everything the PVM has sent, so the next bytes either side sends compare at the right
-    /// offsets. Closed connections, connections the PVM never spoke on and datagram flows are
-    /// forgotten. Pending requests and the periodic timer are reset.
-    pub fn on_checkpoint_committed(&mut self) {
-        let mut all: Vec<u32> = Vec::with_capacity(self.stats.held_frames);
-        all.extend(self.overflow.drain(..));
-        for c in self.conns.values_mut() {
-            all.extend(c.held.drain(..));
+    /// **COLO rule (capture point)**: call at the instant the checkpoint's state is captured
+    /// (PVM paused). Records the frame order and, for every TCP connection, the PVM's current
+    /// incarnation with its anchor, controls and stream position. From now until the checkpoint
+    /// is committed or aborted, frames pushed later are held whatever the SVM sends, and PVM
+    /// bytes past the marked position are not compared. Marking while another capture is
+    /// outstanding abandons that one (as [`OutputComparator::on_checkpoint_aborted`] would).
+    pub fn mark_capture(&mut self) -> CaptureMark {
+        if let Some(old) = self.outstanding {
+            let _ = self.on_checkpoint_aborted(old);
         }
+        let mark = CaptureMark { id: self.next_mark, order: self.next_order };
+        self.next_mark += 1;
+        for c in self.conns.values_mut() {
+            let ConnState::Tcp(flow) = &mut c.state else {
+                continue;
+            };
+            let mi = flow.pvm_inc;
+            let Some(snap) = flow.inc(mi).map(|tc| tc.pvm.snapshot()) else {
+                continue;
+            };
+            let base = flow.base;
+            for (i, tc) in flow.incs.iter_mut().enumerate() {
+                let n = base + i as u32;
+                tc.cap = match n.cmp(&mi) {
+                    core::cmp::Ordering::Less => None,
+                    core::cmp::Ordering::Equal => Some(snap.high.max(tc.matched)),
+                    core::cmp::Ordering::Greater => Some(tc.matched),
+                };
+            }
+            c.mark = Some(TcpMark { inc: mi, pvm: snap });
+        }
+        self.outstanding = Some(mark);
+        mark
+    }
+
+    fn check_mark(&self, mark: CaptureMark) -> Result<(), MarkError> {
+        if self.outstanding == Some(mark) {
+            Ok(())
+        } else {
+            Err(MarkError::NotOutstanding { mark: mark.id, outstanding: self.outstanding.map(|m| m.id) })
+        }
+    }
+
+    fn release_all_ready(&mut self) {
+        let keys: Vec<FlowKey> = self.conns.keys().copied().collect();
+        for k in &keys {
+            self.release_ready(k);
+        }
+    }
+
+    /// **COLO rule (checkpoint commit)**: call once the secondary acknowledged the checkpoint
+    /// captured at `mark`. Held PVM frames pushed before the mark are released in their original
+    /// global order (the checkpoint made them the SVM's own history); frames pushed after it
+    /// stay held. SVM state (buffered output, divergence) is discarded: SVM frames pushed from
+    /// now on come from the SVM after it applied the checkpoint. Each TCP connection is re-based
+    /// from its marked state: incarnations the PVM left before the mark are forgotten; in the
+    /// marked one the SVM side takes the PVM side's anchor, controls and ACK as they were at
+    /// the mark and the matched frontier moves to the PVM's marked position, so PVM bytes sent
+    /// after the mark stay pending and are compared with the SVM's post-apply output; in later
+    /// incarnations the SVM starts from nothing. Datagrams pushed after the mark must be
+    /// matched again. Closed connections, connections the PVM never spoke on and datagram flows
+    /// with nothing held are forgotten, and, when the connection table is full, so are idle
+    /// TCP connections (a connection seen again later shares the PVM's anchor, see
+    /// [`Side::learn_anchor`]). Pending requests and the periodic timer are reset.
+    pub fn on_checkpoint_committed(&mut self, mark: CaptureMark) -> Result<(), MarkError> {
+        self.check_mark(mark)?;
+        self.outstanding = None;
+        let fence = mark.order;
         let slots = &self.slots;
-        all.sort_unstable_by_key(|&s| slots[s as usize].as_ref().map_or(0, |f| f.order));
-        self.stats.released_by_checkpoint += all.len() as u64;
-        for s in all {
+        let before = |s: &u32| slots[*s as usize].as_ref().is_some_and(|f| f.order < fence);
+        let mut due: Vec<u32> = Vec::with_capacity(self.stats.held_frames);
+        while self.overflow.front().is_some_and(before) {
+            due.extend(self.overflow.pop_front());
+        }
+        for c in self.conns.values_mut() {
+            while c.held.front().is_some_and(before) {
+                due.extend(c.held.pop_front());
+            }
+        }
+        due.sort_unstable_by_key(|&s| slots[s as usize].as_ref().map_or(0, |f| f.order));
+        self.stats.released_by_checkpoint += due.len() as u64;
+        for s in due {
             self.release_slot(s);
         }
         let hist_cap = self.limits.retransmit_history;
+        let forget_idle = self.conns.len() >= self.limits.max_connections || !self.overflow.is_empty();
+        let slots = &mut self.slots;
         self.conns.retain(|_, c| {
             c.diverged = false;
+            let mark = c.mark.take();
             match &mut c.state {
-                ConnState::Dgram(_) => false,
-                ConnState::Tcp(tc) => {
-                    if tc.pvm.anchor.is_none() || tc.closed() {
-                        return false;
+                ConnState::Dgram(d) => {
+                    d.svm_unmatched.clear();
+                    for &s in &c.held {
+                        if let Some(f) = slots[s as usize].as_mut() {
+                            if let Need::Datagram { matched } = &mut f.need {
+                                *matched = false;
+                            }
+                        }
                     }
-                    let p = &mut tc.pvm;
-                    let contiguous_end = tc.matched + p.pend.len() as u64;
-                    if p.ooo.is_empty() && contiguous_end >= p.high && hist_cap > 0 {
-                        tc.history.extend(p.pend.iter());
-                        let excess = tc.history.len().saturating_sub(hist_cap);
-                        tc.history.drain(..excess);
-                        tc.matched = contiguous_end;
-                    } else {
-                        tc.history.clear();
-                        tc.matched = contiguous_end.max(p.high);
+                    !c.held.is_empty()
+                }
+                ConnState::Tcp(flow) => {
+                    match mark {
+                        Some(m) => {
+                            while flow.base < m.inc && flow.incs.len() > 1 {
+                                flow.incs.pop_front();
+                                flow.base += 1;
+                            }
+                            let base = flow.base;
+                            for (i, tc) in flow.incs.iter_mut().enumerate() {
+                                if base + i as u32 == m.inc {
+                                    tc.rebase_to(&m.pvm, hist_cap);
+                                } else {
+                                    tc.reset_svm();
+                                }
+                            }
+                            flow.svm_inc = m.inc.max(base);
+                            flow.pvm_inc = flow.pvm_inc.max(flow.svm_inc);
+                        }
+                        None => {
+                            for tc in flow.incs.iter_mut() {
+                                tc.reset_svm();
+                            }
+                            flow.svm_inc = flow.base;
+                        }
                     }
-                    p.pend.clear();
-                    p.ooo.clear();
-                    let s = &mut tc.svm;
-                    s.anchor = p.anchor;
-                    s.syn = p.syn;
-                    s.fin = p.fin;
-                    s.rst = p.rst;
-                    s.max_ack = p.max_ack;
-                    s.high = p.high;
-                    s.pend.clear();
-                    s.ooo.clear();
-                    true
+                    let idle = c.held.is_empty()
+                        && flow.incs.len() == 1
+                        && flow.incs[0].pvm.pend.is_empty()
+                        && flow.incs[0].pvm.ooo.is_empty();
+                    let t = &flow.incs[0];
+                    !(idle && (t.pvm.anchor.is_none() || t.closed() || forget_idle))
                 }
             }
         });
@@ -1069,6 +1502,41 @@ impl OutputComparator {
         self.stats.checkpoints_committed += 1;
         self.request = None;
         self.epoch_start = None;
+        self.release_all_ready();
+        Ok(())
+    }
+
+    /// The checkpoint captured at `mark` failed (the secondary refused it, the link dropped, a
+    /// timeout): nothing is released, every held frame stays held, and comparison carries on
+    /// as if the mark had never been taken, so a later checkpoint covers the held output.
+    /// Recorded checkpoint requests stay.
+    pub fn on_checkpoint_aborted(&mut self, mark: CaptureMark) -> Result<(), MarkError> {
+        self.check_mark(mark)?;
+        self.outstanding = None;
+        self.stats.checkpoints_aborted += 1;
+        let hist_cap = self.limits.retransmit_history;
+        let mut mismatches: Vec<CheckpointRequest> = Vec::new();
+        for (k, c) in self.conns.iter_mut() {
+            c.mark = None;
+            let ConnState::Tcp(flow) = &mut c.state else {
+                continue;
+            };
+            for tc in flow.incs.iter_mut() {
+                tc.cap = None;
+                if !c.diverged {
+                    if let Some(offset) = tc.compare_all(hist_cap, &mut self.stats) {
+                        c.diverged = true;
+                        mismatches.push(CheckpointRequest::PayloadMismatch { conn: *k, offset });
+                    }
+                }
+            }
+        }
+        self.stats.svm_buffered_bytes = self.conns.values().map(Conn::svm_buffered).sum();
+        for r in mismatches {
+            self.note_request(r);
+        }
+        self.release_all_ready();
+        Ok(())
     }
 }
 
@@ -1116,6 +1584,12 @@ mod tests {
         OutputComparator::new(ComparatorLimits::default())
     }
 
+    /// Capture and commit at once (no pipelining).
+    fn commit(c: &mut OutputComparator) {
+        let m = c.mark_capture();
+        c.on_checkpoint_committed(m).unwrap();
+    }
+
     fn drain(c: &mut OutputComparator) -> Vec<Vec<u8>> {
         let mut v = Vec::new();
         c.drain_released(|f| v.push(f.to_vec()));
@@ -1126,16 +1600,20 @@ mod tests {
     fn different_segmentation_matches() {
         let mut c = cmp();
         let stream: Vec<u8> = (0..100u8).collect();
-        // PVM: 3 segments; SVM: 2 different ones, different ISN.
+        // PVM: 3 segments; SVM: 2 different ones, different ISN (learnt from the SYN-ACKs).
+        let (sp, ss) = (seg(80, 999, Some(1), TcpControl::Syn, b""), seg(80, 4999, Some(1), TcpControl::Syn, b""));
+        assert_eq!(c.push_pvm(&sp, Tick(0)), Verdict::Held);
+        assert_eq!(c.push_svm(&ss, Tick(0)), Verdict::Matched);
+        assert_eq!(drain(&mut c), vec![sp]);
         let p = [data(1000, &stream[..30]), data(1030, &stream[30..70]), data(1070, &stream[70..])];
         for f in &p {
-            assert_eq!(c.push_pvm(f, 0), Verdict::Held);
+            assert_eq!(c.push_pvm(f, Tick(0)), Verdict::Held);
         }
-        assert_eq!(c.push_svm(&data(5000, &stream[..50]), 0), Verdict::Matched);
+        assert_eq!(c.push_svm(&data(5000, &stream[..50]), Tick(0)), Verdict::Matched);
         assert_eq!(drain(&mut c), vec![p[0].clone()]);
-        assert_eq!(c.push_svm(&data(5050, &stream[50..]), 0), Verdict::Matched);
+        assert_eq!(c.push_svm(&data(5050, &stream[50..]), Tick(0)), Verdict::Matched);
         assert_eq!(drain(&mut c), vec![p[1].clone(), p[2].clone()]);
-        assert_eq!(c.poll(1), None);
+        assert_eq!(c.poll(Tick(1)), None);
         assert_eq!(c.stats().compared_bytes, 100);
         assert_eq!(c.stats().held_frames, 0);
     }
@@ -1143,9 +1621,9 @@ mod tests {
     #[test]
     fn svm_first_releases_pvm_at_once() {
         let mut c = cmp();
-        assert_eq!(c.push_svm(&data(9, b"abcdef"), 0), Verdict::Buffered);
-        assert_eq!(c.push_pvm(&data(100, b"abc"), 0), Verdict::Released);
-        assert_eq!(c.push_pvm(&data(103, b"def"), 0), Verdict::Released);
+        assert_eq!(c.push_svm(&data(100, b"abcdef"), Tick(0)), Verdict::Buffered);
+        assert_eq!(c.push_pvm(&data(100, b"abc"), Tick(0)), Verdict::Released);
+        assert_eq!(c.push_pvm(&data(103, b"def"), Tick(0)), Verdict::Released);
         assert_eq!(drain(&mut c).len(), 2);
     }
 
@@ -1153,50 +1631,50 @@ mod tests {
     fn single_byte_mismatch_reports_offset_and_holds() {
         let mut c = cmp();
         let key = crate::colo::packet::parse_frame(&data(1, b"x")).flow;
-        c.push_pvm(&data(1, b"hello world"), 0);
-        let v = c.push_svm(&data(7, b"hello World"), 0);
+        c.push_pvm(&data(1, b"hello world"), Tick(0));
+        let v = c.push_svm(&data(1, b"hello World"), Tick(0));
         let want = CheckpointRequest::PayloadMismatch { conn: key, offset: 6 };
         assert_eq!(v, Verdict::CheckpointRequired(want));
-        assert_eq!(c.poll(0), Some(want));
+        assert_eq!(c.poll(Tick(0)), Some(want));
         assert!(drain(&mut c).is_empty());
         // Further output on the diverged flow is held, SVM output discarded.
-        assert_eq!(c.push_pvm(&data(12, b"!"), 0), Verdict::CheckpointRequired(want));
-        c.on_checkpoint_committed();
+        assert_eq!(c.push_pvm(&data(12, b"!"), Tick(0)), Verdict::CheckpointRequired(want));
+        commit(&mut c);
         assert_eq!(drain(&mut c).len(), 2);
-        assert_eq!(c.poll(1), None);
+        assert_eq!(c.poll(Tick(1)), None);
     }
 
     #[test]
     fn retransmission_recompared_not_double_counted() {
         let mut c = cmp();
-        c.push_pvm(&data(1, b"abcdef"), 0);
-        c.push_svm(&data(1, b"abcdef"), 0);
+        c.push_pvm(&data(1, b"abcdef"), Tick(0));
+        c.push_svm(&data(1, b"abcdef"), Tick(0));
         assert_eq!(c.stats().compared_bytes, 6);
         // PVM retransmits part of it, overlapping new bytes.
-        assert_eq!(c.push_pvm(&data(4, b"defgh"), 0), Verdict::Held);
-        assert_eq!(c.push_svm(&data(7, b"gh"), 0), Verdict::Matched);
+        assert_eq!(c.push_pvm(&data(4, b"defgh"), Tick(0)), Verdict::Held);
+        assert_eq!(c.push_svm(&data(7, b"gh"), Tick(0)), Verdict::Matched);
         assert_eq!(c.stats().compared_bytes, 8);
         assert_eq!(c.stats().retransmitted_bytes, 3);
         assert_eq!(drain(&mut c).len(), 2);
         // A "retransmission" with different bytes is a mismatch at that offset.
-        let v = c.push_pvm(&data(2, b"XY"), 0);
+        let v = c.push_pvm(&data(2, b"XY"), Tick(0));
         assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 1, .. })));
     }
 
     #[test]
     fn out_of_order_segments() {
         let mut c = cmp();
-        c.push_pvm(&data(100, b"ab"), 0);
-        c.push_pvm(&data(102, b"cd"), 0);
-        c.push_svm(&data(50, b"ab"), 0); // anchors the SVM
-        c.push_svm(&data(54, b"ef"), 0); // beyond a gap
+        c.push_pvm(&data(100, b"ab"), Tick(0));
+        c.push_pvm(&data(102, b"cd"), Tick(0));
+        c.push_svm(&data(100, b"ab"), Tick(0));
+        c.push_svm(&data(104, b"ef"), Tick(0)); // beyond a gap
         assert_eq!(drain(&mut c).len(), 1);
-        c.push_pvm(&data(104, b"ef"), 0);
+        c.push_pvm(&data(104, b"ef"), Tick(0));
         assert!(drain(&mut c).is_empty());
-        c.push_svm(&data(52, b"cd"), 0); // fills the gap
+        c.push_svm(&data(102, b"cd"), Tick(0)); // fills the gap
         assert_eq!(drain(&mut c).len(), 2);
         assert_eq!(c.stats().svm_buffered_bytes, 0);
-        assert_eq!(c.poll(0), None);
+        assert_eq!(c.poll(Tick(0)), None);
     }
 
     #[test]
@@ -1204,21 +1682,21 @@ mod tests {
         let mut c = cmp();
         let synack_p = seg(80, 1000, Some(501), TcpControl::Syn, b"");
         let synack_s = seg(80, 7000, Some(501), TcpControl::Syn, b"");
-        assert_eq!(c.push_pvm(&synack_p, 0), Verdict::Held);
-        assert_eq!(c.push_svm(&synack_s, 0), Verdict::Matched);
+        assert_eq!(c.push_pvm(&synack_p, Tick(0)), Verdict::Held);
+        assert_eq!(c.push_svm(&synack_s, Tick(0)), Verdict::Matched);
         assert_eq!(drain(&mut c), vec![synack_p]);
         let key = crate::colo::packet::parse_frame(&synack_s).flow;
         assert_eq!(c.seq_offset(&key), Some(6000));
-        c.push_pvm(&data(1001, b"hi"), 0);
-        c.push_svm(&data(7001, b"hi"), 0);
+        c.push_pvm(&data(1001, b"hi"), Tick(0));
+        c.push_svm(&data(7001, b"hi"), Tick(0));
         assert_eq!(drain(&mut c).len(), 1);
     }
 
     #[test]
     fn syn_vs_synack_is_mismatch() {
         let mut c = cmp();
-        c.push_pvm(&seg(80, 1, Some(5), TcpControl::Syn, b""), 0);
-        let v = c.push_svm(&seg(80, 1, None, TcpControl::Syn, b""), 0);
+        c.push_pvm(&seg(80, 1, Some(5), TcpControl::Syn, b""), Tick(0));
+        let v = c.push_svm(&seg(80, 1, None, TcpControl::Syn, b""), Tick(0));
         assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 0, .. })));
     }
 
@@ -1226,37 +1704,37 @@ mod tests {
     fn fin_compared_by_position() {
         let mut c = cmp();
         let f = seg(80, 1, Some(1), TcpControl::Fin, b"bye");
-        c.push_pvm(&f, 0);
-        c.push_svm(&data(1, b"bye"), 0);
+        c.push_pvm(&f, Tick(0));
+        c.push_svm(&data(1, b"bye"), Tick(0));
         assert!(drain(&mut c).is_empty(), "FIN not matched yet");
-        c.push_svm(&seg(80, 4, Some(1), TcpControl::Fin, b""), 0);
+        c.push_svm(&seg(80, 4, Some(1), TcpControl::Fin, b""), Tick(0));
         assert_eq!(drain(&mut c), vec![f]);
         // FIN at a different offset.
         let mut c = cmp();
-        c.push_pvm(&seg(81, 1, Some(1), TcpControl::Fin, b"bye"), 0);
-        let v = c.push_svm(&seg(81, 1, Some(1), TcpControl::Fin, b"by"), 0);
+        c.push_pvm(&seg(81, 1, Some(1), TcpControl::Fin, b"bye"), Tick(0));
+        let v = c.push_svm(&seg(81, 1, Some(1), TcpControl::Fin, b"by"), Tick(0));
         assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 2, .. })));
         // Data past the other side's FIN.
         let mut c = cmp();
-        c.push_pvm(&seg(82, 1, Some(1), TcpControl::Fin, b"ab"), 0);
-        let v = c.push_svm(&seg(82, 1, Some(1), TcpControl::None, b"abc"), 0);
+        c.push_pvm(&seg(82, 1, Some(1), TcpControl::Fin, b"ab"), Tick(0));
+        let v = c.push_svm(&seg(82, 1, Some(1), TcpControl::None, b"abc"), Tick(0));
         assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 2, .. })));
     }
 
     #[test]
     fn rst_compared_by_position() {
         let mut c = cmp();
-        c.push_pvm(&data(1, b"ab"), 0);
-        c.push_svm(&data(1, b"ab"), 0);
+        c.push_pvm(&data(1, b"ab"), Tick(0));
+        c.push_svm(&data(1, b"ab"), Tick(0));
         let r = seg(80, 3, None, TcpControl::Rst, b"");
-        assert_eq!(c.push_pvm(&r, 0), Verdict::Held);
-        c.push_svm(&seg(80, 3, None, TcpControl::Rst, b""), 0);
+        assert_eq!(c.push_pvm(&r, Tick(0)), Verdict::Held);
+        c.push_svm(&seg(80, 3, None, TcpControl::Rst, b""), Tick(0));
         assert_eq!(drain(&mut c).len(), 2);
         let mut c = cmp();
-        c.push_pvm(&data(1, b"ab"), 0);
-        c.push_svm(&data(1, b"ab"), 0);
-        c.push_pvm(&seg(80, 3, None, TcpControl::Rst, b""), 0);
-        let v = c.push_svm(&seg(80, 2, None, TcpControl::Rst, b""), 0);
+        c.push_pvm(&data(1, b"ab"), Tick(0));
+        c.push_svm(&data(1, b"ab"), Tick(0));
+        c.push_pvm(&seg(80, 3, None, TcpControl::Rst, b""), Tick(0));
+        let v = c.push_svm(&seg(80, 2, None, TcpControl::Rst, b""), Tick(0));
         assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 1, .. })));
     }
 
@@ -1264,17 +1742,17 @@ mod tests {
     fn pure_ack_waits_for_svm_ack() {
         let mut c = cmp();
         let ack = |a| seg(80, 1, Some(a), TcpControl::None, b"");
-        assert_eq!(c.push_pvm(&ack(100), 0), Verdict::Held);
-        c.push_svm(&ack(50), 0);
+        assert_eq!(c.push_pvm(&ack(100), Tick(0)), Verdict::Held);
+        c.push_svm(&ack(50), Tick(0));
         assert!(drain(&mut c).is_empty(), "SVM has not acked as far");
-        c.push_svm(&ack(100), 0);
+        c.push_svm(&ack(100), Tick(0));
         assert_eq!(drain(&mut c).len(), 1);
         // A window update / duplicate ACK not ahead of the SVM's goes at once.
-        assert_eq!(c.push_pvm(&ack(90), 0), Verdict::Released);
+        assert_eq!(c.push_pvm(&ack(90), Tick(0)), Verdict::Released);
         // Data segments carry ACKs too: held until the SVM acks as far.
-        assert_eq!(c.push_svm(&seg(80, 1, Some(100), TcpControl::None, b"z"), 0), Verdict::Buffered);
-        assert_eq!(c.push_pvm(&seg(80, 1, Some(120), TcpControl::None, b"z"), 0), Verdict::Held);
-        c.push_svm(&ack(130), 0);
+        assert_eq!(c.push_svm(&seg(80, 1, Some(100), TcpControl::None, b"z"), Tick(0)), Verdict::Buffered);
+        assert_eq!(c.push_pvm(&seg(80, 1, Some(120), TcpControl::None, b"z"), Tick(0)), Verdict::Held);
+        c.push_svm(&ack(130), Tick(0));
         assert_eq!(drain(&mut c).len(), 2);
     }
 
@@ -1282,17 +1760,17 @@ mod tests {
     fn datagrams_match_in_any_order() {
         let mut c = cmp();
         let (a, b) = (udp(53, b"one"), udp(53, b"two"));
-        assert_eq!(c.push_pvm(&a, 0), Verdict::Held);
-        assert_eq!(c.push_pvm(&b, 0), Verdict::Held);
-        assert_eq!(c.push_svm(&udp(53, b"two"), 0), Verdict::Matched);
+        assert_eq!(c.push_pvm(&a, Tick(0)), Verdict::Held);
+        assert_eq!(c.push_pvm(&b, Tick(0)), Verdict::Held);
+        assert_eq!(c.push_svm(&udp(53, b"two"), Tick(0)), Verdict::Matched);
         assert!(drain(&mut c).is_empty(), "order per flow: b waits for a");
-        assert_eq!(c.push_svm(&udp(53, b"one"), 0), Verdict::Matched);
+        assert_eq!(c.push_svm(&udp(53, b"one"), Tick(0)), Verdict::Matched);
         assert_eq!(drain(&mut c), vec![a, b]);
-        assert_eq!(c.push_svm(&udp(53, b"three"), 0), Verdict::Buffered);
-        assert_eq!(c.push_pvm(&udp(53, b"three"), 0), Verdict::Released);
+        assert_eq!(c.push_svm(&udp(53, b"three"), Tick(0)), Verdict::Buffered);
+        assert_eq!(c.push_pvm(&udp(53, b"three"), Tick(0)), Verdict::Released);
         // Different flow (port) does not match.
-        assert_eq!(c.push_pvm(&udp(54, b"x"), 0), Verdict::Held);
-        assert_eq!(c.push_svm(&udp(55, b"x"), 0), Verdict::Buffered);
+        assert_eq!(c.push_pvm(&udp(54, b"x"), Tick(0)), Verdict::Held);
+        assert_eq!(c.push_svm(&udp(55, b"x"), Tick(0)), Verdict::Buffered);
         assert_eq!(c.stats().matched_datagrams, 3);
     }
 
@@ -1302,42 +1780,42 @@ mod tests {
         let mut bad = data(1, b"abc");
         let n = bad.len();
         bad[n - 1] ^= 0x55;
-        assert_eq!(c.push_pvm(&bad, 0), Verdict::Held);
+        assert_eq!(c.push_pvm(&bad, Tick(0)), Verdict::Held);
         assert_eq!(c.stats().opaque_pvm_frames, 1);
         assert_eq!(c.stats().parse_errors[ParseError::TcpChecksum.index()], 1);
-        assert_eq!(c.push_svm(&bad, 0), Verdict::Matched);
+        assert_eq!(c.push_svm(&bad, Tick(0)), Verdict::Matched);
         assert_eq!(drain(&mut c), vec![bad]);
     }
 
     #[test]
     fn held_frame_timeout() {
         let mut c = OutputComparator::new(ComparatorLimits { held_frame_timeout: 10, ..ComparatorLimits::default() });
-        c.push_pvm(&udp(53, b"lonely"), 5);
-        assert_eq!(c.poll(14), None);
+        c.push_pvm(&udp(53, b"lonely"), Tick(5));
+        assert_eq!(c.poll(Tick(14)), None);
         let key = crate::colo::packet::parse_frame(&udp(53, b"")).flow;
-        assert_eq!(c.poll(15), Some(CheckpointRequest::HeldFrameTimeout { conn: key, age: 10 }));
-        c.on_checkpoint_committed();
+        assert_eq!(c.poll(Tick(15)), Some(CheckpointRequest::HeldFrameTimeout { conn: key, age: 10 }));
+        commit(&mut c);
         assert_eq!(drain(&mut c).len(), 1);
-        assert_eq!(c.poll(100), None);
+        assert_eq!(c.poll(Tick(100)), None);
     }
 
     #[test]
     fn pressure_requests_checkpoint_and_keeps_frames() {
         let mut c = OutputComparator::new(ComparatorLimits { max_held_frames: 3, ..ComparatorLimits::default() });
         for i in 0..3 {
-            assert_eq!(c.push_pvm(&data(1 + i, b"a"), 0), Verdict::Held);
+            assert_eq!(c.push_pvm(&data(1 + i, b"a"), Tick(0)), Verdict::Held);
         }
-        let v = c.push_pvm(&data(4, b"a"), 0);
+        let v = c.push_pvm(&data(4, b"a"), Tick(0));
         let want = CheckpointRequest::MemoryPressure { resource: PressureResource::HeldFrames, used: 4, limit: 3 };
         assert_eq!(v, Verdict::CheckpointRequired(want));
-        assert!(matches!(c.push_pvm(&data(5, b"a"), 0), Verdict::CheckpointRequired(_)));
+        assert!(matches!(c.push_pvm(&data(5, b"a"), Tick(0)), Verdict::CheckpointRequired(_)));
         assert_eq!(c.stats().held_frames, 5);
-        assert_eq!(c.poll(0), Some(want));
-        c.on_checkpoint_committed();
+        assert_eq!(c.poll(Tick(0)), Some(want));
+        commit(&mut c);
         assert_eq!(drain(&mut c).len(), 5);
         // Byte limit.
         let mut c = OutputComparator::new(ComparatorLimits { max_held_bytes: 100, ..ComparatorLimits::default() });
-        let v = c.push_svm(&data(1, &[7u8; 120]), 0);
+        let v = c.push_svm(&data(1, &[7u8; 120]), Tick(0));
         assert!(matches!(
             v,
             Verdict::CheckpointRequired(CheckpointRequest::MemoryPressure {
@@ -1350,8 +1828,8 @@ mod tests {
     #[test]
     fn connection_limit_keeps_untracked_frames() {
         let mut c = OutputComparator::new(ComparatorLimits { max_connections: 1, ..ComparatorLimits::default() });
-        c.push_pvm(&udp(1, b"a"), 0);
-        let v = c.push_pvm(&udp(2, b"b"), 0);
+        c.push_pvm(&udp(1, b"a"), Tick(0));
+        let v = c.push_pvm(&udp(2, b"b"), Tick(0));
         assert!(matches!(
             v,
             Verdict::CheckpointRequired(CheckpointRequest::MemoryPressure {
@@ -1359,39 +1837,39 @@ mod tests {
                 ..
             })
         ));
-        assert_eq!(c.push_svm(&udp(2, b"b"), 0), Verdict::CheckpointRequired(c.pending_request().unwrap()));
-        c.on_checkpoint_committed();
+        assert_eq!(c.push_svm(&udp(2, b"b"), Tick(0)), Verdict::CheckpointRequired(c.pending_request().unwrap()));
+        commit(&mut c);
         assert_eq!(drain(&mut c), vec![udp(1, b"a"), udp(2, b"b")]);
     }
 
     #[test]
     fn periodic_checkpoint() {
         let mut c = OutputComparator::new(ComparatorLimits { periodic_ticks: 50, ..ComparatorLimits::default() });
-        assert_eq!(c.poll(10), None);
-        assert_eq!(c.poll(59), None);
-        assert_eq!(c.poll(60), Some(CheckpointRequest::Periodic));
-        c.on_checkpoint_committed();
-        assert_eq!(c.poll(61), None);
-        assert_eq!(c.poll(111), Some(CheckpointRequest::Periodic));
+        assert_eq!(c.poll(Tick(10)), None);
+        assert_eq!(c.poll(Tick(59)), None);
+        assert_eq!(c.poll(Tick(60)), Some(CheckpointRequest::Periodic));
+        commit(&mut c);
+        assert_eq!(c.poll(Tick(61)), None);
+        assert_eq!(c.poll(Tick(111)), Some(CheckpointRequest::Periodic));
     }
 
     #[test]
     fn commit_rebases_connection() {
         let mut c = cmp();
-        // SVM uses a different ISN before the checkpoint.
-        c.push_pvm(&data(1000, b"abc"), 0);
-        c.push_svm(&data(9000, b"abX"), 0);
+        // The SVM diverges before the checkpoint.
+        c.push_pvm(&data(1000, b"abc"), Tick(0));
+        c.push_svm(&data(1000, b"abX"), Tick(0));
         assert!(c.pending_request().is_some());
-        c.push_pvm(&data(1003, b"def"), 0);
-        c.on_checkpoint_committed();
+        c.push_pvm(&data(1003, b"def"), Tick(0));
+        commit(&mut c);
         assert_eq!(drain(&mut c).len(), 2);
         // After the checkpoint the SVM runs the PVM's state: same sequence numbers.
-        assert_eq!(c.push_pvm(&data(1006, b"ghi"), 1), Verdict::Held);
-        assert_eq!(c.push_svm(&data(1006, b"ghi"), 1), Verdict::Matched);
+        assert_eq!(c.push_pvm(&data(1006, b"ghi"), Tick(1)), Verdict::Held);
+        assert_eq!(c.push_svm(&data(1006, b"ghi"), Tick(1)), Verdict::Matched);
         assert_eq!(drain(&mut c).len(), 1);
         // A PVM retransmission of checkpointed bytes is released (re-compared with history).
-        assert_eq!(c.push_pvm(&data(1003, b"def"), 1), Verdict::Released);
-        assert_eq!(c.poll(2), None);
+        assert_eq!(c.push_pvm(&data(1003, b"def"), Tick(1)), Verdict::Released);
+        assert_eq!(c.poll(Tick(2)), None);
     }
 
     #[test]
@@ -1400,27 +1878,246 @@ mod tests {
         let a1 = udp(1, b"a1");
         let b1 = udp(2, b"b1");
         let a2 = udp(1, b"a2");
-        c.push_pvm(&a1, 0);
-        c.push_pvm(&b1, 0);
-        c.push_pvm(&a2, 0);
-        c.push_svm(&udp(1, b"a2"), 0);
+        c.push_pvm(&a1, Tick(0));
+        c.push_pvm(&b1, Tick(0));
+        c.push_pvm(&a2, Tick(0));
+        c.push_svm(&udp(1, b"a2"), Tick(0));
         assert!(drain(&mut c).is_empty());
-        c.on_checkpoint_committed();
+        commit(&mut c);
         assert_eq!(drain(&mut c), vec![a1, b1, a2]);
     }
 
     #[test]
     fn sequence_wraparound() {
+        // Mid-stream: both sides share the PVM's anchor, so the SVM's first segment starting
+        // at "def" is compared at offset 3, across the wrap.
         let mut c = cmp();
         let start = u32::MAX - 2;
-        c.push_pvm(&data(start, b"abcdef"), 0);
-        c.push_svm(&data(start.wrapping_add(3), b"def"), 0); // anchors SVM at "def"
-                                                             // SVM anchored mid-stream: offset 0 is its first byte, PVM's is "a" -> mismatch.
-        assert!(c.pending_request().is_some());
+        c.push_pvm(&data(start, b"abcdef"), Tick(0));
+        c.push_svm(&data(start.wrapping_add(3), b"def"), Tick(0));
+        assert_eq!(c.pending_request(), None);
+        c.push_svm(&data(start, b"abc"), Tick(0));
+        assert_eq!(drain(&mut c).len(), 1);
+        // SYN-anchored, different ISNs, the PVM's stream wraps.
         let mut c = cmp();
-        c.push_pvm(&data(start, b"abc"), 0);
-        c.push_pvm(&data(start.wrapping_add(3), b"def"), 0);
-        c.push_svm(&data(7, b"abcdef"), 0);
-        assert_eq!(drain(&mut c).len(), 2);
+        c.push_pvm(&seg(80, start - 1, Some(1), TcpControl::Syn, b""), Tick(0));
+        c.push_svm(&seg(80, 6, Some(1), TcpControl::Syn, b""), Tick(0));
+        c.push_pvm(&data(start, b"abc"), Tick(0));
+        c.push_pvm(&data(start.wrapping_add(3), b"def"), Tick(0));
+        c.push_svm(&data(7, b"abcdef"), Tick(0));
+        assert_eq!(drain(&mut c).len(), 3);
+        assert_eq!(c.pending_request(), None);
+    }
+
+    /// Issue 15, item 1: a mismatch, then the capture, then a new PVM datagram (the next
+    /// epoch's reply), then the commit: the late datagram is not released by that commit; it
+    /// waits for the SVM's post-apply output.
+    #[test]
+    fn commit_releases_only_frames_before_the_capture_mark() {
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"hello"), Tick(0));
+        c.push_svm(&data(1, b"HELLO"), Tick(0));
+        assert!(matches!(c.pending_request(), Some(CheckpointRequest::PayloadMismatch { offset: 0, .. })));
+        let mark = c.mark_capture();
+        let late = udp(53, b"next epoch");
+        assert_eq!(c.push_pvm(&late, Tick(1)), Verdict::Held);
+        // The SVM (not yet reset) produces the same datagram: still held, pre-apply output.
+        assert_eq!(c.push_svm(&udp(53, b"next epoch"), Tick(1)), Verdict::Matched);
+        assert!(drain(&mut c).is_empty());
+        c.on_checkpoint_committed(mark).unwrap();
+        assert_eq!(drain(&mut c), vec![data(1, b"hello")]);
+        assert_eq!(c.stats().held_frames, 1, "the late datagram waits");
+        // The SVM after applying the checkpoint produces it: now it goes.
+        assert_eq!(c.push_svm(&udp(53, b"next epoch"), Tick(2)), Verdict::Matched);
+        assert_eq!(drain(&mut c), vec![late]);
+        // A stale mark is refused by name.
+        assert_eq!(
+            c.on_checkpoint_committed(mark),
+            Err(MarkError::NotOutstanding { mark: mark.id(), outstanding: None })
+        );
+    }
+
+    /// TCP bytes the PVM sends after the mark are compared with the SVM's post-apply output,
+    /// at the offsets of the marked state.
+    #[test]
+    fn tcp_after_mark_compared_with_post_apply_output() {
+        let mut c = cmp();
+        c.push_pvm(&seg(80, 99, Some(1), TcpControl::Syn, b""), Tick(0));
+        c.push_svm(&seg(80, 5000, Some(1), TcpControl::Syn, b""), Tick(0));
+        c.push_pvm(&data(100, b"abc"), Tick(0));
+        let mark = c.mark_capture();
+        c.push_pvm(&data(103, b"def"), Tick(1));
+        // Pre-apply SVM output: matches "abc" (before the mark) and "def" (not compared).
+        c.push_svm(&data(5001, b"abcdef"), Tick(1));
+        assert_eq!(drain(&mut c).len(), 2, "SYN-ACK and abc matched before the mark");
+        assert_eq!(c.stats().compared_bytes, 3, "bytes past the mark are not compared");
+        c.on_checkpoint_committed(mark).unwrap();
+        assert!(drain(&mut c).is_empty(), "def waits for the post-apply SVM");
+        // The SVM now runs the PVM's state: the PVM's sequence numbers.
+        assert_eq!(
+            c.push_svm(&data(103, b"dXf"), Tick(2)),
+            Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch {
+                conn: crate::colo::packet::parse_frame(&data(1, b"")).flow,
+                offset: 4
+            })
+        );
+        let mut c2 = cmp();
+        c2.push_pvm(&data(100, b"abc"), Tick(0));
+        let mark = c2.mark_capture();
+        c2.push_pvm(&data(103, b"def"), Tick(1));
+        c2.on_checkpoint_committed(mark).unwrap();
+        assert_eq!(drain(&mut c2).len(), 1);
+        assert_eq!(c2.push_svm(&data(103, b"def"), Tick(2)), Verdict::Matched);
+        assert_eq!(drain(&mut c2), vec![data(103, b"def")]);
+    }
+
+    /// An aborted checkpoint releases nothing; comparison resumes as if there was no mark.
+    #[test]
+    fn aborted_capture_releases_nothing_and_resumes() {
+        let mut c = cmp();
+        c.push_pvm(&data(100, b"abc"), Tick(0));
+        let mark = c.mark_capture();
+        c.push_pvm(&data(103, b"def"), Tick(1));
+        c.push_svm(&data(100, b"abcdef"), Tick(1));
+        assert_eq!(drain(&mut c).len(), 1, "abc matched, def past the mark");
+        c.on_checkpoint_aborted(mark).unwrap();
+        assert_eq!(drain(&mut c), vec![data(103, b"def")]);
+        assert_eq!(c.stats().checkpoints_aborted, 1);
+        assert_eq!(c.on_checkpoint_aborted(mark), Err(MarkError::NotOutstanding { mark: 0, outstanding: None }));
+    }
+
+    fn rst(seq: u32) -> Vec<u8> {
+        seg(80, seq, None, TcpControl::Rst, b"")
+    }
+
+    /// Issue 15, item 2: after a connection on a 4-tuple ended (SYN-ACK, "hello", RST on both
+    /// sides), the PVM alone opens a new one on the same 4-tuple in the same epoch: its
+    /// SYN-ACK (new ISN) and "SECRET" must wait for the SVM's own.
+    #[test]
+    fn reused_four_tuple_starts_a_fresh_connection() {
+        let mut c = cmp();
+        c.push_pvm(&seg(80, 1000, Some(501), TcpControl::Syn, b""), Tick(0));
+        c.push_svm(&seg(80, 7000, Some(501), TcpControl::Syn, b""), Tick(0));
+        c.push_pvm(&seg(80, 1001, Some(501), TcpControl::Psh, b"hello"), Tick(0));
+        c.push_svm(&seg(80, 7001, Some(501), TcpControl::Psh, b"hello"), Tick(0));
+        c.push_pvm(&rst(1006), Tick(0));
+        c.push_svm(&rst(7006), Tick(0));
+        assert_eq!(drain(&mut c).len(), 3);
+        let synack = seg(80, 3000, Some(900), TcpControl::Syn, b"");
+        let secret = seg(80, 3001, Some(900), TcpControl::Psh, b"SECRET");
+        assert_eq!(c.push_pvm(&synack, Tick(1)), Verdict::Held);
+        assert_eq!(c.push_pvm(&secret, Tick(1)), Verdict::Held);
+        assert!(drain(&mut c).is_empty(), "nothing of the new connection without the SVM");
+        assert_eq!(c.pending_request(), None);
+        assert_eq!(c.stats().incarnations, 1);
+        // The SVM opens its own new connection (its own ISN): both frames go.
+        c.push_svm(&seg(80, 9000, Some(900), TcpControl::Syn, b""), Tick(2));
+        assert_eq!(drain(&mut c), vec![synack]);
+        c.push_svm(&seg(80, 9001, Some(900), TcpControl::Psh, b"SECRET"), Tick(2));
+        assert_eq!(drain(&mut c), vec![secret]);
+        let key = crate::colo::packet::parse_frame(&rst(1)).flow;
+        assert_eq!(c.seq_offset(&key), Some(6000));
+    }
+
+    /// Item 2, second half: on a SYN-anchored connection, data before the ISN is a mismatch.
+    #[test]
+    fn data_before_the_isn_is_a_mismatch() {
+        let mut c = cmp();
+        c.push_pvm(&seg(80, 1000, Some(1), TcpControl::Syn, b""), Tick(0));
+        let v = c.push_pvm(&data(990, b"x"), Tick(0));
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 0, .. })));
+        assert!(drain(&mut c).is_empty());
+    }
+
+    /// Every RST is compared (each one after the first starts a fresh incarnation).
+    #[test]
+    fn every_rst_is_compared() {
+        let mut c = cmp();
+        c.push_pvm(&rst(50), Tick(0));
+        c.push_svm(&rst(50), Tick(0));
+        c.push_pvm(&rst(80), Tick(0));
+        assert_eq!(drain(&mut c).len(), 1);
+        let v = c.push_svm(&rst(90), Tick(0));
+        assert!(matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { .. })), "{v:?}");
+        assert!(drain(&mut c).is_empty());
+    }
+
+    /// More than `MAX_INCARNATIONS` connections on one 4-tuple in one epoch ask for a
+    /// checkpoint; the frames wait for it and are never dropped.
+    #[test]
+    fn too_many_incarnations_ask_for_a_checkpoint() {
+        let mut c = cmp();
+        for i in 0..MAX_INCARNATIONS as u32 {
+            assert_eq!(c.push_pvm(&rst(100 * i), Tick(0)), Verdict::Held);
+        }
+        let v = c.push_pvm(&rst(1000), Tick(0));
+        let want = CheckpointRequest::MemoryPressure {
+            resource: PressureResource::Incarnations,
+            used: MAX_INCARNATIONS + 1,
+            limit: MAX_INCARNATIONS,
+        };
+        assert_eq!(v, Verdict::CheckpointRequired(want));
+        commit(&mut c);
+        assert_eq!(drain(&mut c).len(), MAX_INCARNATIONS + 1);
+    }
+
+    /// Issue 15, item 3: a connection older than the last commit. The PVM sends "PING" at
+    /// 1000; the SVM's first segment is a retransmission ("PING" at 996), then "PONG" at 1000.
+    /// Both sides share the PVM's anchor, so "PONG" is compared with "PING": a mismatch.
+    #[test]
+    fn mid_stream_sides_share_the_anchor() {
+        let mut c = cmp();
+        assert_eq!(c.push_pvm(&data(1000, b"PING"), Tick(0)), Verdict::Held);
+        c.push_svm(&data(996, b"PING"), Tick(0));
+        let v = c.push_svm(&data(1000, b"PONG"), Tick(0));
+        assert!(
+            matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 1, .. })),
+            "{v:?}"
+        );
+        assert!(drain(&mut c).is_empty());
+    }
+
+    /// Issue 15, item 4: a server-initiated close (FIN with "bye" on both sides, then the final
+    /// ACK at FIN + 1 on both) matches: the FIN's sequence slot is not data.
+    #[test]
+    fn final_ack_after_fin_is_not_data_past_it() {
+        let mut c = cmp();
+        let fin = seg(80, 1, Some(1), TcpControl::Fin, b"bye");
+        let last = seg(80, 5, Some(2), TcpControl::None, b"");
+        c.push_pvm(&fin, Tick(0));
+        c.push_svm(&fin, Tick(0));
+        c.push_pvm(&last, Tick(0));
+        c.push_svm(&last, Tick(0));
+        assert_eq!(c.pending_request(), None);
+        assert_eq!(drain(&mut c), vec![fin, last]);
+    }
+
+    /// Issue 15, item 10: a keep-alive probe (one 0x00 byte at snd_nxt - 1) is not compared
+    /// against the stream history.
+    #[test]
+    fn keepalive_probe_is_recognised() {
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"abc"), Tick(0));
+        c.push_svm(&data(1, b"abc"), Tick(0));
+        assert_eq!(drain(&mut c).len(), 1);
+        let probe = data(3, &[0]);
+        assert_eq!(c.push_pvm(&probe, Tick(1)), Verdict::Released);
+        assert_eq!(c.push_svm(&probe, Tick(1)), Verdict::Matched);
+        assert_eq!(c.pending_request(), None);
+        assert_eq!(c.stats().keepalive_probes, 2);
+        // Before any data on a SYN-anchored connection: the probe sits on the ISN.
+        let mut c = cmp();
+        c.push_pvm(&seg(80, 100, Some(1), TcpControl::Syn, b""), Tick(0));
+        c.push_svm(&seg(80, 100, Some(1), TcpControl::Syn, b""), Tick(0));
+        assert_eq!(c.push_pvm(&data(100, &[0]), Tick(1)), Verdict::Released);
+        assert_eq!(c.pending_request(), None);
+        // Not a probe: the byte under it is not matched yet, so it is compared.
+        let mut c = cmp();
+        c.push_pvm(&data(1, b"abc"), Tick(0));
+        let v = c.push_pvm(&data(3, b"X"), Tick(0));
+        assert!(
+            matches!(v, Verdict::CheckpointRequired(CheckpointRequest::PayloadMismatch { offset: 2, .. })),
+            "{v:?}"
+        );
     }
 }

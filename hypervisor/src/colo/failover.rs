@@ -29,7 +29,12 @@
 //! - denied: the peer won, so this host fences itself (stops the VM and all output);
 //! - unreachable: nothing changes; the claim is retried every `witness_retry` ticks. A protected
 //!   primary keeps holding output (it cannot get it matched or acknowledged), a secondary keeps
-//!   shadowing. If the peer is heard again at the same generation, the claim is dropped.
+//!   shadowing. A claim is never abandoned, not even when the peer is heard again: "unreachable"
+//!   may mean the witness granted the claim and only its reply was lost, and a host that forgot
+//!   such a grant would leave the generation owned by nobody who acts on it (its peer's later
+//!   claim would be denied and fence the only live host). So the claim is retried until the
+//!   witness answers, and the answer is acted on (the witness grants a repeated claim to its
+//!   owner again).
 //!
 //! So at most one host ever releases output without its peer in each generation, whatever the
 //! link does, and both sides decide from the same witness answer. A heartbeat carrying a newer
@@ -50,16 +55,7 @@
 use core::fmt;
 use heapless::Vec as HVec;
 
-/// A point in time, in ticks of whatever timer the caller uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
-pub struct Tick(pub u64);
-
-impl Tick {
-    /// Ticks from `earlier` to `self` (0 if `earlier` is later).
-    pub fn since(self, earlier: Tick) -> u64 {
-        self.0.saturating_sub(earlier.0)
-    }
-}
+pub use super::time::Tick;
 
 /// Timing knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,11 +66,14 @@ pub struct FailoverConfig {
     pub miss_limit: u32,
     /// Ticks between witness claims while the witness is unreachable.
     pub witness_retry: u64,
+    /// Primary: ticks a checkpoint may stay unacknowledged before it is aborted and retried
+    /// (0: never time out).
+    pub checkpoint_timeout: u64,
 }
 
 impl Default for FailoverConfig {
     fn default() -> Self {
-        Self { heartbeat_interval: 10, miss_limit: 3, witness_retry: 10 }
+        Self { heartbeat_interval: 10, miss_limit: 3, witness_retry: 10, checkpoint_timeout: 100 }
     }
 }
 
@@ -168,6 +167,13 @@ pub enum Event {
     },
     /// Primary: the secondary acknowledged the checkpoint.
     CheckpointAcked {
+        /// Epoch.
+        epoch: u64,
+    },
+    /// The checkpoint failed: primary: the secondary refused it, or it could not be sent;
+    /// secondary: the stream was rejected (bad bytes, limits, apply error). The primary aborts
+    /// it and retries a heartbeat interval later; the secondary discards it.
+    CheckpointFailed {
         /// Epoch.
         epoch: u64,
     },
@@ -280,7 +286,6 @@ pub type Actions = HVec<Action, 12>;
 struct Claim {
     generation: u64,
     sent_at: Tick,
-    heard_since: bool,
 }
 
 /// The state machine for one host.
@@ -294,6 +299,10 @@ pub struct FailoverMachine {
     last_sent: Tick,
     claim: Option<Claim>,
     in_flight: Option<u64>,
+    /// When the checkpoint in flight began.
+    in_flight_since: Tick,
+    /// Primary: retry an aborted checkpoint at this tick.
+    retry_checkpoint_at: Option<Tick>,
     last_committed: Option<u64>,
     syncing: bool,
 }
@@ -317,6 +326,8 @@ impl FailoverMachine {
             last_sent: now,
             claim: None,
             in_flight: None,
+            in_flight_since: now,
+            retry_checkpoint_at: None,
             last_committed: None,
             syncing: false,
         }
@@ -386,10 +397,24 @@ impl FailoverMachine {
                     Self::push(&mut out, Action::SendJoinRequest);
                 }
             }
-            Event::Witness { generation, verdict } => self.on_witness(now, generation, verdict, &mut out),
+            Event::Witness { generation, verdict } => self.on_witness(generation, verdict, &mut out),
             Event::CheckpointBegin { epoch } => {
                 if matches!(self.role, Role::Primary | Role::Secondary) && self.claim.is_none() {
                     self.in_flight = Some(epoch);
+                    self.in_flight_since = now;
+                    self.retry_checkpoint_at = None;
+                }
+            }
+            Event::CheckpointFailed { epoch } => {
+                if self.in_flight == Some(epoch) {
+                    match self.role {
+                        Role::Primary => self.abort_checkpoint(now, epoch, &mut out),
+                        Role::Secondary => {
+                            self.in_flight = None;
+                            Self::push(&mut out, Action::DiscardIncompleteCheckpoint { epoch });
+                        }
+                        _ => {}
+                    }
                 }
             }
             Event::CheckpointCommitted { epoch } => {
@@ -445,8 +470,29 @@ impl FailoverMachine {
         out
     }
 
+    /// **Rule (a checkpoint never stalls the pair)**: a checkpoint the secondary refused, or
+    /// one not acknowledged within `checkpoint_timeout` ticks, is aborted (the caller abandons
+    /// its capture mark, so its held output stays held) and a new one is started a heartbeat
+    /// interval later, covering the same output.
+    fn abort_checkpoint(&mut self, now: Tick, epoch: u64, out: &mut Actions) {
+        self.in_flight = None;
+        self.retry_checkpoint_at = Some(now.after(self.config.heartbeat_interval.max(1)));
+        Self::push(out, Action::AbortCheckpoint { epoch });
+    }
+
     fn on_tick(&mut self, now: Tick, out: &mut Actions) {
         let hb = self.config.heartbeat_interval.max(1);
+        if self.role == Role::Primary && self.claim.is_none() {
+            if let Some(epoch) = self.in_flight {
+                let limit = self.config.checkpoint_timeout;
+                if limit > 0 && now.since(self.in_flight_since) >= limit {
+                    self.abort_checkpoint(now, epoch, out);
+                }
+            } else if self.retry_checkpoint_at.is_some_and(|t| now >= t) {
+                self.retry_checkpoint_at = None;
+                Self::push(out, Action::StartCheckpoint);
+            }
+        }
         if self.has_peer() && self.link_up && now.since(self.last_sent) >= hb {
             self.last_sent = now;
             Self::push(out, Action::SendHeartbeat { generation: self.generation });
@@ -481,9 +527,6 @@ impl FailoverMachine {
         }
         if generation == self.generation {
             self.last_heard = now;
-            if let Some(c) = self.claim.as_mut() {
-                c.heard_since = true;
-            }
         }
     }
 
@@ -492,7 +535,7 @@ impl FailoverMachine {
         match self.role {
             Role::Primary | Role::Secondary if self.claim.is_none() => {
                 let generation = self.generation + 1;
-                self.claim = Some(Claim { generation, sent_at: now, heard_since: false });
+                self.claim = Some(Claim { generation, sent_at: now });
                 Self::push(out, Action::ClaimWitness { generation });
             }
             Role::PrimaryUnprotected if self.syncing => {
@@ -503,18 +546,15 @@ impl FailoverMachine {
         }
     }
 
-    fn on_witness(&mut self, now: Tick, generation: u64, verdict: Verdict, out: &mut Actions) {
+    fn on_witness(&mut self, generation: u64, verdict: Verdict, out: &mut Actions) {
         let Some(claim) = self.claim else { return };
         if claim.generation != generation {
             return;
         }
         match verdict {
             Verdict::Unreachable => {
-                if claim.heard_since && self.link_up {
-                    // The peer is back at our generation: drop the claim and carry on.
-                    self.claim = None;
-                    self.last_heard = now;
-                }
+                // Keep the claim: the witness may have granted it and lost the reply. It is
+                // retried from `on_tick` until the witness answers.
             }
             Verdict::Denied => {
                 self.claim = None;
@@ -569,6 +609,7 @@ impl FailoverMachine {
             }
             Command::CheckpointNow => {
                 if self.role == Role::Primary && self.in_flight.is_none() && self.claim.is_none() {
+                    self.retry_checkpoint_at = None;
                     Self::push(out, Action::StartCheckpoint);
                 } else {
                     reject(out, self.role);
@@ -603,7 +644,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> FailoverConfig {
-        FailoverConfig { heartbeat_interval: 10, miss_limit: 3, witness_retry: 5 }
+        FailoverConfig { heartbeat_interval: 10, miss_limit: 3, witness_retry: 5, checkpoint_timeout: 50 }
     }
 
     fn m(role: Role) -> FailoverMachine {
@@ -708,15 +749,71 @@ mod tests {
         assert_eq!(s.role(), Role::Secondary);
     }
 
+    /// Issue 15, item 5: the witness grants S generation 2 but the reply is lost; S hears P
+    /// again. S must keep its claim, retry, and act on the grant, instead of carrying on as a
+    /// secondary while the witness counts it as the owner of generation 2.
     #[test]
-    fn peer_heard_again_drops_claim_on_unreachable() {
+    fn claim_with_lost_reply_is_kept_and_retried() {
+        let mut s = m(Role::Secondary);
+        assert!(has(&s.handle(Tick(1), Event::LinkDown), Action::ClaimWitness { generation: 2 }));
+        // Granted at the witness, reply lost.
+        s.handle(Tick(2), Event::Witness { generation: 2, verdict: Verdict::Unreachable });
+        s.handle(Tick(3), Event::LinkUp);
+        s.handle(Tick(3), Event::Heartbeat { generation: 1 });
+        assert_eq!(s.pending_claim(), Some(2), "claim kept although the peer is heard");
+        assert_eq!(s.role(), Role::Secondary);
+        let a = s.handle(Tick(7), Event::Tick);
+        assert!(has(&a, Action::ClaimWitness { generation: 2 }), "{a:?}");
+        let a = s.handle(Tick(8), Event::Witness { generation: 2, verdict: Verdict::Granted });
+        assert!(has(&a, Action::Promote));
+        assert_eq!(s.role(), Role::FailingOver);
+        assert_eq!(s.generation(), 2);
+        // The primary's own claim is denied and it fences: one host serves.
         let mut p = m(Role::Primary);
-        p.handle(Tick(30), Event::Tick);
-        assert_eq!(p.pending_claim(), Some(2));
-        p.handle(Tick(31), Event::Heartbeat { generation: 1 });
-        p.handle(Tick(32), Event::Witness { generation: 2, verdict: Verdict::Unreachable });
-        assert_eq!(p.pending_claim(), None);
+        p.handle(Tick(1), Event::LinkDown);
+        p.handle(Tick(9), Event::Witness { generation: 2, verdict: Verdict::Denied });
+        assert_eq!(p.role(), Role::Fenced);
+    }
+
+    /// Issue 15, item 8: a checkpoint the secondary refuses (while it keeps sending heartbeats)
+    /// is aborted after `checkpoint_timeout` and retried; an explicit failure aborts at once.
+    #[test]
+    fn refused_checkpoint_times_out_and_is_retried() {
+        let mut p = m(Role::Primary);
+        assert_eq!(p.handle(Tick(0), Event::Command(Command::CheckpointNow)).as_slice(), &[Action::StartCheckpoint]);
+        p.handle(Tick(0), Event::CheckpointBegin { epoch: 1 });
+        let mut aborted = None;
+        let mut restarted = None;
+        let mut t = 0;
+        while t < 100_000 && restarted.is_none() {
+            t += 1;
+            if t % 10 == 0 {
+                p.handle(Tick(t), Event::Heartbeat { generation: 1 });
+            }
+            let a = p.handle(Tick(t), Event::Tick);
+            if has(&a, Action::AbortCheckpoint { epoch: 1 }) {
+                aborted = Some(t);
+            }
+            if has(&a, Action::StartCheckpoint) {
+                restarted = Some(t);
+            }
+        }
+        assert_eq!(aborted, Some(50));
+        assert_eq!(restarted, Some(60));
         assert_eq!(p.role(), Role::Primary);
+        assert_eq!(p.checkpoint_in_flight(), None);
+        // Explicit refusal: aborted at once; the secondary discards its partial copy.
+        p.handle(Tick(61), Event::CheckpointBegin { epoch: 2 });
+        let a = p.handle(Tick(62), Event::CheckpointFailed { epoch: 2 });
+        assert_eq!(a.as_slice(), &[Action::AbortCheckpoint { epoch: 2 }]);
+        assert!(has(&p.handle(Tick(72), Event::Tick), Action::StartCheckpoint));
+        let mut s = m(Role::Secondary);
+        s.handle(Tick(0), Event::CheckpointBegin { epoch: 2 });
+        let a = s.handle(Tick(1), Event::CheckpointFailed { epoch: 2 });
+        assert_eq!(a.as_slice(), &[Action::DiscardIncompleteCheckpoint { epoch: 2 }]);
+        assert_eq!(s.checkpoint_in_flight(), None);
+        // A stale failure changes nothing.
+        assert!(s.handle(Tick(2), Event::CheckpointFailed { epoch: 1 }).is_empty());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - [`block`]: secondary-side block write cache and SVM overlay;
 //! - [`failover`]: heartbeat and role state machine;
 //! - [`link`]: the replication link messages (typed, versioned, checksummed);
-//! - [`node`]: `ColoNode`, one host of a pair as a sans-IO state machine.
+//! - [`node`]: `ColoNode`, one host of a pair as a sans-IO state machine;
+//! - [`time`]: the one [`Tick`] type every module takes.
 #![deny(unsafe_code)]
 
 pub mod block;
@@ -22,3 +23,6 @@ pub mod link;
 pub mod node;
 pub mod packet;
 pub mod rewriter;
+pub mod time;
+
+pub use time::Tick;

@@ -47,12 +47,11 @@ use core::fmt;
 
 use super::block::{BlockBackend, BlockError, BlockReplica, MemDisk, SECTOR_SIZE};
 use super::checkpoint::{CheckpointDecoder, Feed, StagedCheckpoint, StreamLimits};
-use super::comparator::{CheckpointRequest, ComparatorLimits, ComparatorStats, OutputComparator};
+use super::comparator::{CaptureMark, CheckpointRequest, ComparatorLimits, ComparatorStats, OutputComparator};
 use super::link::{LinkDecoder, LinkRole, NackReason, Repr, StateKind, MAX_CHUNK, MAX_DISK_WRITE, MAX_FRAME};
 use super::rewriter::{ChecksumFix, SequenceRewriter};
 
-/// Time in milliseconds, as the driver's clock reads it.
-pub type Tick = u64;
+pub use super::time::Tick;
 
 /// Which host this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,15 +74,15 @@ pub struct NodeConfig {
     /// Pair generation.
     pub generation: u64,
     /// Periodic checkpoint interval in ms (0 = none).
-    pub checkpoint_ms: Tick,
+    pub checkpoint_ms: u64,
     /// A held PVM frame older than this asks for a checkpoint.
-    pub compare_timeout_ms: Tick,
+    pub compare_timeout_ms: u64,
     /// Heartbeat interval on the link.
-    pub heartbeat_ms: Tick,
+    pub heartbeat_ms: u64,
     /// Nothing heard from the peer for this long: close the link.
-    pub peer_timeout_ms: Tick,
+    pub peer_timeout_ms: u64,
     /// Primary: a sent checkpoint not acknowledged within this long: close the link.
-    pub ack_timeout_ms: Tick,
+    pub ack_timeout_ms: u64,
     /// `checkpoint_verify`: the commit carries a digest of RAM and disk, the secondary checks it.
     pub verify: bool,
     /// Checkpoint / full-sync bytes per link message (at most [`MAX_CHUNK`]).
@@ -96,9 +95,11 @@ pub struct NodeConfig {
     /// Mirrored bytes the secondary holds for epochs its SVM has not reached yet; the primary
     /// drops client input rather than send more than this ahead.
     pub max_backlog_bytes: usize,
-    /// Primary: PVM disk bytes in one epoch above which a (pressure) checkpoint is taken.
-    /// Secondary: twice this is the cap on pending PVM writes.
+    /// Primary: PVM disk bytes in one epoch at which a (pressure) checkpoint is taken, and the
+    /// PVM is paused until one can be. Secondary: see [`NodeConfig::max_pending_disk_bytes`].
     pub max_disk_epoch_bytes: usize,
+    /// The largest single disk write the guest's block device makes.
+    pub max_disk_write: usize,
     /// Comparator limits (its timeout and periodic fields are set from the fields above).
     pub comparator: ComparatorLimits,
     /// Checkpoint stream limits (secondary's decoder).
@@ -108,6 +109,14 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// Secondary: the cap on PVM writes waiting for their checkpoint. At most two epochs wait
+    /// (the one whose checkpoint is in flight and the next), and the primary pauses the PVM
+    /// once an epoch reaches `max_disk_epoch_bytes`, so an epoch holds at most that plus one
+    /// write.
+    pub fn max_pending_disk_bytes(&self) -> usize {
+        self.max_disk_epoch_bytes.saturating_add(self.max_disk_write).saturating_mul(2)
+    }
+
     /// Defaults for a guest of `guest_frames` 4 KiB pages.
     pub fn new(role: NodeRole, guest_frames: u64) -> Self {
         Self {
@@ -125,6 +134,7 @@ impl NodeConfig {
             max_link_queue_bytes: 4 << 20,
             max_backlog_bytes: 4 << 20,
             max_disk_epoch_bytes: 8 << 20,
+            max_disk_write: 1 << 20,
             comparator: ComparatorLimits::default(),
             stream_limits: StreamLimits::for_guest(guest_frames),
             rewrite_seq: true,
@@ -580,6 +590,12 @@ enum Ckpt {
         /// `FullSyncBegin` sent (it goes first, on the bulk lane).
         begun: bool,
     },
+    /// The commit was sent but the link went before the ack: the secondary may or may not have
+    /// applied it. The mark stays outstanding until its next hello tells.
+    Unknown {
+        epoch: u64,
+        full: bool,
+    },
     /// Everything sent, waiting for the ack.
     AwaitAck {
         epoch: u64,
@@ -602,6 +618,9 @@ struct Conn {
     /// Alternate lanes when both have data.
     bulk_turn: bool,
     hello_received: bool,
+    /// Secondary: the hello waits for the apply in progress (its outcome is the epoch it
+    /// announces).
+    hello_deferred: bool,
     /// Primary: the full sync of this connection was captured (mirroring on); secondary: a
     /// full sync arrived on this connection.
     sync_started: bool,
@@ -625,6 +644,7 @@ impl Conn {
             current_sent: 0,
             bulk_turn: false,
             hello_received: false,
+            hello_deferred: false,
             sync_started: false,
             synced: false,
             tx_seq: 0,
@@ -664,7 +684,8 @@ struct Secondary<D: BlockBackend> {
     /// Receiving checkpoint: epoch, decoder, bytes so far, the verified result once complete.
     receiving: Option<(u64, CheckpointDecoder, u64, Option<StagedCheckpoint>)>,
     /// Applying (checkpoint or full sync): epoch, expected digest.
-    applying: Option<(u64, Option<u64>, bool)>,
+    /// Applying (checkpoint or full sync): epoch, expected digest, full, connection serial.
+    applying: Option<(u64, Option<u64>, bool, u64)>,
     /// Mirrored frames of later epochs.
     backlog: VecDeque<(u64, Vec<u8>)>,
     backlog_bytes: usize,
@@ -686,7 +707,7 @@ struct Primary {
     ahead_bytes: usize,
     last_commit: Tick,
     held_since: Option<Tick>,
-    mark: Option<compat::CaptureMark>,
+    mark: Option<CaptureMark>,
 }
 
 /// One host of a COLO pair. See the module documentation.
@@ -702,6 +723,11 @@ pub struct ColoNode<D: BlockBackend = MemDisk> {
     /// What the driver was last told about the local VM.
     vm_running: bool,
     last_protocol_error: Option<&'static str>,
+    /// The time of the last call.
+    last_now: Tick,
+    /// Counts connections, so an apply finished after its connection went is not acknowledged
+    /// on the next one.
+    conn_serial: u64,
 }
 
 impl<D: BlockBackend> fmt::Debug for ColoNode<D> {
@@ -737,6 +763,8 @@ impl<D: BlockBackend> ColoNode<D> {
             last_heartbeat: now,
             vm_running: config.role == NodeRole::Primary,
             last_protocol_error: None,
+            last_now: now,
+            conn_serial: 0,
         };
         match (config.role, disk) {
             (NodeRole::Primary, _) => {
@@ -759,7 +787,7 @@ impl<D: BlockBackend> ColoNode<D> {
                 });
             }
             (NodeRole::Secondary, disk) => {
-                let max_pending = config.max_disk_epoch_bytes.saturating_mul(2);
+                let max_pending = config.max_pending_disk_bytes();
                 node.secondary = Some(Secondary {
                     disk: disk.map_or(Disk::Gone, |d| Disk::Replica(BlockReplica::new(d, max_pending))),
                     rewriter: SequenceRewriter::new(ChecksumFix::Incremental),
@@ -857,21 +885,25 @@ impl<D: BlockBackend> ColoNode<D> {
         let mut at = |x: Tick| t = Some(t.map_or(x, |y: Tick| y.min(x)));
         if let Some(c) = &self.conn {
             if self.config.heartbeat_ms > 0 {
-                at(self.last_heartbeat + self.config.heartbeat_ms);
+                at(self.last_heartbeat.after(self.config.heartbeat_ms));
             }
             if self.config.peer_timeout_ms > 0 {
-                at(c.last_rx + self.config.peer_timeout_ms);
+                at(c.last_rx.after(self.config.peer_timeout_ms));
             }
         }
         if let Some(p) = &self.primary {
+            if p.manual || p.disk_epoch_bytes >= self.config.max_disk_epoch_bytes {
+                // Due now (the disk-write path does not run the triggers itself).
+                at(self.last_now);
+            }
             if let Some(s) = p.held_since {
-                at(s + self.config.compare_timeout_ms);
+                at(s.after(self.config.compare_timeout_ms));
             }
             if self.config.checkpoint_ms > 0 {
-                at(p.last_commit + self.config.checkpoint_ms);
+                at(p.last_commit.after(self.config.checkpoint_ms));
             }
             if let Ckpt::AwaitAck { sent_at, .. } = p.ckpt {
-                at(sent_at + self.config.ack_timeout_ms);
+                at(sent_at.after(self.config.ack_timeout_ms));
             }
         }
         t
@@ -879,18 +911,27 @@ impl<D: BlockBackend> ColoNode<D> {
 
     /// Time passed: heartbeats, peer and ack timeouts, checkpoint triggers.
     pub fn handle_timeout(&mut self, now: Tick) {
+        self.last_now = now;
         self.timers(now);
     }
 
     /// Feed one event.
     pub fn handle(&mut self, now: Tick, event: Event<'_>) {
+        self.last_now = now;
+        if let Event::GuestDiskWrite { sector, data } = event {
+            // Never produces actions (the block device path need not drain them); a disk
+            // pressure checkpoint starts at the next event or timeout.
+            return match self.primary {
+                Some(_) => self.pvm_disk_write(now, sector, data),
+                None => self.svm_disk_write(sector, data),
+            };
+        }
         match event {
             Event::ClientFrame(f) if self.primary.is_some() => self.on_client_frame(now, f),
             Event::ClientFrame(_) => self.on_client_frame_secondary(),
             Event::GuestOutput(f) if self.primary.is_some() => self.pvm_output(now, f),
             Event::GuestOutput(f) => self.svm_output(now, f),
-            Event::GuestDiskWrite { sector, data } if self.primary.is_some() => self.pvm_disk_write(now, sector, data),
-            Event::GuestDiskWrite { sector, data } => self.svm_disk_write(sector, data),
+            Event::GuestDiskWrite { .. } => {}
             Event::LinkConnected => self.on_connected(now),
             Event::LinkBytes(b) => self.on_link_bytes(now, b),
             Event::LinkClosed => self.on_closed(now),
@@ -956,24 +997,6 @@ fn read_raw<D: BlockBackend>(d: &D, sector: u64, buf: &mut [u8]) -> Result<(), B
     Ok(())
 }
 
-/// Until the comparator's epoch API (`mark_capture`, commit/abort by mark) is merged.
-mod compat {
-    use super::OutputComparator;
-
-    #[derive(Debug, Clone, Copy)]
-    pub struct CaptureMark;
-
-    pub fn mark(_c: &mut OutputComparator) -> CaptureMark {
-        CaptureMark
-    }
-
-    pub fn commit(c: &mut OutputComparator, _m: CaptureMark) {
-        c.on_checkpoint_committed();
-    }
-
-    pub fn abort(_c: &mut OutputComparator, _m: CaptureMark) {}
-}
-
 // ---------------------------------------------------------------------------------------------
 // Both roles: link, timers, the local VM.
 impl<D: BlockBackend> ColoNode<D> {
@@ -999,8 +1022,13 @@ impl<D: BlockBackend> ColoNode<D> {
             },
             _ => return,
         };
-        c.queue(&hello, now);
+        if self.secondary.as_ref().is_some_and(|s| s.applying.is_some()) {
+            c.hello_deferred = true;
+        } else {
+            c.queue(&hello, now);
+        }
         self.conn = Some(c);
+        self.conn_serial += 1;
         self.last_heartbeat = now;
         self.stats.link_connects += 1;
     }
@@ -1036,10 +1064,12 @@ impl<D: BlockBackend> ColoNode<D> {
         self.stats.link_closes += 1;
         if let Some(p) = &mut self.primary {
             match p.ckpt {
-                Ckpt::Idle | Ckpt::Capturing { .. } => {}
-                _ => {
+                Ckpt::Idle | Ckpt::Capturing { .. } | Ckpt::Unknown { .. } => {}
+                Ckpt::AwaitAck { epoch, full, .. } => p.ckpt = Ckpt::Unknown { epoch, full },
+                Ckpt::Sending { .. } | Ckpt::Syncing { .. } => {
                     if let Some(m) = p.mark.take() {
-                        compat::abort(&mut p.comparator, m);
+                        let done = p.comparator.on_checkpoint_aborted(m);
+                        debug_assert!(done.is_ok(), "{done:?}");
                     }
                     p.ckpt = Ckpt::Idle;
                     self.stats.checkpoints_aborted += 1;
@@ -1086,7 +1116,7 @@ impl<D: BlockBackend> ColoNode<D> {
     fn on_message(&mut self, now: Tick, m: Repr<'_>) {
         let hello_received = self.conn.as_ref().is_some_and(|c| c.hello_received);
         match m {
-            Repr::Hello { role, guest_id, .. } => {
+            Repr::Hello { role, guest_id, epoch, .. } => {
                 let expected = match self.config.role {
                     NodeRole::Primary => LinkRole::Secondary,
                     NodeRole::Secondary => LinkRole::Primary,
@@ -1096,6 +1126,16 @@ impl<D: BlockBackend> ColoNode<D> {
                 }
                 if let Some(c) = &mut self.conn {
                     c.hello_received = true;
+                }
+                // A checkpoint whose ack the last connection lost: the secondary's last
+                // applied epoch says whether it committed.
+                if let Some(Ckpt::Unknown { epoch: e, full }) = self.primary.as_ref().map(|p| &p.ckpt) {
+                    let (e, full) = (*e, *full);
+                    if epoch >= e {
+                        self.checkpoint_committed(now, e, full, None);
+                    } else {
+                        self.abort_checkpoint();
+                    }
                 }
             }
             _ if !hello_received => self.protocol_error(now, "message before hello"),
@@ -1108,14 +1148,14 @@ impl<D: BlockBackend> ColoNode<D> {
 
     fn timers(&mut self, now: Tick) {
         if let Some(c) = &self.conn {
-            if self.config.peer_timeout_ms > 0 && now >= c.last_rx + self.config.peer_timeout_ms {
+            if self.config.peer_timeout_ms > 0 && now >= c.last_rx.after(self.config.peer_timeout_ms) {
                 self.stats.peer_timeouts += 1;
                 self.close_link(now);
             }
         }
         if let Some(c) = &mut self.conn {
-            if self.config.heartbeat_ms > 0 && now >= self.last_heartbeat + self.config.heartbeat_ms {
-                c.queue(&Repr::Heartbeat { generation: self.config.generation, now }, now);
+            if self.config.heartbeat_ms > 0 && now >= self.last_heartbeat.after(self.config.heartbeat_ms) {
+                c.queue(&Repr::Heartbeat { generation: self.config.generation, now: now.0 }, now);
                 self.last_heartbeat = now;
             }
         }
@@ -1257,13 +1297,13 @@ impl<D: BlockBackend> ColoNode<D> {
         st.held_frames > l.max_held_frames
             || st.held_bytes + st.svm_buffered_bytes > l.max_held_bytes
             || link > self.config.max_link_queue_bytes
-            || p.disk_epoch_bytes > self.config.max_disk_epoch_bytes.saturating_mul(2)
+            || p.disk_epoch_bytes >= self.config.max_disk_epoch_bytes
     }
 
     fn primary_timers(&mut self, now: Tick) {
         let Some(p) = &mut self.primary else { return };
         if let Ckpt::AwaitAck { sent_at, .. } = p.ckpt {
-            if self.config.ack_timeout_ms > 0 && now >= sent_at + self.config.ack_timeout_ms {
+            if self.config.ack_timeout_ms > 0 && now >= sent_at.after(self.config.ack_timeout_ms) {
                 self.stats.ack_timeouts += 1;
                 self.close_link(now);
                 return;
@@ -1284,9 +1324,9 @@ impl<D: BlockBackend> ColoNode<D> {
             Some(Cause::Manual)
         } else if let Some(r) = request {
             Some(Cause::of(r))
-        } else if p.disk_epoch_bytes > self.config.max_disk_epoch_bytes {
+        } else if p.disk_epoch_bytes >= self.config.max_disk_epoch_bytes {
             Some(Cause::Pressure)
-        } else if self.config.checkpoint_ms > 0 && now >= p.last_commit + self.config.checkpoint_ms {
+        } else if self.config.checkpoint_ms > 0 && now >= p.last_commit.after(self.config.checkpoint_ms) {
             Some(Cause::Periodic)
         } else {
             None
@@ -1296,7 +1336,7 @@ impl<D: BlockBackend> ColoNode<D> {
             None => {
                 // The oldest held frame is younger than the timeout: look again one timeout
                 // from now at the latest.
-                if p.held_since.is_some_and(|t| now >= t + self.config.compare_timeout_ms) {
+                if p.held_since.is_some_and(|t| now >= t.after(self.config.compare_timeout_ms)) {
                     p.held_since = Some(now);
                 }
             }
@@ -1308,9 +1348,10 @@ impl<D: BlockBackend> ColoNode<D> {
         let Some(p) = &mut self.primary else { return };
         let epoch = p.epoch;
         if let Some(old) = p.mark.take() {
-            compat::abort(&mut p.comparator, old);
+            let done = p.comparator.on_checkpoint_aborted(old);
+            debug_assert!(done.is_ok(), "{done:?}");
         }
-        p.mark = Some(compat::mark(&mut p.comparator));
+        p.mark = Some(p.comparator.mark_capture());
         let full = kind == CaptureKind::Full;
         p.ckpt = Ckpt::Capturing { epoch, full };
         p.epoch = epoch + 1;
@@ -1332,7 +1373,8 @@ impl<D: BlockBackend> ColoNode<D> {
     fn abort_checkpoint(&mut self) {
         let Some(p) = &mut self.primary else { return };
         if let Some(m) = p.mark.take() {
-            compat::abort(&mut p.comparator, m);
+            let done = p.comparator.on_checkpoint_aborted(m);
+            debug_assert!(done.is_ok(), "{done:?}");
         }
         p.ckpt = Ckpt::Idle;
         self.stats.checkpoints_aborted += 1;
@@ -1529,24 +1571,7 @@ impl<D: BlockBackend> ColoNode<D> {
                     self.stats.verify_failures += 1;
                     return self.refused(now);
                 }
-                if let Some(m) = p.mark.take() {
-                    compat::commit(&mut p.comparator, m);
-                }
-                p.acked = epoch;
-                p.ahead_bytes = 0;
-                p.last_commit = now;
-                p.ckpt = Ckpt::Idle;
-                let us = (now - since) * 1000;
-                self.stats.transfer_us_last = us;
-                self.stats.transfer_us_total += us;
-                self.stats.checkpoints_committed += 1;
-                if full {
-                    self.stats.full_syncs += 1;
-                    if let Some(c) = &mut self.conn {
-                        c.synced = true;
-                    }
-                }
-                self.after_compare(now);
+                self.checkpoint_committed(now, epoch, full, Some(since));
             }
             Repr::CheckpointNack { epoch, reason } => {
                 self.stats.nacks[reason as usize] += 1;
@@ -1572,6 +1597,34 @@ impl<D: BlockBackend> ColoNode<D> {
             }
             _ => self.protocol_error(now, "message a primary does not take"),
         }
+    }
+
+    /// **Consistency**: the secondary holds checkpoint `epoch`: output captured before it is
+    /// released, the comparator re-bases on the capture point.
+    fn checkpoint_committed(&mut self, now: Tick, epoch: u64, full: bool, since: Option<Tick>) {
+        let Some(p) = &mut self.primary else { return };
+        if let Some(m) = p.mark.take() {
+            let done = p.comparator.on_checkpoint_committed(m);
+            debug_assert!(done.is_ok(), "{done:?}");
+        }
+        p.acked = epoch;
+        p.ahead_bytes = 0;
+        p.last_commit = now;
+        p.ckpt = Ckpt::Idle;
+        if let Some(since) = since {
+            let us = now.since(since) * 1000;
+            self.stats.transfer_us_last = us;
+            self.stats.transfer_us_total += us;
+        }
+        self.stats.checkpoints_committed += 1;
+        if full {
+            self.stats.full_syncs += 1;
+        }
+        if let Some(c) = &mut self.conn {
+            // On a new connection (resolved from the hello) a full sync follows all the same.
+            c.synced = c.synced || (full && since.is_some());
+        }
+        self.after_compare(now);
     }
 
     /// The secondary refused the checkpoint in flight: abort it and start over with a full sync.
@@ -1642,6 +1695,21 @@ impl<D: BlockBackend> ColoNode<D> {
         }
     }
 
+    fn send_deferred_hello(&mut self, now: Tick) {
+        let Some(s) = &self.secondary else { return };
+        let hello = Repr::Hello {
+            role: LinkRole::Secondary,
+            host_id: self.config.host_id,
+            generation: self.config.generation,
+            guest_id: self.config.guest_id,
+            epoch: if s.synced { s.applied } else { 0 },
+        };
+        if let Some(c) = self.conn.as_mut().filter(|c| c.hello_deferred) {
+            c.hello_deferred = false;
+            c.queue(&hello, now);
+        }
+    }
+
     fn deliver_mirrored(&mut self, frame: &[u8]) {
         let Some(s) = &mut self.secondary else { return };
         let mut f = frame.to_vec();
@@ -1662,7 +1730,7 @@ impl<D: BlockBackend> ColoNode<D> {
                 c.rx_seq_frames += 1;
                 // The epoch the SVM runs in (or will, once the apply in progress is done).
                 let svm_epoch = match (s.applying, s.sync_epoch) {
-                    (Some((e, _, _)), _) | (None, Some(e)) => e + 1,
+                    (Some((e, _, _, _)), _) | (None, Some(e)) => e + 1,
                     (None, None) if s.synced => s.applied + 1,
                     // Not synced: keep it; the coming full sync's epoch decides.
                     _ => 0,
@@ -1681,8 +1749,8 @@ impl<D: BlockBackend> ColoNode<D> {
                 }
             }
             Repr::DiskWrite { epoch, sector, data } => {
-                if !s.synced || s.sync_epoch.is_some() {
-                    return;
+                if !s.synced && s.applying.is_none() && s.sync_epoch.is_none() {
+                    return; // stale: a full sync is coming
                 }
                 let Disk::Replica(r) = &mut s.disk else {
                     return self.protocol_error(now, "disk write during full sync");
@@ -1739,7 +1807,7 @@ impl<D: BlockBackend> ColoNode<D> {
                     self.stats.disk_errors += 1;
                     return self.nack(now, epoch, NackReason::Disk);
                 }
-                s.applying = Some((epoch, (self.config.verify && verify).then_some(digest), false));
+                s.applying = Some((epoch, (self.config.verify && verify).then_some(digest), false, self.conn_serial));
                 self.vm_running = false;
                 self.actions.push_back(Action::ApplyCheckpoint(staged));
             }
@@ -1805,12 +1873,12 @@ impl<D: BlockBackend> ColoNode<D> {
                 if s.sync_failed {
                     return self.nack(now, epoch, NackReason::Disk);
                 }
-                let max_pending = self.config.max_disk_epoch_bytes.saturating_mul(2);
+                let max_pending = self.config.max_pending_disk_bytes();
                 if let Disk::Raw(d) = core::mem::replace(&mut s.disk, Disk::Gone) {
                     s.disk = Disk::Replica(BlockReplica::new(d, max_pending));
                 }
                 s.sync_epoch = None;
-                s.applying = Some((epoch, (self.config.verify && verify).then_some(digest), true));
+                s.applying = Some((epoch, (self.config.verify && verify).then_some(digest), true, self.conn_serial));
                 self.actions.push_back(Action::FinishFullSync { epoch });
             }
             _ => self.protocol_error(now, "message a secondary does not take"),
@@ -1819,22 +1887,37 @@ impl<D: BlockBackend> ColoNode<D> {
 
     fn on_apply_done(&mut self, now: Tick, epoch: u64, result: Result<Option<u64>, ApplyFailure>, apply_us: u64) {
         let Some(s) = &mut self.secondary else { return };
-        let Some((want, expected, full)) = s.applying else { return };
+        let Some((want, expected, full, serial)) = s.applying else { return };
         if want != epoch {
             return;
         }
         s.applying = None;
         self.stats.apply_us_last = apply_us;
         self.stats.apply_us_total += apply_us;
-        let digest = match result {
-            Err(_) => return self.nack(now, epoch, NackReason::ApplyFailed),
-            Ok(d) => d,
+        // An apply that outlived its connection is not answered on the next one: that one
+        // learns the outcome from the hello, which waited for it.
+        let same_conn = serial == self.conn_serial;
+        let failure = match result {
+            Err(_) => Some(NackReason::ApplyFailed),
+            Ok(d) if expected.is_some_and(|x| d != Some(x)) => Some(NackReason::VerifyFailed),
+            Ok(_) => None,
         };
-        if let Some(x) = expected {
-            if digest != Some(x) {
-                return self.nack(now, epoch, NackReason::VerifyFailed);
+        if let Some(reason) = failure {
+            if same_conn {
+                self.nack(now, epoch, reason);
+            } else {
+                self.stats.nacks[reason as usize] += 1;
+                if reason == NackReason::VerifyFailed {
+                    self.stats.verify_failures += 1;
+                }
+                if let Some(s) = &mut self.secondary {
+                    s.synced = false;
+                }
             }
+            return self.send_deferred_hello(now);
         }
+        let digest = result.unwrap_or(None);
+        let Some(s) = &mut self.secondary else { return };
         s.synced = true;
         s.applied = epoch;
         s.rewriter.on_checkpoint_committed();
@@ -1842,10 +1925,14 @@ impl<D: BlockBackend> ColoNode<D> {
         if full {
             self.stats.full_syncs += 1;
         }
-        if let Some(c) = &mut self.conn {
-            c.synced = true;
-            c.queue(&Repr::CheckpointAck { epoch, digest: digest.unwrap_or(0) }, now);
+        if same_conn {
+            if let Some(c) = &mut self.conn {
+                c.synced = true;
+                c.queue(&Repr::CheckpointAck { epoch, digest: digest.unwrap_or(0) }, now);
+            }
         }
+        self.send_deferred_hello(now);
+        let Some(s) = &mut self.secondary else { return };
         // Mirrored input that waited for this epoch goes to the SVM now.
         let backlog = core::mem::take(&mut s.backlog);
         s.backlog_bytes = 0;

@@ -93,7 +93,8 @@ pub enum FlowProto {
     Icmpv6,
     /// ARP.
     Arp,
-    /// IPv4 fragment (not the whole datagram), keyed by addresses and protocol.
+    /// IPv4 fragment (not the whole datagram), keyed by addresses, protocol and the IP
+    /// identification (in [`FlowKey::src_port`]).
     Fragment(u8),
     /// Any other IP protocol (or IPv6 with extension headers), keyed by addresses and protocol.
     OtherIp(u8),
@@ -236,7 +237,8 @@ pub enum FrameClass {
     Icmp,
     /// ARP packet (compared as the whole ARP packet).
     Arp,
-    /// IPv4 fragment (compared as the IP payload).
+    /// IPv4 fragment (compared from the IPv4 flags / fragment offset field to the end, so the
+    /// offset and the more-fragments flag are compared with the payload).
     Fragment,
     /// Other IP protocol (compared as the IP payload).
     OtherIp,
@@ -354,16 +356,20 @@ fn parse_ipv4(frame: &[u8], payload: &[u8], policy: ChecksumPolicy) -> Result<Pa
     let proto = ip.next_header();
     let net = NetLayer::V4 { offset: ETH_HDR };
     if ip.more_frags() || ip.frag_offset() != 0 {
+        // Fragments of different datagrams differ by identification; within one datagram by
+        // offset and MF flag, which the compared content therefore starts with (bytes 6..8 of
+        // the IPv4 header: flags and fragment offset; then TTL, protocol, checksum, addresses,
+        // options and the fragment's data).
         return Ok(ParsedFrame {
             flow: FlowKey {
                 proto: FlowProto::Fragment(u8::from(proto)),
                 src: FlowAddr::from_ip(src),
                 dst: FlowAddr::from_ip(dst),
-                src_port: 0,
+                src_port: ip.ident(),
                 dst_port: 0,
             },
             class: FrameClass::Fragment,
-            content: l4_off..l4_off + l4.len(),
+            content: ETH_HDR + 6..l4_off + l4.len(),
             net,
         });
     }
@@ -662,5 +668,40 @@ mod tests {
             let _ = parse_frame(&buf);
             let _ = parse_frame_with(&buf, ChecksumPolicy::Ignore);
         }
+    }
+
+    fn fragment(ident: u16, offset_units: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = crate::colo::frames::ipv4_frame(A, B, smoltcp::wire::IpProtocol::Udp, payload.len(), |b| {
+            b.copy_from_slice(payload)
+        });
+        let mut ip = smoltcp::wire::Ipv4Packet::new_unchecked(&mut f[14..]);
+        ip.set_ident(ident);
+        ip.set_more_frags(more);
+        ip.set_frag_offset(offset_units * 8);
+        ip.fill_checksum();
+        f
+    }
+
+    /// Issue 15, item 11: fragments at offset 0 and at offset 8 (same bytes) differ, and so do
+    /// fragments of different datagrams (identification).
+    #[test]
+    fn fragments_keyed_by_ident_and_compared_with_offset() {
+        let a = parse_frame(&fragment(7, 0, true, b"12345678"));
+        let b = parse_frame(&fragment(7, 1, false, b"12345678"));
+        assert_eq!(a.class, FrameClass::Fragment);
+        assert_eq!(a.flow, b.flow);
+        assert_eq!(a.flow.src_port, 7);
+        let fa = fragment(7, 0, true, b"12345678");
+        let fb = fragment(7, 1, false, b"12345678");
+        assert_ne!(&fa[a.content.clone()], &fb[b.content.clone()]);
+        let c = parse_frame(&fragment(8, 0, true, b"12345678"));
+        assert_ne!(a.flow, c.flow);
+        // And in the comparator: not a match.
+        let mut cmp = crate::colo::comparator::OutputComparator::new(Default::default());
+        use crate::colo::comparator::Verdict;
+        use crate::colo::Tick;
+        assert_eq!(cmp.push_pvm(&fa, Tick(0)), Verdict::Held);
+        assert_eq!(cmp.push_svm(&fb, Tick(0)), Verdict::Buffered);
+        assert_eq!(cmp.push_svm(&fa, Tick(0)), Verdict::Matched);
     }
 }

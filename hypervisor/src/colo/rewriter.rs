@@ -35,7 +35,7 @@ use alloc::collections::BTreeMap;
 
 use smoltcp::wire::{IpAddress, Ipv4Address, Ipv6Address, TcpPacket};
 
-use super::packet::{parse_frame, FlowKey, NetLayer, ParsedFrame, TcpFlags};
+use super::packet::{parse_frame_with, ChecksumPolicy, FlowKey, NetLayer, ParsedFrame, TcpFlags};
 
 /// How checksums are fixed after rewriting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +122,7 @@ pub struct SequenceRewriter {
     conns: BTreeMap<FlowKey, Offsets>,
     mode: RewriterMode,
     fix: ChecksumFix,
+    checksums: ChecksumPolicy,
     stats: RewriterStats,
 }
 
@@ -158,8 +159,23 @@ impl SequenceRewriter {
             conns: BTreeMap::new(),
             mode: RewriterMode::Replicating,
             fix,
+            checksums: ChecksumPolicy::Verify,
             stats: RewriterStats::default(),
         }
+    }
+
+    /// Whether frames must carry valid checksums to be translated. Use the same policy as the
+    /// comparator ([`super::comparator::ComparatorLimits::checksums`]): with
+    /// [`ChecksumPolicy::Ignore`] (guests using checksum offload) a frame whose checksum is
+    /// not filled in yet is translated too (the incremental fix then keeps the offload's
+    /// partial sum consistent; [`ChecksumFix::Full`] computes a valid one). Default: verify.
+    pub fn with_checksum_policy(mut self, policy: ChecksumPolicy) -> Self {
+        self.checksums = policy;
+        self
+    }
+
+    fn parse(&self, frame: &[u8]) -> ParsedFrame {
+        parse_frame_with(frame, self.checksums)
     }
 
     /// Current mode.
@@ -190,7 +206,7 @@ impl SequenceRewriter {
     /// Learn the PVM's ISN from a PVM SYN / SYN-ACK (server-to-client frame) the primary
     /// reports. Other frames are ignored.
     pub fn observe_pvm_output(&mut self, frame: &[u8]) {
-        let p = parse_frame(frame);
+        let p = self.parse(frame);
         if let Some(t) = p.tcp() {
             if t.flags.contains(TcpFlags::SYN) && self.mode == RewriterMode::Replicating {
                 self.conns.entry(p.flow).or_default().syn_seen(true, t.seq);
@@ -217,7 +233,7 @@ impl SequenceRewriter {
     /// Direction **SVM -> client**: `seq += delta` on an SVM output frame, checksum fixed.
     /// Learns the SVM's ISN from its SYN / SYN-ACK.
     pub fn rewrite_svm_output(&mut self, frame: &mut [u8]) -> RewriteOutcome {
-        let p = parse_frame(frame);
+        let p = self.parse(frame);
         let Some(t) = p.tcp() else {
             return RewriteOutcome::NotTcp;
         };
@@ -254,7 +270,7 @@ impl SequenceRewriter {
     /// frame, checksum fixed. Learns the PVM's ISN from the client's handshake ACK when the
     /// primary did not report it.
     pub fn rewrite_client_input(&mut self, frame: &mut [u8]) -> RewriteOutcome {
-        let p = parse_frame(frame);
+        let p = self.parse(frame);
         let Some(t) = p.tcp() else {
             return RewriteOutcome::NotTcp;
         };
@@ -541,5 +557,24 @@ mod tests {
         let mut g = vec![0u8; 40];
         assert_eq!(r.rewrite_svm_output(&mut g), RewriteOutcome::NotTcp);
         assert_eq!(r.rewrite_client_input(&mut g), RewriteOutcome::NotTcp);
+    }
+
+    /// Also-seen item of issue 15: with the comparator's `ChecksumPolicy::Ignore` (checksum
+    /// offload: the TCP checksum is not filled in yet), SVM output is translated too.
+    #[test]
+    fn offloaded_checksums_translated_under_ignore_policy() {
+        let offloaded = |seq| {
+            let mut f = frame(false, true, seq, Some(1), TcpControl::None, [None; 3], b"abc");
+            f[14 + 20 + 16] ^= 0x5a; // checksum left to the NIC
+            f
+        };
+        let mut strict = SequenceRewriter::default();
+        strict.set_delta(tcp(&frame(false, true, 0, None, TcpControl::None, [None; 3], b"")).flow, 100);
+        assert_eq!(strict.rewrite_svm_output(&mut offloaded(5)), RewriteOutcome::NotTcp);
+        let mut r = SequenceRewriter::new(ChecksumFix::Full).with_checksum_policy(ChecksumPolicy::Ignore);
+        r.set_delta(tcp(&frame(false, true, 0, None, TcpControl::None, [None; 3], b"")).flow, 100);
+        let mut f = offloaded(5);
+        assert_eq!(r.rewrite_svm_output(&mut f), RewriteOutcome::Rewritten);
+        assert_eq!(tcp(&f).tcp().map(|t| t.seq), Some(105));
     }
 }

@@ -11,9 +11,9 @@ use alloc::sync::Arc;
 
 use super::pvblock::{BlockHook, NoBlockHook};
 use super::{DeviceCalls, DeviceHooks, FrameQueue, GuestDevices};
+use crate::boot_info::BootModule;
 use crate::config::NicRoles;
 use crate::guest::GuestMemory;
-use crate::kernel::BootModule;
 use guest_shim::abi::{Hypercall, HypercallError};
 
 /// Frames waiting for a guest, between the host NIC and the guest's RX ring.
@@ -40,11 +40,17 @@ impl crate::net::GuestForward for GuestPort {
     }
 }
 
-/// The hooks of one guest with a NIC: output to the client NIC, input from its queue.
-#[derive(Debug)]
+/// The hooks of one guest: output to the client NIC, input from its queue, and the block hook
+/// every disk read and write goes through.
 pub struct HostHooks {
     queue: Arc<spin::Mutex<FrameQueue>>,
-    block: NoBlockHook,
+    block: Box<dyn BlockHook>,
+}
+
+impl core::fmt::Debug for HostHooks {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HostHooks").field("queue_dropped", &self.queue_dropped()).finish_non_exhaustive()
+    }
 }
 
 impl HostHooks {
@@ -52,12 +58,17 @@ impl HostHooks {
     pub fn install(mac: [u8; 6]) -> Self {
         let queue = Arc::new(spin::Mutex::new(FrameQueue::new(RX_QUEUE_FRAMES)));
         crate::net::set_guest_hook(Box::new(GuestPort { mac, queue: queue.clone() }));
-        Self { queue, block: NoBlockHook }
+        Self { queue, block: Box::new(NoBlockHook) }
     }
 
     /// Hooks for a guest without a NIC.
     pub fn without_net() -> Self {
-        Self { queue: Arc::new(spin::Mutex::new(FrameQueue::new(1))), block: NoBlockHook }
+        Self { queue: Arc::new(spin::Mutex::new(FrameQueue::new(1))), block: Box::new(NoBlockHook) }
+    }
+
+    /// Puts `hook` beneath the block device.
+    pub fn set_block_hook(&mut self, hook: Box<dyn BlockHook>) {
+        self.block = hook;
     }
 
     /// Frames dropped because the queue was full.
@@ -81,7 +92,7 @@ impl DeviceHooks for HostHooks {
     }
 
     fn block(&mut self) -> &mut dyn BlockHook {
-        &mut self.block
+        self.block.as_mut()
     }
 }
 
@@ -101,12 +112,8 @@ impl DeviceCalls for HostDevices<'_, '_> {
 }
 
 /// The disk module `disk-NAME` for a guest whose module line says `disk=NAME`.
-pub fn find_disk<'m>(modules: &'m [BootModule<'m>], guest_cmdline: &str) -> Option<&'m BootModule<'m>> {
-    let name = crate::runner::module_arg(guest_cmdline, "disk")?;
-    modules.iter().find(|m| {
-        let first = m.cmdline.split_ascii_whitespace().next().unwrap_or("");
-        first.strip_prefix(DISK_PREFIX) == Some(name)
-    })
+pub fn find_disk<'m>(modules: &'m [BootModule<'m>], name: &str) -> Option<&'m BootModule<'m>> {
+    modules.iter().find(|m| m.name().strip_prefix(DISK_PREFIX) == Some(name))
 }
 
 /// The bytes of a disk module.

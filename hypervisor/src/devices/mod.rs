@@ -3,9 +3,10 @@
 //! the device hypercalls ([`GuestDevices`], reached from the exit handler through
 //! [`DeviceCalls`]). All of it is pure and host-tested; the runner supplies the hooks.
 //!
-//! The two hook points where COLO will sit: [`DeviceHooks::net_output`] (every frame a guest
-//! sends) and [`DeviceHooks::block`] (every disk write); frames for a guest enter its memory only
-//! through [`pvnet::PvNet::write_rx_frame`].
+//! The hook points where COLO sits: [`DeviceHooks::net_output`] (every frame a guest sends) and
+//! [`DeviceHooks::block`] (every disk read and write goes through its [`pvblock::BlockHook`]);
+//! frames for a guest enter its memory only through [`pvnet::PvNet::write_rx_frame`]. Each
+//! device saves and loads its own versioned state ([`state`]).
 #![deny(unsafe_code)]
 
 #[cfg(feature = "bare-metal")]
@@ -13,6 +14,7 @@
 pub mod host;
 pub mod pvblock;
 pub mod pvnet;
+pub mod state;
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -22,6 +24,7 @@ use guest_shim::abi::{Hypercall, HypercallError, PV_FRAME_MAX};
 use crate::guest::GuestMemory;
 use pvblock::{BlockHook, PvBlock};
 use pvnet::{PvNet, RxOutcome};
+use state::{check_optional, DeviceStateError, Persist, PvBlockState, PvNetState};
 
 /// The device hypercalls, as the exit handler sees them.
 pub trait DeviceCalls {
@@ -92,6 +95,33 @@ impl GuestDevices<'_> {
                 })
             }
             _ => Err(HypercallError::UnknownHypercall),
+        }
+    }
+
+    /// The NIC's and the block device's states (the guest is paused).
+    pub fn save_state(&self) -> (Option<PvNetState>, Option<PvBlockState>) {
+        (self.net.as_ref().map(Persist::save_state), self.block.as_ref().map(Persist::save_state))
+    }
+
+    /// Checks saved NIC and block states against these devices in a guest of `ram_bytes`:
+    /// each must be present exactly when the device is. Changes nothing.
+    pub fn check_state(
+        &self,
+        net: Option<&PvNetState>,
+        block: Option<&PvBlockState>,
+        ram_bytes: u64,
+    ) -> Result<(), DeviceStateError> {
+        check_optional(self.net.as_ref(), net, ram_bytes)?;
+        check_optional(self.block.as_ref(), block, ram_bytes)
+    }
+
+    /// Loads states [`GuestDevices::check_state`] accepted.
+    pub fn load_state(&mut self, net: Option<&PvNetState>, block: Option<&PvBlockState>) {
+        if let (Some(dev), Some(s)) = (self.net.as_mut(), net) {
+            dev.load_state(s);
+        }
+        if let (Some(dev), Some(s)) = (self.block.as_mut(), block) {
+            dev.load_state(s);
         }
     }
 

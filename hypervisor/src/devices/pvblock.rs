@@ -16,24 +16,46 @@ use guest_shim::abi::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::devices::state::{DeviceStateError, Persist, PvBlockState};
 use crate::guest::GuestMemory;
 
 const REQUEST_BYTES: u64 = core::mem::size_of::<PvBlockRequest>() as u64;
 
-/// Where disk writes go after they are applied (replication will sit here).
+/// The block device's backend hook: every guest read and write goes through it, with the
+/// disk passed in, so COLO can sit beneath the device. The defaults serve the disk directly and
+/// report each write to [`BlockHook::written`] after applying it (the primary streams it from
+/// there); the secondary's block replica overrides [`BlockHook::write`] and [`BlockHook::read`]
+/// to keep the SVM's writes in its overlay instead. Ranges are validated by the device before a
+/// hook sees them: `sector * 512 + len` lies within `disk`.
 pub trait BlockHook {
-    /// `data` was written at `sector`.
-    fn written(&mut self, sector: u64, data: &[u8]);
+    /// Fills `buf` from `sector` for the guest.
+    fn read(&mut self, disk: &[u8], sector: u64, buf: &mut [u8]) {
+        let start = sector as usize * BLOCK_SECTOR_SIZE as usize;
+        if let Some(src) = disk.get(start..start + buf.len()) {
+            buf.copy_from_slice(src);
+        }
+    }
+    /// Carries out the guest's write of `data` at `sector`.
+    fn write(&mut self, disk: &mut [u8], sector: u64, data: &[u8]) {
+        let start = sector as usize * BLOCK_SECTOR_SIZE as usize;
+        if let Some(dst) = disk.get_mut(start..start + data.len()) {
+            dst.copy_from_slice(data);
+        }
+        self.written(sector, data);
+    }
+    /// `data` was written at `sector` (called by the default [`BlockHook::write`]).
+    fn written(&mut self, sector: u64, data: &[u8]) {
+        let _ = (sector, data);
+    }
     /// The guest asked for earlier writes to be durable.
     fn flushed(&mut self);
 }
 
-/// A hook that does nothing (no replication).
+/// A hook that does nothing beyond serving the disk (no replication).
 #[derive(Debug, Default)]
 pub struct NoBlockHook;
 
 impl BlockHook for NoBlockHook {
-    fn written(&mut self, _: u64, _: &[u8]) {}
     fn flushed(&mut self) {}
 }
 
@@ -144,6 +166,25 @@ impl<'d> PvBlock<'d> {
         self.disk.len() as u64
     }
 
+    /// The disk's bytes (for a digest or a full sync to the secondary).
+    pub fn disk(&self) -> &[u8] {
+        self.disk
+    }
+
+    /// The disk's bytes for writing (a block replica committing PVM writes beneath the device).
+    pub fn disk_mut(&mut self) -> &mut [u8] {
+        self.disk
+    }
+
+    /// Replaces the whole disk with `image` (a full sync); it must have the disk's size.
+    pub fn replace_disk(&mut self, image: &[u8]) -> Result<(), DeviceStateError> {
+        if image.len() != self.disk.len() {
+            return Err(DeviceStateError::DiskSize { found: image.len() as u64, expected: self.size() });
+        }
+        self.disk.copy_from_slice(image);
+        Ok(())
+    }
+
     /// Carries out the request at `gpa`; writes its status. Returns the bytes moved.
     pub fn request(
         &mut self,
@@ -183,27 +224,42 @@ impl<'d> PvBlock<'d> {
             return Err(PvBlockError::BadLength { len });
         }
         let disk = self.size();
-        let range = req
-            .sector
+        req.sector
             .checked_mul(BLOCK_SECTOR_SIZE)
             .and_then(|start| Some(start..start.checked_add(len)?))
             .filter(|r| r.end <= disk)
             .ok_or(PvBlockError::OutOfDisk { sector: req.sector, len, disk })?;
-        let range = range.start as usize..range.end as usize;
         let bad_buffer = PvBlockError::BufferOutsideRam { addr: req.addr, len };
         if req.op == BLOCK_OP_READ {
-            mem.write(req.addr, &self.disk[range]).map_err(|_| bad_buffer)?;
+            let buf = mem.slice_mut(req.addr, len).map_err(|_| bad_buffer)?;
+            hook.read(self.disk, req.sector, buf);
             self.counters.reads += 1;
             self.counters.read_bytes += len;
         } else {
             let data = mem.slice(req.addr, len).map_err(|_| bad_buffer)?;
-            self.disk[range].copy_from_slice(data);
-            hook.written(req.sector, data);
+            hook.write(self.disk, req.sector, data);
             self.counters.writes += 1;
             self.counters.write_bytes += len;
         }
         Ok(len)
     }
+}
+
+impl Persist for PvBlock<'_> {
+    type State = PvBlockState;
+
+    fn save_state(&self) -> PvBlockState {
+        PvBlockState { size: self.size() }
+    }
+
+    fn check_state(&self, state: &PvBlockState, _ram_bytes: u64) -> Result<(), DeviceStateError> {
+        if state.size != self.size() {
+            return Err(DeviceStateError::DiskSize { found: state.size, expected: self.size() });
+        }
+        Ok(())
+    }
+
+    fn load_state(&mut self, _state: &PvBlockState) {}
 }
 
 #[cfg(test)]
@@ -280,5 +336,48 @@ mod tests {
         assert!(matches!(e, PvBlockError::RequestOutsideRam { .. }));
         assert_eq!(dev.counters.rejected, 8);
         assert!(hook.0.is_empty());
+    }
+    /// A hook beneath the device that keeps writes to itself (as the SVM's overlay does).
+    #[derive(Default)]
+    struct Overlay(std::collections::BTreeMap<u64, Vec<u8>>);
+
+    impl BlockHook for Overlay {
+        fn read(&mut self, disk: &[u8], sector: u64, buf: &mut [u8]) {
+            for (i, chunk) in buf.chunks_exact_mut(512).enumerate() {
+                let s = sector + i as u64;
+                match self.0.get(&s) {
+                    Some(data) => chunk.copy_from_slice(data),
+                    None => chunk.copy_from_slice(&disk[s as usize * 512..(s as usize + 1) * 512]),
+                }
+            }
+        }
+        fn write(&mut self, _disk: &mut [u8], sector: u64, data: &[u8]) {
+            for (i, chunk) in data.chunks_exact(512).enumerate() {
+                self.0.insert(sector + i as u64, chunk.to_vec());
+            }
+        }
+        fn flushed(&mut self) {}
+    }
+
+    #[test]
+    fn a_hook_can_intercept_writes_and_the_disk_can_be_replaced() {
+        let mut disk = std::vec![0u8; 8 * 512];
+        let mut ram = std::vec![0u8; 1 << 16];
+        let mut hook = Overlay::default();
+        let mut dev = PvBlock::new(&mut disk);
+        ram[0x2000..0x2200].fill(0x33);
+        put(&mut ram, 0x1000, BLOCK_OP_WRITE, 1, 512, 0x2000);
+        assert_eq!(dev.request(&mut GuestRam::new(&mut ram), 0x1000, &mut hook), Ok(512));
+        assert!(dev.disk().iter().all(|&b| b == 0), "the write must stay in the hook");
+        put(&mut ram, 0x1000, BLOCK_OP_READ, 0, 1024, 0x4000);
+        assert_eq!(dev.request(&mut GuestRam::new(&mut ram), 0x1000, &mut hook), Ok(1024));
+        assert!(ram[0x4000..0x4200].iter().all(|&b| b == 0) && ram[0x4200..0x4400].iter().all(|&b| b == 0x33));
+        assert_eq!(dev.replace_disk(&[1; 512]), Err(DeviceStateError::DiskSize { found: 512, expected: 4096 }));
+        dev.replace_disk(&[9; 4096]).unwrap();
+        assert_eq!(dev.disk(), &[9; 4096][..]);
+        let state = dev.save_state();
+        assert_eq!(state, PvBlockState { size: 4096 });
+        dev.check_state(&state, 0).unwrap();
+        assert!(dev.check_state(&PvBlockState { size: 512 }, 0).is_err());
     }
 }

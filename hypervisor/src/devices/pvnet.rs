@@ -15,6 +15,7 @@ use guest_shim::abi::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::devices::state::{DeviceStateError, Persist, PvNetState, RingState};
 use crate::guest::GuestMemory;
 
 const HEADER_BYTES: u64 = core::mem::size_of::<PvRingHeader>() as u64;
@@ -144,24 +145,14 @@ struct Ring {
 }
 
 impl Ring {
-    fn attach(mem: &dyn GuestMemory, gpa: u64) -> Result<Self, PvNetError> {
+    /// Reads and checks a ring header the guest wrote (it must lie in RAM and carry the magic).
+    fn header(mem: &dyn GuestMemory, gpa: u64) -> Result<PvRingHeader, PvNetError> {
         let header = mem.slice(gpa, HEADER_BYTES).map_err(|_| PvNetError::RingOutsideRam { gpa, len: HEADER_BYTES })?;
         let header = PvRingHeader::read_from_bytes(header).map_err(|_| PvNetError::RingOutsideRam { gpa, len: 0 })?;
         if header.magic != PV_RING_MAGIC {
             return Err(PvNetError::BadMagic { found: header.magic });
         }
-        let entries = header.entries;
-        if entries == 0 || !entries.is_power_of_two() || entries > PV_RING_MAX_ENTRIES {
-            return Err(PvNetError::BadEntries { entries });
-        }
-        let len = pv_ring_bytes(entries);
-        mem.slice(gpa, len).map_err(|_| PvNetError::RingOutsideRam { gpa, len })?;
-        // Start where the guest's indices are, so a re-attach continues.
-        Ok(Self { gpa, entries, consumer: header.consumer })
-    }
-
-    fn bytes(&self) -> u64 {
-        pv_ring_bytes(self.entries)
+        Ok(header)
     }
 
     /// Descriptors available: `producer - consumer`, checked against the ring size.
@@ -191,6 +182,26 @@ impl Ring {
         self.consumer = self.consumer.wrapping_add(1);
         let _ = mem.write(self.gpa + CONSUMER_OFFSET, &self.consumer.to_le_bytes());
     }
+}
+
+/// The ring checks that need only the RAM size: `entries` a power of two in
+/// `1..=PV_RING_MAX_ENTRIES`, each ring wholly inside `ram_bytes` of guest RAM, the rings
+/// disjoint. `NetAttach` and a loaded device state go through this one function.
+pub fn check_geometry(ram_bytes: u64, rx: (u64, u32), tx: (u64, u32)) -> Result<(), PvNetError> {
+    for (gpa, entries) in [rx, tx] {
+        if entries == 0 || !entries.is_power_of_two() || entries > PV_RING_MAX_ENTRIES {
+            return Err(PvNetError::BadEntries { entries });
+        }
+        let len = pv_ring_bytes(entries);
+        if gpa.checked_add(len).is_none_or(|end| end > ram_bytes) {
+            return Err(PvNetError::RingOutsideRam { gpa, len });
+        }
+    }
+    let (rx_end, tx_end) = (rx.0 + pv_ring_bytes(rx.1), tx.0 + pv_ring_bytes(tx.1));
+    if !(rx_end <= tx.0 || tx_end <= rx.0) {
+        return Err(PvNetError::RingsOverlap);
+    }
+    Ok(())
 }
 
 fn read_u32(mem: &dyn GuestMemory, gpa: u64) -> u32 {
@@ -242,13 +253,14 @@ impl PvNet {
     /// Attaches the rings at `rx_gpa` and `tx_gpa` after checking them.
     pub fn attach(&mut self, mem: &dyn GuestMemory, rx_gpa: u64, tx_gpa: u64) -> Result<(), PvNetError> {
         let result = (|| {
-            let rx = Ring::attach(mem, rx_gpa)?;
-            let tx = Ring::attach(mem, tx_gpa)?;
-            let disjoint = rx.gpa + rx.bytes() <= tx.gpa || tx.gpa + tx.bytes() <= rx.gpa;
-            if !disjoint {
-                return Err(PvNetError::RingsOverlap);
-            }
-            Ok((rx, tx))
+            let rx = Ring::header(mem, rx_gpa)?;
+            let tx = Ring::header(mem, tx_gpa)?;
+            check_geometry(mem.size(), (rx_gpa, rx.entries), (tx_gpa, tx.entries))?;
+            // Start where the guest's indices are, so a re-attach continues.
+            Ok((
+                Ring { gpa: rx_gpa, entries: rx.entries, consumer: rx.consumer },
+                Ring { gpa: tx_gpa, entries: tx.entries, consumer: tx.consumer },
+            ))
         })();
         match result {
             Ok((rx, tx)) => {
@@ -351,6 +363,34 @@ impl PvNet {
         ring.complete(mem, desc);
         self.rx = Some(ring);
         outcome
+    }
+}
+
+impl Persist for PvNet {
+    type State = PvNetState;
+
+    fn save_state(&self) -> PvNetState {
+        let ring = |r: Ring| RingState { gpa: r.gpa, entries: r.entries, consumer: r.consumer };
+        PvNetState { mac: self.mac, rings: self.rx.zip(self.tx).map(|(rx, tx)| (ring(rx), ring(tx))) }
+    }
+
+    fn check_state(&self, state: &PvNetState, ram_bytes: u64) -> Result<(), DeviceStateError> {
+        if state.mac != self.mac {
+            return Err(DeviceStateError::MacMismatch { found: state.mac, expected: self.mac });
+        }
+        if let Some((rx, tx)) = state.rings {
+            check_geometry(ram_bytes, (rx.gpa, rx.entries), (tx.gpa, tx.entries))
+                .map_err(DeviceStateError::RingGeometry)?;
+        }
+        Ok(())
+    }
+
+    fn load_state(&mut self, state: &PvNetState) {
+        let ring = |r: RingState| Ring { gpa: r.gpa, entries: r.entries, consumer: r.consumer };
+        (self.rx, self.tx) = match state.rings {
+            Some((rx, tx)) => (Some(ring(rx)), Some(ring(tx))),
+            None => (None, None),
+        };
     }
 }
 
@@ -513,5 +553,45 @@ mod tests {
                 let _ = net.write_rx_frame(&mut GuestRam::new(&mut ram), &std::vec![1; len]);
             }
         }
+    }
+    #[test]
+    fn state_saves_and_loads_the_attached_rings() {
+        let (mut ram, mut net) = setup();
+        set_desc(&mut ram, RX, 0, BUF, 2048);
+        set_producer(&mut ram, RX, 1);
+        assert_eq!(net.write_rx_frame(&mut GuestRam::new(&mut ram), &[7; 60]), RxOutcome::Delivered);
+        let state = net.save_state();
+        let (rx, tx) = state.rings.unwrap();
+        assert_eq!((rx.gpa, rx.entries, rx.consumer, tx.gpa, tx.consumer), (RX, 4, 1, TX, 0));
+        // A fresh NIC with the same MAC comes back attached where the first one was.
+        let mut fresh = PvNet::new([2, 0, 0, 0, 0, 1]);
+        assert!(!fresh.attached());
+        fresh.check_state(&state, 1 << 16).unwrap();
+        fresh.load_state(&state);
+        assert!(fresh.attached());
+        assert_eq!(fresh.save_state(), state);
+        set_desc(&mut ram, RX, 1, BUF, 2048);
+        set_producer(&mut ram, RX, 2);
+        assert_eq!(fresh.write_rx_frame(&mut GuestRam::new(&mut ram), &[8; 60]), RxOutcome::Delivered);
+        assert_eq!(consumer(&ram, RX), 2);
+        // The attach checks, against this guest's RAM; nothing changes on a refusal.
+        let mut other = PvNet::new([2, 0, 0, 0, 0, 1]);
+        let mut bad = state;
+        bad.rings = Some((RingState { entries: 3, ..rx }, tx));
+        assert_eq!(
+            other.check_state(&bad, 1 << 16),
+            Err(DeviceStateError::RingGeometry(PvNetError::BadEntries { entries: 3 }))
+        );
+        assert!(matches!(
+            other.check_state(&state, 0x2000),
+            Err(DeviceStateError::RingGeometry(PvNetError::RingOutsideRam { gpa: TX, .. }))
+        ));
+        bad.rings = Some((rx, RingState { gpa: RX + 8, ..tx }));
+        assert_eq!(other.check_state(&bad, 1 << 16), Err(DeviceStateError::RingGeometry(PvNetError::RingsOverlap)));
+        let stranger = PvNet::new([2, 0, 0, 0, 0, 9]);
+        assert!(matches!(stranger.check_state(&state, 1 << 16), Err(DeviceStateError::MacMismatch { .. })));
+        assert!(!other.attached());
+        other.load_state(&PvNetState { mac: [2, 0, 0, 0, 0, 1], rings: None });
+        assert!(!other.attached());
     }
 }

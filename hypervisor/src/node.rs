@@ -1,196 +1,72 @@
 //! The two-host driver: one host's loop when it runs as `role=primary` or `role=secondary`
-//! (the kernel hands over here; `role=standalone` keeps the runner).
+//! (the kernel hands over here; `role=standalone` keeps the runner). Nothing below imports it.
 //!
-//! It owns the replication link ([`crate::net::repl`]) and the guest, and carries bytes between
-//! them and the protocol: on every new connection it sends `Hello`, then heartbeats every
-//! `heartbeat_ms`; it decodes the peer's stream with `colo::link::LinkDecoder` and closes the
-//! connection (counted by the codec's error name) on the first bad byte. Nothing below this
-//! module imports it.
+//! It owns the guest, the replication link ([`crate::net::repl`]) and the COLO engine
+//! ([`ColoNode`], sans-IO), and carries bytes and events between them:
+//! - steps the guest (unless the engine paused it) one exit at a time; a guest waiting in
+//!   `BlockUntil` does not hold the loop (the runner defers the wait to the next step);
+//! - feeds the engine: client frames for the guest's MAC (primary), the guest's output frames,
+//!   the link's bytes and its connects and closes, capture and apply results, the time;
+//! - carries out the engine's actions: frames into the guest, frames out to clients (primary),
+//!   pause/resume, capture (pause + copy of dirty pages, vCPU and devices, then the PVM resumes
+//!   while the stream goes out), full sync from the paused guest in place, checkpoint and full
+//!   sync apply (secondary: all-or-nothing, the SVM's own dirty pages returned to the PVM's
+//!   content from a copy of the last committed RAM), closing the link;
+//! - copies the engine's link bytes into the socket whenever it has room (bounded both ways).
 //!
-//! What it does not do yet: run the COLO engine (`colo::node`) — mirrored input, compared
-//! output, checkpoints. Until then the primary runs its guest unreplicated and the secondary
-//! does not start one.
+//! Not driven yet: the guest's disk (the engine's block replica; a guest with `disk=` is refused
+//! here), management of the engine (status, `ctl checkpoint`), failover.
 
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::colo::link::{LinkDecoder, LinkRole, Repr};
-use crate::config::{Config, Role};
+use crate::boot_info::{BootInfo, BootModule};
+use crate::colo::block::MemDisk;
+use crate::colo::link::{LinkError, StateKind};
+use crate::colo::node::{
+    Action, ApplyFailure, Capture, CaptureKind, ColoNode, Event, FullSyncSource, LinkState, NodeConfig, NodeRole,
+    SyncPiece,
+};
+use crate::colo::Tick;
+use crate::config::{Config, NicRoles, Role};
+use crate::devices::state::DeviceStates;
+use crate::devices::FrameQueue;
+use crate::guest::spec::GuestSpec;
+use crate::guest::spec::GUEST_PREFIX;
+use crate::guest::GuestMemory;
 use crate::host::{shutdown, time};
-use crate::kernel::BootInfo;
-use crate::memory::FrameAllocator;
+use crate::memory::{FrameAllocator, PhysRange};
 use crate::net::repl::nic::ReplPort;
-use crate::net::repl::{CloseReason, ReplLink};
+use crate::net::repl::CloseReason;
+use crate::runner::Guest;
+use crate::snapshot::{self, Pages};
+use crate::vcpu::state::VCPU_STATE_TAG;
+use crate::vcpu::{DirtyLogMethod, VcpuState};
 
-/// Most bytes of link messages waiting for the socket; beyond it heartbeats are skipped (they
-/// carry no state) rather than queued.
-const MAX_PENDING: usize = 64 << 10;
-/// Bytes read from the link per step.
-const READ_CHUNK: usize = 16 << 10;
+const PAGE: usize = 4096;
+/// Client frames waiting for the engine (primary), and guest output waiting for it.
+const QUEUE_FRAMES: usize = 1024;
+/// Link bytes moved per copy.
+const IO_CHUNK: usize = 64 << 10;
 
-/// The link's protocol session for one connection: greeting, heartbeats, decoding.
-struct Session {
-    role: LinkRole,
-    host_id: u64,
-    guest_id: u64,
-    heartbeat_ms: u64,
-    /// The connection this session belongs to.
-    conn: Option<u32>,
-    decoder: LinkDecoder,
-    pending: Vec<u8>,
-    next_heartbeat_ms: u64,
-    last_rx_ms: u64,
-    peer_hello: bool,
-    heartbeats_in: u64,
-    heartbeats_out: u64,
-    scratch: Vec<u8>,
+/// The host network stack's hook for the guest's MAC: client frames go to the engine (primary)
+/// or nowhere (secondary: the SVM sees only mirrored input).
+struct ClientPort {
+    mac: [u8; 6],
+    queue: Option<Arc<spin::Mutex<FrameQueue>>>,
 }
 
-impl Session {
-    fn new(config: &Config, guest_id: u64) -> Self {
-        let role = if config.role == Role::Primary { LinkRole::Primary } else { LinkRole::Secondary };
-        let host_id = config.repl_addr.map_or(0, |a| u64::from(u32::from(a.addr)));
-        Self {
-            role,
-            host_id,
-            guest_id,
-            heartbeat_ms: config.heartbeat_ms.into(),
-            conn: None,
-            decoder: LinkDecoder::new(),
-            pending: Vec::new(),
-            next_heartbeat_ms: 0,
-            last_rx_ms: 0,
-            peer_hello: false,
-            heartbeats_in: 0,
-            heartbeats_out: 0,
-            scratch: alloc::vec![0; READ_CHUNK],
-        }
+impl crate::net::GuestForward for ClientPort {
+    fn owns(&self, mac: [u8; 6]) -> bool {
+        mac == self.mac
     }
 
-    /// How long the peer may stay silent before the connection is given up.
-    fn silence_limit_ms(&self) -> u64 {
-        (self.heartbeat_ms * 10).max(2_000)
-    }
-
-    fn queue(&mut self, repr: &Repr<'_>) -> bool {
-        if self.pending.len() >= MAX_PENDING {
-            return false;
+    fn deliver(&mut self, _nic: usize, roles: NicRoles, frame: &[u8]) {
+        if let (true, Some(queue)) = (roles.client, self.queue.as_ref()) {
+            queue.lock().push(frame);
         }
-        repr.emit_to_vec(&mut self.pending).is_some()
-    }
-
-    /// One round: follow the connection, send what is due, read and decode what arrived.
-    fn service(&mut self, link: &mut ReplLink, now_ms: u64) {
-        let current = link.connection();
-        if current.map(|c| c.id) != self.conn {
-            // A stream the peer ended (FIN or reset) inside a message is bad bytes too.
-            let local_close = matches!(link.last_close(), Some(CloseReason::Protocol(_) | CloseReason::Local(_)));
-            if let (Err(e), false) = (self.decoder.end_of_stream(), local_close) {
-                log::warn!("node: link error `{}`: {e}", e.name());
-                link.count_error(e.name());
-            }
-            if self.conn.is_some() {
-                log::info!(
-                    "node: link down (heartbeats in {} out {}); {}",
-                    self.heartbeats_in,
-                    self.heartbeats_out,
-                    link.counters()
-                );
-            }
-            self.conn = current.map(|c| c.id);
-            self.decoder = LinkDecoder::new();
-            self.pending.clear();
-            self.peer_hello = false;
-            self.heartbeats_in = 0;
-            self.heartbeats_out = 0;
-            self.last_rx_ms = now_ms;
-            self.next_heartbeat_ms = now_ms + self.heartbeat_ms;
-            if current.is_some() {
-                let hello = Repr::Hello {
-                    role: self.role,
-                    host_id: self.host_id,
-                    generation: 0,
-                    guest_id: self.guest_id,
-                    epoch: 0,
-                };
-                self.queue(&hello);
-            }
-        }
-        if self.conn.is_none() {
-            return;
-        }
-        if now_ms >= self.next_heartbeat_ms {
-            self.next_heartbeat_ms = now_ms + self.heartbeat_ms;
-            if self.queue(&Repr::Heartbeat { generation: 0, now: now_ms }) {
-                self.heartbeats_out += 1;
-            }
-        }
-        if !self.pending.is_empty() {
-            let sent = link.send(&self.pending);
-            self.pending.drain(..sent);
-        }
-        loop {
-            let n = link.recv(&mut self.scratch);
-            if n == 0 {
-                break;
-            }
-            self.last_rx_ms = now_ms;
-            let mut input = &self.scratch[..n];
-            loop {
-                match self.decoder.decode(&mut input) {
-                    Ok(Some(repr)) => {
-                        let (role, peer_hello, heartbeats_in) =
-                            (self.role, &mut self.peer_hello, &mut self.heartbeats_in);
-                        if let Err(reason) = on_message(role, &repr, peer_hello, heartbeats_in) {
-                            log::warn!("node: link message refused: {reason}; closing the connection");
-                            link.close(CloseReason::Protocol(reason), now_ms);
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        log::warn!("node: link error `{}`: {e}; closing the connection", e.name());
-                        link.close(CloseReason::Protocol(e.name()), now_ms);
-                        return;
-                    }
-                }
-            }
-        }
-        if now_ms > self.last_rx_ms + self.silence_limit_ms() {
-            log::warn!("node: peer silent for {} ms; closing the connection", now_ms - self.last_rx_ms);
-            link.close(CloseReason::Local("silent"), now_ms);
-        }
-    }
-}
-
-/// One decoded message; `Err(name)` when it is not acceptable here.
-fn on_message(
-    role: LinkRole,
-    repr: &Repr<'_>,
-    peer_hello: &mut bool,
-    heartbeats_in: &mut u64,
-) -> Result<(), &'static str> {
-    match repr {
-        Repr::Hello { role: peer, host_id, guest_id, .. } => {
-            if *peer == role {
-                return Err("same_role");
-            }
-            if *peer_hello {
-                return Err("repeated_hello");
-            }
-            *peer_hello = true;
-            log::info!("node: link up: hello from the {peer:?} host {host_id:#x} (guest {guest_id:#x})");
-            Ok(())
-        }
-        _ if !*peer_hello => Err("no_hello"),
-        Repr::Heartbeat { .. } => {
-            *heartbeats_in += 1;
-            if *heartbeats_in == 1 {
-                log::info!("node: first heartbeat from the peer");
-            }
-            Ok(())
-        }
-        // The COLO engine is not driven yet: anything else is unexpected on this link.
-        _ => Err("unexpected_message"),
     }
 }
 
@@ -201,85 +77,559 @@ fn guest_id(boot: &BootInfo<'_>) -> u64 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     };
-    for module in boot.modules.iter().filter(|m| m.cmdline.starts_with(crate::runner::GUEST_PREFIX)) {
+    for module in boot.modules.iter().filter(|m| m.name().starts_with(GUEST_PREFIX)) {
         module.cmdline.bytes().for_each(&mut eat);
-        // SAFETY: the boot loader placed the module at this range, reserved from the allocator
-        // and identity-mapped; nothing writes guest images.
-        let bytes =
-            unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) };
-        bytes.iter().copied().for_each(&mut eat);
+        module_bytes(module).iter().copied().for_each(&mut eat);
     }
     h
 }
 
-/// Runs this host as `config.role` until a `shutdown` request. Never returns.
-pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) -> ! {
-    let mut port = match ReplPort::bring_up(config) {
-        Ok(port) => port,
-        Err(e) => {
-            log::error!("node: replication link: {e}");
-            shutdown::exit(shutdown::ExitStatus::Failure)
+fn module_bytes<'a>(module: &BootModule<'a>) -> &'a [u8] {
+    // SAFETY: the boot loader placed the module at this range, reserved from the allocator and
+    // identity-mapped; nothing writes guest images.
+    unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) }
+}
+
+/// Guest RAM at host-physical `ram`, read-only.
+///
+/// # Safety
+/// `ram` must be a live guest's RAM (identity-mapped, allocated until the guest is destroyed),
+/// and the guest must not run while the slice is used.
+unsafe fn ram_slice<'a>(ram: PhysRange) -> &'a [u8] {
+    // SAFETY: as the caller guarantees.
+    unsafe { core::slice::from_raw_parts(ram.start as *const u8, ram.len() as usize) }
+}
+
+/// `(ram crc << 32) | disk crc`, the digest the engine carries.
+fn digest_u64(guest: &Guest) -> u64 {
+    let d = guest.digest();
+    (u64::from(d.ram_crc) << 32) | u64::from(d.disk_crc)
+}
+
+/// The whole paused PVM, read in place piece by piece (the full sync; never copied whole).
+struct GuestSync {
+    ram: PhysRange,
+    offset: u64,
+    states: Vec<(StateKind, u64, u32, Vec<u8>)>,
+    next_state: usize,
+}
+
+impl FullSyncSource for GuestSync {
+    fn ram_bytes(&self) -> u64 {
+        self.ram.len()
+    }
+
+    fn disk_sectors(&self) -> u64 {
+        0
+    }
+
+    fn next_piece(&mut self, buf: &mut [u8]) -> Option<SyncPiece> {
+        if self.offset < self.ram.len() {
+            let len = (buf.len() as u64).min(self.ram.len() - self.offset) as usize & !(PAGE - 1);
+            let len = if len == 0 { buf.len().min((self.ram.len() - self.offset) as usize) } else { len };
+            // SAFETY: the engine keeps the PVM paused (`PauseReason::FullSync`) until this
+            // source is dropped, and the guest (its RAM) outlives the engine's use of it.
+            let ram = unsafe { ram_slice(self.ram) };
+            let at = self.offset as usize;
+            buf[..len].copy_from_slice(&ram[at..at + len]);
+            let piece = SyncPiece::Memory { offset: self.offset, len };
+            self.offset += len as u64;
+            return Some(piece);
         }
-    };
-    let mut session = Session::new(config, guest_id(boot));
-    let mut guest = match config.role {
-        Role::Primary => start_guest(frames, boot, config),
-        _ => {
-            log::info!("node: secondary: the SVM starts with the COLO engine (not driven yet)");
-            None
+        let (kind, id, tag, data) = self.states.get(self.next_state)?;
+        if data.len() > buf.len() {
+            log::error!("node: state blob of {} bytes does not fit a {}-byte sync piece", data.len(), buf.len());
+            return None;
         }
-    };
-    log::info!("node: {:?} host running", config.role);
-    loop {
-        match guest.as_mut() {
-            Some((_, g)) => {
-                if let Some(end) = g.step() {
-                    g.report(&end);
-                    if let Some((_, g)) = guest.take() {
-                        g.destroy(frames);
-                    }
-                }
-            }
-            None => {
-                if crate::net::poll() == crate::net::PollOutcome::Shutdown {
-                    log::info!("shutdown requested over the management API");
-                    shutdown::exit(shutdown::ExitStatus::Success);
-                }
-            }
-        }
-        port.poll();
-        session.service(&mut port.link, time::now_ms());
-        port.poll();
+        buf[..data.len()].copy_from_slice(data);
+        self.next_state += 1;
+        Some(SyncPiece::State { kind: *kind, id: *id, tag: *tag, len: data.len() })
     }
 }
 
-/// Starts the first guest module (with its disk) on the detected backend.
-fn start_guest(
-    frames: &mut FrameAllocator,
-    boot: &BootInfo<'_>,
-    config: &Config,
-) -> Option<(crate::backend::Backend, crate::runner::Guest)> {
-    let module = boot.modules.iter().find(|m| m.cmdline.starts_with(crate::runner::GUEST_PREFIX))?;
-    let mut backend = match crate::backend::Backend::detect(frames) {
-        Ok(backend) => backend,
-        Err(e) => {
-            log::error!("node: no guest can run: {e}");
-            return None;
-        }
-    };
-    log::info!("backend: {}: {}", backend.name(), backend.describe());
-    match crate::runner::Guest::create(&mut backend, frames, module, config.guest_mem_bytes) {
-        Ok(mut guest) => {
-            if let Some(disk) = crate::devices::host::find_disk(&boot.modules, module.cmdline) {
-                // SAFETY: one guest runs on this host and the slice is dropped with it.
-                guest.attach_disk(unsafe { crate::devices::host::disk_bytes(disk) });
+/// The secondary's view of a full sync being received.
+#[derive(Default)]
+struct Incoming {
+    vcpu: Option<(u32, Vec<u8>)>,
+    devices: Vec<(u64, u32, Vec<u8>)>,
+}
+
+/// One host: the guest, the engine, the link and the queues between them.
+struct Host {
+    role: Role,
+    guest: Guest,
+    node: ColoNode<MemDisk>,
+    port: ReplPort,
+    client_in: Arc<spin::Mutex<FrameQueue>>,
+    guest_out: Arc<spin::Mutex<FrameQueue>>,
+    /// The engine keeps the guest from running.
+    paused: bool,
+    /// The link connection the engine knows about.
+    conn: Option<u32>,
+    /// Secondary: RAM as of the last committed checkpoint (the PVM's content), so pages the SVM
+    /// dirtied can be put back.
+    committed_ram: Vec<u8>,
+    /// Secondary: pages the SVM dirtied since the last commit, not yet put back.
+    svm_dirty: Vec<u64>,
+    incoming: Incoming,
+    buf: Vec<u8>,
+    last_state: LinkState,
+    last_committed: u64,
+    /// Link error counters (by `LinkError::index`) and protocol errors already reported.
+    seen_errors: [u64; 8],
+    seen_protocol: u64,
+}
+
+impl Host {
+    fn now() -> Tick {
+        Tick(time::now_ms())
+    }
+
+    /// One round of the loop.
+    fn turn(&mut self) {
+        // The guest, one exit (or a deferred wait that is not over yet).
+        if !self.paused {
+            if let Some(end) = self.guest.step() {
+                self.guest.report(&end);
+                log::error!("node: the guest ended ({end}); this host stops");
+                shutdown::exit(shutdown::ExitStatus::Failure);
             }
-            log::info!("node: guest `{}` running (unreplicated: the COLO engine is not driven yet)", guest.name);
-            Some((backend, guest))
+        } else if crate::net::poll() == crate::net::PollOutcome::Shutdown {
+            shutdown::exit(shutdown::ExitStatus::Success);
         }
-        Err(e) => {
-            log::error!("node: guest not started: {e}");
-            None
+        let now = Self::now();
+        // Frames: client input (primary) and guest output.
+        let mut frame = [0u8; 2048];
+        for client in [true, false] {
+            let queue = if client { self.client_in.clone() } else { self.guest_out.clone() };
+            loop {
+                let mut len = 0;
+                queue.lock().drain(&mut |f| {
+                    if len > 0 || f.len() > frame.len() {
+                        return false;
+                    }
+                    frame[..f.len()].copy_from_slice(f);
+                    len = f.len();
+                    true
+                });
+                if len == 0 {
+                    break;
+                }
+                let event = if client { Event::ClientFrame(&frame[..len]) } else { Event::GuestOutput(&frame[..len]) };
+                self.node.handle(now, event);
+                self.actions(now);
+            }
         }
+        self.link(now);
+        if self.node.poll_timeout().is_some_and(|at| at <= now) {
+            self.node.handle_timeout(now);
+        }
+        self.actions(now);
+        self.transmit(now);
+        self.report();
+    }
+
+    /// The link: connects and closes, received bytes.
+    fn link(&mut self, now: Tick) {
+        self.port.poll();
+        let current = self.port.link.connection().map(|c| c.id);
+        if current != self.conn {
+            if self.conn.is_some() {
+                self.node.handle(now, Event::LinkClosed);
+                self.actions(now);
+            }
+            self.conn = current;
+            if current.is_some() {
+                self.node.handle(now, Event::LinkConnected);
+                self.actions(now);
+            }
+        }
+        loop {
+            let n = self.port.link.recv(&mut self.buf);
+            if n == 0 {
+                break;
+            }
+            let bytes = core::mem::take(&mut self.buf);
+            self.node.handle(now, Event::LinkBytes(&bytes[..n]));
+            self.buf = bytes;
+            self.actions(now);
+        }
+    }
+
+    /// Engine bytes into the socket while both have some.
+    fn transmit(&mut self, now: Tick) {
+        for _ in 0..64 {
+            let room = self.port.link.send_capacity().min(self.buf.len());
+            if room == 0 || !self.node.wants_transmit() {
+                break;
+            }
+            let n = self.node.poll_transmit(now, &mut self.buf[..room]);
+            if n == 0 {
+                break;
+            }
+            let sent = self.port.link.send(&self.buf[..n]);
+            debug_assert_eq!(sent, n);
+            self.port.poll();
+        }
+    }
+
+    /// Carries out every queued action, in order.
+    fn actions(&mut self, now: Tick) {
+        while let Some(action) = self.node.poll_action() {
+            match action {
+                Action::DeliverToGuest(frame) => {
+                    if !self.guest.device_hooks.push_input(&frame) {
+                        log::warn!("node: guest input queue full; frame of {} bytes not delivered", frame.len());
+                    }
+                }
+                Action::ReleaseToClients(frame) => {
+                    let _ = crate::net::send_from_guest(&frame);
+                }
+                Action::Capture { epoch, kind } => {
+                    self.paused = true;
+                    let event = self.capture(epoch, kind);
+                    self.node.handle(Self::now(), event);
+                }
+                Action::ResumeVm => self.paused = false,
+                Action::PauseVm(reason) => {
+                    log::debug!("node: guest paused: {reason:?}");
+                    self.paused = true;
+                }
+                Action::ApplyCheckpoint(staged) => {
+                    let event = self.apply_checkpoint(staged);
+                    self.node.handle(Self::now(), event);
+                }
+                Action::BeginFullSync { epoch, ram_bytes } => {
+                    self.paused = true;
+                    self.incoming = Incoming::default();
+                    log::info!("node: full sync {epoch} begins: {} KiB of guest RAM", ram_bytes >> 10);
+                    if ram_bytes != self.guest.ram.len() {
+                        log::error!(
+                            "node: the primary's guest has {ram_bytes} bytes of RAM, this one {}: set the same guest_mem=",
+                            self.guest.ram.len()
+                        );
+                    }
+                }
+                Action::SyncMemory { offset, data } => {
+                    let mut mem = self.guest.memory();
+                    if mem.write(offset, &data).is_err() {
+                        log::error!("node: full sync memory at {offset:#x} (+{}) outside guest RAM", data.len());
+                    }
+                    if let Some(dst) = self.committed_ram.get_mut(offset as usize..offset as usize + data.len()) {
+                        dst.copy_from_slice(&data);
+                    }
+                }
+                Action::SyncState { kind, id, tag, data } => match kind {
+                    StateKind::Vcpu => self.incoming.vcpu = Some((tag, data)),
+                    StateKind::Device => self.incoming.devices.push((id, tag, data)),
+                },
+                Action::FinishFullSync { epoch } => {
+                    let event = self.finish_full_sync(epoch);
+                    self.node.handle(Self::now(), event);
+                }
+                Action::CloseLink => {
+                    let reason = self.new_error().map_or(CloseReason::Local("engine"), CloseReason::Protocol);
+                    self.port.link.close(reason, now.0);
+                    if self.conn.take().is_some() {
+                        self.node.handle(now, Event::LinkClosed);
+                    }
+                }
+                Action::Fence | Action::Promote => log::warn!("node: {action:?} is not carried out before issue #12"),
+            }
+        }
+    }
+
+    /// Primary: pause and copy (incremental) or a source over the paused guest (full).
+    fn capture(&mut self, epoch: u64, kind: CaptureKind) -> Event<'static> {
+        let t0 = time::rdtsc();
+        let frames = self.guest.ram.len() / PAGE as u64;
+        let digest = self.node.config().verify.then(|| digest_u64(&self.guest));
+        match kind {
+            CaptureKind::Incremental => {
+                let (copy, _) = match snapshot::pause_and_copy(&mut self.guest, Pages::Dirty) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        log::error!("node: capture {epoch}: {e}");
+                        return Event::CaptureFailed { epoch };
+                    }
+                };
+                let pause_us = cycles_to_us(time::rdtsc() - t0);
+                let pages = copy.gfns.len() as u64;
+                match snapshot::encode(&copy, epoch, frames) {
+                    Ok(stream) => Event::CaptureDone {
+                        epoch,
+                        capture: Capture::Checkpoint(Box::new(stream)),
+                        digest,
+                        pause_us,
+                        pages,
+                    },
+                    Err(e) => {
+                        log::error!("node: encoding checkpoint {epoch}: {e}");
+                        Event::CaptureFailed { epoch }
+                    }
+                }
+            }
+            CaptureKind::Full => {
+                let mut state = match self.guest.vcpu.save_state() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::error!("node: full capture {epoch}: {e}");
+                        return Event::CaptureFailed { epoch };
+                    }
+                };
+                state.handler_msrs = self.guest.handler.msrs();
+                let mut states =
+                    vec![(StateKind::Vcpu, 0, VCPU_STATE_TAG, zerocopy::IntoBytes::as_bytes(&state).to_vec())];
+                for blob in self.guest.save_devices().blobs() {
+                    states.push((StateKind::Device, blob.id, blob.tag, blob.data));
+                }
+                // The dirty log starts over: the sync covers every page.
+                let _ = snapshot::take_dirty(&mut self.guest);
+                let pause_us = cycles_to_us(time::rdtsc() - t0);
+                log::info!("node: full sync {epoch}: {} KiB of RAM from the paused PVM", self.guest.ram.len() >> 10);
+                Event::CaptureDone {
+                    epoch,
+                    capture: Capture::Full(Box::new(GuestSync {
+                        ram: self.guest.ram,
+                        offset: 0,
+                        states,
+                        next_state: 0,
+                    })),
+                    digest,
+                    pause_us,
+                    pages: frames,
+                }
+            }
+        }
+    }
+
+    /// Secondary: a verified checkpoint into the SVM, all or nothing, and the SVM's own dirty
+    /// pages back to the committed content.
+    fn apply_checkpoint(&mut self, staged: crate::colo::checkpoint::StagedCheckpoint) -> Event<'static> {
+        let t0 = time::rdtsc();
+        let epoch = staged.epoch();
+        match snapshot::take_dirty(&mut self.guest) {
+            Ok(pages) => self.svm_dirty.extend(pages),
+            Err(e) => log::error!("node: SVM dirty pages: {e}"),
+        }
+        let mut written: Vec<u64> = staged.pages().map(|p| p.gfn).collect();
+        written.sort_unstable();
+        let result = match snapshot::apply_checkpoint(&mut self.guest, staged, epoch) {
+            Ok(_) => {
+                let ram_len = self.guest.ram.len() as usize;
+                self.svm_dirty.sort_unstable();
+                self.svm_dirty.dedup();
+                let mut mem = self.guest.memory();
+                let mut restored = 0u64;
+                for &gfn in &self.svm_dirty {
+                    let at = gfn as usize * PAGE;
+                    if written.binary_search(&gfn).is_err() && at + PAGE <= ram_len {
+                        if mem.write(at as u64, &self.committed_ram[at..at + PAGE]).is_ok() {
+                            restored += 1;
+                        }
+                    }
+                }
+                for &gfn in &written {
+                    let at = gfn as usize * PAGE;
+                    if let (Ok(src), Some(dst)) =
+                        (mem.slice(at as u64, PAGE as u64), self.committed_ram.get_mut(at..at + PAGE))
+                    {
+                        dst.copy_from_slice(src);
+                    }
+                }
+                self.svm_dirty.clear();
+                // The put-back pages were written by the hypervisor: not the SVM's own.
+                let _ = snapshot::take_dirty(&mut self.guest);
+                log::debug!("node: checkpoint {epoch}: {} pages applied, {restored} SVM pages put back", written.len());
+                Ok(self.node.config().verify.then(|| digest_u64(&self.guest)))
+            }
+            Err(e) => {
+                log::error!("node: checkpoint {epoch} refused: {e}");
+                Err(ApplyFailure::State)
+            }
+        };
+        Event::ApplyDone { epoch, result, apply_us: cycles_to_us(time::rdtsc() - t0) }
+    }
+
+    /// Secondary: the full sync's states into the SVM.
+    fn finish_full_sync(&mut self, epoch: u64) -> Event<'static> {
+        let t0 = time::rdtsc();
+        let incoming = core::mem::take(&mut self.incoming);
+        let result = (|| {
+            let (tag, data) = incoming.vcpu.as_ref().ok_or(ApplyFailure::State)?;
+            let state = VcpuState::parse(*tag, data).map_err(|e| {
+                log::error!("node: full sync {epoch}: vCPU state: {e}");
+                ApplyFailure::State
+            })?;
+            let devices =
+                DeviceStates::from_blobs(incoming.devices.iter().map(|(id, tag, d)| (*id, *tag, d.as_slice())))
+                    .map_err(|e| {
+                        log::error!("node: full sync {epoch}: device states: {e}");
+                        ApplyFailure::State
+                    })?;
+            self.guest.check_devices(&devices).map_err(|e| {
+                log::error!("node: full sync {epoch}: device states: {e}");
+                ApplyFailure::State
+            })?;
+            self.guest.vcpu.check_state(&state).map_err(|e| {
+                log::error!("node: full sync {epoch}: vCPU state: {e}");
+                ApplyFailure::State
+            })?;
+            self.guest.vcpu.load_state(&state).map_err(|_| ApplyFailure::State)?;
+            self.guest.handler.set_msrs(state.handler_msrs);
+            self.guest.load_devices(&devices);
+            let _ = snapshot::take_dirty(&mut self.guest);
+            self.svm_dirty.clear();
+            log::info!("node: full sync {epoch} applied");
+            Ok(self.node.config().verify.then(|| digest_u64(&self.guest)))
+        })();
+        Event::ApplyDone { epoch, result, apply_us: cycles_to_us(time::rdtsc() - t0) }
+    }
+
+    /// The name of a link or protocol error the engine counted since the last report, if any.
+    fn new_error(&self) -> Option<&'static str> {
+        let stats = self.node.stats();
+        if let Some(i) = (0..self.seen_errors.len()).find(|&i| stats.link_errors[i] > self.seen_errors[i]) {
+            return Some(LinkError::NAMES[i]);
+        }
+        (stats.protocol_errors > self.seen_protocol).then(|| self.node.last_protocol_error().unwrap_or("protocol"))
+    }
+
+    /// Logs state changes, commits and link errors.
+    fn report(&mut self) {
+        let stats = self.node.stats();
+        for i in 0..self.seen_errors.len() {
+            if stats.link_errors[i] > self.seen_errors[i] {
+                self.seen_errors[i] = stats.link_errors[i];
+                log::warn!("node: link error `{}` (total {})", LinkError::NAMES[i], stats.link_errors[i]);
+            }
+        }
+        if stats.protocol_errors > self.seen_protocol {
+            self.seen_protocol = stats.protocol_errors;
+            log::warn!(
+                "node: link protocol error `{}` (total {})",
+                self.node.last_protocol_error().unwrap_or("?"),
+                stats.protocol_errors
+            );
+        }
+        let status = self.node.status();
+        if status.link != self.last_state {
+            match status.link {
+                LinkState::Colo => log::info!("node: COLO running ({:?}, epoch {})", self.role, status.epoch),
+                other => log::info!("node: link {other:?}"),
+            }
+            self.last_state = status.link;
+        }
+        if status.committed != self.last_committed {
+            self.last_committed = status.committed;
+            let s = &status.stats;
+            log::info!(
+                "node: epoch {} committed; checkpoints {:?} committed {} aborted {}; verify failures {}; link errors {}",
+                status.committed,
+                s.checkpoints_by_cause,
+                s.checkpoints_committed,
+                s.checkpoints_aborted,
+                s.verify_failures,
+                s.link_errors_total()
+            );
+        }
+    }
+}
+
+fn cycles_to_us(cycles: u64) -> u64 {
+    cycles * 1000 / time::tsc_per_ms().max(1)
+}
+
+fn fail(args: core::fmt::Arguments<'_>) -> ! {
+    log::error!("node: {args}");
+    shutdown::exit(shutdown::ExitStatus::Failure)
+}
+
+/// Runs this host as `config.role` until a `shutdown` request. Never returns.
+pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) -> ! {
+    let port = ReplPort::bring_up(config).unwrap_or_else(|e| fail(format_args!("replication link: {e}")));
+    let module = boot
+        .modules
+        .iter()
+        .find(|m| m.name().starts_with(GUEST_PREFIX))
+        .unwrap_or_else(|| fail(format_args!("no guest module to replicate")));
+    let spec =
+        GuestSpec::parse(module.cmdline).unwrap_or_else(|e| fail(format_args!("guest `{}`: {e}", module.name())));
+    if spec.disk.is_some() {
+        fail(format_args!("guest `{}`: disk= is not replicated by this driver yet", spec.name));
+    }
+    let mac = spec.mac.unwrap_or_else(|| fail(format_args!("guest `{}` needs mac= to be replicated", spec.name)));
+    let mut backend =
+        crate::backend::Backend::detect(frames).unwrap_or_else(|e| fail(format_args!("no guest can run: {e}")));
+    log::info!("backend: {}: {}", backend.name(), backend.describe());
+    let mut guest = Guest::create(&mut backend, frames, module, &spec, config.guest_mem_bytes)
+        .unwrap_or_else(|e| fail(format_args!("guest `{}` not started: {e}", spec.name)));
+    let pages = guest.ram.len() / PAGE as u64;
+    let method = match backend.name() {
+        "VT-x" => DirtyLogMethod::Pml,
+        _ => DirtyLogMethod::AccessedDirty,
+    };
+    if let Err(e) = guest.vcpu.enable_dirty_log(method, frames) {
+        fail(format_args!("dirty logging: {e}"));
+    }
+    guest.dirty = Some(crate::memory::DirtyLog::new(pages));
+    let guest_out = Arc::new(spin::Mutex::new(FrameQueue::new(QUEUE_FRAMES)));
+    guest.device_hooks.redirect_output(guest_out.clone());
+    let client_in = Arc::new(spin::Mutex::new(FrameQueue::new(QUEUE_FRAMES)));
+    let forward = (config.role == Role::Primary).then(|| client_in.clone());
+    crate::net::set_guest_hook(Box::new(ClientPort { mac, queue: forward }));
+    guest.defer_blocks(true);
+
+    let role = if config.role == Role::Primary { NodeRole::Primary } else { NodeRole::Secondary };
+    let mut node_config = NodeConfig::new(role, pages);
+    node_config.host_id = config.repl_addr.map_or(0, |a| u64::from(u32::from(a.addr)));
+    node_config.guest_id = guest_id(boot);
+    node_config.checkpoint_ms = config.checkpoint_ms.into();
+    node_config.compare_timeout_ms = config.compare_timeout_ms.into();
+    node_config.heartbeat_ms = config.heartbeat_ms.into();
+    node_config.peer_timeout_ms = (u64::from(config.heartbeat_ms) * 20).max(5_000);
+    node_config.ack_timeout_ms = 60_000;
+    node_config.verify = config.checkpoint_verify;
+    node_config.comparator.max_held_frames = config.queue_limit as usize;
+    let now = Tick(time::now_ms());
+    let node = match role {
+        NodeRole::Primary => ColoNode::primary(node_config, now),
+        NodeRole::Secondary => ColoNode::secondary(node_config, MemDisk::new(0), now),
+    };
+    let committed_ram = match role {
+        NodeRole::Secondary => vec![0u8; guest.ram.len() as usize],
+        NodeRole::Primary => Vec::new(),
+    };
+    log::info!(
+        "node: {:?} host running guest `{}` ({} MiB, dirty log {method:?}); checkpoint_ms={} compare_timeout_ms={} verify={}",
+        config.role,
+        guest.name,
+        guest.ram.len() >> 20,
+        config.checkpoint_ms,
+        config.compare_timeout_ms,
+        if config.checkpoint_verify { "on" } else { "off" }
+    );
+    let mut host = Host {
+        role: config.role,
+        guest,
+        node,
+        port,
+        client_in,
+        guest_out,
+        // The secondary's SVM waits for its first full sync (the engine says so too).
+        paused: role == NodeRole::Secondary,
+        conn: None,
+        committed_ram,
+        svm_dirty: Vec::new(),
+        incoming: Incoming::default(),
+        buf: vec![0; IO_CHUNK],
+        last_state: LinkState::Down,
+        last_committed: 0,
+        seen_errors: [0; 8],
+        seen_protocol: 0,
+    };
+    host.actions(now);
+    loop {
+        host.turn();
     }
 }

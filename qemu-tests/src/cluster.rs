@@ -40,8 +40,8 @@ pub const SERVICE_PORT: u16 = 6379;
 pub const REPL_PORT: u16 = 7000;
 /// The management API port on each host.
 pub const MGMT_PORT: u16 = 7070;
-/// The line a host prints once its replication link is up.
-pub const LINK_UP: &str = "node: link up";
+/// The line a host prints each time COLO runs (after the full sync of a new link connection).
+pub const COLO_RUNNING: &str = "node: COLO running";
 /// The line the guest service prints once it listens.
 pub const SERVICE_LISTENING: &str = "redis: listening on";
 /// How long a host may take to boot and reach the readiness line.
@@ -114,7 +114,7 @@ pub struct ClusterSpec {
     pub cmdline_extra: String,
     /// Extra module arguments for the guest.
     pub guest_extra: String,
-    /// The guest's disk, in KiB.
+    /// The guest's disk, in KiB (0: no disk; the driver does not replicate disks yet).
     pub disk_kib: usize,
     /// RAM of each emulated host, in MiB.
     pub memory_mib: u32,
@@ -129,7 +129,7 @@ impl ClusterSpec {
             tag: tag.into(),
             cmdline_extra: String::new(),
             guest_extra: String::new(),
-            disk_kib: 4096,
+            disk_kib: 0,
             memory_mib: 768,
         }
     }
@@ -255,7 +255,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Creates the networks and both hosts' images, boots both hosts, and waits until each has
-    /// printed [`LINK_UP`] and the primary's guest listens. Everything made is removed on failure.
+    /// printed [`COLO_RUNNING`] and the primary's guest listens. Everything made is removed on failure.
     pub fn start(spec: ClusterSpec) -> Result<Self, ClusterError> {
         let mut cluster = Self::prepare(spec)?;
         for host in Host::BOTH {
@@ -373,7 +373,7 @@ impl Cluster {
             Host::Secondary => format!("10.79.{s}.2:{REPL_PORT}"),
         };
         format!(
-            "role={host} mgmt_addr={}/24 nics=mgmt+client,repl repl_addr={}/24 repl_port={REPL_PORT} peer_addr={peer} on_idle=halt {}",
+            "role={host} mgmt_addr={}/24 nics=mgmt+client,repl repl_addr={}/24 repl_port={REPL_PORT} peer_addr={peer} guest_mem=32M on_idle=halt {}",
             self.mgmt_ip(host),
             self.repl_ip(host),
             self.spec.cmdline_extra
@@ -418,17 +418,19 @@ impl Cluster {
         if !redis.is_file() {
             return Err(HarnessError::Missing { path: redis, hint: "build it with `cargo xtask build`" }.into());
         }
-        let disk = self.spec.dir.join("disk.img");
-        fs::write(&disk, vec![0u8; self.spec.disk_kib * 1024])?;
         let s = self.spec.subnet;
+        let disk_arg = if self.spec.disk_kib > 0 { "disk=data " } else { "" };
         let guest_args = format!(
-            "ip=10.78.{s}.10/24 mac=52:54:00:c0:{s:02x}:10 disk=data time_limit_ms=86400000 {}",
+            "ip=10.78.{s}.10/24 mac=52:54:00:c0:{s:02x}:10 {disk_arg}time_limit_ms=86400000 {}",
             self.spec.guest_extra
         );
-        let modules = [
-            ImageModule { path: redis, name: "guest-redis".into(), args: guest_args.trim_end().into() },
-            ImageModule { path: disk, name: "disk-data".into(), args: String::new() },
-        ];
+        let mut modules =
+            vec![ImageModule { path: redis, name: "guest-redis".into(), args: guest_args.trim_end().into() }];
+        if self.spec.disk_kib > 0 {
+            let disk = self.spec.dir.join("disk.img");
+            fs::write(&disk, vec![0u8; self.spec.disk_kib * 1024])?;
+            modules.push(ImageModule { path: disk, name: "disk-data".into(), args: String::new() });
+        }
         for host in Host::BOTH {
             make_image(&kernel, &self.cmdline(host), &modules, &self.image_path(host))?;
         }
@@ -512,13 +514,13 @@ impl Cluster {
         }
     }
 
-    /// Waits until both hosts report the link up and the primary's guest listens.
+    /// Waits until both hosts report COLO running and the primary's guest listens.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), ClusterError> {
         let started = Instant::now();
-        for host in Host::BOTH {
-            self.wait_for(host, LINK_UP, timeout.saturating_sub(started.elapsed()))?;
-        }
         self.wait_for(Host::Primary, SERVICE_LISTENING, timeout.saturating_sub(started.elapsed()))?;
+        for host in Host::BOTH {
+            self.wait_for(host, COLO_RUNNING, timeout.saturating_sub(started.elapsed()))?;
+        }
         Ok(())
     }
 

@@ -146,7 +146,7 @@ impl Default for Config {
             nics: heapless::Vec::from_slice(&[NicRoles::ALL]).unwrap_or_default(),
             repl_addr: None,
             repl_port: 7000,
-            compare_timeout_ms: 20,
+            compare_timeout_ms: 100,
             checkpoint_verify: true,
             queue_limit: 4096,
         }
@@ -186,7 +186,7 @@ pub const KEYS: &[KeySpec] = &[
         form: "an IPv4 address with prefix length on the replication network (e.g. 10.0.1.1/24)",
     },
     KeySpec { key: "repl_port", form: "a TCP port from 1 to 65535 (default 7000)" },
-    KeySpec { key: "compare_timeout_ms", form: "milliseconds from 1 to 60000 (default 20)" },
+    KeySpec { key: "compare_timeout_ms", form: "milliseconds from 1 to 60000 (default 100)" },
     KeySpec { key: "checkpoint_verify", form: "on|off (default on)" },
     KeySpec { key: "queue_limit", form: "held frames from 1 to 1000000 (default 4096)" },
 ];
@@ -451,7 +451,7 @@ mod tests {
         assert_eq!((config.repl_port, config.compare_timeout_ms, config.queue_limit), (7100, 5, 8));
         assert!(!config.checkpoint_verify);
         let defaults = Config::default();
-        assert_eq!((defaults.repl_port, defaults.compare_timeout_ms, defaults.queue_limit), (7000, 20, 4096));
+        assert_eq!((defaults.repl_port, defaults.compare_timeout_ms, defaults.queue_limit), (7000, 100, 4096));
         assert!(defaults.checkpoint_verify);
     }
 

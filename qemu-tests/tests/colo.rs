@@ -1,32 +1,176 @@
 //! Suite `colo` (root): two emulated hosts (QEMU TCG, AMD-V with NPT) started with
-//! `qemu_tests::cluster`, the same cluster `cargo xtask cluster start` gives a person. Run
+//! `qemu_tests::cluster`, the same cluster `cargo xtask cluster start` gives a person: the
+//! primary runs the PVM, the secondary the SVM, `guest-redis` is the replicated service. Run
 //! through `cargo xtask test --suite colo` (builds the kernel and guests first).
 //!
 //! Each test has its own cluster directory under `target/harness/` and its own subnets
 //! (10.78.S.0/24 clients, 10.79.S.0/24 replication); the cluster's drop kills both emulators and
 //! removes its namespaces, taps and bridges, also when a test fails.
+//!
+//! The engine's counters are read from the lines the driver prints at every commit
+//! (`node: epoch N committed; checkpoints [mismatch, timeout, pressure, periodic, manual, full
+//! sync] ...; verify failures V; link errors L`).
 
 use std::time::Duration;
 
-use qemu_tests::cluster::{Cluster, ClusterSpec, Host, Net, LINK_UP, REPL_PORT};
+use qemu_tests::cluster::{Cluster, ClusterSpec, Host, Net, COLO_RUNNING, REPL_PORT};
 use qemu_tests::netns;
 use qemu_tests::ScratchDir;
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(90);
 
-/// A started cluster with its scratch directory (dropped after the cluster).
+/// A cluster with its scratch directory (dropped after the cluster).
 struct Setup {
     cluster: Cluster,
     _dir: ScratchDir,
 }
 
-fn start(tag: &str, subnet: u8, cmdline_extra: &str) -> Setup {
+fn spec(tag: &str, subnet: u8, cmdline_extra: &str) -> (ClusterSpec, ScratchDir) {
     assert!(netns::available(), "the colo suite needs root and iproute2 (`cargo xtask deps`)");
     let dir = ScratchDir::new(tag).expect("scratch dir");
     let mut spec = ClusterSpec::new(dir.path(), tag, subnet);
     spec.cmdline_extra = cmdline_extra.into();
+    (spec, dir)
+}
+
+fn start(tag: &str, subnet: u8, cmdline_extra: &str) -> Setup {
+    let (spec, dir) = spec(tag, subnet, cmdline_extra);
     let cluster = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
     Setup { cluster, _dir: dir }
+}
+
+/// The engine's counters at the last commit a host printed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Commit {
+    epoch: u64,
+    /// mismatch, timeout, pressure, periodic, manual, full sync.
+    by_cause: [u64; 6],
+    verify_failures: u64,
+}
+
+fn last_commit(c: &Cluster, host: Host) -> Commit {
+    let serial = c.serial(host);
+    let Some(line) = serial.lines().filter(|l| l.contains("node: epoch ") && l.contains(" committed;")).last() else {
+        return Commit::default();
+    };
+    let num = |after: &str| -> u64 {
+        let rest = line.split(after).nth(1).unwrap_or_else(|| panic!("no `{after}` in {line}"));
+        rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().expect("a number")
+    };
+    let causes = line.split("checkpoints [").nth(1).and_then(|r| r.split(']').next()).expect("cause list");
+    let mut by_cause = [0; 6];
+    for (slot, n) in by_cause.iter_mut().zip(causes.split(", ")) {
+        *slot = n.trim().parse().expect("a count");
+    }
+    Commit { epoch: num("node: epoch "), by_cause, verify_failures: num("verify failures ") }
+}
+
+/// Waits until `host` has committed an epoch after `epoch`.
+fn wait_commit_after(c: &Cluster, host: Host, epoch: u64) -> Commit {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let commit = last_commit(c, host);
+        if commit.epoch > epoch {
+            return commit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no commit after epoch {epoch} on the {host}:\n{}",
+            c.serial(host)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `redis-cli -h SERVICE ARGS` from the client namespace; its trimmed stdout.
+fn cli(c: &Cluster, args: &[&str]) -> String {
+    let ip = c.service_ip();
+    let mut all = vec!["-h", ip.as_str()];
+    all.extend_from_slice(args);
+    let out = c.run(Net::Client, "redis-cli", &all, 30);
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?} failed ({}): {text}{}\nprimary:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        c.serial(Host::Primary)
+    );
+    text
+}
+
+/// Both hosts report COLO running and the verify counters are clean.
+fn assert_colo_clean(c: &Cluster) {
+    for host in Host::BOTH {
+        let serial = c.serial(host);
+        assert!(serial.contains(COLO_RUNNING), "the {host} never reached COLO:\n{serial}");
+        assert_eq!(last_commit(c, host).verify_failures, 0, "verify failures on the {host}:\n{serial}");
+        assert!(!serial.contains("refused:"), "the {host} refused a checkpoint:\n{serial}");
+    }
+}
+
+#[test]
+fn redis_set_get_incr_through_the_replicated_service() {
+    let s = start("rset", 41, "");
+    let c = &s.cluster;
+    let before = wait_commit_after(c, Host::Primary, 0);
+    assert_eq!(cli(c, &["set", "colo-key", "colo-value"]), "OK");
+    assert_eq!(cli(c, &["get", "colo-key"]), "colo-value");
+    for n in 1..=5 {
+        assert_eq!(cli(c, &["incr", "counter"]), n.to_string());
+    }
+    assert!(c.status().contains(&format!("service: {}:6379", c.service_ip())));
+    // A deterministic workload: checkpoints are the full sync and periodic ones only (a
+    // timeout or mismatch here would mean PVM and SVM disagreed on deterministic replies).
+    let after = wait_commit_after(c, Host::Primary, before.epoch + 1);
+    assert_eq!(after.by_cause[0], 0, "mismatch checkpoints for a deterministic workload: {after:?}");
+    assert!(after.by_cause[3] >= 1, "no periodic checkpoint: {after:?}");
+    // The secondary committed the same epochs and its digests matched the primary's.
+    wait_commit_after(c, Host::Secondary, before.epoch + 1);
+    assert_colo_clean(c);
+}
+
+#[test]
+fn each_time_request_diverges_and_forces_one_checkpoint() {
+    let s = start("time", 42, "");
+    let c = &s.cluster;
+    let before = wait_commit_after(c, Host::Primary, 0);
+    let mut replies = Vec::new();
+    for _ in 0..5 {
+        let reply = cli(c, &["time"]);
+        let lines: Vec<&str> = reply.lines().collect();
+        assert_eq!(lines.len(), 2, "TIME gives seconds and microseconds, exactly once: {reply:?}");
+        replies.push(reply.clone());
+    }
+    replies.dedup();
+    assert_eq!(replies.len(), 5, "TIME replies repeat: {replies:?}");
+    let after = last_commit(c, Host::Primary);
+    let mismatches = after.by_cause[0] - before.by_cause[0];
+    assert!(mismatches >= 5, "5 TIME requests forced {mismatches} mismatch checkpoints: {before:?} -> {after:?}");
+    wait_commit_after(c, Host::Secondary, after.epoch - 1);
+    assert_colo_clean(c);
+}
+
+#[test]
+fn a_small_queue_limit_forces_pressure_checkpoints_without_drops() {
+    // compare_timeout_ms high so held frames wait for pressure (queue_limit=2), not the timeout.
+    let s = start("pres", 43, "queue_limit=2 compare_timeout_ms=60000 checkpoint_ms=600000");
+    let c = &s.cluster;
+    let before = wait_commit_after(c, Host::Primary, 0);
+    // MSET of many keys: replies and ACKs pile up beyond two held frames.
+    let mut args = vec!["mset".to_string()];
+    for i in 0..400 {
+        args.push(format!("key{i}"));
+        args.push(format!("value-{i}-{}", "x".repeat(64)));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(cli(c, &refs), "OK");
+    assert_eq!(cli(c, &["get", "key399"]), format!("value-399-{}", "x".repeat(64)));
+    let after = last_commit(c, Host::Primary);
+    assert!(after.by_cause[2] > before.by_cause[2], "no pressure checkpoint: {before:?} -> {after:?}");
+    let primary = c.serial(Host::Primary);
+    assert!(!primary.contains("not delivered"), "frames dropped:\n{primary}");
+    assert_colo_clean(c);
 }
 
 /// Sends `bytes` to the secondary's replication port from the probe namespace, then half-closes
@@ -34,7 +178,7 @@ fn start(tag: &str, subnet: u8, cmdline_extra: &str) -> Setup {
 fn send_to_secondary_link(c: &Cluster, bytes: &[u8]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let script = r#"
-import socket, sys, time
+import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 s.sendall(bytes.fromhex(sys.argv[3]))
 s.shutdown(socket.SHUT_WR)
@@ -60,58 +204,64 @@ except socket.timeout:
 }
 
 #[test]
-fn replication_link_connects_carries_messages_both_ways_and_refuses_bad_bytes() {
-    let s = start("link", 31, "heartbeat_ms=100");
+fn bad_bytes_on_the_replication_port_are_counted_and_colo_resumes() {
+    let s = start("link", 44, "");
     let c = &s.cluster;
-    // Both directions: each host received the other's Hello and heartbeats.
-    let primary =
-        c.wait_for(Host::Primary, "node: first heartbeat from the peer", WAIT).unwrap_or_else(|e| panic!("{e}"));
-    let secondary =
-        c.wait_for(Host::Secondary, "node: first heartbeat from the peer", WAIT).unwrap_or_else(|e| panic!("{e}"));
-    assert!(primary.contains("node: link up: hello from the Secondary host"), "{primary}");
-    assert!(secondary.contains("node: link up: hello from the Primary host"), "{secondary}");
-    let status = c.mgmt(Host::Secondary, r#"{"cmd":"status"}"#).unwrap_or_else(|e| panic!("{e}"));
-    assert!(status.contains(r#""roles":"repl""#), "{status}");
+    assert_eq!(cli(c, &["set", "before", "1"]), "OK");
 
-    // Garbage: a named error, that connection closed, the host up, the primary back on the link.
+    // Garbage: a named error, that connection closed, the host up, the primary back: full sync,
+    // COLO again.
     let probe = send_to_secondary_link(c, b"GARBAGE GARBAGE GARBAGE\r\n");
     assert!(!probe.contains("still open"), "the secondary kept a connection that sent garbage: {probe}");
-    let serial = c
-        .wait_for(Host::Secondary, "repl: connection 2 closed: protocol error `bad_magic`", WAIT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(serial.contains("node: link error `bad_magic`"), "{serial}");
-    c.wait_for_count(Host::Secondary, LINK_UP, 2, WAIT)
-        .unwrap_or_else(|e| panic!("the primary did not come back: {e}"));
-    c.wait_for_count(Host::Primary, LINK_UP, 2, WAIT).unwrap_or_else(|e| panic!("{e}"));
+    let serial =
+        c.wait_for(Host::Secondary, "node: link error `bad_magic` (total 1)", WAIT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(serial.contains("closed: protocol error `bad_magic`"), "{serial}");
+    c.wait_for_count(Host::Secondary, COLO_RUNNING, 2, WAIT).unwrap_or_else(|e| panic!("COLO did not resume: {e}"));
+    c.wait_for_count(Host::Primary, COLO_RUNNING, 2, WAIT).unwrap_or_else(|e| panic!("{e}"));
 
-    // A message cut short (header of a 16-byte heartbeat, 4 bytes of payload, then FIN).
+    // A message cut short: the header of a 16-byte heartbeat, 4 bytes of payload, then FIN.
     let mut cut = b"CL".to_vec();
     cut.extend_from_slice(&[1, 9]);
     cut.extend_from_slice(&16u32.to_le_bytes());
     cut.extend_from_slice(&[0; 4]);
     send_to_secondary_link(c, &cut);
-    let serial = c.wait_for(Host::Secondary, "node: link error `truncated`", WAIT).unwrap_or_else(|e| panic!("{e}"));
-    c.wait_for_count(Host::Secondary, LINK_UP, 3, WAIT)
-        .unwrap_or_else(|e| panic!("the primary did not come back: {e}"));
-    let last_counters = serial.lines().filter(|l| l.contains("repl: connection")).last().unwrap_or("");
-    assert!(last_counters.contains("bad_magic=1"), "{last_counters}");
+    c.wait_for(Host::Secondary, "node: link error `truncated` (total 1)", WAIT).unwrap_or_else(|e| panic!("{e}"));
+    c.wait_for_count(Host::Secondary, COLO_RUNNING, 3, WAIT).unwrap_or_else(|e| panic!("COLO did not resume: {e}"));
+
+    // The service kept its data; the next checkpoint verifies.
+    assert_eq!(cli(c, &["get", "before"]), "1");
+    assert_eq!(cli(c, &["set", "after", "2"]), "OK");
+    let now = last_commit(c, Host::Primary);
+    wait_commit_after(c, Host::Secondary, now.epoch);
     assert!(c.alive(Host::Secondary) && c.alive(Host::Primary));
-    let status = c.mgmt(Host::Secondary, r#"{"cmd":"status"}"#).unwrap_or_else(|e| panic!("{e}"));
-    assert!(status.contains(r#""ok":true"#), "{status}");
+    assert_colo_clean(c);
 }
 
 #[test]
-fn cluster_serves_the_guest_and_cleans_up() {
-    let s = start("serv", 32, "");
-    let c = &s.cluster;
-    let ip = c.service_ip();
-    let out = c.run(Net::Client, "redis-cli", &["-h", &ip, "set", "colo-key", "colo-value"], 30);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "{out:?}");
-    let out = c.run(Net::Client, "redis-cli", &["-h", &ip, "get", "colo-key"], 30);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "colo-value", "{out:?}");
-    assert!(c.status().contains(&format!("service: {ip}:6379")));
-    let ns = c.client_netns();
+fn either_host_may_boot_first() {
+    for (first, second, subnet) in [(Host::Secondary, Host::Primary, 45), (Host::Primary, Host::Secondary, 46)] {
+        let (spec, _dir) = spec(&format!("ord{subnet}"), subnet, "");
+        let mut c = Cluster::prepare(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
+        c.boot(first).unwrap_or_else(|e| panic!("{e}"));
+        let waiting = if first == Host::Primary { "redis: listening on" } else { "listening on TCP port" };
+        c.wait_for(first, waiting, WAIT).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(Duration::from_secs(3));
+        c.boot(second).unwrap_or_else(|e| panic!("{e}"));
+        c.wait_ready(WAIT).unwrap_or_else(|e| panic!("{first} first: {e}"));
+        assert_eq!(cli(&c, &["set", "order", first.name()]), "OK");
+        assert_eq!(cli(&c, &["get", "order"]), first.name());
+        assert_colo_clean(&c);
+    }
+}
+
+#[test]
+fn a_stopped_cluster_leaves_nothing_behind() {
+    let s = start("stop", 47, "");
+    let ns = s.cluster.client_netns();
     drop(s);
     let list = std::process::Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
     assert!(!String::from_utf8_lossy(&list.stdout).contains(&ns), "namespace {ns} left behind");
+    let links = std::process::Command::new("ip").args(["-o", "link"]).output().expect("ip link");
+    let id = ns.trim_start_matches("colo-c");
+    assert!(!String::from_utf8_lossy(&links.stdout).contains(id), "interfaces of {id} left behind");
 }

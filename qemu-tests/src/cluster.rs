@@ -500,7 +500,19 @@ impl Cluster {
             }
             if !self.alive(host) {
                 thread::sleep(Duration::from_millis(200));
-                return Err(ClusterError::HostDied { host, serial: self.serial(host) });
+                if self.alive(host) {
+                    continue;
+                }
+                let pid = self.pids.get(host.name()).copied().unwrap_or(0);
+                let status = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                eprintln!(
+                    "cluster: {host} pid {pid} not alive: stat `{}` cmdline `{}`",
+                    status.trim(),
+                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                );
+                let err = fs::read_to_string(self.spec.dir.join(format!("{host}.emulator.err"))).unwrap_or_default();
+                return Err(ClusterError::HostDied { host, serial: format!("{}{err}", self.serial(host)) });
             }
             if Instant::now() > deadline {
                 return Err(HarnessError::Timeout {

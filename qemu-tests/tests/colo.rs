@@ -50,7 +50,7 @@ struct Commit {
 
 fn last_commit(c: &Cluster, host: Host) -> Commit {
     let serial = c.serial(host);
-    let Some(line) = serial.lines().filter(|l| l.contains("node: epoch ") && l.contains(" committed;")).last() else {
+    let Some(line) = serial.lines().rfind(|l| l.contains("node: epoch ") && l.contains(" committed;")) else {
         return Commit::default();
     };
     let num = |after: &str| -> u64 {

@@ -173,6 +173,29 @@ fn a_small_queue_limit_forces_pressure_checkpoints_without_drops() {
     assert_colo_clean(c);
 }
 
+#[test]
+fn redis_benchmark_runs_without_errors_and_its_writes_read_back() {
+    let s = start("bnch", 48, "");
+    let c = &s.cluster;
+    let ip = c.service_ip();
+    let args = ["-h", ip.as_str(), "-t", "set,get,incr", "-n", "20000", "-c", "20", "--csv"];
+    let out = c.run(Net::Client, "redis-benchmark", &args, 900);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("redis-benchmark under COLO (QEMU TCG, AMD-V):\n{stdout}{stderr}");
+    assert!(out.status.success(), "redis-benchmark failed: {}\n{stdout}{stderr}", out.status);
+    for test in ["SET", "GET", "INCR"] {
+        assert!(stdout.contains(&format!("\"{test}\"")), "no {test} line:\n{stdout}");
+    }
+    assert!(!stderr.to_lowercase().contains("error"), "{stderr}");
+    // redis-benchmark 7 writes 3 random bytes per SET to `key:__rand_int__` (no -r) and INCRs
+    // `counter:__rand_int__` once per request.
+    assert_eq!(cli(c, &["get", "key:__rand_int__"]).len(), 3);
+    assert_eq!(cli(c, &["get", "counter:__rand_int__"]), "20000");
+    let now = last_commit(c, Host::Primary);
+    wait_commit_after(c, Host::Secondary, now.epoch);
+    assert_colo_clean(c);
+}
+
 /// Sends `bytes` to the secondary's replication port from the probe namespace, then half-closes
 /// and waits up to 3 s for the host to close the connection; returns the script's output.
 fn send_to_secondary_link(c: &Cluster, bytes: &[u8]) -> String {

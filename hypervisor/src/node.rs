@@ -14,13 +14,18 @@
 //!   content from a copy of the last committed RAM), closing the link;
 //! - copies the engine's link bytes into the socket whenever it has room (bounded both ways).
 //!
-//! Not driven yet: the guest's disk (the engine's block replica; a guest with `disk=` is refused
-//! here), management of the engine (status, `ctl checkpoint`), failover.
+//! The guest's disk (`disk=NAME`): on the primary, writes land on the local disk and go to the
+//! engine, which replicates them; on the secondary every read and write goes to the engine's
+//! block replica (the SVM's overlay over the committed disk), never to the disk module.
+//!
+//! Not driven yet: management of the engine (status, `ctl checkpoint`), failover.
 
 use alloc::boxed::Box;
+use alloc::rc::Rc;
 use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 
 use crate::boot_info::{BootInfo, BootModule};
 use crate::colo::block::MemDisk;
@@ -32,6 +37,7 @@ use crate::colo::node::{
 };
 use crate::colo::Tick;
 use crate::config::{Config, NicRoles, Role};
+use crate::devices::pvblock::BlockHook;
 use crate::devices::state::DeviceStates;
 use crate::devices::FrameQueue;
 use crate::guest::spec::GuestSpec;
@@ -47,10 +53,49 @@ use crate::vcpu::state::VCPU_STATE_TAG;
 use crate::vcpu::{DirtyLogMethod, VcpuState};
 
 const PAGE: usize = 4096;
+const SECTOR: usize = 512;
 /// Client frames waiting for the engine (primary), and guest output waiting for it.
 const QUEUE_FRAMES: usize = 1024;
 /// Link bytes moved per copy.
 const IO_CHUNK: usize = 64 << 10;
+
+/// The engine, shared with the guest's block hook (borrowed only outside `Guest::step`, and by
+/// the hook only inside it).
+type Shared = Rc<RefCell<ColoNode<MemDisk>>>;
+
+/// Beneath the guest's block device. Primary: writes land on the local disk, then go to the
+/// engine (which replicates them). Secondary: reads and writes go to the engine's block replica
+/// (the SVM's overlay over the committed disk); the disk module itself is never touched.
+struct DiskHook {
+    node: Shared,
+    secondary: bool,
+    /// Primary: sector ranges written since the last capture (for the verify digest).
+    written: Rc<RefCell<Vec<(u64, u64)>>>,
+}
+
+impl BlockHook for DiskHook {
+    fn read(&mut self, disk: &[u8], sector: u64, buf: &mut [u8]) {
+        if self.secondary {
+            if let Err(e) = self.node.borrow().svm_disk_read(sector, buf) {
+                log::error!("node: SVM disk read at sector {sector}: {e:?}");
+            }
+        } else if let Some(src) = disk.get(sector as usize * SECTOR..sector as usize * SECTOR + buf.len()) {
+            buf.copy_from_slice(src);
+        }
+    }
+
+    fn write(&mut self, disk: &mut [u8], sector: u64, data: &[u8]) {
+        if !self.secondary {
+            if let Some(dst) = disk.get_mut(sector as usize * SECTOR..sector as usize * SECTOR + data.len()) {
+                dst.copy_from_slice(data);
+            }
+            self.written.borrow_mut().push((sector, (data.len() / SECTOR) as u64));
+        }
+        self.node.borrow_mut().handle(Tick(time::now_ms()), Event::GuestDiskWrite { sector, data });
+    }
+
+    fn flushed(&mut self) {}
+}
 
 /// The host network stack's hook for the guest's MAC: client frames go to the engine (primary)
 /// or nowhere (secondary: the SVM sees only mirrored input).
@@ -108,11 +153,12 @@ unsafe fn ram_slice<'a>(ram: PhysRange) -> &'a [u8] {
 /// 32 MiB under QEMU TCG. Every full sync recomputes the whole table on both hosts.
 struct PageDigests {
     crcs: Vec<u32>,
+    sectors: Vec<u32>,
 }
 
 impl PageDigests {
     fn new(pages: u64) -> Self {
-        Self { crcs: vec![0; pages as usize] }
+        Self { crcs: vec![0; pages as usize], sectors: Vec::new() }
     }
 
     /// Recomputes every page from RAM.
@@ -129,13 +175,31 @@ impl PageDigests {
         }
     }
 
-    /// The digest: CRC-32C of the page table in the high half (no disk: low half 0).
-    fn digest(&self) -> u64 {
-        let mut crc = Crc32c::new();
-        for c in &self.crcs {
-            crc.update(&c.to_le_bytes());
+    /// Recomputes every sector of `disk`.
+    fn all_sectors(&mut self, disk: &[u8]) {
+        self.sectors = disk.chunks(SECTOR).map(Crc32c::checksum).collect();
+    }
+
+    /// Recomputes `count` sectors from `sector` of `disk`.
+    fn sectors(&mut self, disk: &[u8], sector: u64, count: u64) {
+        for s in sector..sector + count {
+            let at = s as usize * SECTOR;
+            if let (Some(crc), Some(bytes)) = (self.sectors.get_mut(s as usize), disk.get(at..at + SECTOR)) {
+                *crc = Crc32c::checksum(bytes);
+            }
         }
-        u64::from(crc.value()) << 32
+    }
+
+    /// The digest: CRC-32C of the page table in the high half, of the sector table in the low.
+    fn digest(&self) -> u64 {
+        let table = |crcs: &[u32]| {
+            let mut crc = Crc32c::new();
+            for c in crcs {
+                crc.update(&c.to_le_bytes());
+            }
+            crc.value()
+        };
+        (u64::from(table(&self.crcs)) << 32) | u64::from(table(&self.sectors))
     }
 }
 
@@ -143,6 +207,9 @@ impl PageDigests {
 struct GuestSync {
     ram: PhysRange,
     offset: u64,
+    /// The PVM's disk (the module's bytes, which outlive the guest) and how much was read.
+    disk: (*const u8, usize),
+    disk_offset: usize,
     states: Vec<(StateKind, u64, u32, Vec<u8>)>,
     next_state: usize,
 }
@@ -153,7 +220,7 @@ impl FullSyncSource for GuestSync {
     }
 
     fn disk_sectors(&self) -> u64 {
-        0
+        (self.disk.1 / SECTOR) as u64
     }
 
     fn next_piece(&mut self, buf: &mut [u8]) -> Option<SyncPiece> {
@@ -168,6 +235,18 @@ impl FullSyncSource for GuestSync {
             let piece = SyncPiece::Memory { offset: self.offset, len };
             self.offset += len as u64;
             return Some(piece);
+        }
+        if self.disk_offset < self.disk.1 {
+            let len = buf.len().min(self.disk.1 - self.disk_offset) & !(SECTOR - 1);
+            if len > 0 {
+                // SAFETY: the disk module's bytes stay mapped for the hypervisor's life; the
+                // PVM is paused while this source exists, so nothing writes them.
+                let disk = unsafe { core::slice::from_raw_parts(self.disk.0, self.disk.1) };
+                buf[..len].copy_from_slice(&disk[self.disk_offset..self.disk_offset + len]);
+                let piece = SyncPiece::Disk { sector: (self.disk_offset / SECTOR) as u64, len };
+                self.disk_offset += len;
+                return Some(piece);
+            }
         }
         let (kind, id, tag, data) = self.states.get(self.next_state)?;
         if data.len() > buf.len() {
@@ -191,7 +270,9 @@ struct Incoming {
 struct Host {
     role: Role,
     guest: Guest,
-    node: ColoNode<MemDisk>,
+    node: Shared,
+    /// Primary: disk sectors written since the last capture (by the block hook).
+    written: Rc<RefCell<Vec<(u64, u64)>>>,
     port: ReplPort,
     client_in: Arc<spin::Mutex<FrameQueue>>,
     guest_out: Arc<spin::Mutex<FrameQueue>>,
@@ -210,6 +291,8 @@ struct Host {
     last_committed: u64,
     /// `checkpoint_verify` page digests.
     digests: PageDigests,
+    /// The last verify digest this host computed: (epoch, digest).
+    last_digest: Option<(u64, u64)>,
     /// Link error counters (by `LinkError::index`) and protocol errors already reported.
     seen_errors: [u64; 8],
     seen_protocol: u64,
@@ -251,13 +334,13 @@ impl Host {
                     break;
                 }
                 let event = if client { Event::ClientFrame(&frame[..len]) } else { Event::GuestOutput(&frame[..len]) };
-                self.node.handle(now, event);
+                self.node.borrow_mut().handle(now, event);
                 self.actions(now);
             }
         }
         self.link(now);
-        if self.node.poll_timeout().is_some_and(|at| at <= now) {
-            self.node.handle_timeout(now);
+        if self.node.borrow().poll_timeout().is_some_and(|at| at <= now) {
+            self.node.borrow_mut().handle_timeout(now);
         }
         self.actions(now);
         self.transmit(now);
@@ -270,12 +353,12 @@ impl Host {
         let current = self.port.link.connection().map(|c| c.id);
         if current != self.conn {
             if self.conn.is_some() {
-                self.node.handle(now, Event::LinkClosed);
+                self.node.borrow_mut().handle(now, Event::LinkClosed);
                 self.actions(now);
             }
             self.conn = current;
             if current.is_some() {
-                self.node.handle(now, Event::LinkConnected);
+                self.node.borrow_mut().handle(now, Event::LinkConnected);
                 self.actions(now);
             }
         }
@@ -285,7 +368,7 @@ impl Host {
                 break;
             }
             let bytes = core::mem::take(&mut self.buf);
-            self.node.handle(now, Event::LinkBytes(&bytes[..n]));
+            self.node.borrow_mut().handle(now, Event::LinkBytes(&bytes[..n]));
             self.buf = bytes;
             self.actions(now);
         }
@@ -295,10 +378,10 @@ impl Host {
     fn transmit(&mut self, now: Tick) {
         for _ in 0..64 {
             let room = self.port.link.send_capacity().min(self.buf.len());
-            if room == 0 || !self.node.wants_transmit() {
+            if room == 0 || !self.node.borrow().wants_transmit() {
                 break;
             }
-            let n = self.node.poll_transmit(now, &mut self.buf[..room]);
+            let n = self.node.borrow_mut().poll_transmit(now, &mut self.buf[..room]);
             if n == 0 {
                 break;
             }
@@ -310,7 +393,9 @@ impl Host {
 
     /// Carries out every queued action, in order.
     fn actions(&mut self, now: Tick) {
-        while let Some(action) = self.node.poll_action() {
+        loop {
+            let action = self.node.borrow_mut().poll_action();
+            let Some(action) = action else { break };
             match action {
                 Action::DeliverToGuest(frame) => {
                     if !self.guest.device_hooks.push_input(&frame) {
@@ -323,7 +408,7 @@ impl Host {
                 Action::Capture { epoch, kind } => {
                     self.paused = true;
                     let event = self.capture(epoch, kind);
-                    self.node.handle(Self::now(), event);
+                    self.node.borrow_mut().handle(Self::now(), event);
                 }
                 Action::ResumeVm => self.paused = false,
                 Action::PauseVm(reason) => {
@@ -332,7 +417,7 @@ impl Host {
                 }
                 Action::ApplyCheckpoint(staged) => {
                     let event = self.apply_checkpoint(staged);
-                    self.node.handle(Self::now(), event);
+                    self.node.borrow_mut().handle(Self::now(), event);
                 }
                 Action::BeginFullSync { epoch, ram_bytes } => {
                     self.paused = true;
@@ -360,13 +445,13 @@ impl Host {
                 },
                 Action::FinishFullSync { epoch } => {
                     let event = self.finish_full_sync(epoch);
-                    self.node.handle(Self::now(), event);
+                    self.node.borrow_mut().handle(Self::now(), event);
                 }
                 Action::CloseLink => {
                     let reason = self.new_error().map_or(CloseReason::Local("engine"), CloseReason::Protocol);
                     self.port.link.close(reason, now.0);
                     if self.conn.take().is_some() {
-                        self.node.handle(now, Event::LinkClosed);
+                        self.node.borrow_mut().handle(now, Event::LinkClosed);
                     }
                 }
                 Action::Fence | Action::Promote => log::warn!("node: {action:?} is not carried out before issue #12"),
@@ -378,7 +463,7 @@ impl Host {
     fn capture(&mut self, epoch: u64, kind: CaptureKind) -> Event<'static> {
         let t0 = time::rdtsc();
         let frames = self.guest.ram.len() / PAGE as u64;
-        let verify = self.node.config().verify;
+        let verify = self.node.borrow().config().verify;
         match kind {
             CaptureKind::Incremental => {
                 let (copy, _) = match snapshot::pause_and_copy(&mut self.guest, Pages::Dirty) {
@@ -390,12 +475,18 @@ impl Host {
                 };
                 let pause_us = cycles_to_us(time::rdtsc() - t0);
                 let pages = copy.gfns.len() as u64;
+                let written = core::mem::take(&mut *self.written.borrow_mut());
                 let digest = verify.then(|| {
                     for (&gfn, page) in copy.gfns.iter().zip(copy.data.chunks_exact(PAGE)) {
                         self.digests.page(gfn, page);
                     }
+                    let disk = self.guest.disk().unwrap_or(&[]);
+                    for &(sector, count) in &written {
+                        self.digests.sectors(disk, sector, count);
+                    }
                     self.digests.digest()
                 });
+                self.last_digest = digest.map(|d| (epoch, d));
                 match snapshot::encode(&copy, epoch, frames) {
                     Ok(stream) => Event::CaptureDone {
                         epoch,
@@ -426,18 +517,28 @@ impl Host {
                 }
                 // The dirty log starts over: the sync covers every page.
                 let _ = snapshot::take_dirty(&mut self.guest);
+                self.written.borrow_mut().clear();
+                let disk = self.guest.disk().map_or((core::ptr::null(), 0), |d| (d.as_ptr(), d.len()));
                 let digest = verify.then(|| {
                     // SAFETY: the guest is paused (it runs only in `turn`) and alive.
                     self.digests.all(unsafe { ram_slice(self.guest.ram) });
+                    self.digests.all_sectors(self.guest.disk().unwrap_or(&[]));
                     self.digests.digest()
                 });
+                self.last_digest = digest.map(|d| (epoch, d));
                 let pause_us = cycles_to_us(time::rdtsc() - t0);
-                log::info!("node: full sync {epoch}: {} KiB of RAM from the paused PVM", self.guest.ram.len() >> 10);
+                log::info!(
+                    "node: full sync {epoch}: {} KiB of RAM and {} KiB of disk from the paused PVM",
+                    self.guest.ram.len() >> 10,
+                    disk.1 >> 10
+                );
                 Event::CaptureDone {
                     epoch,
                     capture: Capture::Full(Box::new(GuestSync {
                         ram: self.guest.ram,
                         offset: 0,
+                        disk,
+                        disk_offset: 0,
                         states,
                         next_state: 0,
                     })),
@@ -490,13 +591,20 @@ impl Host {
                 // The put-back pages were written by the hypervisor: not the SVM's own.
                 let _ = snapshot::take_dirty(&mut self.guest);
                 log::debug!("node: checkpoint {epoch}: {} pages applied, {restored} SVM pages put back", written.len());
-                Ok(self.node.config().verify.then(|| self.digests.digest()))
+                Ok(self.node.borrow().config().verify.then(|| {
+                    let node = self.node.borrow();
+                    self.digests.all_sectors(node.secondary_disk().map_or(&[][..], MemDisk::as_bytes));
+                    self.digests.digest()
+                }))
             }
             Err(e) => {
                 log::error!("node: checkpoint {epoch} refused: {e}");
                 Err(ApplyFailure::State)
             }
         };
+        if let Ok(Some(d)) = result {
+            self.last_digest = Some((epoch, d));
+        }
         Event::ApplyDone { epoch, result, apply_us: cycles_to_us(time::rdtsc() - t0) }
     }
 
@@ -530,27 +638,35 @@ impl Host {
             let _ = snapshot::take_dirty(&mut self.guest);
             self.svm_dirty.clear();
             log::info!("node: full sync {epoch} applied");
-            Ok(self.node.config().verify.then(|| {
+            Ok(self.node.borrow().config().verify.then(|| {
                 // SAFETY: the SVM is paused (it runs only in `turn`) and alive.
                 self.digests.all(unsafe { ram_slice(self.guest.ram) });
+                let node = self.node.borrow();
+                self.digests.all_sectors(node.secondary_disk().map_or(&[][..], MemDisk::as_bytes));
                 self.digests.digest()
             }))
         })();
+        if let Ok(Some(d)) = result {
+            self.last_digest = Some((epoch, d));
+        }
         Event::ApplyDone { epoch, result, apply_us: cycles_to_us(time::rdtsc() - t0) }
     }
 
     /// The name of a link or protocol error the engine counted since the last report, if any.
     fn new_error(&self) -> Option<&'static str> {
-        let stats = self.node.stats();
+        let node = self.node.borrow();
+        let stats = node.stats();
         if let Some(i) = (0..self.seen_errors.len()).find(|&i| stats.link_errors[i] > self.seen_errors[i]) {
             return Some(LinkError::NAMES[i]);
         }
-        (stats.protocol_errors > self.seen_protocol).then(|| self.node.last_protocol_error().unwrap_or("protocol"))
+        (stats.protocol_errors > self.seen_protocol).then(|| node.last_protocol_error().unwrap_or("protocol"))
     }
 
     /// Logs state changes, commits and link errors.
     fn report(&mut self) {
-        let stats = self.node.stats();
+        let node = self.node.clone();
+        let node = node.borrow();
+        let stats = node.stats();
         for i in 0..self.seen_errors.len() {
             if stats.link_errors[i] > self.seen_errors[i] {
                 self.seen_errors[i] = stats.link_errors[i];
@@ -561,11 +677,11 @@ impl Host {
             self.seen_protocol = stats.protocol_errors;
             log::warn!(
                 "node: link protocol error `{}` (total {})",
-                self.node.last_protocol_error().unwrap_or("?"),
+                node.last_protocol_error().unwrap_or("?"),
                 stats.protocol_errors
             );
         }
-        let status = self.node.status();
+        let status = node.status();
         if status.link != self.last_state {
             match status.link {
                 LinkState::Colo => log::info!("node: COLO running ({:?}, epoch {})", self.role, status.epoch),
@@ -580,7 +696,7 @@ impl Host {
             log::info!(
                 "node: epoch {} committed; checkpoints {:?} committed {} aborted {}; verify failures {}; link errors {}; \
                  pause {} us, {} pages, {} bytes; mirrored {} svm {} (dropped {}); pvm {} released {} (by checkpoint {}) \
-                 compared {} B, svm discarded {}",
+                 compared {} B, svm discarded {}; digest {}",
                 status.committed,
                 s.checkpoints_by_cause,
                 s.checkpoints_committed,
@@ -597,8 +713,21 @@ impl Host {
                 c.released_frames,
                 c.released_by_checkpoint,
                 c.compared_bytes,
-                c.svm_discarded_frames
+                c.svm_discarded_frames,
+                DigestText(self.last_digest)
             );
+        }
+    }
+}
+
+/// `EPOCH:RAMTABLE-DISKTABLE` (hex), or `-` with verify off.
+struct DigestText(Option<(u64, u64)>);
+
+impl core::fmt::Display for DigestText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some((epoch, d)) => write!(f, "{epoch}:{:08x}-{:08x}", d >> 32, d as u32),
+            None => f.write_str("-"),
         }
     }
 }
@@ -622,9 +751,6 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         .unwrap_or_else(|| fail(format_args!("no guest module to replicate")));
     let spec =
         GuestSpec::parse(module.cmdline).unwrap_or_else(|e| fail(format_args!("guest `{}`: {e}", module.name())));
-    if spec.disk.is_some() {
-        fail(format_args!("guest `{}`: disk= is not replicated by this driver yet", spec.name));
-    }
     let mac = spec.mac.unwrap_or_else(|| fail(format_args!("guest `{}` needs mac= to be replicated", spec.name)));
     let mut backend =
         crate::backend::Backend::detect(frames).unwrap_or_else(|e| fail(format_args!("no guest can run: {e}")));
@@ -646,8 +772,15 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
     let forward = (config.role == Role::Primary).then(|| client_in.clone());
     crate::net::set_guest_hook(Box::new(ClientPort { mac, queue: forward }));
     guest.defer_blocks(true);
-
     let role = if config.role == Role::Primary { NodeRole::Primary } else { NodeRole::Secondary };
+    if let Some(name) = spec.disk {
+        let disk = crate::devices::host::find_disk(&boot.modules, name)
+            .unwrap_or_else(|| fail(format_args!("no disk module `disk-{name}` for `disk={name}`")));
+        // SAFETY: this host runs one guest for its whole life; nothing else takes the module.
+        guest.attach_disk(unsafe { crate::devices::host::disk_bytes(disk) });
+    }
+    let sectors = guest.disk().map_or(0, |d| (d.len() / SECTOR) as u64);
+
     let mut node_config = NodeConfig::new(role, pages);
     node_config.host_id = config.repl_addr.map_or(0, |a| u64::from(u32::from(a.addr)));
     node_config.guest_id = guest_id(boot);
@@ -661,8 +794,14 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
     let now = Tick(time::now_ms());
     let node = match role {
         NodeRole::Primary => ColoNode::primary(node_config, now),
-        NodeRole::Secondary => ColoNode::secondary(node_config, MemDisk::new(0), now),
+        NodeRole::Secondary => ColoNode::secondary(node_config, MemDisk::new(sectors), now),
     };
+    let node: Shared = Rc::new(RefCell::new(node));
+    let written = Rc::new(RefCell::new(Vec::new()));
+    if sectors > 0 {
+        let secondary = role == NodeRole::Secondary;
+        guest.set_block_hook(Box::new(DiskHook { node: node.clone(), secondary, written: written.clone() }));
+    }
     let committed_ram = match role {
         NodeRole::Secondary => vec![0u8; guest.ram.len() as usize],
         NodeRole::Primary => Vec::new(),
@@ -680,6 +819,7 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         role: config.role,
         guest,
         node,
+        written,
         port,
         client_in,
         guest_out,
@@ -693,6 +833,7 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         last_state: LinkState::Down,
         last_committed: 0,
         digests: PageDigests::new(pages),
+        last_digest: None,
         seen_errors: [0; 8],
         seen_protocol: 0,
     };

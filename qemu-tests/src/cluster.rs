@@ -114,14 +114,14 @@ pub struct ClusterSpec {
     pub cmdline_extra: String,
     /// Extra module arguments for the guest.
     pub guest_extra: String,
-    /// The guest's disk, in KiB (0: no disk; the driver does not replicate disks yet).
+    /// The guest's disk, in KiB (0: no disk).
     pub disk_kib: usize,
     /// RAM of each emulated host, in MiB.
     pub memory_mib: u32,
 }
 
 impl ClusterSpec {
-    /// Defaults: subnet 1, 4 MiB disk, 768 MiB per host.
+    /// Defaults: subnet 1, 1 MiB disk, 768 MiB per host.
     pub fn new(dir: impl Into<PathBuf>, tag: &str, subnet: u8) -> Self {
         Self {
             dir: dir.into(),
@@ -129,7 +129,7 @@ impl ClusterSpec {
             tag: tag.into(),
             cmdline_extra: String::new(),
             guest_extra: String::new(),
-            disk_kib: 0,
+            disk_kib: 1024,
             memory_mib: 768,
         }
     }

@@ -196,6 +196,41 @@ fn redis_benchmark_runs_without_errors_and_its_writes_read_back() {
     assert_colo_clean(c);
 }
 
+/// The verify digests (`EPOCH:RAM-DISK`) a host printed at its commits, by epoch.
+fn digests(c: &Cluster, host: Host) -> std::collections::BTreeMap<u64, (String, String)> {
+    c.serial(host)
+        .lines()
+        .filter_map(|l| l.split("; digest ").nth(1))
+        .filter_map(|d| {
+            let (epoch, rest) = d.trim().split_once(':')?;
+            let (ram, disk) = rest.split_once('-')?;
+            Some((epoch.parse().ok()?, (ram.to_string(), disk.to_string())))
+        })
+        .collect()
+}
+
+#[test]
+fn after_set_load_the_secondary_disk_digest_equals_the_primary_disk_digest() {
+    let s = start("disk", 49, "");
+    let c = &s.cluster;
+    wait_commit_after(c, Host::Primary, 0);
+    for i in 0..40 {
+        assert_eq!(cli(c, &["set", &format!("disk-key-{i}"), &format!("value-{i}")]), "OK");
+    }
+    let p = wait_commit_after(c, Host::Primary, last_commit(c, Host::Primary).epoch);
+    wait_commit_after(c, Host::Secondary, p.epoch);
+    let (dp, ds) = (digests(c, Host::Primary), digests(c, Host::Secondary));
+    let common: Vec<u64> = dp.keys().filter(|e| ds.contains_key(e)).copied().collect();
+    assert!(common.len() >= 2, "no common epochs: primary {dp:?} secondary {ds:?}");
+    for e in &common {
+        assert_eq!(dp[e], ds[e], "epoch {e}: primary and secondary digests differ");
+    }
+    // The SETs reached the disk (guest-redis appends them to its log) and the disk changed.
+    let (first, last) = (common[0], *common.last().expect("common"));
+    assert_ne!(dp[&first].1, dp[&last].1, "the disk digest did not change between epochs {first} and {last}");
+    assert_colo_clean(c);
+}
+
 /// Sends `bytes` to the secondary's replication port from the probe namespace, then half-closes
 /// and waits up to 3 s for the host to close the connection; returns the script's output.
 fn send_to_secondary_link(c: &Cluster, bytes: &[u8]) -> String {

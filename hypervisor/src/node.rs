@@ -695,7 +695,7 @@ impl Host {
             let c = &status.comparator;
             log::info!(
                 "node: epoch {} committed; checkpoints {:?} committed {} aborted {}; verify failures {}; link errors {}; \
-                 pause {} us, {} pages, {} bytes; mirrored {} svm {} (dropped {}); pvm {} released {} (by checkpoint {}) \
+                 pause {} us, {} pages, {} bytes; mirrored {} (input dropped {}) svm {} (dropped {}); pvm {} released {} (by checkpoint {}) \
                  compared {} B, svm discarded {}; digest {}",
                 status.committed,
                 s.checkpoints_by_cause,
@@ -707,6 +707,7 @@ impl Host {
                 s.pages_last,
                 s.bytes_last,
                 s.mirrored_frames,
+                s.input_dropped,
                 s.svm_frames,
                 s.svm_frames_dropped,
                 c.pvm_frames,

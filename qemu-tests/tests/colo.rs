@@ -144,7 +144,13 @@ fn each_time_request_diverges_and_forces_one_checkpoint() {
     }
     replies.dedup();
     assert_eq!(replies.len(), 5, "TIME replies repeat: {replies:?}");
-    let after = last_commit(c, Host::Primary);
+    // Each reply left with its checkpoint's commit, which is logged just after.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut after = last_commit(c, Host::Primary);
+    while after.by_cause[0] < before.by_cause[0] + 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = last_commit(c, Host::Primary);
+    }
     let mismatches = after.by_cause[0] - before.by_cause[0];
     assert!(mismatches >= 5, "5 TIME requests forced {mismatches} mismatch checkpoints: {before:?} -> {after:?}");
     wait_commit_after(c, Host::Secondary, after.epoch - 1);
@@ -157,19 +163,20 @@ fn a_small_queue_limit_forces_pressure_checkpoints_without_drops() {
     let s = start("pres", 43, "queue_limit=2 compare_timeout_ms=60000 checkpoint_ms=600000");
     let c = &s.cluster;
     let before = wait_commit_after(c, Host::Primary, 0);
-    // MSET of many keys: replies and ACKs pile up beyond two held frames.
-    let mut args = vec!["mset".to_string()];
-    for i in 0..400 {
-        args.push(format!("key{i}"));
-        args.push(format!("value-{i}-{}", "x".repeat(64)));
-    }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_eq!(cli(c, &refs), "OK");
-    assert_eq!(cli(c, &["get", "key399"]), format!("value-399-{}", "x".repeat(64)));
-    let after = last_commit(c, Host::Primary);
+    // 20 clients at once: their replies are held together, beyond two frames.
+    let ip = c.service_ip();
+    let args = ["-h", ip.as_str(), "-t", "set", "-n", "400", "-c", "20", "--csv"];
+    let out = c.run(Net::Client, "redis-benchmark", &args, 300);
+    assert!(out.status.success(), "redis-benchmark: {out:?}");
+    assert_eq!(cli(c, &["get", "key:__rand_int__"]).len(), 3);
+    // The checkpoint that released the replies commits (and is logged) just after they leave.
+    let after = wait_commit_after(c, Host::Primary, before.epoch);
     assert!(after.by_cause[2] > before.by_cause[2], "no pressure checkpoint: {before:?} -> {after:?}");
     let primary = c.serial(Host::Primary);
     assert!(!primary.contains("not delivered"), "frames dropped:\n{primary}");
+    for line in primary.lines().filter(|l| l.contains(" committed;")) {
+        assert!(line.contains("(input dropped 0)") && line.contains("(dropped 0)"), "frames dropped: {line}");
+    }
     assert_colo_clean(c);
 }
 

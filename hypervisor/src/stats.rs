@@ -117,6 +117,75 @@ pub struct MgmtCounters {
     pub scrapes: u64,
     /// HTTP requests refused (bad request, wrong path or method).
     pub http_errors: u64,
+    /// Connections of the JSON API server.
+    pub json: ServerCounters,
+    /// Connections of the metrics server.
+    pub http: ServerCounters,
+}
+
+/// What happened to the connections of one TCP server (see `net::server` for the limits).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerCounters {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections closed to make room for a new client (oldest idle first, then slowest).
+    pub evicted: u64,
+    /// Connections closed because a request did not arrive whole within the request deadline.
+    pub request_timeouts: u64,
+    /// Connections closed after the idle timeout.
+    pub idle_timeouts: u64,
+    /// Connections closed because the peer stopped reading (output stalled or over its bound).
+    pub not_reading: u64,
+    /// Requests refused for their size (the connection is closed after the reply).
+    pub too_large: u64,
+    /// Requests answered at a half-close (the peer sent FIN after a request with no newline).
+    pub half_close_requests: u64,
+    /// Times every slot was busy and none could be evicted (new clients were refused).
+    pub full: u64,
+}
+
+impl ServerCounters {
+    const fn new() -> Self {
+        Self {
+            accepted: 0,
+            evicted: 0,
+            request_timeouts: 0,
+            idle_timeouts: 0,
+            not_reading: 0,
+            too_large: 0,
+            half_close_requests: 0,
+            full: 0,
+        }
+    }
+
+    /// Every counter with its name (for JSON and metrics), in a fixed order.
+    pub fn named(&self) -> [(&'static str, u64); 8] {
+        [
+            ("accepted", self.accepted),
+            ("evicted", self.evicted),
+            ("request_timeouts", self.request_timeouts),
+            ("idle_timeouts", self.idle_timeouts),
+            ("not_reading", self.not_reading),
+            ("too_large", self.too_large),
+            ("half_close_requests", self.half_close_requests),
+            ("full", self.full),
+        ]
+    }
+}
+
+/// The kernel heap's use, as last sampled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapUsage {
+    /// Bytes the heap manages.
+    pub size: u64,
+    /// Bytes allocated now.
+    pub used: u64,
+    /// Bytes free now (`size - used`; fragmentation may keep a large allocation from fitting).
+    pub free: u64,
+    /// The most bytes ever allocated at once.
+    pub high_water: u64,
+    /// Allocations the heap could not satisfy.
+    pub alloc_failures: u64,
 }
 
 /// Tunables the management API can change at run time.
@@ -150,12 +219,20 @@ pub struct HypervisorStats {
     pub mgmt: MgmtCounters,
     /// The runtime tunables.
     pub tunables: Tunables,
+    /// The kernel heap (sampled by the management plane before each report).
+    pub heap: HeapUsage,
 }
 
 impl HypervisorStats {
     /// An empty registry with default tunables (const, for the global).
     pub const fn new() -> Self {
-        Self { nics: Vec::new(), guests: Vec::new(), mgmt: MgmtCounters::new(), tunables: Tunables::DEFAULT }
+        Self {
+            nics: Vec::new(),
+            guests: Vec::new(),
+            mgmt: MgmtCounters::new(),
+            tunables: Tunables::DEFAULT,
+            heap: HeapUsage { size: 0, used: 0, free: 0, high_water: 0, alloc_failures: 0 },
+        }
     }
 
     /// NIC `index`, created (named `nicN`) with every NIC before it if missing.
@@ -203,7 +280,14 @@ impl HypervisorStats {
 
 impl MgmtCounters {
     const fn new() -> Self {
-        Self { requests: 0, request_errors: 0, scrapes: 0, http_errors: 0 }
+        Self {
+            requests: 0,
+            request_errors: 0,
+            scrapes: 0,
+            http_errors: 0,
+            json: ServerCounters::new(),
+            http: ServerCounters::new(),
+        }
     }
 }
 

@@ -51,9 +51,13 @@ const SUITES: &[(&str, &str)] = &[
     ("amdv", "the AMD-V backend under QEMU TCG and Bochs ryzen: the same scenarios as `vtx`"),
     ("net", "e1000 + management plane: ping, ctl, metrics, malformed input, shutdown (QEMU tap, netns; root)"),
     ("colo", "two QEMU TCG hosts (cargo xtask cluster): replication link, bad bytes on it, the service (root)"),
+    (
+        "mgmt",
+        "hostile clients: non-reader, slowloris, 50 clients, half-close, strict JSON/HTTP, rx errors, heap (root)",
+    ),
 ];
 /// `core` is part of `host`, so the full run skips it.
-const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "net", "colo"];
+const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "net", "mgmt", "colo"];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -425,6 +429,14 @@ fn run_suite(suite: &str) -> Result {
             run_checked(
                 cargo().args(["test", "-p", "qemu-tests", "--test", "colo", "--", "--test-threads=1", "--nocapture"]),
                 "colo tests",
+            )
+        }
+        "mgmt" => {
+            ensure_deps()?;
+            build_kernel()?;
+            run_checked(
+                cargo().args(["test", "-p", "qemu-tests", "--test", "mgmt", "--", "--test-threads=1", "--nocapture"]),
+                "mgmt tests",
             )
         }
         "vtx" => emulator_suite("vtx"),

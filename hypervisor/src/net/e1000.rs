@@ -366,26 +366,47 @@ impl E1000 {
 
     /// Whether a transmit descriptor is free.
     pub fn can_transmit(&self) -> bool {
-        // SAFETY: `tx_next < RING`; the descriptor is shared with the NIC.
-        let desc = unsafe { ptr::read_volatile(self.tx_ring.add(self.tx_next)) };
-        desc.status & TX_DD != 0
+        self.tx_done(self.tx_next)
+    }
+
+    /// Whether the NIC has finished with transmit descriptor `i` (its DD bit; only the status
+    /// byte is read, the NIC writes nothing else back).
+    fn tx_done(&self, i: usize) -> bool {
+        // SAFETY: `i < RING`; the descriptor is DMA memory shared with the NIC, hence volatile.
+        let status = unsafe { ptr::read_volatile(ptr::addr_of!((*self.tx_ring.wrapping_add(i)).status)) };
+        status & TX_DD != 0
+    }
+
+    /// Whether a received frame waits (the next descriptor's DD bit; one volatile read).
+    pub fn rx_pending(&self) -> bool {
+        // SAFETY: `rx_next < RING`; the descriptor is DMA memory shared with the NIC.
+        let status = unsafe { ptr::read_volatile(ptr::addr_of!((*self.rx_ring.wrapping_add(self.rx_next)).status)) };
+        status & RX_DD != 0
     }
 
     /// Takes the next received frame, if any, hands it (or the NIC's verdict on it) to `f`, and
     /// gives the buffer back to the NIC. Returns `None` when nothing is pending.
     pub fn receive<R>(&mut self, f: impl FnOnce(Result<&[u8], RxError>) -> R) -> Option<R> {
         let i = self.rx_next;
-        // SAFETY: `i < RING`; the descriptor is shared with the NIC, hence the volatile read.
-        let desc = unsafe { ptr::read_volatile(self.rx_ring.add(i)) };
-        if desc.status & RX_DD == 0 {
+        // The NIC writes the descriptor back while this runs: read the status byte alone first,
+        // and the length and errors only after DD is seen (a whole-struct read lets the compiler
+        // load the length before the status, and a stale length of 0 then drops a good frame).
+        let desc = self.rx_ring.wrapping_add(i);
+        // SAFETY: `i < RING`; the descriptor is DMA memory shared with the NIC, hence volatile.
+        let status = unsafe { ptr::read_volatile(ptr::addr_of!((*desc).status)) };
+        if status & RX_DD == 0 {
             return None;
         }
-        // Read the buffer only after seeing DD.
+        // Everything the NIC wrote before setting DD (length, errors, the buffer) is read after.
         fence(Ordering::Acquire);
-        let len = usize::from(desc.length).min(BUFFER);
-        let result = if desc.errors & RX_FRAME_ERRORS != 0 {
-            Err(RxError::Flagged { errors: desc.errors })
-        } else if desc.status & RX_EOP == 0 {
+        // SAFETY: as above; DD is set, so the NIC has finished writing this descriptor.
+        let (length, errors) = unsafe {
+            (ptr::read_volatile(ptr::addr_of!((*desc).length)), ptr::read_volatile(ptr::addr_of!((*desc).errors)))
+        };
+        let len = usize::from(length).min(BUFFER);
+        let result = if errors & RX_FRAME_ERRORS != 0 {
+            Err(RxError::Flagged { errors })
+        } else if status & RX_EOP == 0 {
             Err(RxError::Fragmented)
         } else {
             // SAFETY: buffer `i` is BUFFER bytes of DMA memory this driver owns; the NIC has
@@ -393,9 +414,16 @@ impl E1000 {
             Ok(unsafe { core::slice::from_raw_parts(self.rx_buffers.add(i * BUFFER), len) })
         };
         let out = f(result);
-        let fresh = RxDesc { status: 0, errors: 0, length: 0, ..desc };
+        let fresh = RxDesc {
+            addr: self.rx_buffers as u64 + (i * BUFFER) as u64,
+            length: 0,
+            checksum: 0,
+            status: 0,
+            errors: 0,
+            special: 0,
+        };
         // SAFETY: as above; the descriptor goes back to the NIC below.
-        unsafe { ptr::write_volatile(self.rx_ring.add(i), fresh) };
+        unsafe { ptr::write_volatile(desc, fresh) };
         fence(Ordering::Release);
         self.write(RDT, i as u32);
         self.rx_next = (i + 1) % RING;
@@ -409,16 +437,24 @@ impl E1000 {
             return Err(TxError::BadLength { len });
         }
         let i = self.tx_next;
-        // SAFETY: `i < RING`; the descriptor is shared with the NIC.
-        let desc = unsafe { ptr::read_volatile(self.tx_ring.add(i)) };
-        if desc.status & TX_DD == 0 {
+        if !self.tx_done(i) {
             return Err(TxError::RingFull);
         }
+        // The buffer is written only after DD was seen.
+        fence(Ordering::Acquire);
         // SAFETY: buffer `i` is BUFFER >= MAX_FRAME bytes of DMA memory this driver owns; the NIC
         // finished with it (DD set) and will not read it before TDT passes it.
         let buf = unsafe { core::slice::from_raw_parts_mut(self.tx_buffers.add(i * BUFFER), len) };
         let out = f(buf);
-        let ready = TxDesc { length: len as u16, cmd: TX_CMD_EOP | TX_CMD_IFCS | TX_CMD_RS, status: 0, ..desc };
+        let ready = TxDesc {
+            addr: self.tx_buffers as u64 + (i * BUFFER) as u64,
+            length: len as u16,
+            cso: 0,
+            cmd: TX_CMD_EOP | TX_CMD_IFCS | TX_CMD_RS,
+            status: 0,
+            css: 0,
+            special: 0,
+        };
         // SAFETY: as above.
         unsafe { ptr::write_volatile(self.tx_ring.add(i), ready) };
         fence(Ordering::Release);

@@ -13,6 +13,7 @@
 //! - everything else goes to smoltcp (ARP, ICMP echo, TCP to the servers).
 
 use alloc::boxed::Box;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
@@ -20,26 +21,74 @@ use core::fmt;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::time::{Duration, Instant};
+use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 use super::classify::{classify, Verdict};
 use super::e1000::{RxError, TxError, E1000, MAX_FRAME};
+use super::server::{choose_victim, Expiry, Limits, LineEvent, LineReader, OutBuf, Timers};
 use super::{metrics, mgmt};
 use crate::config::{Config, NicRoles, Role};
-use crate::host::{pci, shutdown, time};
+use crate::host::{heap, pci, shutdown, time};
 use crate::stats;
 
-/// Concurrent JSON API connections.
-const MGMT_SOCKETS: usize = 4;
-/// Concurrent metrics connections.
-const METRICS_SOCKETS: usize = 4;
-/// A connection with no traffic for this long is reset.
+/// The one idle timeout of both servers: a connection with nothing in progress and no traffic
+/// for this long is closed. smoltcp's own timeout is switched off (`set_timeout(None)`), so this
+/// is the only one.
 const IDLE_TIMEOUT_MS: u64 = 30_000;
-/// After the metrics response, how long to wait for the client to close before resetting.
-const LINGER_MS: u64 = 3_000;
+/// A whole request (JSON line or HTTP head) must arrive within this long of its first byte.
+const REQUEST_DEADLINE_MS: u64 = 5_000;
+/// Queued output that the peer does not take for this long closes the connection (`not_reading`).
+const WRITE_STALL_MS: u64 = 5_000;
+/// After the server closes (or answers, for HTTP), how long the peer has to close before a reset.
+const LINGER_MS: u64 = 2_000;
+/// A connection is evicted for a new client only after being idle (or slow) this long.
+const EVICT_GRACE_MS: u64 = 1_000;
+/// With a connection open, the servers' timers are checked at least this often.
+const BUSY_TICK_MS: u64 = 50;
+/// With every slot listening, the stack is polled at least this often without traffic (and the
+/// link status read).
+const IDLE_TICK_MS: u64 = 1_000;
 /// How long a `shutdown` reply may take to leave before the hypervisor exits anyway.
 const SHUTDOWN_FLUSH_MS: u64 = 2_000;
+
+/// The JSON API: enough slots for operators and monitoring at once; 64 sockets of 4 KiB receive
+/// and 8 KiB send buffers (768 KiB) plus at most 64 KiB of queued replies each.
+const JSON_LIMITS: Limits = Limits {
+    slots: 64,
+    spare_listeners: 2,
+    max_request: mgmt::MAX_REQUEST_BYTES,
+    out_capacity: 64 * 1024,
+    out_high_water: 16 * 1024,
+    request_deadline_ms: REQUEST_DEADLINE_MS,
+    idle_timeout_ms: IDLE_TIMEOUT_MS,
+    write_stall_ms: WRITE_STALL_MS,
+    linger_ms: LINGER_MS,
+    evict_grace_ms: EVICT_GRACE_MS,
+    requests_per_poll: 4,
+    read_budget: 2048,
+};
+const JSON_RX_BUFFER: usize = 4096;
+const JSON_TX_BUFFER: usize = 8192;
+
+/// The metrics page: one request per connection; 16 sockets of 4 KiB receive and 16 KiB send
+/// buffers; the page (generated here, not fed by the peer) may be queued up to 256 KiB.
+const HTTP_LIMITS: Limits = Limits {
+    slots: 16,
+    spare_listeners: 2,
+    max_request: metrics::MAX_HEAD_BYTES,
+    out_capacity: 256 * 1024,
+    out_high_water: 0,
+    request_deadline_ms: REQUEST_DEADLINE_MS,
+    idle_timeout_ms: IDLE_TIMEOUT_MS,
+    write_stall_ms: WRITE_STALL_MS,
+    linger_ms: LINGER_MS,
+    evict_grace_ms: EVICT_GRACE_MS,
+    requests_per_poll: 1,
+    read_budget: 2048,
+};
+const HTTP_RX_BUFFER: usize = 4096;
+const HTTP_TX_BUFFER: usize = 16384;
 
 /// Where frames for guests go. The guest device layer implements it; COLO puts its comparator
 /// and mirroring behind it.
@@ -98,20 +147,78 @@ struct Nic {
     roles: NicRoles,
 }
 
-struct MgmtConn {
-    handle: SocketHandle,
-    line: Vec<u8>,
-    out: Vec<u8>,
-    close_after_flush: bool,
-    last_activity: u64,
+/// Which protocol a server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// One JSON request per line (`net::mgmt`).
+    Json,
+    /// One HTTP request per connection (`net::metrics`).
+    Http,
 }
 
-struct MetricsConn {
+/// One connection slot (a smoltcp socket) and what the server knows about its connection.
+struct Conn {
     handle: SocketHandle,
+    /// The socket left `Listen` and was counted as accepted.
+    open: bool,
+    timers: Timers,
+    out: OutBuf,
+    /// Send-queue length after the last look (a drop means the peer acknowledged bytes).
+    send_queue: usize,
+    /// Close once `out` is empty.
+    close_after_flush: bool,
+    /// When the server closed its side.
+    closing_since: Option<u64>,
+    /// JSON: the request line being read.
+    lines: LineReader,
+    /// HTTP: the request head being read (at most `MAX_HEAD_BYTES + 1` bytes).
     head: Vec<u8>,
-    out: Vec<u8>,
+    /// HTTP: when the response was queued.
     answered_at: Option<u64>,
-    last_activity: u64,
+}
+
+impl Conn {
+    fn new(handle: SocketHandle, limits: &Limits) -> Self {
+        Self {
+            handle,
+            open: false,
+            timers: Timers::default(),
+            out: OutBuf::new(limits.out_capacity),
+            send_queue: 0,
+            close_after_flush: false,
+            closing_since: None,
+            lines: LineReader::new(limits.max_request),
+            head: Vec::new(),
+            answered_at: None,
+        }
+    }
+
+    /// Forgets the last connection (and frees what it held).
+    fn reset(&mut self) {
+        self.open = false;
+        self.out.clear();
+        self.send_queue = 0;
+        self.close_after_flush = false;
+        self.closing_since = None;
+        self.lines.clear();
+        self.head = Vec::new();
+        self.answered_at = None;
+    }
+
+    /// Answered and flushed, or closing: nothing more to do for the peer.
+    fn done(&self) -> bool {
+        self.closing_since.is_some() || (self.answered_at.is_some() && self.out.is_empty() && self.send_queue == 0)
+    }
+}
+
+/// One TCP server: its slots, limits and counters.
+struct Server {
+    kind: Kind,
+    port: u16,
+    limits: Limits,
+    conns: Vec<Conn>,
+    /// Every slot was busy and none could be evicted at the last look.
+    full: bool,
 }
 
 struct NetStack {
@@ -119,13 +226,15 @@ struct NetStack {
     mgmt_nic: usize,
     iface: Interface,
     sockets: SocketSet<'static>,
-    mgmt: Vec<MgmtConn>,
-    metrics: Vec<MetricsConn>,
-    mgmt_port: u16,
-    metrics_port: u16,
+    json: Server,
+    http: Server,
     role: &'static str,
     hook: Option<Box<dyn GuestForward>>,
     shutdown_at: Option<u64>,
+    /// The next full poll is due then even without a received frame.
+    next_due_ms: u64,
+    /// The next read of the NICs' link status.
+    next_link_ms: u64,
 }
 
 static NET: spin::Mutex<Option<NetStack>> = spin::Mutex::new(None);
@@ -215,50 +324,32 @@ pub fn bring_up(config: &Config) -> Result<(), NetError> {
         let _ = iface.routes_mut().add_default_ipv4_route(gw);
     }
     let mut sockets = SocketSet::new(Vec::new());
-    let mut mgmt_conns = Vec::new();
-    for _ in 0..MGMT_SOCKETS {
-        let socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 8192]), tcp::SocketBuffer::new(vec![0; 16384]));
-        let handle = sockets.add(socket);
-        mgmt_conns.push(MgmtConn {
-            handle,
-            line: Vec::new(),
-            out: Vec::new(),
-            close_after_flush: false,
-            last_activity: 0,
-        });
-    }
-    let mut metrics_conns = Vec::new();
-    for _ in 0..METRICS_SOCKETS {
-        let socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 8192]), tcp::SocketBuffer::new(vec![0; 32768]));
-        let handle = sockets.add(socket);
-        metrics_conns.push(MetricsConn {
-            handle,
-            head: Vec::new(),
-            out: Vec::new(),
-            answered_at: None,
-            last_activity: 0,
-        });
-    }
+    let json = Server::new(Kind::Json, config.mgmt_port, JSON_LIMITS, &mut sockets, JSON_RX_BUFFER, JSON_TX_BUFFER);
+    let http = Server::new(Kind::Http, config.metrics_port, HTTP_LIMITS, &mut sockets, HTTP_RX_BUFFER, HTTP_TX_BUFFER);
     log::info!(
-        "management: {}/{} on nic{mgmt_nic}, JSON API on TCP port {}, metrics on http://{}:{}/metrics",
+        "management: {}/{} on nic{mgmt_nic}, JSON API on TCP port {} ({} slots), metrics on http://{}:{}/metrics ({} slots); request deadline {} ms, idle timeout {} ms",
         addr.addr,
         addr.prefix,
         config.mgmt_port,
+        JSON_LIMITS.slots,
         addr.addr,
-        config.metrics_port
+        config.metrics_port,
+        HTTP_LIMITS.slots,
+        REQUEST_DEADLINE_MS,
+        IDLE_TIMEOUT_MS
     );
     *guard = Some(NetStack {
         nics,
         mgmt_nic,
         iface,
         sockets,
-        mgmt: mgmt_conns,
-        metrics: metrics_conns,
-        mgmt_port: config.mgmt_port,
-        metrics_port: config.metrics_port,
+        json,
+        http,
         role: role_name(config.role),
         hook: None,
         shutdown_at: None,
+        next_due_ms: 0,
+        next_link_ms: 0,
     });
     Ok(())
 }
@@ -330,30 +421,42 @@ impl NetStack {
                 while device.receive_one().is_some() {}
             }
         }
+        // The runner polls every few microseconds: skip the stack and the servers (about a
+        // hundred sockets) unless a frame waits, smoltcp or a server timer is due, or a shutdown
+        // reply is leaving.
+        if !self.nics[self.mgmt_nic].dev.rx_pending() && now_ms < self.next_due_ms && self.shutdown_at.is_none() {
+            return PollOutcome::Running;
+        }
         let mut device = NicDevice { nic: &mut self.nics[self.mgmt_nic], hook: &mut self.hook, local: true };
         self.iface.poll(now(), &mut device, &mut self.sockets);
-        let uptime_ms = now_ms;
-        let mut shutdown = false;
-        for conn in &mut self.mgmt {
-            shutdown |= serve_mgmt(conn, &mut self.sockets, self.mgmt_port, self.role, uptime_ms);
-        }
-        for conn in &mut self.metrics {
-            serve_metrics(conn, &mut self.sockets, self.metrics_port, self.role, uptime_ms);
-        }
+        let shutdown = self.json.serve(&mut self.sockets, self.role, now_ms);
+        self.http.serve(&mut self.sockets, self.role, now_ms);
         // Push out what the servers just queued.
         let mut device = NicDevice { nic: &mut self.nics[self.mgmt_nic], hook: &mut self.hook, local: true };
         self.iface.poll(now(), &mut device, &mut self.sockets);
-        let link = self.nics.iter().map(|n| (n.index, n.dev.link_up())).collect::<Vec<_>>();
-        stats::with(|s| {
-            for (index, up) in link {
-                s.nic_mut(index).link_up = up;
-            }
-        });
+        // Slots reset this round listen again before the next round's ingress.
+        self.json.relisten(&mut self.sockets);
+        self.http.relisten(&mut self.sockets);
+        let busy = self.json.busy(&self.sockets) || self.http.busy(&self.sockets);
+        let mut due = now_ms + if busy { BUSY_TICK_MS } else { IDLE_TICK_MS };
+        if let Some(at) = self.iface.poll_at(now(), &self.sockets) {
+            due = due.min(at.total_millis().max(0) as u64);
+        }
+        self.next_due_ms = due;
+        if now_ms >= self.next_link_ms {
+            self.next_link_ms = now_ms + IDLE_TICK_MS;
+            let link = self.nics.iter().map(|n| (n.index, n.dev.link_up())).collect::<Vec<_>>();
+            stats::with(|s| {
+                for (index, up) in link {
+                    s.nic_mut(index).link_up = up;
+                }
+            });
+        }
         if shutdown && self.shutdown_at.is_none() {
             self.shutdown_at = Some(now_ms);
         }
         if let Some(at) = self.shutdown_at {
-            let flushed = self.mgmt.iter().all(|c| {
+            let flushed = self.json.conns.iter().all(|c| {
                 let s = self.sockets.get::<tcp::Socket>(c.handle);
                 c.out.is_empty() && s.send_queue() == 0
             });
@@ -365,86 +468,335 @@ impl NetStack {
     }
 }
 
-/// Serves one JSON API socket; returns true when it answered a `shutdown` request.
-fn serve_mgmt(conn: &mut MgmtConn, sockets: &mut SocketSet<'_>, port: u16, role: &'static str, now_ms: u64) -> bool {
+/// Runs `f` on the counters of server `kind`.
+fn count(kind: Kind, f: impl FnOnce(&mut stats::ServerCounters)) {
+    stats::with(|s| {
+        f(match kind {
+            Kind::Json => &mut s.mgmt.json,
+            Kind::Http => &mut s.mgmt.http,
+        })
+    });
+}
+
+/// The registry with the heap sampled now (for `status`, `stats` and the metrics page).
+fn with_fresh_stats<R>(f: impl FnOnce(&mut stats::HypervisorStats) -> R) -> R {
+    let usage = heap::usage();
+    stats::with(|s| {
+        s.heap = usage;
+        f(s)
+    })
+}
+
+impl Server {
+    fn new(kind: Kind, port: u16, limits: Limits, sockets: &mut SocketSet<'static>, rx: usize, tx: usize) -> Self {
+        let conns = (0..limits.slots)
+            .map(|_| {
+                let socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
+                Conn::new(sockets.add(socket), &limits)
+            })
+            .collect();
+        Self { kind, port, limits, conns, full: false }
+    }
+
+    /// One round for every slot, then makes sure a new client finds a listening slot. Returns
+    /// true when a `shutdown` request was answered.
+    fn serve(&mut self, sockets: &mut SocketSet<'_>, role: &'static str, now: u64) -> bool {
+        let mut shutdown = false;
+        for conn in &mut self.conns {
+            shutdown |= serve_conn(self.kind, self.port, &self.limits, conn, sockets, role, now);
+        }
+        self.keep_listeners(sockets, now);
+        shutdown
+    }
+
+    /// Whether any slot holds a connection (its timers need checking).
+    fn busy(&self, sockets: &SocketSet<'_>) -> bool {
+        self.conns.iter().any(|c| sockets.get::<tcp::Socket>(c.handle).state() != tcp::State::Listen)
+    }
+
+    /// Puts every closed slot back to listening (after the egress that sent their resets).
+    fn relisten(&mut self, sockets: &mut SocketSet<'_>) {
+        for conn in &mut self.conns {
+            let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
+            if !socket.is_open() {
+                conn.reset();
+                listen(socket, self.port);
+            }
+        }
+    }
+
+    /// When fewer than `spare_listeners` slots listen, evicts connections (done, then the oldest
+    /// idle, then the oldest slow request) so that a new client is not refused.
+    fn keep_listeners(&mut self, sockets: &mut SocketSet<'_>, now: u64) {
+        loop {
+            // A closed socket listens again after this round's egress (see `relisten`).
+            let listening = self
+                .conns
+                .iter()
+                .filter(|c| {
+                    let socket = sockets.get::<tcp::Socket>(c.handle);
+                    socket.state() == tcp::State::Listen || !socket.is_open()
+                })
+                .count();
+            if listening >= self.limits.spare_listeners {
+                self.full = false;
+                return;
+            }
+            let ranks = self
+                .conns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i, c.open.then(|| c.timers.evict_rank(now, &self.limits, c.done())).flatten()));
+            let Some(victim) = choose_victim(ranks) else {
+                if listening == 0 && !self.full {
+                    self.full = true;
+                    count(self.kind, |c| c.full += 1);
+                    log::warn!("{:?} server: every slot is busy and none may be evicted yet", self.kind);
+                }
+                return;
+            };
+            let conn = &mut self.conns[victim];
+            let done = conn.done();
+            // Reset now; the RST leaves with this round's egress, then `relisten` reopens it.
+            sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+            conn.reset();
+            if !done {
+                count(self.kind, |c| c.evicted += 1);
+            }
+        }
+    }
+}
+
+/// Puts a closed socket back to listening, with smoltcp's own timeout off ([`IDLE_TIMEOUT_MS`]
+/// is the one idle timeout).
+fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
+    if socket.is_open() {
+        return;
+    }
+    socket.set_timeout(None);
+    socket.set_keep_alive(None);
+    if let Err(e) = socket.listen(port) {
+        log::warn!("listen on port {port}: {e:?}");
+    }
+}
+
+/// Serves one slot for one poll; returns true when it answered a `shutdown` request.
+fn serve_conn(
+    kind: Kind,
+    port: u16,
+    limits: &Limits,
+    conn: &mut Conn,
+    sockets: &mut SocketSet<'_>,
+    role: &'static str,
+    now: u64,
+) -> bool {
     let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
     if !socket.is_open() {
-        conn.line.clear();
-        conn.out.clear();
-        conn.close_after_flush = false;
-        conn.last_activity = now_ms;
-        socket.set_timeout(Some(Duration::from_secs(10)));
-        if let Err(e) = socket.listen(port) {
-            log::warn!("mgmt: listen on port {port}: {e:?}");
+        conn.reset();
+        listen(socket, port);
+        return false;
+    }
+    if socket.state() == tcp::State::Listen {
+        return false;
+    }
+    if !conn.open {
+        conn.open = true;
+        conn.timers = Timers::open(now);
+        count(kind, |c| c.accepted += 1);
+    }
+    if let Some(since) = conn.closing_since {
+        // Closed on our side: discard what still arrives (bounded), reset after the linger
+        // (which restarts while the peer still takes queued output).
+        let queue = socket.send_queue();
+        if queue < conn.send_queue {
+            conn.closing_since = Some(now);
+        }
+        conn.send_queue = queue;
+        let mut read = 0;
+        while read < limits.read_budget && socket.can_recv() {
+            match socket.recv(|b| (b.len(), b.len())) {
+                Ok(n) if n > 0 => read += n,
+                _ => break,
+            }
+        }
+        if now >= conn.closing_since.unwrap_or(since) + limits.linger_ms {
+            socket.abort();
         }
         return false;
     }
-    if !socket.is_active() {
-        conn.last_activity = now_ms;
-        return false;
+    let mut abort = false;
+    let shutdown = match kind {
+        Kind::Json => serve_json(limits, conn, socket, role, now, &mut abort),
+        Kind::Http => {
+            serve_http(limits, conn, socket, role, now, &mut abort);
+            false
+        }
+    };
+    if abort {
+        count(kind, |c| c.not_reading += 1);
+        socket.abort();
+        return shutdown;
     }
+    flush(conn, socket, now);
+    if conn.close_after_flush && conn.out.is_empty() {
+        socket.close();
+        conn.closing_since = Some(now);
+        return shutdown;
+    }
+    match conn.timers.expired(now, limits) {
+        None => {}
+        Some(Expiry::NotReading) => {
+            count(kind, |c| c.not_reading += 1);
+            log::debug!("{kind:?}: closing a connection whose peer does not read");
+            socket.abort();
+        }
+        Some(Expiry::Idle) => {
+            count(kind, |c| c.idle_timeouts += 1);
+            socket.close();
+            conn.closing_since = Some(now);
+        }
+        Some(Expiry::RequestDeadline) => {
+            count(kind, |c| c.request_timeouts += 1);
+            // Say why, then close (the linger bounds how long that may take).
+            let reply = match kind {
+                Kind::Json => {
+                    let mut text =
+                        mgmt::error_reply(&mgmt::RequestError::Timeout { deadline_ms: limits.request_deadline_ms });
+                    text.push('\n');
+                    text
+                }
+                Kind::Http => {
+                    metrics::respond(
+                        Err(metrics::HttpError::Timeout { deadline_ms: limits.request_deadline_ms }),
+                        String::new,
+                    )
+                    .0
+                }
+            };
+            conn.lines.clear();
+            conn.head = Vec::new();
+            if conn.out.push(reply.as_bytes()).is_err() {
+                socket.abort();
+                return shutdown;
+            }
+            flush(conn, socket, now);
+            socket.close();
+            conn.closing_since = Some(now);
+        }
+    }
+    shutdown
+}
+
+/// Moves queued output into the socket and tells the timers whether it moved.
+fn flush(conn: &mut Conn, socket: &mut tcp::Socket<'_>, now: u64) {
+    let acked = socket.send_queue() < conn.send_queue;
+    let mut moved = 0;
+    if !conn.out.is_empty() && socket.can_send() {
+        if let Ok(n) = socket.send_slice(conn.out.pending()) {
+            conn.out.consume(n);
+            moved = n;
+        }
+    }
+    conn.send_queue = socket.send_queue();
+    let pending = !conn.out.is_empty() || conn.send_queue > 0;
+    conn.timers.on_output(now, pending, acked || moved > 0);
+}
+
+/// JSON API: up to `requests_per_poll` requests and `read_budget` bytes per poll, and new
+/// requests only while less than `out_high_water` bytes of replies wait (a peer that does not
+/// read is slowed down first, then closed by the write-stall limit).
+fn serve_json(
+    limits: &Limits,
+    conn: &mut Conn,
+    socket: &mut tcp::Socket<'_>,
+    role: &'static str,
+    now: u64,
+    abort: &mut bool,
+) -> bool {
     let mut shutdown = false;
-    let mut buf = [0u8; 1024];
-    while !conn.close_after_flush && socket.can_recv() {
-        let Ok(n) = socket.recv_slice(&mut buf) else { break };
+    let (mut answered, mut read) = (0, 0);
+    flush(conn, socket, now);
+    while answered < limits.requests_per_poll
+        && read < limits.read_budget
+        && !conn.close_after_flush
+        && conn.out.len() < limits.out_high_water
+        && socket.can_recv()
+    {
+        let budget = limits.read_budget - read;
+        let lines = &mut conn.lines;
+        let Ok((n, event)) = socket.recv(|buf| {
+            let (n, event) = lines.feed(&buf[..buf.len().min(budget)]);
+            (n, (n, event))
+        }) else {
+            break;
+        };
         if n == 0 {
             break;
         }
-        conn.last_activity = now_ms;
-        for &byte in &buf[..n] {
-            if byte == b'\n' {
-                let line = core::mem::take(&mut conn.line);
-                let line = line.strip_suffix(b"\r").unwrap_or(&line);
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                let reply = stats::with(|s| {
-                    let mut ctx = mgmt::Context { role, uptime_ms: now_ms, replication_running: false, stats: s };
-                    mgmt::handle(line, &mut ctx)
-                });
-                conn.out.extend_from_slice(reply.text.as_bytes());
-                conn.out.push(b'\n');
-                match reply.action {
-                    mgmt::Action::Continue => {}
-                    mgmt::Action::Close => conn.close_after_flush = true,
-                    mgmt::Action::Shutdown => {
-                        shutdown = true;
-                        conn.close_after_flush = true;
-                    }
-                }
-                if conn.close_after_flush {
-                    break;
-                }
-            } else if conn.line.len() > mgmt::MAX_REQUEST_BYTES {
-                let err = mgmt::RequestError::TooLarge { len: conn.line.len() + 1 };
+        read += n;
+        // Blank lines are no request: they neither count as activity (idle timeout, eviction)
+        // nor start the request deadline.
+        if event.is_some() || conn.lines.in_request() {
+            conn.timers.on_input(now, conn.lines.in_request());
+        }
+        match event {
+            None => {}
+            Some(LineEvent::Line(line)) => {
+                answered += 1;
+                shutdown |= answer_json(conn, &line, role, now, abort);
+            }
+            Some(LineEvent::TooLarge { len }) => {
+                count(Kind::Json, |c| c.too_large += 1);
+                let err = mgmt::RequestError::TooLarge { len };
                 stats::with(|s| {
                     s.mgmt.requests += 1;
                     s.mgmt.request_errors += 1;
                 });
-                conn.out.extend_from_slice(mgmt::error_reply(&err).as_bytes());
-                conn.out.push(b'\n');
-                conn.line.clear();
+                let text = mgmt::error_reply(&err);
+                if conn.out.push_all(&[text.as_bytes(), b"\n"]).is_err() {
+                    *abort = true;
+                }
                 conn.close_after_flush = true;
-                break;
-            } else {
-                conn.line.push(byte);
             }
         }
-    }
-    if !conn.out.is_empty() && socket.can_send() {
-        if let Ok(sent) = socket.send_slice(&conn.out) {
-            conn.out.drain(..sent);
+        if *abort {
+            return shutdown;
         }
     }
-    if conn.out.is_empty() && conn.close_after_flush {
-        socket.close();
-    } else if peer_closed(socket) && conn.out.is_empty() {
-        // The client closed its side and has every reply.
-        socket.close();
-    } else if now_ms > conn.last_activity + IDLE_TIMEOUT_MS {
-        socket.abort();
+    // Half-close: the peer sent FIN and every byte it sent has been read. A last request without
+    // a newline is still a request.
+    if peer_closed(socket) && !socket.can_recv() && !conn.close_after_flush {
+        if let Some(line) = conn.lines.finish() {
+            count(Kind::Json, |c| c.half_close_requests += 1);
+            shutdown |= answer_json(conn, &line, role, now, abort);
+        }
+        conn.close_after_flush = true;
     }
+    conn.timers.on_request_state(now, conn.lines.in_request());
     shutdown
+}
+
+/// Answers one JSON request line into `conn.out`; returns true for `shutdown`.
+fn answer_json(conn: &mut Conn, line: &[u8], role: &'static str, now: u64, abort: &mut bool) -> bool {
+    let reply = with_fresh_stats(|s| {
+        let mut ctx = mgmt::Context { role, uptime_ms: now, replication_running: false, stats: s };
+        mgmt::handle(line, &mut ctx)
+    });
+    if conn.out.push_all(&[reply.text.as_bytes(), b"\n"]).is_err() {
+        *abort = true;
+        return false;
+    }
+    match reply.action {
+        mgmt::Action::Continue => false,
+        mgmt::Action::Close => {
+            conn.close_after_flush = true;
+            false
+        }
+        mgmt::Action::Shutdown => {
+            conn.close_after_flush = true;
+            true
+        }
+    }
 }
 
 /// The client sent FIN (`may_recv` alone is also false while the handshake is under way).
@@ -452,66 +804,72 @@ fn peer_closed(socket: &tcp::Socket<'_>) -> bool {
     socket.state() == tcp::State::CloseWait
 }
 
-/// Serves one metrics socket: one request, one response, then close.
-fn serve_metrics(conn: &mut MetricsConn, sockets: &mut SocketSet<'_>, port: u16, role: &str, now_ms: u64) {
-    let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
-    if !socket.is_open() {
-        conn.head.clear();
-        conn.out.clear();
-        conn.answered_at = None;
-        conn.last_activity = now_ms;
-        socket.set_timeout(Some(Duration::from_secs(10)));
-        if let Err(e) = socket.listen(port) {
-            log::warn!("metrics: listen on port {port}: {e:?}");
+/// Metrics: one request head (at most `MAX_HEAD_BYTES + 1` bytes are kept), one response.
+fn serve_http(
+    limits: &Limits,
+    conn: &mut Conn,
+    socket: &mut tcp::Socket<'_>,
+    role: &'static str,
+    now: u64,
+    abort: &mut bool,
+) {
+    let mut read = 0;
+    if conn.answered_at.is_some() {
+        // Discard anything after the request head (bounded per poll).
+        while read < limits.read_budget && socket.can_recv() {
+            match socket.recv(|b| (b.len(), b.len())) {
+                Ok(n) if n > 0 => read += n,
+                _ => break,
+            }
         }
         return;
     }
-    if !socket.is_active() {
-        conn.last_activity = now_ms;
-        return;
-    }
-    let mut buf = [0u8; 1024];
-    while conn.answered_at.is_none() && socket.can_recv() {
-        let Ok(n) = socket.recv_slice(&mut buf) else { break };
-        if n == 0 {
-            break;
-        }
-        conn.last_activity = now_ms;
-        conn.head.extend_from_slice(&buf[..n]);
+    let mut response = None;
+    while read < limits.read_budget && socket.can_recv() {
+        let room = (metrics::MAX_HEAD_BYTES + 1).saturating_sub(conn.head.len()).min(limits.read_budget - read);
+        let head = &mut conn.head;
+        let n = match socket.recv(|b| {
+            let n = b.len().min(room);
+            head.extend_from_slice(&b[..n]);
+            (n, n)
+        }) {
+            Ok(n) if n > 0 => n,
+            _ => break,
+        };
+        read += n;
+        conn.timers.on_input(now, true);
         let parsed = metrics::parse_http_request(&conn.head);
         if parsed == Err(metrics::HttpError::Incomplete) {
             continue;
         }
-        let (response, outcome) = metrics::respond(parsed, || stats::with(|s| metrics::render(s, role, now_ms)));
-        stats::with(|s| match outcome {
-            metrics::Outcome::Served => s.mgmt.scrapes += 1,
-            metrics::Outcome::Refused => s.mgmt.http_errors += 1,
-        });
-        conn.out = response.into_bytes();
-        conn.answered_at = Some(now_ms);
-    }
-    // Discard anything after the request head.
-    if conn.answered_at.is_some() {
-        while socket.can_recv() && socket.recv_slice(&mut buf).is_ok_and(|n| n > 0) {}
-    }
-    if !conn.out.is_empty() && socket.can_send() {
-        if let Ok(sent) = socket.send_slice(&conn.out) {
-            conn.out.drain(..sent);
+        if matches!(parsed, Err(metrics::HttpError::TooLarge { .. })) {
+            count(Kind::Http, |c| c.too_large += 1);
         }
+        response = Some(metrics::respond(parsed, || with_fresh_stats(|s| metrics::render(s, role, now))));
+        break;
     }
-    match conn.answered_at {
-        // Let the client close first (no TIME-WAIT here); reset if it lingers.
-        Some(at) if conn.out.is_empty() && socket.send_queue() == 0 => {
-            if peer_closed(socket) {
-                socket.close();
-            } else if now_ms > at + LINGER_MS {
-                socket.abort();
-            }
+    if response.is_none() && peer_closed(socket) && !socket.can_recv() {
+        // Half-closed in the middle of a head: say so; a connection that sent nothing just ends.
+        if conn.head.is_empty() {
+            conn.close_after_flush = true;
+            return;
         }
-        Some(_) => {}
-        None if peer_closed(socket) => socket.close(),
-        None if now_ms > conn.last_activity + IDLE_TIMEOUT_MS => socket.abort(),
-        None => {}
+        response = Some(metrics::respond(Err(metrics::HttpError::Truncated), String::new));
+    }
+    let Some((text, outcome)) = response else {
+        return;
+    };
+    stats::with(|s| match outcome {
+        metrics::Outcome::Served => s.mgmt.scrapes += 1,
+        metrics::Outcome::Refused => s.mgmt.http_errors += 1,
+    });
+    conn.head = Vec::new();
+    conn.timers.on_request_state(now, false);
+    conn.answered_at = Some(now);
+    // `Connection: close`: the server closes once the response is out (RFC 9112 §9.6).
+    conn.close_after_flush = true;
+    if conn.out.push(text.as_bytes()).is_err() {
+        *abort = true;
     }
 }
 

@@ -20,10 +20,13 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// A request head that was understood.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpRequest<'a> {
-    /// `GET`, `HEAD`, ...
+    /// `GET`, `HEAD`, ... (a token; methods are case-sensitive).
     pub method: &'a str,
-    /// The request target, e.g. `/metrics`.
+    /// The request target as sent (origin-form `/metrics`, absolute-form
+    /// `http://host:9100/metrics`, or `*` / `host:port` for OPTIONS / CONNECT).
     pub target: &'a str,
+    /// The path of the target without the query (`/metrics`), `*` or the authority.
+    pub path: &'a str,
 }
 
 /// Why a request head was refused.
@@ -41,6 +44,31 @@ pub enum HttpError {
         /// The line as received (truncated, lossy).
         line: String,
     },
+    /// The HTTP version's major number is not 1 (RFC 9110 §15.6.6: 505).
+    VersionNotSupported {
+        /// The version as sent.
+        version: String,
+    },
+    /// A header line is not `name: value` (RFC 9112 §5: no space before the colon, no line
+    /// folding, no control characters).
+    BadHeader {
+        /// The line as received (truncated, lossy).
+        line: String,
+    },
+    /// An HTTP/1.1 request without a `Host` header (RFC 9112 §3.2).
+    MissingHost,
+    /// More than one `Host` header, or one with an invalid value (RFC 9112 §3.2).
+    BadHost {
+        /// The value (truncated, lossy), or `(repeated)`.
+        value: String,
+    },
+    /// The peer closed its side in the middle of the head.
+    Truncated,
+    /// The head did not arrive whole within the request deadline (408).
+    Timeout {
+        /// The deadline, ms.
+        deadline_ms: u64,
+    },
 }
 
 impl fmt::Display for HttpError {
@@ -53,14 +81,65 @@ impl fmt::Display for HttpError {
             Self::BadRequestLine { line } => {
                 write!(f, "bad request line `{line}`; expected `GET /metrics HTTP/1.1`")
             }
+            Self::VersionNotSupported { version } => {
+                write!(f, "HTTP version `{version}` not supported; expected HTTP/1.0 or HTTP/1.1")
+            }
+            Self::BadHeader { line } => {
+                write!(f, "bad header line `{line}`; expected `name: value` with no space before the colon")
+            }
+            Self::MissingHost => write!(f, "HTTP/1.1 request without a Host header; expected exactly one"),
+            Self::BadHost { value } => {
+                write!(f, "bad Host header `{value}`; expected exactly one, of the form host[:port]")
+            }
+            Self::Truncated => write!(f, "connection closed in the middle of the request head"),
+            Self::Timeout { deadline_ms } => {
+                write!(f, "request head not received within {deadline_ms} ms of its first byte")
+            }
         }
     }
 }
 
-/// Parses a request head from the bytes received so far.
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token(s: &[u8]) -> bool {
+    !s.is_empty() && s.iter().copied().all(is_tchar)
+}
+
+/// RFC 3986 `host [ ":" port ]` characters (reg-name, IPv4, bracketed IPv6), possibly empty.
+fn is_host_value(v: &[u8]) -> bool {
+    v.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:%[]".contains(&b))
+}
+
+fn lossy80(bytes: &[u8]) -> String {
+    crate::net::mgmt::lossy(&bytes[..bytes.len().min(80)])
+}
+
+/// Where the head ends: the index just past its blank line, skipping empty lines before the
+/// request line (RFC 9112 §2.2). Lines end with LF, optionally preceded by CR.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    let mut seen_request_line = false;
+    while let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') {
+        let line = &buf[pos..pos + nl];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        pos += nl + 1;
+        if line.is_empty() {
+            if seen_request_line {
+                return Some(pos);
+            }
+        } else {
+            seen_request_line = true;
+        }
+    }
+    None
+}
+
+/// Parses a request head from the bytes received so far (RFC 9112 §2-§5).
 pub fn parse_http_request(buf: &[u8]) -> Result<HttpRequest<'_>, HttpError> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| buf.windows(2).position(|w| w == b"\n\n"));
-    let Some(end) = end else {
+    let Some(end) = head_end(buf) else {
         return Err(if buf.len() > MAX_HEAD_BYTES {
             HttpError::TooLarge { len: buf.len() }
         } else {
@@ -70,22 +149,84 @@ pub fn parse_http_request(buf: &[u8]) -> Result<HttpRequest<'_>, HttpError> {
     if end > MAX_HEAD_BYTES {
         return Err(HttpError::TooLarge { len: end });
     }
-    let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(end);
-    let raw = &buf[..line_end];
-    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-    let bad = || HttpError::BadRequestLine { line: crate::net::mgmt::lossy(&raw[..raw.len().min(80)]) };
+    let mut lines = buf[..end].split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let raw = lines.by_ref().find(|l| !l.is_empty()).unwrap_or_default();
+    let bad = || HttpError::BadRequestLine { line: lossy80(raw) };
     let line = core::str::from_utf8(raw).map_err(|_| bad())?;
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(bad());
     };
-    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_uppercase());
-    if !token(method) || !target.starts_with('/') || !matches!(version, "HTTP/1.0" | "HTTP/1.1") {
+    if !is_token(method.as_bytes()) || target.is_empty() {
         return Err(bad());
     }
-    Ok(HttpRequest { method, target })
+    let v = version.as_bytes();
+    if !(v.len() == 8 && v.starts_with(b"HTTP/") && v[5].is_ascii_digit() && v[6] == b'.' && v[7].is_ascii_digit()) {
+        return Err(bad());
+    }
+    if v[5] != b'1' {
+        return Err(HttpError::VersionNotSupported { version: version.into() });
+    }
+    // HTTP/1.x with x > 1 is served as 1.1 (RFC 9110 §2.5).
+    let http11 = v[7] != b'0';
+    let path = if target.starts_with('/') {
+        target
+    } else if let Some(rest) = strip_prefix_ignore_case(target, "http://") {
+        // absolute-form (RFC 9112 §3.2.2): servers MUST accept it; the path is what follows
+        // the authority (an empty path is `/`).
+        match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => &rest[i..],
+            _ => "/",
+        }
+    } else if (target == "*" && method == "OPTIONS") || (method == "CONNECT" && is_host_value(target.as_bytes())) {
+        target
+    } else {
+        return Err(bad());
+    };
+    let path = path.split('?').next().unwrap_or(path);
+    if path.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    let mut hosts = 0;
+    for header in lines.take_while(|l| !l.is_empty()) {
+        let bad_header = || HttpError::BadHeader { line: lossy80(header) };
+        let colon = header.iter().position(|&b| b == b':').ok_or_else(bad_header)?;
+        let (name, value) = (&header[..colon], &header[colon + 1..]);
+        // No whitespace before the colon; obs-fold (a line starting with SP/HTAB) refused.
+        if !is_token(name) {
+            return Err(bad_header());
+        }
+        let value = value.trim_ascii();
+        if value.iter().any(|&b| b == 0x7f || (b < 0x20 && b != b'\t')) {
+            return Err(bad_header());
+        }
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+            if hosts > 1 {
+                return Err(HttpError::BadHost { value: "(repeated)".into() });
+            }
+            if !is_host_value(value) {
+                return Err(HttpError::BadHost { value: lossy80(value) });
+            }
+        }
+    }
+    if http11 && hosts == 0 {
+        return Err(HttpError::MissingHost);
+    }
+    Ok(HttpRequest { method, target, path })
 }
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+}
+
+/// Methods RFC 9110 §9 defines: refused with 405 and `Allow`; any other token gets 501.
+const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+
+/// What `/metrics` allows.
+pub const ALLOW: &str = "GET, HEAD";
 
 /// What a response was, for the counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,38 +239,47 @@ pub enum Outcome {
 
 /// The whole HTTP response for `request` (or for a refused head), and whether it served the page.
 pub fn respond(request: Result<HttpRequest<'_>, HttpError>, page: impl FnOnce() -> String) -> (String, Outcome) {
+    let mut allow = false;
     let (status, body, outcome, head_only) = match request {
-        Ok(HttpRequest { method, target }) => {
-            let path = target.split('?').next().unwrap_or(target);
-            match (method, path) {
-                ("GET" | "HEAD", "/metrics") => ("200 OK", page(), Outcome::Served, method == "HEAD"),
-                ("GET" | "HEAD", _) => (
-                    "404 Not Found",
-                    crate::net::mgmt::format(format_args!("no page `{path}`; expected /metrics\n")),
-                    Outcome::Refused,
-                    method == "HEAD",
-                ),
-                _ => (
+        Ok(HttpRequest { method, path, .. }) => match (method, path) {
+            ("GET" | "HEAD", "/metrics") => ("200 OK", page(), Outcome::Served, method == "HEAD"),
+            ("GET" | "HEAD", _) => (
+                "404 Not Found",
+                crate::net::mgmt::format(format_args!("no page `{path}`; expected /metrics\n")),
+                Outcome::Refused,
+                method == "HEAD",
+            ),
+            _ if KNOWN_METHODS.contains(&method) => {
+                allow = true;
+                (
                     "405 Method Not Allowed",
-                    crate::net::mgmt::format(format_args!("method `{method}` not allowed; expected GET or HEAD\n")),
+                    crate::net::mgmt::format(format_args!("method `{method}` not allowed; expected {ALLOW}\n")),
                     Outcome::Refused,
                     false,
-                ),
+                )
             }
-        }
+            _ => (
+                "501 Not Implemented",
+                crate::net::mgmt::format(format_args!("method `{method}` not implemented; expected {ALLOW}\n")),
+                Outcome::Refused,
+                false,
+            ),
+        },
         Err(err) => {
-            let status = if matches!(err, HttpError::TooLarge { .. }) {
-                "431 Request Header Fields Too Large"
-            } else {
-                "400 Bad Request"
+            let status = match err {
+                HttpError::TooLarge { .. } => "431 Request Header Fields Too Large",
+                HttpError::VersionNotSupported { .. } => "505 HTTP Version Not Supported",
+                HttpError::Timeout { .. } => "408 Request Timeout",
+                _ => "400 Bad Request",
             };
             (status, crate::net::mgmt::format(format_args!("{err}\n")), Outcome::Refused, false)
         }
     };
     let content_type = if outcome == Outcome::Served { CONTENT_TYPE } else { "text/plain; charset=utf-8" };
     let mut out = crate::net::mgmt::format(format_args!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
+        body.len(),
+        if allow { "Allow: GET, HEAD\r\n" } else { "" }
     ));
     if !head_only {
         out.push_str(&body);
@@ -218,6 +368,29 @@ pub fn render(stats: &HypervisorStats, role: &str, uptime_ms: u64) -> String {
         family(&mut o, name, "counter", help);
         let _ = writeln!(o, "{name} {value}");
     }
+    family(
+        &mut o,
+        "colo_mgmt_connections_total",
+        "counter",
+        "Connections of the management servers, by server (json, http) and event (accepted, evicted, request_timeouts, idle_timeouts, not_reading, too_large, half_close_requests, full).",
+    );
+    for (server, counters) in [("json", &m.json), ("http", &m.http)] {
+        for (event, value) in counters.named() {
+            let _ = writeln!(o, "colo_mgmt_connections_total{{server=\"{server}\",event=\"{event}\"}} {value}");
+        }
+    }
+    let h = &stats.heap;
+    for (name, help, value) in [
+        ("colo_heap_size_bytes", "Bytes the hypervisor heap manages.", h.size),
+        ("colo_heap_used_bytes", "Bytes of the hypervisor heap allocated now.", h.used),
+        ("colo_heap_free_bytes", "Bytes of the hypervisor heap free now.", h.free),
+        ("colo_heap_high_water_bytes", "The most bytes of the hypervisor heap ever allocated at once.", h.high_water),
+    ] {
+        family(&mut o, name, "gauge", help);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    family(&mut o, "colo_heap_alloc_failures_total", "counter", "Allocations the hypervisor heap could not satisfy.");
+    let _ = writeln!(o, "colo_heap_alloc_failures_total {}", h.alloc_failures);
     let t = &stats.tunables;
     for (name, help, ms) in [
         ("colo_tunable_heartbeat_seconds", "Heartbeat interval tunable.", t.heartbeat_ms),
@@ -267,9 +440,34 @@ mod tests {
     }
 
     #[test]
+    fn page_reports_heap_and_connection_counters() {
+        let mut stats = sample();
+        stats.heap = crate::stats::HeapUsage { size: 1000, used: 300, free: 700, high_water: 450, alloc_failures: 1 };
+        stats.mgmt.json.evicted = 4;
+        let page = render(&stats, "standalone", 1);
+        for needle in [
+            "colo_heap_used_bytes 300\n",
+            "colo_heap_free_bytes 700\n",
+            "colo_heap_high_water_bytes 450\n",
+            "colo_heap_size_bytes 1000\n",
+            "colo_heap_alloc_failures_total 1\n",
+            "colo_mgmt_connections_total{server=\"json\",event=\"evicted\"} 4\n",
+            "colo_mgmt_connections_total{server=\"http\",event=\"not_reading\"} 0\n",
+        ] {
+            assert!(page.contains(needle), "missing {needle:?} in\n{page}");
+        }
+    }
+
+    const H: &str = "Host: 10.0.0.1:9100\r\n";
+
+    fn get(head: &str) -> Result<HttpRequest<'_>, HttpError> {
+        parse_http_request(head.as_bytes())
+    }
+
+    #[test]
     fn requests_are_parsed_and_answered() {
         let req = parse_http_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        assert_eq!(req, HttpRequest { method: "GET", target: "/metrics" });
+        assert_eq!(req, HttpRequest { method: "GET", target: "/metrics", path: "/metrics" });
         let (resp, outcome) = respond(Ok(req), || "a 1\n".into());
         assert_eq!(outcome, Outcome::Served);
         assert!(
@@ -279,10 +477,66 @@ mod tests {
         );
         let (resp, _) = respond(parse_http_request(b"HEAD /metrics HTTP/1.0\n\n"), || "a 1\n".into());
         assert!(resp.ends_with("\r\n\r\n") && resp.contains("Content-Length: 4"));
-        let (resp, outcome) = respond(parse_http_request(b"GET /other HTTP/1.1\r\n\r\n"), String::new);
+        let (resp, outcome) = respond(get(&format!("GET /other HTTP/1.1\r\n{H}\r\n")), String::new);
         assert!(resp.starts_with("HTTP/1.1 404") && outcome == Outcome::Refused);
-        let (resp, _) = respond(parse_http_request(b"POST /metrics HTTP/1.1\r\n\r\n"), String::new);
-        assert!(resp.starts_with("HTTP/1.1 405"));
+        let (resp, _) = respond(get(&format!("GET /metrics?x=1 HTTP/1.1\r\n{H}\r\n")), || "a 1\n".into());
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+
+    /// RFC 9110 §15.5.6: a 405 carries `Allow`; an unknown method is 501 (§15.6.2).
+    #[test]
+    fn method_not_allowed_says_what_is() {
+        let (resp, _) = respond(get(&format!("POST /metrics HTTP/1.1\r\n{H}\r\n")), String::new);
+        assert!(resp.starts_with("HTTP/1.1 405") && resp.contains("\r\nAllow: GET, HEAD\r\n"), "{resp}");
+        let (resp, _) = respond(get(&format!("BREW /metrics HTTP/1.1\r\n{H}\r\n")), String::new);
+        assert!(resp.starts_with("HTTP/1.1 501") && !resp.contains("Allow"), "{resp}");
+        let (resp, _) = respond(get(&format!("OPTIONS * HTTP/1.1\r\n{H}\r\n")), String::new);
+        assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+    }
+
+    /// RFC 9112 §3.2: HTTP/1.1 needs exactly one valid Host; §3.2.2: absolute-form is accepted.
+    #[test]
+    fn host_and_target_forms_follow_rfc_9112() {
+        assert_eq!(get("GET /metrics HTTP/1.1\r\n\r\n"), Err(HttpError::MissingHost));
+        let (resp, _) = respond(get("GET /metrics HTTP/1.1\r\n\r\n"), String::new);
+        assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("without a Host header"), "{resp}");
+        assert!(get("GET /metrics HTTP/1.0\r\n\r\n").is_ok(), "HTTP/1.0 needs no Host");
+        assert!(matches!(get("GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Err(HttpError::BadHost { .. })));
+        assert!(matches!(get("GET /metrics HTTP/1.1\r\nHost: a b\r\n\r\n"), Err(HttpError::BadHost { .. })));
+        assert!(get("GET /metrics HTTP/1.1\r\nHost:\r\n\r\n").is_ok(), "an empty Host is allowed");
+        assert!(get("GET /metrics HTTP/1.1\r\nhOsT: [::1]:9100\r\n\r\n").is_ok());
+        let text = format!("GET http://10.0.0.1:9100/metrics?a=b HTTP/1.1\r\n{H}\r\n");
+        let abs = get(&text).unwrap();
+        assert_eq!(abs.path, "/metrics");
+        let (resp, _) = respond(Ok(abs), || "a 1\n".into());
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert_eq!(get(&format!("GET HTTP://h HTTP/1.1\r\n{H}\r\n")).unwrap().path, "/");
+        assert!(matches!(
+            get(&format!("GET ftp://h/metrics HTTP/1.1\r\n{H}\r\n")),
+            Err(HttpError::BadRequestLine { .. })
+        ));
+        // Empty lines before the request line are ignored (RFC 9112 §2.2).
+        assert!(get(&format!("\r\n\r\nGET /metrics HTTP/1.1\r\n{H}\r\n")).is_ok());
+    }
+
+    #[test]
+    fn header_syntax_is_checked() {
+        for head in [
+            "GET /metrics HTTP/1.1\r\nHost : x\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n",
+        ] {
+            let err = get(head).expect_err(head);
+            assert!(matches!(err, HttpError::BadHeader { .. } | HttpError::BadHost { .. }), "{head:?}: {err}");
+            let (resp, _) = respond(Err(err), String::new);
+            assert!(resp.starts_with("HTTP/1.1 400"), "{head:?}");
+        }
+        let (resp, _) = respond(get("GET /metrics HTTP/2.0\r\n\r\n"), String::new);
+        assert!(resp.starts_with("HTTP/1.1 505"), "{resp}");
+        assert!(get(&format!("GET /metrics HTTP/1.9\r\n{H}\r\n")).is_ok(), "a higher 1.x minor is served as 1.1");
+        let (resp, _) = respond(Err(HttpError::Timeout { deadline_ms: 5000 }), String::new);
+        assert!(resp.starts_with("HTTP/1.1 408") && resp.contains("5000 ms"), "{resp}");
     }
 
     #[test]
@@ -297,5 +551,16 @@ mod tests {
         assert_eq!(parse_http_request(&big), Err(HttpError::TooLarge { len: MAX_HEAD_BYTES + 1 }));
         assert!(parse_http_request(b"GET metrics HTTP/1.1\r\n\r\n").is_err());
         assert!(parse_http_request(b"GET /metrics HTTP/2\r\n\r\n").is_err());
+    }
+
+    proptest::proptest! {
+        /// Any bytes get a complete response with a status line and never panic.
+        #[test]
+        fn any_head_gets_a_response(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut head = bytes;
+            head.extend_from_slice(b"\r\n\r\n");
+            let (resp, _) = respond(parse_http_request(&head), String::new);
+            proptest::prop_assert!(resp.starts_with("HTTP/1.1 "));
+        }
     }
 }

@@ -14,7 +14,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::{self, Write};
 
-use crate::stats::{HypervisorStats, NicEntry, Tunables};
+use crate::stats::{HeapUsage, HypervisorStats, NicEntry, Tunables};
 use crate::vcpu::VmExit;
 
 /// The longest request line accepted, in bytes (without the newline).
@@ -156,7 +156,13 @@ impl Parser<'_> {
             }
             p.pos > s
         };
-        if !digits(self) {
+        // RFC 8259 §6: int = zero / ( digit1-9 *DIGIT ): no leading zeros.
+        if self.bytes.get(self.pos) == Some(&b'0') {
+            self.pos += 1;
+            if self.bytes.get(self.pos).is_some_and(u8::is_ascii_digit) {
+                return Err(self.error("no leading zeros (`.`, `e`, or the end of the number after `0`)"));
+            }
+        } else if !digits(self) {
             return Err(self.error("a digit"));
         }
         if self.bytes.get(self.pos) == Some(&b'.') {
@@ -200,15 +206,38 @@ impl Parser<'_> {
                         Some(b'r') => '\r',
                         Some(b't') => '\t',
                         Some(b'u') => {
-                            let hex =
-                                self.bytes.get(self.pos + 1..self.pos + 5).ok_or_else(|| self.error("4 hex digits"))?;
-                            let code = core::str::from_utf8(hex)
-                                .ok()
-                                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                                .ok_or_else(|| self.error("4 hex digits"))?;
-                            self.pos += 4;
-                            // Lone surrogates become U+FFFD rather than an error.
-                            char::from_u32(code).unwrap_or('\u{fffd}')
+                            self.pos += 1;
+                            let code = self.hex4()?;
+                            match code {
+                                // A high surrogate must be followed by `\u` and a low one
+                                // (RFC 8259 §7); together they are one character.
+                                0xD800..=0xDBFF => {
+                                    if self.bytes.get(self.pos..self.pos + 2) != Some(b"\\u") {
+                                        return Err(
+                                            self.error("`\\u` and a low surrogate (DC00-DFFF) after a high surrogate")
+                                        );
+                                    }
+                                    self.pos += 2;
+                                    let at = self.pos;
+                                    let low = self.hex4()?;
+                                    if !(0xDC00..=0xDFFF).contains(&low) {
+                                        self.pos = at;
+                                        return Err(self.error("a low surrogate (DC00-DFFF) after a high surrogate"));
+                                    }
+                                    let c = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                                    self.pos -= 1;
+                                    char::from_u32(c).ok_or_else(|| self.error("a valid surrogate pair"))?
+                                }
+                                0xDC00..=0xDFFF => {
+                                    self.pos -= 4;
+                                    return Err(self.error("a high surrogate (D800-DBFF) before a low surrogate"));
+                                }
+                                _ => {
+                                    self.pos -= 1;
+                                    // Not a surrogate, so a valid scalar value.
+                                    char::from_u32(code).ok_or_else(|| self.error("a Unicode scalar value"))?
+                                }
+                            }
                         }
                         _ => return Err(self.error("an escape (\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)")),
                     };
@@ -224,6 +253,20 @@ impl Parser<'_> {
             }
         }
         String::from_utf8(out).map_err(|_| self.error("UTF-8 text"))
+    }
+
+    /// Exactly four hex digits (no sign, no spaces) as a code unit; `pos` ends after them.
+    fn hex4(&mut self) -> Result<u32, JsonError> {
+        let mut code = 0;
+        for _ in 0..4 {
+            let digit = self.bytes.get(self.pos).and_then(|&b| (b as char).to_digit(16));
+            let Some(digit) = digit else {
+                return Err(self.error("4 hex digits after `\\u`"));
+            };
+            code = code * 16 + digit;
+            self.pos += 1;
+        }
+        Ok(code)
     }
 
     fn array(&mut self) -> Result<Json, JsonError> {
@@ -261,7 +304,15 @@ impl Parser<'_> {
             if self.bytes.get(self.pos) != Some(&b'"') {
                 return Err(self.error("a member name in quotes"));
             }
+            let at = self.pos;
             let key = self.string()?;
+            if members.iter().any(|(k, _)| *k == key) {
+                // RFC 8259 §4 leaves duplicate names to the implementation; I-JSON (RFC 7493
+                // §2.3) forbids them, and so does this API (`{"cmd":"status","cmd":"shutdown"}`
+                // must not mean either).
+                self.pos = at;
+                return Err(self.error("a member name not used before in this object"));
+            }
             self.eat(b':', "`:`")?;
             let value = self.value()?;
             members.push((key, value));
@@ -355,6 +406,11 @@ pub enum RequestError {
         /// Bytes received so far.
         len: usize,
     },
+    /// The line did not arrive whole within the request deadline.
+    Timeout {
+        /// The deadline, ms.
+        deadline_ms: u64,
+    },
     /// The line is not JSON.
     BadJson(JsonError),
     /// The JSON is not an object.
@@ -406,6 +462,7 @@ impl RequestError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::TooLarge { .. } => "too_large",
+            Self::Timeout { .. } => "request_timeout",
             Self::BadJson(_) => "bad_json",
             Self::NotAnObject { .. } | Self::MissingField { .. } | Self::WrongType { .. } => "bad_request",
             Self::UnknownCommand { .. } => "unknown_command",
@@ -421,6 +478,10 @@ impl fmt::Display for RequestError {
             Self::TooLarge { len } => {
                 write!(f, "request of {len} bytes is too large; expected at most {MAX_REQUEST_BYTES} bytes per line")
             }
+            Self::Timeout { deadline_ms } => write!(
+                f,
+                "request not received whole within {deadline_ms} ms of its first byte; expected a line ending in a newline"
+            ),
             Self::BadJson(e) => write!(f, "request is not JSON: {e}"),
             Self::NotAnObject { found } => {
                 write!(f, "request is {found}; expected an object like {{\"cmd\":\"status\"}}")
@@ -577,6 +638,7 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
                 guests.raw(&e.finish());
             }
             o.raw("guests", &guests.finish());
+            o.raw("heap", &heap_json(&ctx.stats.heap));
         }
         Request::Stats => {
             o.bool("ok", true).str("cmd", "stats").num("uptime_ms", ctx.uptime_ms);
@@ -597,7 +659,15 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
             let mut mgmt = Obj::new();
             mgmt.num("requests", m.requests).num("request_errors", m.request_errors);
             mgmt.num("scrapes", m.scrapes).num("http_errors", m.http_errors);
+            for (server, counters) in [("json", &m.json), ("http", &m.http)] {
+                let mut c = Obj::new();
+                for (name, value) in counters.named() {
+                    c.num(name, value);
+                }
+                mgmt.raw(server, &c.finish());
+            }
             o.raw("mgmt", &mgmt.finish());
+            o.raw("heap", &heap_json(&ctx.stats.heap));
         }
         Request::Tunables => {
             o.bool("ok", true).str("cmd", "tunables").raw("tunables", &tunables_json(&ctx.stats.tunables));
@@ -628,6 +698,13 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
         }
     }
     Reply { text: o.finish(), action }
+}
+
+fn heap_json(h: &HeapUsage) -> String {
+    let mut o = Obj::new();
+    o.num("size", h.size).num("used", h.used).num("free", h.free);
+    o.num("high_water", h.high_water).num("alloc_failures", h.alloc_failures);
+    o.finish()
 }
 
 fn tunables_json(t: &Tunables) -> String {
@@ -818,6 +895,72 @@ mod tests {
         assert!(parse_json(b"\"\xff\"").unwrap_err().to_string().contains("UTF-8"));
         let deep = "[".repeat(100) + &"]".repeat(100);
         assert!(parse_json(deep.as_bytes()).unwrap_err().to_string().contains("nesting"));
+    }
+
+    /// The leniencies issue 16 found, each refused with a message naming what was expected.
+    #[test]
+    fn json_is_strict_rfc_8259() {
+        for (text, needle) in [
+            (r#"{"cmd":"st\u+041atus"}"#, "expected 4 hex digits after `\\u` at byte 12, found `+`"),
+            (r#""\u 041""#, "4 hex digits"),
+            (r#""\u04""#, "4 hex digits"),
+            (r#"{"cmd":"set","key":"heartbeat_ms","value":050}"#, "no leading zeros"),
+            ("-01", "no leading zeros"),
+            ("00", "no leading zeros"),
+            (r#""\ud83d""#, "low surrogate"),
+            (r#""\ud83dx""#, "low surrogate"),
+            (r#""\ud83d\u0041""#, "a low surrogate (DC00-DFFF) after a high surrogate"),
+            (r#""\ud83d\ud83d""#, "a low surrogate"),
+            (r#""\ude00""#, "a high surrogate (D800-DBFF) before a low surrogate"),
+            (r#"{"cmd":"status","cmd":"shutdown"}"#, "a member name not used before"),
+        ] {
+            let err = parse_json(text.as_bytes()).expect_err(text);
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+        // What RFC 8259 does allow.
+        for (text, value) in [
+            (r#""\ud83d\ude00""#, Json::Str("\u{1f600}".into())),
+            (r#""\uD834\uDD1E""#, Json::Str("\u{1d11e}".into())),
+            (r#""\u0041\u00e9\uFFFF""#, Json::Str("A\u{e9}\u{ffff}".into())),
+            ("0", Json::Number("0".into())),
+            ("-0.5e+3", Json::Number("-0.5e+3".into())),
+            ("10", Json::Number("10".into())),
+        ] {
+            assert_eq!(parse_json(text.as_bytes()), Ok(value), "{text}");
+        }
+    }
+
+    #[test]
+    fn strict_json_cases_are_refused_as_requests_by_name() {
+        let mut stats = HypervisorStats::new();
+        let (j, _) = reply(r#"{"cmd":"st\u+041atus"}"#, &mut stats);
+        assert_eq!(s(&j, "error"), "bad_json");
+        let (j, _) = reply(r#"{"cmd":"set","key":"heartbeat_ms","value":050}"#, &mut stats);
+        assert_eq!(s(&j, "error"), "bad_json");
+        assert!(s(&j, "detail").contains("no leading zeros"), "{j:?}");
+        assert_eq!(stats.tunables.heartbeat_ms, 100);
+        let (j, _) = reply(r#"{"cmd":"\ud83d\ude00"}"#, &mut stats);
+        assert_eq!(s(&j, "error"), "unknown_command");
+        assert!(s(&j, "detail").contains("unknown command `\u{1f600}`"), "{j:?}");
+    }
+
+    #[test]
+    fn status_and_stats_report_the_heap_and_server_counters() {
+        let mut stats = HypervisorStats::new();
+        stats.heap = HeapUsage { size: 1000, used: 300, free: 700, high_water: 450, alloc_failures: 0 };
+        stats.mgmt.json.evicted = 3;
+        stats.mgmt.http.not_reading = 2;
+        let (j, _) = reply(r#"{"cmd":"status"}"#, &mut stats);
+        let heap = j.field("heap").expect("heap in status");
+        assert_eq!(
+            (s(heap, "used"), s(heap, "free"), s(heap, "high_water")),
+            ("300".into(), "700".into(), "450".into())
+        );
+        let (j, _) = reply(r#"{"cmd":"stats"}"#, &mut stats);
+        let m = j.field("mgmt").unwrap();
+        assert_eq!(s(m.field("json").unwrap(), "evicted"), "3");
+        assert_eq!(s(m.field("http").unwrap(), "not_reading"), "2");
+        assert_eq!(s(j.field("heap").unwrap(), "size"), "1000");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod classify;
 pub mod metrics;
 pub mod mgmt;
 pub mod repl;
+pub mod server;
 
 #[cfg(feature = "bare-metal")]
 pub mod e1000;

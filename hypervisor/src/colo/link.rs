@@ -393,7 +393,7 @@ fn flag(field: &'static str, v: u8) -> Result<bool, LinkError> {
 }
 
 fn sectors(field: &'static str, data: &[u8]) -> Result<(), LinkError> {
-    if data.is_empty() || data.len() % super::block::SECTOR_SIZE != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(super::block::SECTOR_SIZE) {
         return Err(LinkError::BadField { field, value: data.len() as u64 });
     }
     Ok(())
@@ -986,12 +986,7 @@ mod tests {
             let mut dec = LinkDecoder::new();
             for chunk in bytes.chunks(1 + (x as usize % 97)) {
                 let mut input = chunk;
-                loop {
-                    match dec.decode(&mut input) {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = dec.decode(&mut input) {}
                 assert!(dec.buffered() <= MAX_MESSAGE);
             }
         }

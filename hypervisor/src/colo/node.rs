@@ -986,7 +986,7 @@ impl<D: BlockBackend> ColoNode<D> {
 }
 
 fn read_raw<D: BlockBackend>(d: &D, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-    if buf.is_empty() || buf.len() % SECTOR_SIZE != 0 {
+    if buf.is_empty() || !buf.len().is_multiple_of(SECTOR_SIZE) {
         return Err(BlockError::Misaligned { len: buf.len() });
     }
     for (i, chunk) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
@@ -1416,7 +1416,7 @@ impl<D: BlockBackend> ColoNode<D> {
             (Capture::Full(source), true) => {
                 p.ckpt = Ckpt::Syncing { epoch, source, digest, since: now, begun: false };
             }
-            _ => return self.abort_checkpoint(),
+            _ => self.abort_checkpoint(),
         }
     }
 
@@ -1953,7 +1953,7 @@ impl<D: BlockBackend> ColoNode<D> {
 }
 
 fn write_raw<D: BlockBackend>(d: &mut D, sector: u64, data: &[u8]) -> Result<(), BlockError> {
-    if data.is_empty() || data.len() % SECTOR_SIZE != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(SECTOR_SIZE) {
         return Err(BlockError::Misaligned { len: data.len() });
     }
     let count = (data.len() / SECTOR_SIZE) as u64;

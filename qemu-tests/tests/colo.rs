@@ -320,6 +320,23 @@ fn either_host_may_boot_first() {
 }
 
 #[test]
+fn a_new_secondary_joins_after_the_old_one_is_killed() {
+    let s = start("join", 50, "");
+    let mut c = s.cluster;
+    assert_eq!(cli(&c, &["set", "before", "1"]), "OK");
+    c.kill(Host::Secondary).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.alive(Host::Secondary));
+    c.boot(Host::Secondary).unwrap_or_else(|e| panic!("{e}"));
+    c.wait_for_count(Host::Primary, COLO_RUNNING, 2, WAIT).unwrap_or_else(|e| panic!("no COLO again: {e}"));
+    c.wait_for(Host::Secondary, COLO_RUNNING, WAIT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cli(&c, &["get", "before"]), "1");
+    assert_eq!(cli(&c, &["incr", "before"]), "2");
+    let now = last_commit(&c, Host::Primary);
+    wait_commit_after(&c, Host::Secondary, now.epoch);
+    assert_colo_clean(&c);
+}
+
+#[test]
 fn a_stopped_cluster_leaves_nothing_behind() {
     let s = start("stop", 47, "");
     let ns = s.cluster.client_netns();

@@ -50,7 +50,7 @@ const SUITES: &[(&str, &str)] = &[
     ("snapshot", "dirty tracking (PML, EPT A/D), snapshot/restore and vCPU reset under Bochs VT-x"),
     ("amdv", "the AMD-V backend under QEMU TCG and Bochs ryzen: the same scenarios as `vtx`"),
     ("net", "e1000 + management plane: ping, ctl, metrics, malformed input, shutdown (QEMU tap, netns; root)"),
-    ("colo", "two QEMU TCG hosts (cargo xtask cluster): replication link, bad bytes on it, the service (root)"),
+    ("colo", "two QEMU TCG hosts under COLO (cargo xtask cluster): redis, TIME, pressure, disk digests, bad link bytes (root)"),
     (
         "mgmt",
         "hostile clients: non-reader, slowloris, 50 clients, half-close, strict JSON/HTTP, rx errors, heap (root)",

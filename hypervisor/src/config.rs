@@ -113,6 +113,19 @@ pub struct Config {
     pub mgmt_gw: Option<Ipv4Addr>,
     /// `nics=`: the roles of each host NIC, in PCI enumeration order.
     pub nics: heapless::Vec<NicRoles, MAX_NICS>,
+    /// `repl_addr=`: this host's address on the replication network (NIC with the `repl` role).
+    pub repl_addr: Option<Ipv4Cidr>,
+    /// `repl_port=`: the TCP port the secondary listens on for the replication link.
+    pub repl_port: u16,
+    /// `compare_timeout_ms=`: a PVM frame held longer than this without a match forces a
+    /// checkpoint.
+    pub compare_timeout_ms: u32,
+    /// `checkpoint_verify=`: each commit record carries a digest of the PVM's RAM and disk, which
+    /// the secondary checks after the apply.
+    pub checkpoint_verify: bool,
+    /// `queue_limit=`: PVM frames the comparator may hold before queue pressure forces a
+    /// checkpoint.
+    pub queue_limit: u32,
 }
 
 impl Default for Config {
@@ -131,6 +144,11 @@ impl Default for Config {
             metrics_port: 9100,
             mgmt_gw: None,
             nics: heapless::Vec::from_slice(&[NicRoles::ALL]).unwrap_or_default(),
+            repl_addr: None,
+            repl_port: 7000,
+            compare_timeout_ms: 100,
+            checkpoint_verify: true,
+            queue_limit: 4096,
         }
     }
 }
@@ -163,6 +181,14 @@ pub const KEYS: &[KeySpec] = &[
         form: "up to 4 comma-separated NICs, each a +-joined set of mgmt, client, repl, every role on at \
                most one NIC (e.g. mgmt+client,repl; default mgmt+client+repl)",
     },
+    KeySpec {
+        key: "repl_addr",
+        form: "an IPv4 address with prefix length on the replication network (e.g. 10.0.1.1/24)",
+    },
+    KeySpec { key: "repl_port", form: "a TCP port from 1 to 65535 (default 7000)" },
+    KeySpec { key: "compare_timeout_ms", form: "milliseconds from 1 to 60000 (default 100)" },
+    KeySpec { key: "checkpoint_verify", form: "on|off (default on)" },
+    KeySpec { key: "queue_limit", form: "held frames from 1 to 1000000 (default 4096)" },
 ];
 
 /// The accepted form of `key`'s value.
@@ -204,6 +230,12 @@ pub enum ConfigError<'a> {
         /// The role that needs it.
         role: Role,
     },
+    /// A replicating role without a NIC that carries the `repl` role alone (the replication link
+    /// has an interface and address of its own).
+    NeedsReplNic {
+        /// The role.
+        role: Role,
+    },
 }
 
 impl fmt::Display for ConfigError<'_> {
@@ -226,6 +258,12 @@ impl fmt::Display for ConfigError<'_> {
             Self::Required { key, role } => {
                 write!(f, "role={} requires key `{key}`; accepted form: {key}={}", role_name(*role), form_of(key))
             }
+            Self::NeedsReplNic { role } => write!(
+                f,
+                "role={} needs a NIC with the repl role alone in key `nics`; accepted form: nics={}",
+                role_name(*role),
+                form_of("nics")
+            ),
         }
     }
 }
@@ -291,11 +329,34 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
             "metrics_port" => config.metrics_port = parse_in_range(value, 1, 65_535).ok_or_else(bad)? as u16,
             "mgmt_gw" => config.mgmt_gw = Some(value.parse().map_err(|_| bad())?),
             "nics" => config.nics = parse_nics(value).ok_or_else(bad)?,
+            "repl_addr" => config.repl_addr = Some(parse_cidr(value).ok_or_else(bad)?),
+            "repl_port" => config.repl_port = parse_in_range(value, 1, 65_535).ok_or_else(bad)? as u16,
+            "compare_timeout_ms" => config.compare_timeout_ms = parse_in_range(value, 1, 60_000).ok_or_else(bad)?,
+            "checkpoint_verify" => {
+                config.checkpoint_verify = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(bad()),
+                }
+            }
+            "queue_limit" => config.queue_limit = parse_in_range(value, 1, 1_000_000).ok_or_else(bad)?,
             _ => unreachable!("every key in KEYS has a parser"),
         }
     }
-    if matches!(config.role, Role::Primary | Role::Secondary) && config.peer_addr.is_none() {
-        return Err(ConfigError::Required { key: "peer_addr", role: config.role });
+    if matches!(config.role, Role::Primary | Role::Secondary) {
+        if config.peer_addr.is_none() {
+            return Err(ConfigError::Required { key: "peer_addr", role: config.role });
+        }
+        if config.repl_addr.is_none() {
+            return Err(ConfigError::Required { key: "repl_addr", role: config.role });
+        }
+        if config.mgmt_addr.is_none() {
+            return Err(ConfigError::Required { key: "mgmt_addr", role: config.role });
+        }
+        // The link has an interface of its own: its NIC carries no other role.
+        if !config.nics.iter().any(|r| *r == NicRoles { repl: true, ..NicRoles::default() }) {
+            return Err(ConfigError::NeedsReplNic { role: config.role });
+        }
     }
     Ok(config)
 }
@@ -374,7 +435,8 @@ mod tests {
     fn full_primary_line_parses() {
         let config = parse(
             "role=primary peer_addr=10.0.1.2:7000 mgmt_addr=10.0.0.1/24 guest_mem=128M \
-             heartbeat_ms=50 checkpoint_ms=2000 log=debug test_fault=page_fault",
+             heartbeat_ms=50 checkpoint_ms=2000 log=debug test_fault=page_fault nics=mgmt+client,repl \
+             repl_addr=10.0.1.1/24 repl_port=7100 compare_timeout_ms=5 checkpoint_verify=off queue_limit=8",
         )
         .unwrap();
         assert_eq!(config.role, Role::Primary);
@@ -385,6 +447,30 @@ mod tests {
         assert_eq!(config.checkpoint_ms, 2000);
         assert_eq!(config.log_level, log::LevelFilter::Debug);
         assert_eq!(config.test_fault, Some(TestFault::PageFault));
+        assert_eq!(config.repl_addr, Some(Ipv4Cidr { addr: Ipv4Addr::new(10, 0, 1, 1), prefix: 24 }));
+        assert_eq!((config.repl_port, config.compare_timeout_ms, config.queue_limit), (7100, 5, 8));
+        assert!(!config.checkpoint_verify);
+        let defaults = Config::default();
+        assert_eq!((defaults.repl_port, defaults.compare_timeout_ms, defaults.queue_limit), (7000, 100, 4096));
+        assert!(defaults.checkpoint_verify);
+    }
+
+    #[test]
+    fn replicating_roles_need_a_repl_address_a_mgmt_address_and_a_repl_nic() {
+        let base = "role=primary peer_addr=10.0.1.2:7000";
+        assert_eq!(parse(base).unwrap_err(), ConfigError::Required { key: "repl_addr", role: Role::Primary });
+        let line = std::format!("{base} repl_addr=10.0.1.1/24");
+        assert_eq!(parse(&line).unwrap_err(), ConfigError::Required { key: "mgmt_addr", role: Role::Primary });
+        let line = std::format!("{base} repl_addr=10.0.1.1/24 mgmt_addr=10.0.0.1/24");
+        let err = parse(&line).unwrap_err();
+        assert_eq!(err, ConfigError::NeedsReplNic { role: Role::Primary });
+        assert!(err.to_string().contains("repl role alone in key `nics`"), "{err}");
+        assert!(parse(&std::format!("{line} nics=mgmt+client,repl")).is_ok());
+        for bad in
+            ["checkpoint_verify=yes", "compare_timeout_ms=0", "queue_limit=0", "repl_port=0", "repl_addr=10.0.1.1"]
+        {
+            assert!(matches!(parse(bad), Err(ConfigError::BadValue { .. })), "{bad}");
+        }
     }
 
     #[test]

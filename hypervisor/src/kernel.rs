@@ -78,6 +78,9 @@ pub fn run(boot: &BootInfo<'_>) -> ! {
     }
     cpu::mask_legacy_pic();
     log::info!("boot complete");
+    if config.role != config::Role::Standalone {
+        crate::node::run(&mut frames, boot, &config);
+    }
     run_guest_modules(&mut frames, boot, &config);
     idle(&config)
 }

@@ -31,6 +31,8 @@ pub mod host;
 #[cfg(feature = "bare-metal")]
 pub mod kernel;
 #[cfg(feature = "bare-metal")]
+pub mod node;
+#[cfg(feature = "bare-metal")]
 pub mod runner;
 #[cfg(feature = "bare-metal")]
 pub mod selftest;

@@ -124,6 +124,12 @@ pub struct Guest {
     pub console_capture: Option<alloc::vec::Vec<alloc::string::String>>,
     /// Console lines the guest has printed (a measure of its progress).
     pub console_lines: u64,
+    /// When set (the COLO driver), a `BlockUntil` does not spin inside [`Guest::step`]: the
+    /// guest stays blocked until its deadline or input, and each `step` returns at once until
+    /// then, so the caller's loop keeps running.
+    defer_blocks: bool,
+    /// The deadline of a deferred `BlockUntil`.
+    blocked_until: Option<u64>,
 }
 
 impl core::fmt::Debug for Guest {
@@ -195,6 +201,8 @@ impl Guest {
             last_exit: None,
             console_capture: None,
             console_lines: 0,
+            defer_blocks: false,
+            blocked_until: None,
         };
         if let Some(us) = spec.time_slice_us {
             guest.set_time_slice_us(us);
@@ -296,8 +304,29 @@ impl Guest {
         }
     }
 
+    /// Defer `BlockUntil` waits to later [`Guest::step`] calls (see `defer_blocks`).
+    pub fn defer_blocks(&mut self, on: bool) {
+        self.defer_blocks = on;
+    }
+
     /// Enters the guest once, handles the exit and applies the decision; `Some` when it ended.
+    /// With deferred blocks, a guest still waiting is not entered (the call only polls).
     pub fn step(&mut self) -> Option<GuestEnd> {
+        if let Some(deadline) = self.blocked_until {
+            let (devices, hooks, last_poll, dirty, ram) =
+                (&mut self.devices, &mut self.device_hooks, &mut self.last_net_poll, &mut self.dirty, self.ram);
+            poll_network(last_poll);
+            let woke = hooks.pending()
+                && match dirty.as_mut() {
+                    Some(log) => devices.deliver_rx(&mut TrackedMemory { ram: ram_of(ram), log }, hooks),
+                    None => devices.deliver_rx(&mut ram_of(ram), hooks),
+                };
+            if !woke && self.clock.ticks() < deadline {
+                return None;
+            }
+            self.blocked_until = None;
+            self.vcpu.registers().rax = self.clock.ticks();
+        }
         if !self.clock_running {
             // Keep the base (0, or a restored snapshot's ticks); count from the first entry.
             self.clock = GuestClock::starting_at(self.clock.base);
@@ -353,6 +382,11 @@ impl Guest {
                 report_vcpu(self.vcpu.as_ref(), &self.name, &end);
             }
             return Some(self.finish(end));
+        }
+        if let (Decision::BlockUntil { deadline }, true) = (&decision, self.defer_blocks) {
+            self.vcpu.skip_instruction();
+            self.blocked_until = Some(*deadline);
+            return None;
         }
         let (devices, hooks, last_poll, dirty, ram) =
             (&mut self.devices, &mut self.device_hooks, &mut self.last_net_poll, &mut self.dirty, self.ram);

@@ -6,6 +6,7 @@
 //! `xtask` uses the same code for `image`, `run` and `demo`, so what the tests boot is what a
 //! user boots.
 
+pub mod cluster;
 pub mod netns;
 
 pub mod guests;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+mod cluster;
 mod ctl;
 
 use qemu_tests::{make_image, target_dir, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
@@ -51,13 +52,14 @@ const SUITES: &[(&str, &str)] = &[
     ("amdv", "the AMD-V backend under QEMU TCG and Bochs ryzen: the same scenarios as `vtx`"),
     ("fuzz", "a hostile guest on both backends: issue 14's six points, seeded hypercall/port/MSR/instruction fuzzing"),
     ("net", "e1000 + management plane: ping, ctl, metrics, malformed input, shutdown (QEMU tap, netns; root)"),
+    ("colo", "two QEMU TCG hosts under COLO (cargo xtask cluster): redis, TIME, pressure, disk digests, bad link bytes (root)"),
     (
         "mgmt",
         "hostile clients: non-reader, slowloris, 50 clients, half-close, strict JSON/HTTP, rx errors, heap (root)",
     ),
 ];
 /// `core` is part of `host`, so the full run skips it.
-const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "fuzz", "net", "mgmt"];
+const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "fuzz", "net", "mgmt", "colo"];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -78,6 +80,8 @@ commands:
   ctl <command> [--addr IP:PORT]
                               send one management request (status, stats, tunables, set KEY VALUE,
                               checkpoint, failover, shutdown, raw 'JSON') and print the reply
+  cluster start|status|stop|exec -- CMD|kill primary|secondary
+                              a two-host COLO cluster (QEMU TCG) with a client namespace (root)
 ";
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz(&args[1..]),
         Some("sim") => sim(&args[1..]),
         Some("ctl") => ctl::ctl(&args[1..]),
+        Some("cluster") => cluster::cluster(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             Ok(())
@@ -466,6 +471,14 @@ fn run_suite(suite: &str) -> Result {
             run_checked(
                 cargo().args(["test", "-p", "qemu-tests", "--test", "net", "--", "--test-threads=1", "--nocapture"]),
                 "net tests",
+            )
+        }
+        "colo" => {
+            ensure_deps()?;
+            build_kernel()?;
+            run_checked(
+                cargo().args(["test", "-p", "qemu-tests", "--test", "colo", "--", "--test-threads=1", "--nocapture"]),
+                "colo tests",
             )
         }
         "mgmt" => {

@@ -45,6 +45,8 @@ impl crate::net::GuestForward for GuestPort {
 pub struct HostHooks {
     queue: Arc<spin::Mutex<FrameQueue>>,
     block: Box<dyn BlockHook>,
+    /// COLO (`node`): guest output goes here instead of the client NIC.
+    output: Option<Arc<spin::Mutex<FrameQueue>>>,
 }
 
 impl core::fmt::Debug for HostHooks {
@@ -58,12 +60,24 @@ impl HostHooks {
     pub fn install(mac: [u8; 6]) -> Self {
         let queue = Arc::new(spin::Mutex::new(FrameQueue::new(RX_QUEUE_FRAMES)));
         crate::net::set_guest_hook(Box::new(GuestPort { mac, queue: queue.clone() }));
-        Self { queue, block: Box::new(NoBlockHook) }
+        Self { queue, block: Box::new(NoBlockHook), output: None }
     }
 
     /// Hooks for a guest without a NIC.
     pub fn without_net() -> Self {
-        Self { queue: Arc::new(spin::Mutex::new(FrameQueue::new(1))), block: Box::new(NoBlockHook) }
+        Self { queue: Arc::new(spin::Mutex::new(FrameQueue::new(1))), block: Box::new(NoBlockHook), output: None }
+    }
+
+    /// COLO (`node`): the guest's output frames go into `queue` (for the engine) instead of
+    /// out of the client NIC.
+    pub fn redirect_output(&mut self, queue: Arc<spin::Mutex<FrameQueue>>) {
+        self.output = Some(queue);
+    }
+
+    /// COLO (`node`): a frame for the guest (mirrored or client input the engine passed on);
+    /// false (counted in `queue_dropped`) when the queue is full.
+    pub fn push_input(&self, frame: &[u8]) -> bool {
+        self.queue.lock().push(frame)
     }
 
     /// Puts `hook` beneath the block device.
@@ -84,7 +98,10 @@ impl HostHooks {
 
 impl DeviceHooks for HostHooks {
     fn net_output(&mut self, frame: &[u8]) -> bool {
-        crate::net::send_from_guest(frame).is_ok()
+        match &self.output {
+            Some(queue) => queue.lock().push(frame),
+            None => crate::net::send_from_guest(frame).is_ok(),
+        }
     }
 
     fn net_input(&mut self, deliver: &mut dyn FnMut(&[u8]) -> bool) {

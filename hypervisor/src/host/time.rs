@@ -23,9 +23,22 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Measures the TSC rate against PIT channel 2 (gate on port 0x61, one-shot mode 0) and returns
-/// TSC ticks per millisecond.
+/// Calibration windows; the shortest wins.
+const CALIBRATION_ROUNDS: usize = 5;
+
+/// Measures the TSC rate against PIT channel 2 over [`CALIBRATION_ROUNDS`] windows and keeps the
+/// smallest: under an emulator on a busy machine the vCPU thread may be descheduled while the
+/// (host-time) PIT runs on, which can only make a window count too many TSC ticks. Returns TSC
+/// ticks per millisecond.
 pub fn calibrate() -> u64 {
+    let per_ms = (0..CALIBRATION_ROUNDS).filter_map(|_| calibrate_once()).min().unwrap_or(FALLBACK_TSC_PER_MS);
+    TSC_PER_MS.store(per_ms, Ordering::Relaxed);
+    per_ms
+}
+
+/// One window against PIT channel 2 (gate on port 0x61, one-shot mode 0): TSC ticks per
+/// millisecond, or `None` when the PIT never expired or the result is nonsense.
+fn calibrate_once() -> Option<u64> {
     let mut control = Port::<u8>::new(0x61);
     let mut command = Port::<u8>::new(0x43);
     let mut channel2 = Port::<u8>::new(0x42);
@@ -48,9 +61,7 @@ pub fn calibrate() -> u64 {
         (t0, rdtsc(), spins < 200_000_000)
     };
     let per_ms = (t1 - t0) / CALIBRATION_MS;
-    let per_ms = if expired && per_ms > 1000 { per_ms } else { FALLBACK_TSC_PER_MS };
-    TSC_PER_MS.store(per_ms, Ordering::Relaxed);
-    per_ms
+    (expired && per_ms > 1000).then_some(per_ms)
 }
 
 /// TSC ticks per millisecond, as calibrated.

@@ -239,6 +239,15 @@ struct NetStack {
 
 static NET: spin::Mutex<Option<NetStack>> = spin::Mutex::new(None);
 
+/// The NIC whose only role is `repl`, set aside at bring-up for the replication link
+/// (`net::repl`, which gives it an interface of its own): (index in `nics=`, driver).
+static REPL_NIC: spin::Mutex<Option<(usize, E1000)>> = spin::Mutex::new(None);
+
+/// Takes the NIC with the `repl` role alone, if [`bring_up`] found one (once).
+pub fn take_repl_nic() -> Option<(usize, E1000)> {
+    REPL_NIC.lock().take()
+}
+
 fn role_name(role: Role) -> &'static str {
     match role {
         Role::Primary => "primary",
@@ -270,7 +279,9 @@ pub fn bring_up(config: &Config) -> Result<(), NetError> {
     if supported.len() < config.nics.len() {
         return Err(NetError::MissingNic { wanted: config.nics.len(), found: supported.len() });
     }
-    let mgmt_nic = config.nics.iter().position(|r| r.mgmt).ok_or(NetError::NoMgmtNic)?;
+    if !config.nics.iter().any(|r| r.mgmt) {
+        return Err(NetError::NoMgmtNic);
+    }
     let mut nics = Vec::new();
     for (index, (function, roles)) in supported.iter().zip(config.nics.iter()).enumerate() {
         let dev = E1000::init(function).map_err(NetError::Nic)?;
@@ -288,8 +299,13 @@ pub fn bring_up(config: &Config) -> Result<(), NetError> {
             entry.mac = mac;
             entry.link_up = link;
         });
+        if *roles == (NicRoles { repl: true, ..NicRoles::default() }) {
+            *REPL_NIC.lock() = Some((index, dev));
+            continue;
+        }
         nics.push(Nic { dev, index, roles: *roles });
     }
+    let mgmt_nic = nics.iter().position(|n| n.roles.mgmt).ok_or(NetError::NoMgmtNic)?;
     stats::with(|s| {
         s.tunables.heartbeat_ms = config.heartbeat_ms;
         s.tunables.checkpoint_ms = config.checkpoint_ms;

@@ -17,6 +17,7 @@
 pub mod classify;
 pub mod metrics;
 pub mod mgmt;
+pub mod repl;
 pub mod server;
 
 #[cfg(feature = "bare-metal")]
@@ -26,6 +27,6 @@ pub mod iface;
 
 #[cfg(feature = "bare-metal")]
 pub use iface::{
-    bring_up, clear_guest_hook, is_up, poll, send_from_guest, serve_until_shutdown, set_guest_hook, GuestForward,
-    NetError, PollOutcome,
+    bring_up, clear_guest_hook, is_up, poll, send_from_guest, serve_until_shutdown, set_guest_hook, take_repl_nic,
+    GuestForward, NetError, PollOutcome,
 };

@@ -1,0 +1,845 @@
+//! The two-host driver: one host's loop when it runs as `role=primary` or `role=secondary`
+//! (the kernel hands over here; `role=standalone` keeps the runner). Nothing below imports it.
+//!
+//! It owns the guest, the replication link ([`crate::net::repl`]) and the COLO engine
+//! ([`ColoNode`], sans-IO), and carries bytes and events between them:
+//! - steps the guest (unless the engine paused it) one exit at a time; a guest waiting in
+//!   `BlockUntil` does not hold the loop (the runner defers the wait to the next step);
+//! - feeds the engine: client frames for the guest's MAC (primary), the guest's output frames,
+//!   the link's bytes and its connects and closes, capture and apply results, the time;
+//! - carries out the engine's actions: frames into the guest, frames out to clients (primary),
+//!   pause/resume, capture (pause + copy of dirty pages, vCPU and devices, then the PVM resumes
+//!   while the stream goes out), full sync from the paused guest in place, checkpoint and full
+//!   sync apply (secondary: all-or-nothing, the SVM's own dirty pages returned to the PVM's
+//!   content from a copy of the last committed RAM), closing the link;
+//! - copies the engine's link bytes into the socket whenever it has room (bounded both ways).
+//!
+//! The guest's disk (`disk=NAME`): on the primary, writes land on the local disk and go to the
+//! engine, which replicates them; on the secondary every read and write goes to the engine's
+//! block replica (the SVM's overlay over the committed disk), never to the disk module.
+//!
+//! Not driven yet: management of the engine (status, `ctl checkpoint`), failover.
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use crate::boot_info::{BootInfo, BootModule};
+use crate::colo::block::MemDisk;
+use crate::colo::checkpoint::Crc32c;
+use crate::colo::link::{LinkError, StateKind};
+use crate::colo::node::{
+    Action, ApplyFailure, Capture, CaptureKind, ColoNode, Event, FullSyncSource, LinkState, NodeConfig, NodeRole,
+    SyncPiece,
+};
+use crate::colo::Tick;
+use crate::config::{Config, NicRoles, Role};
+use crate::devices::pvblock::BlockHook;
+use crate::devices::state::DeviceStates;
+use crate::devices::FrameQueue;
+use crate::guest::spec::GuestSpec;
+use crate::guest::spec::GUEST_PREFIX;
+use crate::guest::GuestMemory;
+use crate::host::{shutdown, time};
+use crate::memory::{FrameAllocator, PhysRange};
+use crate::net::repl::nic::ReplPort;
+use crate::net::repl::CloseReason;
+use crate::runner::Guest;
+use crate::snapshot::{self, Pages};
+use crate::vcpu::state::VCPU_STATE_TAG;
+use crate::vcpu::{DirtyLogMethod, VcpuState};
+
+const PAGE: usize = 4096;
+const SECTOR: usize = 512;
+/// Client frames waiting for the engine (primary), and guest output waiting for it.
+const QUEUE_FRAMES: usize = 1024;
+/// Link bytes moved per copy.
+const IO_CHUNK: usize = 64 << 10;
+
+/// The engine, shared with the guest's block hook (borrowed only outside `Guest::step`, and by
+/// the hook only inside it).
+type Shared = Rc<RefCell<ColoNode<MemDisk>>>;
+
+/// Beneath the guest's block device. Primary: writes land on the local disk, then go to the
+/// engine (which replicates them). Secondary: reads and writes go to the engine's block replica
+/// (the SVM's overlay over the committed disk); the disk module itself is never touched.
+struct DiskHook {
+    node: Shared,
+    secondary: bool,
+    /// Primary: sector ranges written since the last capture (for the verify digest).
+    written: Rc<RefCell<Vec<(u64, u64)>>>,
+}
+
+impl BlockHook for DiskHook {
+    fn read(&mut self, disk: &[u8], sector: u64, buf: &mut [u8]) {
+        if self.secondary {
+            if let Err(e) = self.node.borrow().svm_disk_read(sector, buf) {
+                log::error!("node: SVM disk read at sector {sector}: {e:?}");
+            }
+        } else if let Some(src) = disk.get(sector as usize * SECTOR..sector as usize * SECTOR + buf.len()) {
+            buf.copy_from_slice(src);
+        }
+    }
+
+    fn write(&mut self, disk: &mut [u8], sector: u64, data: &[u8]) {
+        if !self.secondary {
+            if let Some(dst) = disk.get_mut(sector as usize * SECTOR..sector as usize * SECTOR + data.len()) {
+                dst.copy_from_slice(data);
+            }
+            self.written.borrow_mut().push((sector, (data.len() / SECTOR) as u64));
+        }
+        self.node.borrow_mut().handle(Tick(time::now_ms()), Event::GuestDiskWrite { sector, data });
+    }
+
+    fn flushed(&mut self) {}
+}
+
+/// The host network stack's hook for the guest's MAC: client frames go to the engine (primary)
+/// or nowhere (secondary: the SVM sees only mirrored input).
+struct ClientPort {
+    mac: [u8; 6],
+    queue: Option<Arc<spin::Mutex<FrameQueue>>>,
+}
+
+impl crate::net::GuestForward for ClientPort {
+    fn owns(&self, mac: [u8; 6]) -> bool {
+        mac == self.mac
+    }
+
+    fn deliver(&mut self, _nic: usize, roles: NicRoles, frame: &[u8]) {
+        if let (true, Some(queue)) = (roles.client, self.queue.as_ref()) {
+            queue.lock().push(frame);
+        }
+    }
+}
+
+/// FNV-1a over the guest modules' lines and bytes: both hosts must run the same guest.
+fn guest_id(boot: &BootInfo<'_>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    for module in boot.modules.iter().filter(|m| m.name().starts_with(GUEST_PREFIX)) {
+        module.cmdline.bytes().for_each(&mut eat);
+        module_bytes(module).iter().copied().for_each(&mut eat);
+    }
+    h
+}
+
+fn module_bytes<'a>(module: &BootModule<'a>) -> &'a [u8] {
+    // SAFETY: the boot loader placed the module at this range, reserved from the allocator and
+    // identity-mapped; nothing writes guest images.
+    unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) }
+}
+
+/// Guest RAM at host-physical `ram`, read-only.
+///
+/// # Safety
+/// `ram` must be a live guest's RAM (identity-mapped, allocated until the guest is destroyed),
+/// and the guest must not run while the slice is used.
+unsafe fn ram_slice<'a>(ram: PhysRange) -> &'a [u8] {
+    // SAFETY: as the caller guarantees.
+    unsafe { core::slice::from_raw_parts(ram.start as *const u8, ram.len() as usize) }
+}
+
+/// The `checkpoint_verify` digest of guest RAM: one CRC-32C per page, kept up to date page by
+/// page (each host recomputes the pages it knows changed: the primary the pages it captured,
+/// the secondary the pages a checkpoint wrote and the SVM pages it put back), and the digest is
+/// the CRC-32C of that table. A whole-RAM CRC per checkpoint took ~0.4 s of PVM pause for
+/// 32 MiB under QEMU TCG. Every full sync recomputes the whole table on both hosts.
+struct PageDigests {
+    crcs: Vec<u32>,
+    sectors: Vec<u32>,
+}
+
+impl PageDigests {
+    fn new(pages: u64) -> Self {
+        Self { crcs: vec![0; pages as usize], sectors: Vec::new() }
+    }
+
+    /// Recomputes every page from RAM.
+    fn all(&mut self, ram: &[u8]) {
+        for (crc, page) in self.crcs.iter_mut().zip(ram.chunks(PAGE)) {
+            *crc = Crc32c::checksum(page);
+        }
+    }
+
+    /// Recomputes page `gfn` from its content.
+    fn page(&mut self, gfn: u64, content: &[u8]) {
+        if let Some(crc) = self.crcs.get_mut(gfn as usize) {
+            *crc = Crc32c::checksum(content);
+        }
+    }
+
+    /// Recomputes every sector of `disk`.
+    fn all_sectors(&mut self, disk: &[u8]) {
+        self.sectors = disk.chunks(SECTOR).map(Crc32c::checksum).collect();
+    }
+
+    /// Recomputes `count` sectors from `sector` of `disk`.
+    fn sectors(&mut self, disk: &[u8], sector: u64, count: u64) {
+        for s in sector..sector + count {
+            let at = s as usize * SECTOR;
+            if let (Some(crc), Some(bytes)) = (self.sectors.get_mut(s as usize), disk.get(at..at + SECTOR)) {
+                *crc = Crc32c::checksum(bytes);
+            }
+        }
+    }
+
+    /// The digest: CRC-32C of the page table in the high half, of the sector table in the low.
+    fn digest(&self) -> u64 {
+        let table = |crcs: &[u32]| {
+            let mut crc = Crc32c::new();
+            for c in crcs {
+                crc.update(&c.to_le_bytes());
+            }
+            crc.value()
+        };
+        (u64::from(table(&self.crcs)) << 32) | u64::from(table(&self.sectors))
+    }
+}
+
+/// The whole paused PVM, read in place piece by piece (the full sync; never copied whole).
+struct GuestSync {
+    ram: PhysRange,
+    offset: u64,
+    /// The PVM's disk (the module's bytes, which outlive the guest) and how much was read.
+    disk: (*const u8, usize),
+    disk_offset: usize,
+    states: Vec<(StateKind, u64, u32, Vec<u8>)>,
+    next_state: usize,
+}
+
+impl FullSyncSource for GuestSync {
+    fn ram_bytes(&self) -> u64 {
+        self.ram.len()
+    }
+
+    fn disk_sectors(&self) -> u64 {
+        (self.disk.1 / SECTOR) as u64
+    }
+
+    fn next_piece(&mut self, buf: &mut [u8]) -> Option<SyncPiece> {
+        if self.offset < self.ram.len() {
+            let len = (buf.len() as u64).min(self.ram.len() - self.offset) as usize & !(PAGE - 1);
+            let len = if len == 0 { buf.len().min((self.ram.len() - self.offset) as usize) } else { len };
+            // SAFETY: the engine keeps the PVM paused (`PauseReason::FullSync`) until this
+            // source is dropped, and the guest (its RAM) outlives the engine's use of it.
+            let ram = unsafe { ram_slice(self.ram) };
+            let at = self.offset as usize;
+            buf[..len].copy_from_slice(&ram[at..at + len]);
+            let piece = SyncPiece::Memory { offset: self.offset, len };
+            self.offset += len as u64;
+            return Some(piece);
+        }
+        if self.disk_offset < self.disk.1 {
+            let len = buf.len().min(self.disk.1 - self.disk_offset) & !(SECTOR - 1);
+            if len > 0 {
+                // SAFETY: the disk module's bytes stay mapped for the hypervisor's life; the
+                // PVM is paused while this source exists, so nothing writes them.
+                let disk = unsafe { core::slice::from_raw_parts(self.disk.0, self.disk.1) };
+                buf[..len].copy_from_slice(&disk[self.disk_offset..self.disk_offset + len]);
+                let piece = SyncPiece::Disk { sector: (self.disk_offset / SECTOR) as u64, len };
+                self.disk_offset += len;
+                return Some(piece);
+            }
+        }
+        let (kind, id, tag, data) = self.states.get(self.next_state)?;
+        if data.len() > buf.len() {
+            log::error!("node: state blob of {} bytes does not fit a {}-byte sync piece", data.len(), buf.len());
+            return None;
+        }
+        buf[..data.len()].copy_from_slice(data);
+        self.next_state += 1;
+        Some(SyncPiece::State { kind: *kind, id: *id, tag: *tag, len: data.len() })
+    }
+}
+
+/// The secondary's view of a full sync being received.
+#[derive(Default)]
+struct Incoming {
+    vcpu: Option<(u32, Vec<u8>)>,
+    devices: Vec<(u64, u32, Vec<u8>)>,
+}
+
+/// One host: the guest, the engine, the link and the queues between them.
+struct Host {
+    role: Role,
+    guest: Guest,
+    node: Shared,
+    /// Primary: disk sectors written since the last capture (by the block hook).
+    written: Rc<RefCell<Vec<(u64, u64)>>>,
+    port: ReplPort,
+    client_in: Arc<spin::Mutex<FrameQueue>>,
+    guest_out: Arc<spin::Mutex<FrameQueue>>,
+    /// The engine keeps the guest from running.
+    paused: bool,
+    /// The link connection the engine knows about.
+    conn: Option<u32>,
+    /// Secondary: RAM as of the last committed checkpoint (the PVM's content), so pages the SVM
+    /// dirtied can be put back.
+    committed_ram: Vec<u8>,
+    /// Secondary: pages the SVM dirtied since the last commit, not yet put back.
+    svm_dirty: Vec<u64>,
+    incoming: Incoming,
+    buf: Vec<u8>,
+    last_state: LinkState,
+    last_committed: u64,
+    /// `checkpoint_verify` page digests.
+    digests: PageDigests,
+    /// The last verify digest this host computed: (epoch, digest).
+    last_digest: Option<(u64, u64)>,
+    /// Link error counters (by `LinkError::index`) and protocol errors already reported.
+    seen_errors: [u64; 8],
+    seen_protocol: u64,
+}
+
+impl Host {
+    fn now() -> Tick {
+        Tick(time::now_ms())
+    }
+
+    /// One round of the loop.
+    fn turn(&mut self) {
+        // The guest, one exit (or a deferred wait that is not over yet).
+        if !self.paused {
+            if let Some(end) = self.guest.step() {
+                self.guest.report(&end);
+                log::error!("node: the guest ended ({end}); this host stops");
+                shutdown::exit(shutdown::ExitStatus::Failure);
+            }
+        } else if crate::net::poll() == crate::net::PollOutcome::Shutdown {
+            shutdown::exit(shutdown::ExitStatus::Success);
+        }
+        let now = Self::now();
+        // Frames: client input (primary) and guest output.
+        let mut frame = [0u8; 2048];
+        for client in [true, false] {
+            let queue = if client { self.client_in.clone() } else { self.guest_out.clone() };
+            loop {
+                let mut len = 0;
+                queue.lock().drain(&mut |f| {
+                    if len > 0 || f.len() > frame.len() {
+                        return false;
+                    }
+                    frame[..f.len()].copy_from_slice(f);
+                    len = f.len();
+                    true
+                });
+                if len == 0 {
+                    break;
+                }
+                let event = if client { Event::ClientFrame(&frame[..len]) } else { Event::GuestOutput(&frame[..len]) };
+                self.node.borrow_mut().handle(now, event);
+                self.actions(now);
+            }
+        }
+        self.link(now);
+        if self.node.borrow().poll_timeout().is_some_and(|at| at <= now) {
+            self.node.borrow_mut().handle_timeout(now);
+        }
+        self.actions(now);
+        self.transmit(now);
+        self.report();
+    }
+
+    /// The link: connects and closes, received bytes.
+    fn link(&mut self, now: Tick) {
+        self.port.poll();
+        let current = self.port.link.connection().map(|c| c.id);
+        if current != self.conn {
+            if self.conn.is_some() {
+                self.node.borrow_mut().handle(now, Event::LinkClosed);
+                self.actions(now);
+            }
+            self.conn = current;
+            if current.is_some() {
+                self.node.borrow_mut().handle(now, Event::LinkConnected);
+                self.actions(now);
+            }
+        }
+        loop {
+            let n = self.port.link.recv(&mut self.buf);
+            if n == 0 {
+                break;
+            }
+            let bytes = core::mem::take(&mut self.buf);
+            self.node.borrow_mut().handle(now, Event::LinkBytes(&bytes[..n]));
+            self.buf = bytes;
+            self.actions(now);
+        }
+    }
+
+    /// Engine bytes into the socket while both have some.
+    fn transmit(&mut self, now: Tick) {
+        for _ in 0..64 {
+            let room = self.port.link.send_capacity().min(self.buf.len());
+            if room == 0 || !self.node.borrow().wants_transmit() {
+                break;
+            }
+            let n = self.node.borrow_mut().poll_transmit(now, &mut self.buf[..room]);
+            if n == 0 {
+                break;
+            }
+            let sent = self.port.link.send(&self.buf[..n]);
+            debug_assert_eq!(sent, n);
+            self.port.poll();
+        }
+    }
+
+    /// Carries out every queued action, in order.
+    fn actions(&mut self, now: Tick) {
+        loop {
+            let action = self.node.borrow_mut().poll_action();
+            let Some(action) = action else { break };
+            match action {
+                Action::DeliverToGuest(frame) => {
+                    if !self.guest.device_hooks.push_input(&frame) {
+                        log::warn!("node: guest input queue full; frame of {} bytes not delivered", frame.len());
+                    }
+                }
+                Action::ReleaseToClients(frame) => {
+                    let _ = crate::net::send_from_guest(&frame);
+                }
+                Action::Capture { epoch, kind } => {
+                    self.paused = true;
+                    let event = self.capture(epoch, kind);
+                    self.node.borrow_mut().handle(Self::now(), event);
+                }
+                Action::ResumeVm => self.paused = false,
+                Action::PauseVm(reason) => {
+                    log::debug!("node: guest paused: {reason:?}");
+                    self.paused = true;
+                }
+                Action::ApplyCheckpoint(staged) => {
+                    let event = self.apply_checkpoint(staged);
+                    self.node.borrow_mut().handle(Self::now(), event);
+                }
+                Action::BeginFullSync { epoch, ram_bytes } => {
+                    self.paused = true;
+                    self.incoming = Incoming::default();
+                    log::info!("node: full sync {epoch} begins: {} KiB of guest RAM", ram_bytes >> 10);
+                    if ram_bytes != self.guest.ram.len() {
+                        log::error!(
+                            "node: the primary's guest has {ram_bytes} bytes of RAM, this one {}: set the same guest_mem=",
+                            self.guest.ram.len()
+                        );
+                    }
+                }
+                Action::SyncMemory { offset, data } => {
+                    let mut mem = self.guest.memory();
+                    if mem.write(offset, &data).is_err() {
+                        log::error!("node: full sync memory at {offset:#x} (+{}) outside guest RAM", data.len());
+                    }
+                    if let Some(dst) = self.committed_ram.get_mut(offset as usize..offset as usize + data.len()) {
+                        dst.copy_from_slice(&data);
+                    }
+                }
+                Action::SyncState { kind, id, tag, data } => match kind {
+                    StateKind::Vcpu => self.incoming.vcpu = Some((tag, data)),
+                    StateKind::Device => self.incoming.devices.push((id, tag, data)),
+                },
+                Action::FinishFullSync { epoch } => {
+                    let event = self.finish_full_sync(epoch);
+                    self.node.borrow_mut().handle(Self::now(), event);
+                }
+                Action::CloseLink => {
+                    let reason = self.new_error().map_or(CloseReason::Local("engine"), CloseReason::Protocol);
+                    self.port.link.close(reason, now.0);
+                    if self.conn.take().is_some() {
+                        self.node.borrow_mut().handle(now, Event::LinkClosed);
+                    }
+                }
+                Action::Fence | Action::Promote => log::warn!("node: {action:?} is not carried out before issue #12"),
+            }
+        }
+    }
+
+    /// Primary: pause and copy (incremental) or a source over the paused guest (full).
+    fn capture(&mut self, epoch: u64, kind: CaptureKind) -> Event<'static> {
+        let t0 = time::rdtsc();
+        let frames = self.guest.ram.len() / PAGE as u64;
+        let verify = self.node.borrow().config().verify;
+        match kind {
+            CaptureKind::Incremental => {
+                let (copy, _) = match snapshot::pause_and_copy(&mut self.guest, Pages::Dirty) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        log::error!("node: capture {epoch}: {e}");
+                        return Event::CaptureFailed { epoch };
+                    }
+                };
+                let pause_us = cycles_to_us(time::rdtsc() - t0);
+                let pages = copy.gfns.len() as u64;
+                let written = core::mem::take(&mut *self.written.borrow_mut());
+                let digest = verify.then(|| {
+                    for (&gfn, page) in copy.gfns.iter().zip(copy.data.chunks_exact(PAGE)) {
+                        self.digests.page(gfn, page);
+                    }
+                    let disk = self.guest.disk().unwrap_or(&[]);
+                    for &(sector, count) in &written {
+                        self.digests.sectors(disk, sector, count);
+                    }
+                    self.digests.digest()
+                });
+                self.last_digest = digest.map(|d| (epoch, d));
+                match snapshot::encode(&copy, epoch, frames) {
+                    Ok(stream) => Event::CaptureDone {
+                        epoch,
+                        capture: Capture::Checkpoint(Box::new(stream)),
+                        digest,
+                        pause_us,
+                        pages,
+                    },
+                    Err(e) => {
+                        log::error!("node: encoding checkpoint {epoch}: {e}");
+                        Event::CaptureFailed { epoch }
+                    }
+                }
+            }
+            CaptureKind::Full => {
+                let mut state = match self.guest.vcpu.save_state() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::error!("node: full capture {epoch}: {e}");
+                        return Event::CaptureFailed { epoch };
+                    }
+                };
+                state.handler_msrs = self.guest.handler.msrs();
+                let mut states =
+                    vec![(StateKind::Vcpu, 0, VCPU_STATE_TAG, zerocopy::IntoBytes::as_bytes(&state).to_vec())];
+                for blob in self.guest.save_devices().blobs() {
+                    states.push((StateKind::Device, blob.id, blob.tag, blob.data));
+                }
+                // The dirty log starts over: the sync covers every page.
+                let _ = snapshot::take_dirty(&mut self.guest);
+                self.written.borrow_mut().clear();
+                let disk = self.guest.disk().map_or((core::ptr::null(), 0), |d| (d.as_ptr(), d.len()));
+                let digest = verify.then(|| {
+                    // SAFETY: the guest is paused (it runs only in `turn`) and alive.
+                    self.digests.all(unsafe { ram_slice(self.guest.ram) });
+                    self.digests.all_sectors(self.guest.disk().unwrap_or(&[]));
+                    self.digests.digest()
+                });
+                self.last_digest = digest.map(|d| (epoch, d));
+                let pause_us = cycles_to_us(time::rdtsc() - t0);
+                log::info!(
+                    "node: full sync {epoch}: {} KiB of RAM and {} KiB of disk from the paused PVM",
+                    self.guest.ram.len() >> 10,
+                    disk.1 >> 10
+                );
+                Event::CaptureDone {
+                    epoch,
+                    capture: Capture::Full(Box::new(GuestSync {
+                        ram: self.guest.ram,
+                        offset: 0,
+                        disk,
+                        disk_offset: 0,
+                        states,
+                        next_state: 0,
+                    })),
+                    digest,
+                    pause_us,
+                    pages: frames,
+                }
+            }
+        }
+    }
+
+    /// Secondary: a verified checkpoint into the SVM, all or nothing, and the SVM's own dirty
+    /// pages back to the committed content.
+    fn apply_checkpoint(&mut self, staged: crate::colo::checkpoint::StagedCheckpoint) -> Event<'static> {
+        let t0 = time::rdtsc();
+        let epoch = staged.epoch();
+        match snapshot::take_dirty(&mut self.guest) {
+            Ok(pages) => self.svm_dirty.extend(pages),
+            Err(e) => log::error!("node: SVM dirty pages: {e}"),
+        }
+        let mut written: Vec<u64> = staged.pages().map(|p| p.gfn).collect();
+        written.sort_unstable();
+        let result = match snapshot::apply_checkpoint(&mut self.guest, staged, epoch) {
+            Ok(_) => {
+                let ram_len = self.guest.ram.len() as usize;
+                self.svm_dirty.sort_unstable();
+                self.svm_dirty.dedup();
+                let mut mem = self.guest.memory();
+                let mut restored = 0u64;
+                for &gfn in &self.svm_dirty {
+                    let at = gfn as usize * PAGE;
+                    if written.binary_search(&gfn).is_err() && at + PAGE <= ram_len {
+                        let page = &self.committed_ram[at..at + PAGE];
+                        if mem.write(at as u64, page).is_ok() {
+                            restored += 1;
+                            self.digests.page(gfn, page);
+                        }
+                    }
+                }
+                for &gfn in &written {
+                    let at = gfn as usize * PAGE;
+                    if let (Ok(src), Some(dst)) =
+                        (mem.slice(at as u64, PAGE as u64), self.committed_ram.get_mut(at..at + PAGE))
+                    {
+                        dst.copy_from_slice(src);
+                        self.digests.page(gfn, src);
+                    }
+                }
+                self.svm_dirty.clear();
+                // The put-back pages were written by the hypervisor: not the SVM's own.
+                let _ = snapshot::take_dirty(&mut self.guest);
+                log::debug!("node: checkpoint {epoch}: {} pages applied, {restored} SVM pages put back", written.len());
+                Ok(self.node.borrow().config().verify.then(|| {
+                    let node = self.node.borrow();
+                    self.digests.all_sectors(node.secondary_disk().map_or(&[][..], MemDisk::as_bytes));
+                    self.digests.digest()
+                }))
+            }
+            Err(e) => {
+                log::error!("node: checkpoint {epoch} refused: {e}");
+                Err(ApplyFailure::State)
+            }
+        };
+        if let Ok(Some(d)) = result {
+            self.last_digest = Some((epoch, d));
+        }
+        Event::ApplyDone { epoch, result, apply_us: cycles_to_us(time::rdtsc() - t0) }
+    }
+
+    /// Secondary: the full sync's states into the SVM.
+    fn finish_full_sync(&mut self, epoch: u64) -> Event<'static> {
+        let t0 = time::rdtsc();
+        let incoming = core::mem::take(&mut self.incoming);
+        let result = (|| {
+            let (tag, data) = incoming.vcpu.as_ref().ok_or(ApplyFailure::State)?;
+            let state = VcpuState::parse(*tag, data).map_err(|e| {
+                log::error!("node: full sync {epoch}: vCPU state: {e}");
+                ApplyFailure::State
+            })?;
+            let devices =
+                DeviceStates::from_blobs(incoming.devices.iter().map(|(id, tag, d)| (*id, *tag, d.as_slice())))
+                    .map_err(|e| {
+                        log::error!("node: full sync {epoch}: device states: {e}");
+                        ApplyFailure::State
+                    })?;
+            self.guest.check_devices(&devices).map_err(|e| {
+                log::error!("node: full sync {epoch}: device states: {e}");
+                ApplyFailure::State
+            })?;
+            self.guest.vcpu.check_state(&state).map_err(|e| {
+                log::error!("node: full sync {epoch}: vCPU state: {e}");
+                ApplyFailure::State
+            })?;
+            self.guest.vcpu.load_state(&state).map_err(|_| ApplyFailure::State)?;
+            self.guest.handler.set_msrs(state.handler_msrs);
+            self.guest.load_devices(&devices);
+            let _ = snapshot::take_dirty(&mut self.guest);
+            self.svm_dirty.clear();
+            log::info!("node: full sync {epoch} applied");
+            Ok(self.node.borrow().config().verify.then(|| {
+                // SAFETY: the SVM is paused (it runs only in `turn`) and alive.
+                self.digests.all(unsafe { ram_slice(self.guest.ram) });
+                let node = self.node.borrow();
+                self.digests.all_sectors(node.secondary_disk().map_or(&[][..], MemDisk::as_bytes));
+                self.digests.digest()
+            }))
+        })();
+        if let Ok(Some(d)) = result {
+            self.last_digest = Some((epoch, d));
+        }
+        Event::ApplyDone { epoch, result, apply_us: cycles_to_us(time::rdtsc() - t0) }
+    }
+
+    /// The name of a link or protocol error the engine counted since the last report, if any.
+    fn new_error(&self) -> Option<&'static str> {
+        let node = self.node.borrow();
+        let stats = node.stats();
+        if let Some(i) = (0..self.seen_errors.len()).find(|&i| stats.link_errors[i] > self.seen_errors[i]) {
+            return Some(LinkError::NAMES[i]);
+        }
+        (stats.protocol_errors > self.seen_protocol).then(|| node.last_protocol_error().unwrap_or("protocol"))
+    }
+
+    /// Logs state changes, commits and link errors.
+    fn report(&mut self) {
+        let node = self.node.clone();
+        let node = node.borrow();
+        let stats = node.stats();
+        for i in 0..self.seen_errors.len() {
+            if stats.link_errors[i] > self.seen_errors[i] {
+                self.seen_errors[i] = stats.link_errors[i];
+                log::warn!("node: link error `{}` (total {})", LinkError::NAMES[i], stats.link_errors[i]);
+            }
+        }
+        if stats.protocol_errors > self.seen_protocol {
+            self.seen_protocol = stats.protocol_errors;
+            log::warn!(
+                "node: link protocol error `{}` (total {})",
+                node.last_protocol_error().unwrap_or("?"),
+                stats.protocol_errors
+            );
+        }
+        let status = node.status();
+        if status.link != self.last_state {
+            match status.link {
+                LinkState::Colo => log::info!("node: COLO running ({:?}, epoch {})", self.role, status.epoch),
+                other => log::info!("node: link {other:?}"),
+            }
+            self.last_state = status.link;
+        }
+        if status.committed != self.last_committed {
+            self.last_committed = status.committed;
+            let s = &status.stats;
+            let c = &status.comparator;
+            log::info!(
+                "node: epoch {} committed; checkpoints {:?} committed {} aborted {}; verify failures {}; link errors {}; \
+                 pause {} us, {} pages, {} bytes; mirrored {} (input dropped {}) svm {} (dropped {}); pvm {} released {} (by checkpoint {}) \
+                 compared {} B, svm discarded {}; digest {}",
+                status.committed,
+                s.checkpoints_by_cause,
+                s.checkpoints_committed,
+                s.checkpoints_aborted,
+                s.verify_failures,
+                s.link_errors_total(),
+                s.pause_us_last,
+                s.pages_last,
+                s.bytes_last,
+                s.mirrored_frames,
+                s.input_dropped,
+                s.svm_frames,
+                s.svm_frames_dropped,
+                c.pvm_frames,
+                c.released_frames,
+                c.released_by_checkpoint,
+                c.compared_bytes,
+                c.svm_discarded_frames,
+                DigestText(self.last_digest)
+            );
+        }
+    }
+}
+
+/// `EPOCH:RAMTABLE-DISKTABLE` (hex), or `-` with verify off.
+struct DigestText(Option<(u64, u64)>);
+
+impl core::fmt::Display for DigestText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some((epoch, d)) => write!(f, "{epoch}:{:08x}-{:08x}", d >> 32, d as u32),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+fn cycles_to_us(cycles: u64) -> u64 {
+    cycles * 1000 / time::tsc_per_ms().max(1)
+}
+
+fn fail(args: core::fmt::Arguments<'_>) -> ! {
+    log::error!("node: {args}");
+    shutdown::exit(shutdown::ExitStatus::Failure)
+}
+
+/// Runs this host as `config.role` until a `shutdown` request. Never returns.
+pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) -> ! {
+    let port = ReplPort::bring_up(config).unwrap_or_else(|e| fail(format_args!("replication link: {e}")));
+    let module = boot
+        .modules
+        .iter()
+        .find(|m| m.name().starts_with(GUEST_PREFIX))
+        .unwrap_or_else(|| fail(format_args!("no guest module to replicate")));
+    let spec =
+        GuestSpec::parse(module.cmdline).unwrap_or_else(|e| fail(format_args!("guest `{}`: {e}", module.name())));
+    let mac = spec.mac.unwrap_or_else(|| fail(format_args!("guest `{}` needs mac= to be replicated", spec.name)));
+    let mut backend =
+        crate::backend::Backend::detect(frames).unwrap_or_else(|e| fail(format_args!("no guest can run: {e}")));
+    log::info!("backend: {}: {}", backend.name(), backend.describe());
+    let mut guest = Guest::create(&mut backend, frames, module, &spec, config.guest_mem_bytes)
+        .unwrap_or_else(|e| fail(format_args!("guest `{}` not started: {e}", spec.name)));
+    let pages = guest.ram.len() / PAGE as u64;
+    let method = match backend.name() {
+        "VT-x" => DirtyLogMethod::Pml,
+        _ => DirtyLogMethod::AccessedDirty,
+    };
+    if let Err(e) = guest.vcpu.enable_dirty_log(method, frames) {
+        fail(format_args!("dirty logging: {e}"));
+    }
+    guest.dirty = Some(crate::memory::DirtyLog::new(pages));
+    let guest_out = Arc::new(spin::Mutex::new(FrameQueue::new(QUEUE_FRAMES)));
+    guest.device_hooks.redirect_output(guest_out.clone());
+    let client_in = Arc::new(spin::Mutex::new(FrameQueue::new(QUEUE_FRAMES)));
+    let forward = (config.role == Role::Primary).then(|| client_in.clone());
+    crate::net::set_guest_hook(Box::new(ClientPort { mac, queue: forward }));
+    guest.defer_blocks(true);
+    let role = if config.role == Role::Primary { NodeRole::Primary } else { NodeRole::Secondary };
+    if let Some(name) = spec.disk {
+        let disk = crate::devices::host::find_disk(&boot.modules, name)
+            .unwrap_or_else(|| fail(format_args!("no disk module `disk-{name}` for `disk={name}`")));
+        // SAFETY: this host runs one guest for its whole life; nothing else takes the module.
+        guest.attach_disk(unsafe { crate::devices::host::disk_bytes(disk) });
+    }
+    let sectors = guest.disk().map_or(0, |d| (d.len() / SECTOR) as u64);
+
+    let mut node_config = NodeConfig::new(role, pages);
+    node_config.host_id = config.repl_addr.map_or(0, |a| u64::from(u32::from(a.addr)));
+    node_config.guest_id = guest_id(boot);
+    node_config.checkpoint_ms = config.checkpoint_ms.into();
+    node_config.compare_timeout_ms = config.compare_timeout_ms.into();
+    node_config.heartbeat_ms = config.heartbeat_ms.into();
+    node_config.peer_timeout_ms = (u64::from(config.heartbeat_ms) * 20).max(5_000);
+    node_config.ack_timeout_ms = 60_000;
+    node_config.verify = config.checkpoint_verify;
+    node_config.comparator.max_held_frames = config.queue_limit as usize;
+    let now = Tick(time::now_ms());
+    let node = match role {
+        NodeRole::Primary => ColoNode::primary(node_config, now),
+        NodeRole::Secondary => ColoNode::secondary(node_config, MemDisk::new(sectors), now),
+    };
+    let node: Shared = Rc::new(RefCell::new(node));
+    let written = Rc::new(RefCell::new(Vec::new()));
+    if sectors > 0 {
+        let secondary = role == NodeRole::Secondary;
+        guest.set_block_hook(Box::new(DiskHook { node: node.clone(), secondary, written: written.clone() }));
+    }
+    let committed_ram = match role {
+        NodeRole::Secondary => vec![0u8; guest.ram.len() as usize],
+        NodeRole::Primary => Vec::new(),
+    };
+    log::info!(
+        "node: {:?} host running guest `{}` ({} MiB, dirty log {method:?}); checkpoint_ms={} compare_timeout_ms={} verify={}",
+        config.role,
+        guest.name,
+        guest.ram.len() >> 20,
+        config.checkpoint_ms,
+        config.compare_timeout_ms,
+        if config.checkpoint_verify { "on" } else { "off" }
+    );
+    let mut host = Host {
+        role: config.role,
+        guest,
+        node,
+        written,
+        port,
+        client_in,
+        guest_out,
+        // The secondary's SVM waits for its first full sync (the engine says so too).
+        paused: role == NodeRole::Secondary,
+        conn: None,
+        committed_ram,
+        svm_dirty: Vec::new(),
+        incoming: Incoming::default(),
+        buf: vec![0; IO_CHUNK],
+        last_state: LinkState::Down,
+        last_committed: 0,
+        digests: PageDigests::new(pages),
+        last_digest: None,
+        seen_errors: [0; 8],
+        seen_protocol: 0,
+    };
+    host.actions(now);
+    loop {
+        host.turn();
+    }
+}

@@ -42,6 +42,16 @@ pub enum TestFault {
     Panic,
 }
 
+/// Which management requests are open to clients without the management token (`mgmt_open=`).
+/// Mutating commands always need the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MgmtOpen {
+    /// `status`, `stats`, `tunables` and `/metrics` are open (the default).
+    Read,
+    /// Every request needs the token (`Authorization: Bearer` for `/metrics`).
+    None,
+}
+
 /// An IPv4 address with its prefix length, such as `10.0.0.1/24`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv4Cidr {
@@ -113,6 +123,8 @@ pub struct Config {
     pub mgmt_gw: Option<Ipv4Addr>,
     /// `nics=`: the roles of each host NIC, in PCI enumeration order.
     pub nics: heapless::Vec<NicRoles, MAX_NICS>,
+    /// `mgmt_open=`: which management requests need no token.
+    pub mgmt_open: MgmtOpen,
 }
 
 impl Default for Config {
@@ -131,6 +143,7 @@ impl Default for Config {
             metrics_port: 9100,
             mgmt_gw: None,
             nics: heapless::Vec::from_slice(&[NicRoles::ALL]).unwrap_or_default(),
+            mgmt_open: MgmtOpen::Read,
         }
     }
 }
@@ -162,6 +175,10 @@ pub const KEYS: &[KeySpec] = &[
         key: "nics",
         form: "up to 4 comma-separated NICs, each a +-joined set of mgmt, client, repl, every role on at \
                most one NIC (e.g. mgmt+client,repl; default mgmt+client+repl)",
+    },
+    KeySpec {
+        key: "mgmt_open",
+        form: "read|none (read: status, stats, tunables and /metrics need no token; none: every request needs the mgmt-token)",
     },
 ];
 
@@ -291,6 +308,13 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
             "metrics_port" => config.metrics_port = parse_in_range(value, 1, 65_535).ok_or_else(bad)? as u16,
             "mgmt_gw" => config.mgmt_gw = Some(value.parse().map_err(|_| bad())?),
             "nics" => config.nics = parse_nics(value).ok_or_else(bad)?,
+            "mgmt_open" => {
+                config.mgmt_open = match value {
+                    "read" => MgmtOpen::Read,
+                    "none" => MgmtOpen::None,
+                    _ => return Err(bad()),
+                }
+            }
             _ => unreachable!("every key in KEYS has a parser"),
         }
     }
@@ -485,6 +509,18 @@ mod tests {
             assert!(matches!(err, ConfigError::BadValue { .. }), "{bad}");
             assert!(err.to_string().contains("accepted form"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn mgmt_open_is_read_or_none() {
+        assert_eq!(Config::default().mgmt_open, MgmtOpen::Read);
+        assert_eq!(parse("mgmt_open=none").unwrap().mgmt_open, MgmtOpen::None);
+        assert_eq!(parse("mgmt_open=read").unwrap().mgmt_open, MgmtOpen::Read);
+        let err = parse("mgmt_open=all").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad value `all` for key `mgmt_open`; accepted form: mgmt_open=read|none (read: status, stats, tunables and /metrics need no token; none: every request needs the mgmt-token)"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`set_guest_hook`]: install the one place frames for guest MACs go ([`GuestForward`]);
 //!   [`send_from_guest`] sends a guest's frame out of the NIC with the `client` role.
 
+pub mod auth;
 pub mod classify;
 pub mod metrics;
 pub mod mgmt;

@@ -348,3 +348,45 @@ fn repeated_bad_tokens_from_one_source_are_rate_limited_while_another_is_served(
     );
     s.assert_alive();
 }
+
+/// Boots `cmdline` with a `mgmt-token` module holding `token` (or none) and no network; the
+/// hypervisor must stop with the failure status. Returns the serial console.
+fn boot_fails(tag: &str, cmdline: &str, token: Option<&[u8]>) -> String {
+    let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let scratch = ScratchDir::new(tag).expect("scratch dir");
+    let image = scratch.path().join("colo.img");
+    let mut modules = Vec::new();
+    if let Some(token) = token {
+        let path = scratch.path().join("mgmt-token");
+        std::fs::write(&path, token).expect("token file");
+        modules.push(qemu_tests::mgmt_token_module(&path));
+    }
+    make_image(&kernel, cmdline, &modules, &image).unwrap_or_else(|e| panic!("{e}"));
+    let machine = Machine::start(MachineConfig::new(Emulator::Qemu, BootMedium::Cdrom, &image), tag)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let outcome = machine.wait_exit(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome.verdict, Some(1), "the boot went on:\n{}", outcome.serial);
+    assert_eq!(outcome.exit_code, Some(qemu_tests::QEMU_EXIT_FAILURE), "{}", outcome.serial);
+    outcome.serial
+}
+
+#[test]
+fn a_bad_token_module_or_a_closed_plane_without_a_token_stops_the_boot_by_name() {
+    // A token too short: named by its length, the content never shown.
+    let serial = boot_fails("short", "role=standalone", Some(b"hunter2\n"));
+    assert!(serial.contains("FATAL: module `mgmt-token` holds a token of 7 bytes; expected 16 to 256"), "{serial}");
+    assert!(!serial.contains("hunter2"), "{serial}");
+    // A byte a JSON string or a Bearer header could not carry as is: named by its offset.
+    let serial = boot_fails("byte", "role=standalone", Some(b"secret-secret-secret secret"));
+    assert!(serial.contains("has a byte at offset 20 outside"), "{serial}");
+    assert!(!serial.contains("secret-secret"), "{serial}");
+    // mgmt_open=none with no token would lock everyone out.
+    let serial = boot_fails("closed", "role=standalone mgmt_addr=10.77.64.2/24 mgmt_open=none", None);
+    assert!(
+        serial.contains("network: mgmt_open=none is set but no `mgmt-token` module was given; expected the module (or mgmt_open=read)"),
+        "{serial}"
+    );
+    // A bad mgmt_open value is a named configuration error.
+    let serial = boot_fails("badopen", "role=standalone mgmt_open=all", None);
+    assert!(serial.contains("bad value `all` for key `mgmt_open`; accepted form: mgmt_open=read|none"), "{serial}");
+}

@@ -176,7 +176,18 @@ fn with_etcd_authentication_only_a_logged_in_host_claims() {
     }
     assert!(a.parse_claim(&call(&mut conn, &a.claim_request(1))).is_err());
     // The right one: the client carries the token from then on.
-    a.accept_token(&call(&mut conn, &a.authenticate_request("colo", "s3cret-pw"))).unwrap();
+    let reply = call(&mut conn, &a.authenticate_request("colo", "s3cret-pw"));
+    a.accept_token(&reply).unwrap();
+    let token = String::from_utf8_lossy(&reply.body)
+        .split("\"token\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let shown = format!("{a:?}");
+    assert!(!shown.contains(&token) && shown.contains("<not shown>"), "{shown}");
     assert_eq!(a.parse_claim(&call(&mut conn, &a.claim_request(1))), Ok(ClaimOutcome::Granted));
     let lease = a.parse_lease_grant(&call(&mut conn, &a.lease_grant_request(5))).unwrap();
     a.parse_put(&call(&mut conn, &a.holder_request(1, lease.id))).unwrap();

@@ -42,6 +42,16 @@ pub enum TestFault {
     Panic,
 }
 
+/// Which management requests are open to clients without the management token (`mgmt_open=`).
+/// Mutating commands always need the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MgmtOpen {
+    /// `status`, `stats`, `tunables` and `/metrics` are open (the default).
+    Read,
+    /// Every request needs the token (`Authorization: Bearer` for `/metrics`).
+    None,
+}
+
 /// An IPv4 address with its prefix length, such as `10.0.0.1/24`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv4Cidr {
@@ -126,6 +136,8 @@ pub struct Config {
     /// `queue_limit=`: PVM frames the comparator may hold before queue pressure forces a
     /// checkpoint.
     pub queue_limit: u32,
+    /// `mgmt_open=`: which management requests need no token.
+    pub mgmt_open: MgmtOpen,
 }
 
 impl Default for Config {
@@ -149,6 +161,7 @@ impl Default for Config {
             compare_timeout_ms: 100,
             checkpoint_verify: true,
             queue_limit: 4096,
+            mgmt_open: MgmtOpen::Read,
         }
     }
 }
@@ -189,6 +202,10 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { key: "compare_timeout_ms", form: "milliseconds from 1 to 60000 (default 100)" },
     KeySpec { key: "checkpoint_verify", form: "on|off (default on)" },
     KeySpec { key: "queue_limit", form: "held frames from 1 to 1000000 (default 4096)" },
+    KeySpec {
+        key: "mgmt_open",
+        form: "read|none (read: status, stats, tunables and /metrics need no token; none: every request needs the mgmt-token)",
+    },
 ];
 
 /// The accepted form of `key`'s value.
@@ -340,6 +357,13 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
                 }
             }
             "queue_limit" => config.queue_limit = parse_in_range(value, 1, 1_000_000).ok_or_else(bad)?,
+            "mgmt_open" => {
+                config.mgmt_open = match value {
+                    "read" => MgmtOpen::Read,
+                    "none" => MgmtOpen::None,
+                    _ => return Err(bad()),
+                }
+            }
             _ => unreachable!("every key in KEYS has a parser"),
         }
     }
@@ -571,6 +595,18 @@ mod tests {
             assert!(matches!(err, ConfigError::BadValue { .. }), "{bad}");
             assert!(err.to_string().contains("accepted form"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn mgmt_open_is_read_or_none() {
+        assert_eq!(Config::default().mgmt_open, MgmtOpen::Read);
+        assert_eq!(parse("mgmt_open=none").unwrap().mgmt_open, MgmtOpen::None);
+        assert_eq!(parse("mgmt_open=read").unwrap().mgmt_open, MgmtOpen::Read);
+        let err = parse("mgmt_open=all").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad value `all` for key `mgmt_open`; accepted form: mgmt_open=read|none (read: status, stats, tunables and /metrics need no token; none: every request needs the mgmt-token)"
+        );
     }
 
     #[test]

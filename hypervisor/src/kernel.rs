@@ -69,7 +69,8 @@ pub fn run(boot: &BootInfo<'_>) -> ! {
         );
     }
     log::info!("free memory after start-up: {} KiB", frames.free_bytes() >> 10);
-    if let Err(err) = crate::net::bring_up(&config) {
+    let token = mgmt_token(boot);
+    if let Err(err) = crate::net::bring_up(&config, token) {
         fail(format_args!("network: {err}"));
     }
 
@@ -217,6 +218,23 @@ fn idle(config: &Config) -> ! {
             serial::drain();
             cpu::halt_forever()
         }
+    }
+}
+
+/// The management token from the `mgmt-token` module, if there is one. Only its digest is kept;
+/// the module's bytes are zeroed, and neither its content nor its length is logged. A module
+/// that holds no valid token stops the boot.
+fn mgmt_token(boot: &BootInfo<'_>) -> Option<crate::net::auth::MgmtToken> {
+    let module =
+        boot.modules.iter().find(|m| m.cmdline.split_whitespace().next() == Some(crate::net::auth::TOKEN_MODULE))?;
+    // SAFETY: the boot loader placed the module at this range, which `init_frames` reserved from
+    // the frame allocator and the host page tables identity-map; nothing else refers to it.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(module.range.start as *mut u8, module.range.len() as usize) };
+    let token = crate::net::auth::MgmtToken::from_module(bytes);
+    bytes.fill(0);
+    match token {
+        Ok(token) => Some(token),
+        Err(err) => fail(format_args!("{err}")),
     }
 }
 

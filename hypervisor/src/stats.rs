@@ -121,6 +121,49 @@ pub struct MgmtCounters {
     pub json: ServerCounters,
     /// Connections of the metrics server.
     pub http: ServerCounters,
+    /// Token checks of both servers (see `net::auth`).
+    pub auth: AuthCounters,
+}
+
+/// What the management token check decided (JSON API and metrics page together).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthCounters {
+    /// Requests that needed the token and had it (or came on an authenticated connection).
+    pub authorized: u64,
+    /// Requests refused for a missing or wrong token (`unauthorized`, HTTP 401).
+    pub unauthorized: u64,
+    /// Requests refused without a token check because their source failed too often
+    /// (`rate_limited`, HTTP 429).
+    pub rate_limited: u64,
+    /// Requests refused because no `mgmt-token` module was given (`no_token_configured`).
+    pub no_token_configured: u64,
+}
+
+impl AuthCounters {
+    const fn new() -> Self {
+        Self { authorized: 0, unauthorized: 0, rate_limited: 0, no_token_configured: 0 }
+    }
+
+    /// Counts one decision.
+    pub fn record(&mut self, result: &Result<(), crate::net::auth::Denied>) {
+        use crate::net::auth::Denied;
+        match result {
+            Ok(()) => self.authorized += 1,
+            Err(Denied::Unauthorized { .. }) => self.unauthorized += 1,
+            Err(Denied::RateLimited { .. }) => self.rate_limited += 1,
+            Err(Denied::NoTokenConfigured) => self.no_token_configured += 1,
+        }
+    }
+
+    /// Every counter with its name (for JSON and metrics), in a fixed order.
+    pub fn named(&self) -> [(&'static str, u64); 4] {
+        [
+            ("authorized", self.authorized),
+            ("unauthorized", self.unauthorized),
+            ("rate_limited", self.rate_limited),
+            ("no_token_configured", self.no_token_configured),
+        ]
+    }
 }
 
 /// What happened to the connections of one TCP server (see `net::server` for the limits).
@@ -287,6 +330,7 @@ impl MgmtCounters {
             http_errors: 0,
             json: ServerCounters::new(),
             http: ServerCounters::new(),
+            auth: AuthCounters::new(),
         }
     }
 }

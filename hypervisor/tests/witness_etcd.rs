@@ -128,3 +128,74 @@ fn holder_key_lives_under_a_lease() {
     let refused = a.parse_put(&call(&mut conn, &a.holder_request(3, 12345)));
     assert!(matches!(refused, Err(WitnessError::Server { status: 404, code: 5, .. })), "{refused:?}");
 }
+
+/// One admin request (as etcd's root, before authentication is on): the HTTP status.
+fn admin(conn: &mut TcpStream, etcd: &Etcd, path: &str, body: &str) -> u16 {
+    let response = call(conn, &hypervisor::witness::http::post_json(&etcd.client, path, None, body));
+    assert!(
+        (200..300).contains(&response.status),
+        "{path}: {} {}",
+        response.status,
+        String::from_utf8_lossy(&response.body)
+    );
+    response.status
+}
+
+/// etcd with authentication on: a host that logs in with its user and password claims
+/// generations; without logging in, or with a wrong password, it gets a named error, never a
+/// grant.
+#[test]
+fn with_etcd_authentication_only_a_logged_in_host_claims() {
+    let etcd = Etcd::start();
+    let mut conn = connect(&etcd);
+    // root (required before `auth enable`), and user `colo` with read-write on `colo/`.
+    admin(&mut conn, &etcd, "/v3/auth/user/add", r#"{"name":"root","password":"root-pw"}"#);
+    admin(&mut conn, &etcd, "/v3/auth/role/add", r#"{"name":"root"}"#);
+    admin(&mut conn, &etcd, "/v3/auth/user/grant", r#"{"user":"root","role":"root"}"#);
+    admin(&mut conn, &etcd, "/v3/auth/user/add", r#"{"name":"colo","password":"s3cret-pw"}"#);
+    admin(&mut conn, &etcd, "/v3/auth/role/add", r#"{"name":"colo"}"#);
+    // key "colo/" .. range_end "colo0", base64.
+    let perm = r#"{"name":"colo","perm":{"permType":"READWRITE","key":"Y29sby8=","range_end":"Y29sbzA="}}"#;
+    admin(&mut conn, &etcd, "/v3/auth/role/grant", perm);
+    admin(&mut conn, &etcd, "/v3/auth/user/grant", r#"{"user":"colo","role":"colo"}"#);
+    admin(&mut conn, &etcd, "/v3/auth/enable", "{}");
+
+    let mut a = EtcdClient::new(&etcd.client, "sim", "host-a").unwrap();
+    let mut conn = connect(&etcd);
+    // Not logged in: refused by etcd, never a grant.
+    let refused = a.parse_claim(&call(&mut conn, &a.claim_request(1)));
+    match refused {
+        Err(WitnessError::Server { message, .. }) => assert!(message.contains("user name is empty"), "{message}"),
+        other => panic!("a claim without logging in was not refused: {other:?}"),
+    }
+    // A wrong password: no token.
+    let wrong = a.accept_token(&call(&mut conn, &a.authenticate_request("colo", "guess")));
+    match wrong {
+        Err(WitnessError::Server { message, .. }) => assert!(message.contains("authentication failed"), "{message}"),
+        other => panic!("a wrong password was accepted: {other:?}"),
+    }
+    assert!(a.parse_claim(&call(&mut conn, &a.claim_request(1))).is_err());
+    // The right one: the client carries the token from then on.
+    let reply = call(&mut conn, &a.authenticate_request("colo", "s3cret-pw"));
+    a.accept_token(&reply).unwrap();
+    let token = String::from_utf8_lossy(&reply.body)
+        .split("\"token\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let shown = format!("{a:?}");
+    assert!(!shown.contains(&token) && shown.contains("<not shown>"), "{shown}");
+    assert_eq!(a.parse_claim(&call(&mut conn, &a.claim_request(1))), Ok(ClaimOutcome::Granted));
+    let lease = a.parse_lease_grant(&call(&mut conn, &a.lease_grant_request(5))).unwrap();
+    a.parse_put(&call(&mut conn, &a.holder_request(1, lease.id))).unwrap();
+    // Another host logged in as the same user is still denied the same generation.
+    let mut b = EtcdClient::new(&etcd.client, "sim", "host-b").unwrap();
+    b.accept_token(&call(&mut conn, &b.authenticate_request("colo", "s3cret-pw"))).unwrap();
+    assert_eq!(
+        b.parse_claim(&call(&mut conn, &b.claim_request(1))),
+        Ok(ClaimOutcome::Denied { holder: "host-a".into() })
+    );
+}

@@ -431,10 +431,19 @@ impl Cluster {
             fs::write(&disk, vec![0u8; self.spec.disk_kib * 1024])?;
             modules.push(ImageModule { path: disk, name: "disk-data".into(), args: String::new() });
         }
+        // One management token per cluster, in its state directory (where `cargo xtask ctl`
+        // looks for it); never on a command line.
+        crate::write_mgmt_token(&self.token_path())?;
+        modules.push(crate::mgmt_token_module(&self.token_path()));
         for host in Host::BOTH {
             make_image(&kernel, &self.cmdline(host), &modules, &self.image_path(host))?;
         }
         Ok(())
+    }
+
+    /// The cluster's management token file (`mgmt-token` in its state directory).
+    pub fn token_path(&self) -> PathBuf {
+        self.spec.dir.join("mgmt-token")
     }
 
     /// Boots `host`'s emulator (in its own process group, so it outlives this process).

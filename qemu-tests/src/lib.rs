@@ -187,6 +187,31 @@ pub struct ImageModule {
     pub args: String,
 }
 
+/// The name of the multiboot2 module holding the management token (`net::auth::TOKEN_MODULE`).
+pub const MGMT_TOKEN_MODULE: &str = "mgmt-token";
+
+/// Writes a fresh management token to `path` (32 bytes from `/dev/urandom`, hex-encoded, no
+/// newline; file mode 0600) and returns it. The hypervisor reads it from the `mgmt-token`
+/// module ([`mgmt_token_module`]); `cargo xtask ctl --token-file` sends it.
+pub fn write_mgmt_token(path: &Path) -> Result<String, HarnessError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut random = [0u8; 32];
+    fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let _ = fs::remove_file(path);
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    io::Write::write_all(&mut file, hex.as_bytes())?;
+    Ok(hex)
+}
+
+/// The image module that carries the token file at `path` (see [`write_mgmt_token`]).
+pub fn mgmt_token_module(path: &Path) -> ImageModule {
+    ImageModule { path: path.into(), name: MGMT_TOKEN_MODULE.into(), args: String::new() }
+}
+
 /// Writes a hybrid BIOS+UEFI GRUB image (ISO 9660 with MBR and EFI partition, so the same file
 /// boots as a CD-ROM or, written to a USB stick, as a disk) that boots `kernel` with `cmdline`.
 pub fn make_image(kernel: &Path, cmdline: &str, modules: &[ImageModule], out: &Path) -> Result<(), HarnessError> {

@@ -24,11 +24,15 @@ struct Setup {
     net: TestNet,
     ip: String,
     mac: String,
+    /// The management token file (module `mgmt-token`); `ctl` gets it with `--token-file`.
+    token_file: PathBuf,
+    token: String,
     _scratch: ScratchDir,
 }
 
 impl Setup {
-    /// Boots with `mgmt_addr=10.77.SUBNET.2/24`; the client is 10.77.SUBNET.1.
+    /// Boots with `mgmt_addr=10.77.SUBNET.2/24` and a fresh `mgmt-token`; the client is
+    /// 10.77.SUBNET.1.
     fn boot(tag: &str, subnet: u8) -> Self {
         assert!(netns::available(), "the net suite needs root and iproute2 (`cargo xtask deps`)");
         let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
@@ -36,7 +40,10 @@ impl Setup {
         let image = scratch.path().join("colo.img");
         let ip = format!("10.77.{subnet}.2");
         let mac = format!("52:54:00:77:{subnet:02x}:02");
-        make_image(&kernel, &format!("role=standalone mgmt_addr={ip}/24"), &[], &image)
+        let token_file = scratch.path().join("mgmt-token");
+        let token = qemu_tests::write_mgmt_token(&token_file).unwrap_or_else(|e| panic!("{e}"));
+        let modules = [qemu_tests::mgmt_token_module(&token_file)];
+        make_image(&kernel, &format!("role=standalone mgmt_addr={ip}/24"), &modules, &image)
             .unwrap_or_else(|e| panic!("{e}"));
         let net = TestNet::new(tag, &format!("10.77.{subnet}.1/24")).unwrap_or_else(|e| panic!("test network: {e}"));
         let mut config = MachineConfig::new(Emulator::Qemu, BootMedium::Cdrom, &image);
@@ -44,7 +51,7 @@ impl Setup {
         let mut machine = Machine::start(config, tag).unwrap_or_else(|e| panic!("{e}"));
         let line = machine.wait_for(SERVING, BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("[timing] {tag}: QEMU TCG: serving after {:.2} s", line.at.as_secs_f64());
-        Self { machine: Some(machine), net, ip, mac, _scratch: scratch }
+        Self { machine: Some(machine), net, ip, mac, token_file, token, _scratch: scratch }
     }
 
     fn machine(&mut self) -> &mut Machine {
@@ -62,7 +69,8 @@ impl Setup {
         let xtask = xtask_binary();
         let mut all: Vec<&str> = vec!["ctl"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--addr", &addr]);
+        let token_file = self.token_file.to_string_lossy().into_owned();
+        all.extend_from_slice(&["--addr", &addr, "--token-file", &token_file]);
         let mut c = Command::new("timeout");
         c.args(["20", "ip", "netns", "exec", &self.net.netns]).arg(&xtask).args(&all);
         c.env("COLO_CTL_TIMING", "1").stdin(Stdio::null());
@@ -263,8 +271,14 @@ fn malformed_requests_get_named_errors_and_service_continues() {
         ("not json", "bad_json", "found `n`"),
         ("{\"cmd\":\"reboot\"}", "unknown_command", "unknown command `reboot`; accepted: status"),
         ("{\"command\":\"status\"}", "bad_request", "request has no `cmd`"),
-        ("{\"cmd\":\"set\",\"key\":\"heartbeat_ms\",\"value\":1}", "bad_value", "bad value `1` for `heartbeat_ms`"),
+        (
+            "{\"cmd\":\"set\",\"key\":\"heartbeat_ms\",\"value\":1,\"token\":\"TOKEN\"}",
+            "bad_value",
+            "bad value `1` for `heartbeat_ms`",
+        ),
     ] {
+        // `raw` is sent as is: a mutating command carries the token in its own text.
+        let raw = &raw.replace("TOKEN", &s.token);
         let (ok, out, err) = s.ctl(&["raw", raw]);
         assert!(!ok, "{raw}: {out}");
         assert!(out.contains(&format!("\"error\":\"{code}\"")), "{raw}: {out}{err}");

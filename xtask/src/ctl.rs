@@ -1,5 +1,11 @@
-//! `cargo xtask ctl <command> [args] [--addr IP:PORT]`: sends one JSON request to a hypervisor's
-//! management API and prints the reply line.
+//! `cargo xtask ctl <command> [args] [--addr IP:PORT] [--token-file FILE]`: sends one JSON
+//! request to a hypervisor's management API and prints the reply line.
+//!
+//! The management token (needed by `set`, `checkpoint`, `failover`, `shutdown`, and by every
+//! command on a host booted with `mgmt_open=none`) is read from `--token-file`, else from the
+//! cluster's scratch directory (`target/cluster/mgmt-token`), else from `target/mgmt-token`
+//! (written by `cargo xtask image`), and sent as the request's `"token"` member. It is never
+//! printed. `raw` requests are sent as is, without a token.
 //!
 //! Commands: `status`, `stats`, `tunables`, `set KEY VALUE`, `checkpoint`, `failover`,
 //! `shutdown`, and `raw 'JSON'` (sends the text as is, for testing the API's error replies).
@@ -10,6 +16,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Used when neither `--addr` nor `COLO_MGMT_ADDR` is given.
@@ -17,9 +24,10 @@ const DEFAULT_ADDR: &str = "10.0.0.1:7070";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const USAGE: &str = "\
-usage: cargo xtask ctl <command> [--addr IP:PORT]
+usage: cargo xtask ctl <command> [--addr IP:PORT] [--token-file FILE]
 commands: status | stats | tunables | set KEY VALUE | checkpoint | failover | shutdown | raw 'JSON'
-address: --addr, else $COLO_MGMT_ADDR, else 10.0.0.1:7070";
+address: --addr, else $COLO_MGMT_ADDR, else 10.0.0.1:7070
+token: --token-file, else target/cluster/mgmt-token, else target/mgmt-token (from `cargo xtask image`)";
 
 fn json_string(s: &str) -> String {
     let mut out = String::from("\"");
@@ -35,12 +43,18 @@ fn json_string(s: &str) -> String {
     out
 }
 
-/// The request line for `args` (without `--addr`).
-fn request(args: &[String]) -> Result<String, String> {
+/// The `,"token":"..."` member for `token`, or nothing.
+fn token_member(token: Option<&str>) -> String {
+    token.map(|t| format!(",\"token\":{}", json_string(t))).unwrap_or_default()
+}
+
+/// The request line for `args` (without `--addr` and `--token-file`), carrying `token`.
+fn request(args: &[String], token: Option<&str>) -> Result<String, String> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let token = token_member(token);
     match words.as_slice() {
         [cmd @ ("status" | "stats" | "tunables" | "checkpoint" | "failover" | "shutdown")] => {
-            Ok(format!("{{\"cmd\":{}}}", json_string(cmd)))
+            Ok(format!("{{\"cmd\":{}{token}}}", json_string(cmd)))
         }
         ["set", key, value] => {
             let value = if value.bytes().all(|b| b.is_ascii_digit()) && !value.is_empty() {
@@ -48,7 +62,7 @@ fn request(args: &[String]) -> Result<String, String> {
             } else {
                 json_string(value)
             };
-            Ok(format!("{{\"cmd\":\"set\",\"key\":{},\"value\":{value}}}", json_string(key)))
+            Ok(format!("{{\"cmd\":\"set\",\"key\":{},\"value\":{value}{token}}}", json_string(key)))
         }
         ["set", ..] => Err(format!("`set` needs a key and a value: set KEY VALUE\n{USAGE}")),
         ["raw", text] => Ok(text.to_string()),
@@ -57,14 +71,44 @@ fn request(args: &[String]) -> Result<String, String> {
     }
 }
 
+/// Where the token comes from: `--token-file`, else the cluster's, else the image's (the first
+/// that exists). `None` when there is none.
+fn token_file(explicit: Option<&Path>, target: &Path) -> Result<Option<PathBuf>, String> {
+    if let Some(path) = explicit {
+        if !path.is_file() {
+            return Err(format!("--token-file {}: no such file", path.display()));
+        }
+        return Ok(Some(path.into()));
+    }
+    Ok([target.join("cluster/mgmt-token"), target.join("mgmt-token")].into_iter().find(|p| p.is_file()))
+}
+
+/// The token in `path`: its content without trailing whitespace (never printed).
+fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading the token file {}: {e}", path.display()))?;
+    let token = text.trim_end().to_string();
+    if token.is_empty() || token.contains(|c: char| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the token file {} does not hold one token (expected e.g. 64 hex digits on one line)",
+            path.display()
+        ));
+    }
+    Ok(token)
+}
+
 /// Runs `ctl`.
 pub fn ctl(args: &[String]) -> Result<(), String> {
     let mut rest = Vec::new();
     let mut addr = std::env::var("COLO_MGMT_ADDR").ok();
+    let mut explicit_token = None;
     let mut i = 0;
     while i < args.len() {
         if args[i] == "--addr" {
             addr = Some(args.get(i + 1).ok_or("--addr needs a value: --addr IP:PORT")?.clone());
+            i += 2;
+        } else if args[i] == "--token-file" {
+            explicit_token =
+                Some(PathBuf::from(args.get(i + 1).ok_or("--token-file needs a value: --token-file FILE")?));
             i += 2;
         } else {
             rest.push(args[i].clone());
@@ -74,7 +118,9 @@ pub fn ctl(args: &[String]) -> Result<(), String> {
     let addr_text = addr.unwrap_or_else(|| DEFAULT_ADDR.into());
     let addr: SocketAddr =
         addr_text.parse().map_err(|_| format!("bad address `{addr_text}`; expected IP:PORT (e.g. 10.0.0.1:7070)"))?;
-    let line = request(&rest)?;
+    let token_path = token_file(explicit_token.as_deref(), &qemu_tests::target_dir())?;
+    let token = token_path.as_deref().map(read_token).transpose()?;
+    let line = request(&rest, token.as_deref())?;
     let started = Instant::now();
     let mut stream =
         TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
@@ -92,6 +138,11 @@ pub fn ctl(args: &[String]) -> Result<(), String> {
     }
     if reply.contains("\"ok\":true") {
         Ok(())
+    } else if reply.contains("\"error\":\"unauthorized\"") {
+        Err(match &token_path {
+            Some(path) => format!("the hypervisor refused the token from {}", path.display()),
+            None => "this command needs the management token: give --token-file FILE (no target/cluster/mgmt-token or target/mgmt-token found)".into(),
+        })
     } else {
         Err("the hypervisor refused the request (see the reply above)".into())
     }
@@ -102,7 +153,38 @@ mod tests {
     use super::*;
 
     fn req(words: &[&str]) -> Result<String, String> {
-        request(&words.iter().map(|w| w.to_string()).collect::<Vec<_>>())
+        request(&words.iter().map(|w| w.to_string()).collect::<Vec<_>>(), None)
+    }
+
+    #[test]
+    fn the_token_goes_into_every_request_but_raw() {
+        let words = |w: &[&str]| w.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        assert_eq!(request(&words(&["shutdown"]), Some("abc")).unwrap(), r#"{"cmd":"shutdown","token":"abc"}"#);
+        assert_eq!(
+            request(&words(&["set", "heartbeat_ms", "50"]), Some("abc")).unwrap(),
+            r#"{"cmd":"set","key":"heartbeat_ms","value":50,"token":"abc"}"#
+        );
+        assert_eq!(request(&words(&["raw", "{}"]), Some("abc")).unwrap(), "{}");
+    }
+
+    #[test]
+    fn the_token_file_is_found_in_order() {
+        let dir = std::env::temp_dir().join(format!("ctl-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("cluster")).unwrap();
+        assert_eq!(token_file(None, &dir).unwrap(), None);
+        std::fs::write(dir.join("mgmt-token"), "image-token\n").unwrap();
+        assert_eq!(token_file(None, &dir).unwrap(), Some(dir.join("mgmt-token")));
+        std::fs::write(dir.join("cluster/mgmt-token"), "cluster-token").unwrap();
+        assert_eq!(token_file(None, &dir).unwrap(), Some(dir.join("cluster/mgmt-token")));
+        let explicit = dir.join("mine");
+        assert!(token_file(Some(&explicit), &dir).unwrap_err().contains("no such file"));
+        std::fs::write(&explicit, "mine\n").unwrap();
+        assert_eq!(token_file(Some(&explicit), &dir).unwrap(), Some(explicit.clone()));
+        assert_eq!(read_token(&explicit).unwrap(), "mine");
+        std::fs::write(&explicit, "two words").unwrap();
+        assert!(read_token(&explicit).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

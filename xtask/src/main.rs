@@ -57,9 +57,14 @@ const SUITES: &[(&str, &str)] = &[
         "mgmt",
         "hostile clients: non-reader, slowloris, 50 clients, half-close, strict JSON/HTTP, rx errors, heap (root)",
     ),
+    (
+        "security",
+        "management token: refused without/with a wrong token, mgmt_open=none, per-source rate limit (QEMU; root)",
+    ),
 ];
 /// `core` is part of `host`, so the full run skips it.
-const DEFAULT_SUITES: &[&str] = &["lint", "host", "boot", "vtx", "amdv", "snapshot", "fuzz", "net", "mgmt", "colo"];
+const DEFAULT_SUITES: &[&str] =
+    &["lint", "host", "boot", "vtx", "amdv", "snapshot", "fuzz", "net", "mgmt", "security", "colo"];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -77,9 +82,10 @@ commands:
   sim [--seeds N] [--first S] [--seed S]
                               run N two-host COLO simulation histories (release build), or replay
                               one seed with its trace; a failing seed is printed with its trace
-  ctl <command> [--addr IP:PORT]
+  ctl <command> [--addr IP:PORT] [--token-file FILE]
                               send one management request (status, stats, tunables, set KEY VALUE,
-                              checkpoint, failover, shutdown, raw 'JSON') and print the reply
+                              checkpoint, failover, shutdown, raw 'JSON') and print the reply; the
+                              token comes from FILE, target/cluster/mgmt-token or target/mgmt-token
   cluster start|status|stop|exec -- CMD|kill primary|secondary
                               a two-host COLO cluster (QEMU TCG) with a client namespace (root)
 ";
@@ -216,9 +222,14 @@ fn image(args: &[String]) -> Result<PathBuf> {
     let kernel = build_kernel()?;
     let out = target_dir().join("colo.img");
     step(&format!("making the GRUB image (command line: `{cmdline}`)"));
-    make_image(&kernel, cmdline, &[], &out).map_err(|e| e.to_string())?;
+    // A fresh management token per image: in the image as the `mgmt-token` module, and in
+    // target/mgmt-token for `cargo xtask ctl` (never on the command line or the console).
+    let token = target_dir().join("mgmt-token");
+    qemu_tests::write_mgmt_token(&token).map_err(|e| format!("writing {}: {e}", token.display()))?;
+    make_image(&kernel, cmdline, &[qemu_tests::mgmt_token_module(&token)], &out).map_err(|e| e.to_string())?;
     let size = fs::metadata(&out).map(|m| m.len() >> 20).unwrap_or(0);
     println!("    image: {} ({size} MiB; boots as CD-ROM or written as is to a USB stick)", out.display());
+    println!("    management token: {} (module `mgmt-token`; `cargo xtask ctl` reads it)", token.display());
     Ok(out)
 }
 
@@ -487,6 +498,25 @@ fn run_suite(suite: &str) -> Result {
             run_checked(
                 cargo().args(["test", "-p", "qemu-tests", "--test", "mgmt", "--", "--test-threads=1", "--nocapture"]),
                 "mgmt tests",
+            )
+        }
+        "security" => {
+            ensure_deps()?;
+            build_kernel()?;
+            // One test runs the real `ctl` with --token-file from the client's namespace.
+            run_checked(cargo().args(["build", "-p", "xtask"]), "xtask build")?;
+            run_checked(
+                cargo().args([
+                    "test",
+                    "-p",
+                    "qemu-tests",
+                    "--test",
+                    "security",
+                    "--",
+                    "--test-threads=1",
+                    "--nocapture",
+                ]),
+                "security tests",
             )
         }
         "vtx" => emulator_suite("vtx"),

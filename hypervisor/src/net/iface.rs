@@ -17,6 +17,7 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
+use core::net::Ipv4Addr;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
@@ -24,11 +25,12 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
+use super::auth::{Gate, MgmtToken};
 use super::classify::{classify, Verdict};
 use super::e1000::{RxError, TxError, E1000, MAX_FRAME};
 use super::server::{choose_victim, Expiry, Limits, LineEvent, LineReader, OutBuf, Timers};
 use super::{metrics, mgmt};
-use crate::config::{Config, NicRoles, Role};
+use crate::config::{Config, MgmtOpen, NicRoles, Role};
 use crate::host::{heap, pci, shutdown, time};
 use crate::stats;
 
@@ -116,6 +118,8 @@ pub enum NetError {
     Nic(super::e1000::E1000Error),
     /// Already up.
     AlreadyUp,
+    /// `mgmt_open=none` without a `mgmt-token` module: nobody could use the management plane.
+    ClosedWithoutToken,
 }
 
 impl fmt::Display for NetError {
@@ -128,6 +132,10 @@ impl fmt::Display for NetError {
             Self::NoMgmtNic => write!(f, "mgmt_addr= is set but no NIC in nics= has the mgmt role"),
             Self::Nic(e) => write!(f, "{e}"),
             Self::AlreadyUp => write!(f, "networking is already up"),
+            Self::ClosedWithoutToken => write!(
+                f,
+                "mgmt_open=none is set but no `mgmt-token` module was given; expected the module (or mgmt_open=read)"
+            ),
         }
     }
 }
@@ -175,6 +183,8 @@ struct Conn {
     head: Vec<u8>,
     /// HTTP: when the response was queued.
     answered_at: Option<u64>,
+    /// JSON: the connection passed `auth`.
+    authenticated: bool,
 }
 
 impl Conn {
@@ -190,6 +200,7 @@ impl Conn {
             lines: LineReader::new(limits.max_request),
             head: Vec::new(),
             answered_at: None,
+            authenticated: false,
         }
     }
 
@@ -203,6 +214,7 @@ impl Conn {
         self.lines.clear();
         self.head = Vec::new();
         self.answered_at = None;
+        self.authenticated = false;
     }
 
     /// Answered and flushed, or closing: nothing more to do for the peer.
@@ -228,6 +240,8 @@ struct NetStack {
     sockets: SocketSet<'static>,
     json: Server,
     http: Server,
+    /// The management token and the rate limiter (both servers).
+    gate: Gate,
     role: &'static str,
     hook: Option<Box<dyn GuestForward>>,
     shutdown_at: Option<u64>,
@@ -260,12 +274,16 @@ fn now() -> Instant {
     Instant::from_millis(time::now_ms() as i64)
 }
 
-/// Finds the NICs, gives them their roles and starts the management endpoint. Does nothing
-/// (and returns `Ok`) when `mgmt_addr=` is not set.
-pub fn bring_up(config: &Config) -> Result<(), NetError> {
+/// Finds the NICs, gives them their roles and starts the management endpoint with `token`
+/// (from the `mgmt-token` module, if any). Does nothing (and returns `Ok`) when `mgmt_addr=` is
+/// not set.
+pub fn bring_up(config: &Config, token: Option<MgmtToken>) -> Result<(), NetError> {
     let Some(addr) = config.mgmt_addr else {
         return Ok(());
     };
+    if token.is_none() && config.mgmt_open == MgmtOpen::None {
+        return Err(NetError::ClosedWithoutToken);
+    }
     let mut guard = NET.lock();
     if guard.is_some() {
         return Err(NetError::AlreadyUp);
@@ -338,6 +356,18 @@ pub fn bring_up(config: &Config) -> Result<(), NetError> {
         REQUEST_DEADLINE_MS,
         IDLE_TIMEOUT_MS
     );
+    let reads = if config.mgmt_open == MgmtOpen::None { "need the token too" } else { "are open" };
+    if token.is_some() {
+        log::info!(
+            "management access: token from module `{}`; set, checkpoint, failover and shutdown need it; status, stats, tunables and /metrics {reads} (mgmt_open)",
+            super::auth::TOKEN_MODULE
+        );
+    } else {
+        log::warn!(
+            "management access: no `{}` module: set, checkpoint, failover and shutdown are refused (no_token_configured); reads {reads}",
+            super::auth::TOKEN_MODULE
+        );
+    }
     *guard = Some(NetStack {
         nics,
         mgmt_nic,
@@ -345,6 +375,7 @@ pub fn bring_up(config: &Config) -> Result<(), NetError> {
         sockets,
         json,
         http,
+        gate: Gate::new(token, config.mgmt_open),
         role: role_name(config.role),
         hook: None,
         shutdown_at: None,
@@ -429,8 +460,8 @@ impl NetStack {
         }
         let mut device = NicDevice { nic: &mut self.nics[self.mgmt_nic], hook: &mut self.hook, local: true };
         self.iface.poll(now(), &mut device, &mut self.sockets);
-        let shutdown = self.json.serve(&mut self.sockets, self.role, now_ms);
-        self.http.serve(&mut self.sockets, self.role, now_ms);
+        let shutdown = self.json.serve(&mut self.sockets, self.role, now_ms, &mut self.gate);
+        self.http.serve(&mut self.sockets, self.role, now_ms, &mut self.gate);
         // Push out what the servers just queued.
         let mut device = NicDevice { nic: &mut self.nics[self.mgmt_nic], hook: &mut self.hook, local: true };
         self.iface.poll(now(), &mut device, &mut self.sockets);
@@ -500,10 +531,10 @@ impl Server {
 
     /// One round for every slot, then makes sure a new client finds a listening slot. Returns
     /// true when a `shutdown` request was answered.
-    fn serve(&mut self, sockets: &mut SocketSet<'_>, role: &'static str, now: u64) -> bool {
+    fn serve(&mut self, sockets: &mut SocketSet<'_>, role: &'static str, now: u64, gate: &mut Gate) -> bool {
         let mut shutdown = false;
         for conn in &mut self.conns {
-            shutdown |= serve_conn(self.kind, self.port, &self.limits, conn, sockets, role, now);
+            shutdown |= serve_conn(self.kind, self.port, &self.limits, conn, sockets, role, now, gate);
         }
         self.keep_listeners(sockets, now);
         shutdown
@@ -580,7 +611,16 @@ fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
     }
 }
 
+/// The peer's IPv4 address (the rate limiter's key; `0.0.0.0` if smoltcp has none).
+fn peer_of(socket: &tcp::Socket<'_>) -> Ipv4Addr {
+    match socket.remote_endpoint().map(|e| e.addr) {
+        Some(IpAddress::Ipv4(addr)) => addr,
+        _ => Ipv4Addr::UNSPECIFIED,
+    }
+}
+
 /// Serves one slot for one poll; returns true when it answered a `shutdown` request.
+#[allow(clippy::too_many_arguments)]
 fn serve_conn(
     kind: Kind,
     port: u16,
@@ -589,6 +629,7 @@ fn serve_conn(
     sockets: &mut SocketSet<'_>,
     role: &'static str,
     now: u64,
+    gate: &mut Gate,
 ) -> bool {
     let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
     if !socket.is_open() {
@@ -626,9 +667,9 @@ fn serve_conn(
     }
     let mut abort = false;
     let shutdown = match kind {
-        Kind::Json => serve_json(limits, conn, socket, role, now, &mut abort),
+        Kind::Json => serve_json(limits, conn, socket, role, now, gate, &mut abort),
         Kind::Http => {
-            serve_http(limits, conn, socket, role, now, &mut abort);
+            serve_http(limits, conn, socket, role, now, gate, &mut abort);
             false
         }
     };
@@ -711,9 +752,11 @@ fn serve_json(
     socket: &mut tcp::Socket<'_>,
     role: &'static str,
     now: u64,
+    gate: &mut Gate,
     abort: &mut bool,
 ) -> bool {
     let mut shutdown = false;
+    let peer = peer_of(socket);
     let (mut answered, mut read) = (0, 0);
     flush(conn, socket, now);
     while answered < limits.requests_per_poll
@@ -743,7 +786,7 @@ fn serve_json(
             None => {}
             Some(LineEvent::Line(line)) => {
                 answered += 1;
-                shutdown |= answer_json(conn, &line, role, now, abort);
+                shutdown |= answer_json(conn, &line, role, now, gate, peer, abort);
             }
             Some(LineEvent::TooLarge { len }) => {
                 count(Kind::Json, |c| c.too_large += 1);
@@ -768,7 +811,7 @@ fn serve_json(
     if peer_closed(socket) && !socket.can_recv() && !conn.close_after_flush {
         if let Some(line) = conn.lines.finish() {
             count(Kind::Json, |c| c.half_close_requests += 1);
-            shutdown |= answer_json(conn, &line, role, now, abort);
+            shutdown |= answer_json(conn, &line, role, now, gate, peer, abort);
         }
         conn.close_after_flush = true;
     }
@@ -777,9 +820,19 @@ fn serve_json(
 }
 
 /// Answers one JSON request line into `conn.out`; returns true for `shutdown`.
-fn answer_json(conn: &mut Conn, line: &[u8], role: &'static str, now: u64, abort: &mut bool) -> bool {
+fn answer_json(
+    conn: &mut Conn,
+    line: &[u8],
+    role: &'static str,
+    now: u64,
+    gate: &mut Gate,
+    peer: Ipv4Addr,
+    abort: &mut bool,
+) -> bool {
+    let authenticated = &mut conn.authenticated;
     let reply = with_fresh_stats(|s| {
-        let mut ctx = mgmt::Context { role, uptime_ms: now, replication_running: false, stats: s };
+        let access = mgmt::Access { gate, peer, authenticated };
+        let mut ctx = mgmt::Context { role, uptime_ms: now, replication_running: false, stats: s, access };
         mgmt::handle(line, &mut ctx)
     });
     if conn.out.push_all(&[reply.text.as_bytes(), b"\n"]).is_err() {
@@ -811,8 +864,10 @@ fn serve_http(
     socket: &mut tcp::Socket<'_>,
     role: &'static str,
     now: u64,
+    gate: &mut Gate,
     abort: &mut bool,
 ) {
+    let peer = peer_of(socket);
     let mut read = 0;
     if conn.answered_at.is_some() {
         // Discard anything after the request head (bounded per poll).
@@ -845,7 +900,12 @@ fn serve_http(
         if matches!(parsed, Err(metrics::HttpError::TooLarge { .. })) {
             count(Kind::Http, |c| c.too_large += 1);
         }
-        response = Some(metrics::respond(parsed, || with_fresh_stats(|s| metrics::render(s, role, now))));
+        let (text, outcome, check) =
+            metrics::respond_checked(parsed, gate, peer, now, || with_fresh_stats(|s| metrics::render(s, role, now)));
+        if let Some(check) = check {
+            stats::with(|s| s.mgmt.auth.record(&check));
+        }
+        response = Some((text, outcome));
         break;
     }
     if response.is_none() && peer_closed(socket) && !socket.can_recv() {

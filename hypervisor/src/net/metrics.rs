@@ -2,12 +2,17 @@
 //! server that answers `GET /metrics` (and `HEAD`), one request per connection.
 //!
 //! Pure logic: [`parse_http_request`] reads a request head, [`respond`] builds the whole response
-//! and [`render`] the page; the transport (`net::stack`) moves the bytes.
+//! and [`render`] the page; [`respond_checked`] puts the management token check first (with
+//! `mgmt_open=none`: `Authorization: Bearer <token>`, else 401 with `WWW-Authenticate: Bearer`,
+//! or 429 with `Retry-After` for a rate-limited source); the transport (`net::iface`) moves the
+//! bytes.
 #![deny(unsafe_code)]
 
 use alloc::string::String;
 use core::fmt::{self, Write};
+use core::net::Ipv4Addr;
 
+use super::auth::{Denied, Gate};
 use crate::stats::{GuestState, HypervisorStats};
 use crate::vcpu::VmExit;
 
@@ -27,6 +32,8 @@ pub struct HttpRequest<'a> {
     pub target: &'a str,
     /// The path of the target without the query (`/metrics`), `*` or the authority.
     pub path: &'a str,
+    /// The `Authorization` header's value, if one was sent (at most one is accepted).
+    pub authorization: Option<&'a str>,
 }
 
 /// Why a request head was refused.
@@ -189,6 +196,7 @@ pub fn parse_http_request(buf: &[u8]) -> Result<HttpRequest<'_>, HttpError> {
         return Err(bad());
     }
     let mut hosts = 0;
+    let mut authorization = None;
     for header in lines.take_while(|l| !l.is_empty()) {
         let bad_header = || HttpError::BadHeader { line: lossy80(header) };
         let colon = header.iter().position(|&b| b == b':').ok_or_else(bad_header)?;
@@ -209,12 +217,84 @@ pub fn parse_http_request(buf: &[u8]) -> Result<HttpRequest<'_>, HttpError> {
             if !is_host_value(value) {
                 return Err(HttpError::BadHost { value: lossy80(value) });
             }
+        } else if name.eq_ignore_ascii_case(b"authorization") {
+            // Never echoed: the line may hold a token.
+            let refused = || HttpError::BadHeader { line: "Authorization: (not shown)".into() };
+            if authorization.is_some() {
+                return Err(refused());
+            }
+            authorization = Some(core::str::from_utf8(value).map_err(|_| refused())?);
         }
     }
     if http11 && hosts == 0 {
         return Err(HttpError::MissingHost);
     }
-    Ok(HttpRequest { method, target, path })
+    Ok(HttpRequest { method, target, path, authorization })
+}
+
+/// The token of an `Authorization: Bearer <token>` value (RFC 6750 §2.1: the scheme is
+/// case-insensitive, then one or more spaces, then a token68).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let scheme = value.get(..6)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let rest = &value[6..];
+    let token = rest.trim_start_matches(' ');
+    (token.len() < rest.len() && !token.is_empty() && !token.contains([' ', '\t'])).then_some(token)
+}
+
+/// The response to a request head with the token check first: with `mgmt_open=none`, every
+/// request that parsed needs `Authorization: Bearer <token>` (checked by `gate` for `peer` at
+/// `now_ms`); a refusal never renders the page. A head that did not parse gets its error as
+/// usual. Also returns the check's result when one was made (for the counters).
+pub fn respond_checked(
+    request: Result<HttpRequest<'_>, HttpError>,
+    gate: &mut Gate,
+    peer: Ipv4Addr,
+    now_ms: u64,
+    page: impl FnOnce() -> String,
+) -> (String, Outcome, Option<Result<(), Denied>>) {
+    if let Ok(req) = &request {
+        if gate.reads_need_token() {
+            let presented = req.authorization.and_then(bearer_token);
+            let check = gate.check(peer, now_ms, presented.map(str::as_bytes), false);
+            if let Err(denied) = check {
+                return (denied_response(&denied, req.method == "HEAD"), Outcome::Refused, Some(check));
+            }
+            let (text, outcome) = respond(request, page);
+            return (text, outcome, Some(check));
+        }
+    }
+    let (text, outcome) = respond(request, page);
+    (text, outcome, None)
+}
+
+/// 401 with `WWW-Authenticate: Bearer` (RFC 6750 §3; `error="invalid_token"` when a token was
+/// sent), 429 with `Retry-After` for a rate-limited source, 403 when no token is configured.
+pub fn denied_response(denied: &Denied, head_only: bool) -> String {
+    let (status, extra) = match denied {
+        Denied::Unauthorized { presented: false } => {
+            ("401 Unauthorized", String::from("WWW-Authenticate: Bearer realm=\"colo\"\r\n"))
+        }
+        Denied::Unauthorized { presented: true } => {
+            ("401 Unauthorized", String::from("WWW-Authenticate: Bearer realm=\"colo\", error=\"invalid_token\"\r\n"))
+        }
+        Denied::RateLimited { retry_after_ms } => (
+            "429 Too Many Requests",
+            crate::net::mgmt::format(format_args!("Retry-After: {}\r\n", retry_after_ms.div_ceil(1000).max(1))),
+        ),
+        Denied::NoTokenConfigured => ("403 Forbidden", String::new()),
+    };
+    let body = crate::net::mgmt::format(format_args!("{}: {denied}\n", denied.code()));
+    let mut out = crate::net::mgmt::format(format_args!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+        body.len()
+    ));
+    if !head_only {
+        out.push_str(&body);
+    }
+    out
 }
 
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -389,6 +469,15 @@ pub fn render(stats: &HypervisorStats, role: &str, uptime_ms: u64) -> String {
         family(&mut o, name, "gauge", help);
         let _ = writeln!(o, "{name} {value}");
     }
+    family(
+        &mut o,
+        "colo_mgmt_auth_total",
+        "counter",
+        "Management token checks (JSON API and metrics), by result (authorized, unauthorized, rate_limited, no_token_configured).",
+    );
+    for (result, value) in m.auth.named() {
+        let _ = writeln!(o, "colo_mgmt_auth_total{{result=\"{result}\"}} {value}");
+    }
     family(&mut o, "colo_heap_alloc_failures_total", "counter", "Allocations the hypervisor heap could not satisfy.");
     let _ = writeln!(o, "colo_heap_alloc_failures_total {}", h.alloc_failures);
     let t = &stats.tunables;
@@ -444,6 +533,7 @@ mod tests {
         let mut stats = sample();
         stats.heap = crate::stats::HeapUsage { size: 1000, used: 300, free: 700, high_water: 450, alloc_failures: 1 };
         stats.mgmt.json.evicted = 4;
+        stats.mgmt.auth.unauthorized = 2;
         let page = render(&stats, "standalone", 1);
         for needle in [
             "colo_heap_used_bytes 300\n",
@@ -453,6 +543,7 @@ mod tests {
             "colo_heap_alloc_failures_total 1\n",
             "colo_mgmt_connections_total{server=\"json\",event=\"evicted\"} 4\n",
             "colo_mgmt_connections_total{server=\"http\",event=\"not_reading\"} 0\n",
+            "colo_mgmt_auth_total{result=\"unauthorized\"} 2\n",
         ] {
             assert!(page.contains(needle), "missing {needle:?} in\n{page}");
         }
@@ -467,7 +558,7 @@ mod tests {
     #[test]
     fn requests_are_parsed_and_answered() {
         let req = parse_http_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        assert_eq!(req, HttpRequest { method: "GET", target: "/metrics", path: "/metrics" });
+        assert_eq!(req, HttpRequest { method: "GET", target: "/metrics", path: "/metrics", authorization: None });
         let (resp, outcome) = respond(Ok(req), || "a 1\n".into());
         assert_eq!(outcome, Outcome::Served);
         assert!(
@@ -551,6 +642,66 @@ mod tests {
         assert_eq!(parse_http_request(&big), Err(HttpError::TooLarge { len: MAX_HEAD_BYTES + 1 }));
         assert!(parse_http_request(b"GET metrics HTTP/1.1\r\n\r\n").is_err());
         assert!(parse_http_request(b"GET /metrics HTTP/2\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_authorization_header() {
+        assert_eq!(bearer_token("Bearer abc.def"), Some("abc.def"));
+        assert_eq!(bearer_token("bearer   abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearer a b"), None);
+        let text = format!("GET /metrics HTTP/1.1\r\n{H}authorization: Bearer xyz\r\n\r\n");
+        let req = get(&text).unwrap();
+        assert_eq!(req.authorization, Some("Bearer xyz"));
+        let twice =
+            format!("GET /metrics HTTP/1.1\r\n{H}Authorization: Bearer s3cr3t\r\nAuthorization: Bearer b\r\n\r\n");
+        let err = get(&twice).unwrap_err();
+        assert!(matches!(err, HttpError::BadHeader { .. }) && !err.to_string().contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn closed_metrics_need_the_bearer_token() {
+        use crate::config::MgmtOpen;
+        use crate::net::auth::MgmtToken;
+        const TOKEN: &str = "metrics-token-0123456789";
+        let peer = Ipv4Addr::new(10, 0, 0, 5);
+        let mut gate = Gate::new(Some(MgmtToken::from_module(TOKEN.as_bytes()).unwrap()), MgmtOpen::None);
+        let page = || String::from("colo_up 1\n");
+        // No header: 401 with the challenge, no page.
+        let head = format!("GET /metrics HTTP/1.1\r\n{H}\r\n");
+        let (resp, outcome, check) = respond_checked(get(&head), &mut gate, peer, 0, page);
+        assert!(resp.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{resp}");
+        assert!(
+            resp.contains("\r\nWWW-Authenticate: Bearer realm=\"colo\"\r\n") && !resp.contains("colo_up"),
+            "{resp}"
+        );
+        assert_eq!((outcome, check), (Outcome::Refused, Some(Err(Denied::Unauthorized { presented: false }))));
+        // A wrong token: 401 invalid_token.
+        let head = format!("GET /metrics HTTP/1.1\r\n{H}Authorization: Bearer wrong-wrong-wrong\r\n\r\n");
+        let (resp, _, _) = respond_checked(get(&head), &mut gate, peer, 1, page);
+        assert!(resp.contains("error=\"invalid_token\"") && resp.starts_with("HTTP/1.1 401"), "{resp}");
+        // The right one: the page.
+        let good = format!("GET /metrics HTTP/1.1\r\n{H}Authorization: Bearer {TOKEN}\r\n\r\n");
+        let (resp, outcome, check) = respond_checked(get(&good), &mut gate, peer, 2, page);
+        assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("colo_up 1\n"), "{resp}");
+        assert_eq!((outcome, check), (Outcome::Served, Some(Ok(()))));
+        // Other paths are closed too (no page list for strangers).
+        let (resp, _, _) = respond_checked(get(&format!("GET /x HTTP/1.1\r\n{H}\r\n")), &mut gate, peer, 3, page);
+        assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+        // Rate limited: 429 with Retry-After, even with the right token.
+        for t in 4..8 {
+            let _ = respond_checked(get(&head), &mut gate, peer, t, page);
+        }
+        let (resp, _, check) = respond_checked(get(&good), &mut gate, peer, 8, page);
+        assert!(resp.starts_with("HTTP/1.1 429") && resp.contains("\r\nRetry-After: 1\r\n"), "{resp}");
+        assert!(matches!(check, Some(Err(Denied::RateLimited { .. }))));
+        // Open metrics (mgmt_open=read): no check at all.
+        let mut open = Gate::new(None, MgmtOpen::Read);
+        let (resp, _, check) =
+            respond_checked(get(&format!("GET /metrics HTTP/1.1\r\n{H}\r\n")), &mut open, peer, 0, page);
+        assert!(resp.starts_with("HTTP/1.1 200") && check.is_none(), "{resp}");
     }
 
     proptest::proptest! {

@@ -2,7 +2,10 @@
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"stats"}`, `{"cmd":"tunables"}`,
 //! `{"cmd":"set","key":"heartbeat_ms","value":50}`, `{"cmd":"checkpoint"}`, `{"cmd":"failover"}`,
-//! `{"cmd":"shutdown"}`. Every reply has `"ok"`; an error reply has `"error"` (a short code) and
+//! `{"cmd":"shutdown"}`, `{"cmd":"auth","token":"..."}`. Mutating commands (`set`,
+//! `checkpoint`, `failover`, `shutdown`) and `auth` need the management token, in a `"token"`
+//! member of the request or by an earlier `auth` on the same connection; with `mgmt_open=none`
+//! the read-only ones do too (see `net::auth`). Every reply has `"ok"`; an error reply has `"error"` (a short code) and
 //! `"detail"` (a sentence naming the offending value and what was expected). Bad input never
 //! panics: [`handle`] turns every byte string into a reply.
 //!
@@ -14,6 +17,9 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::{self, Write};
 
+use core::net::Ipv4Addr;
+
+use super::auth::{Denied, Gate};
 use crate::stats::{HeapUsage, HypervisorStats, NicEntry, Tunables};
 use crate::vcpu::VmExit;
 
@@ -23,7 +29,10 @@ pub const MAX_REQUEST_BYTES: usize = 4096;
 const MAX_DEPTH: usize = 16;
 
 /// Every command, as accepted in `"cmd"`.
-pub const COMMANDS: &[&str] = &["status", "stats", "tunables", "set", "checkpoint", "failover", "shutdown"];
+pub const COMMANDS: &[&str] = &["status", "stats", "tunables", "set", "checkpoint", "failover", "shutdown", "auth"];
+
+/// Commands that always need the management token.
+pub const MUTATING: &[&str] = &["set", "checkpoint", "failover", "shutdown", "auth"];
 
 /// A parsed JSON value. Numbers keep their text; the command that uses one parses it.
 #[derive(Clone, Debug, PartialEq)]
@@ -396,6 +405,8 @@ pub enum Request {
     Failover,
     /// End the hypervisor with the success status.
     Shutdown,
+    /// Mark this connection as holding the token.
+    Auth,
 }
 
 /// Why a request was refused. Every message names the value and what was expected.
@@ -455,6 +466,8 @@ pub enum RequestError {
         /// Accepted range, high end.
         max: u32,
     },
+    /// The request needs the management token and did not pass the check.
+    Denied(Denied),
 }
 
 impl RequestError {
@@ -468,6 +481,7 @@ impl RequestError {
             Self::UnknownCommand { .. } => "unknown_command",
             Self::UnknownTunable { .. } => "unknown_tunable",
             Self::BadValue { .. } => "bad_value",
+            Self::Denied(d) => d.code(),
         }
     }
 }
@@ -499,14 +513,22 @@ impl fmt::Display for RequestError {
             Self::BadValue { key, value, min, max } => {
                 write!(f, "bad value `{value}` for `{key}`; expected an integer from {min} to {max}")
             }
+            Self::Denied(d) => write!(f, "{d}"),
         }
     }
 }
 
-const CMD_FORM: &str = "a command name string (status, stats, tunables, set, checkpoint, failover, shutdown)";
+const CMD_FORM: &str = "a command name string (status, stats, tunables, set, checkpoint, failover, shutdown, auth)";
+const TOKEN_FORM: &str = "the management token as a string";
 
-/// Parses one request line.
+/// Parses one request line (without checking any token).
 pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    let (json, cmd) = parse_command(line)?;
+    parse_args(&json, &cmd)
+}
+
+/// The request's JSON and its (known) command name; arguments are not looked at yet.
+fn parse_command(line: &[u8]) -> Result<(Json, String), RequestError> {
     if line.len() > MAX_REQUEST_BYTES {
         return Err(RequestError::TooLarge { len: line.len() });
     }
@@ -519,14 +541,33 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         Some(Json::Str(cmd)) => cmd,
         Some(other) => return Err(RequestError::WrongType { field: "cmd", expected: CMD_FORM, found: other.kind() }),
     };
-    Ok(match cmd.as_str() {
+    if !COMMANDS.contains(&cmd.as_str()) {
+        return Err(RequestError::UnknownCommand { cmd: truncate(cmd, 64) });
+    }
+    let cmd = cmd.clone();
+    Ok((json, cmd))
+}
+
+/// The `"token"` member, if any (a string).
+fn token_of(json: &Json) -> Result<Option<&str>, RequestError> {
+    match json.field("token") {
+        None => Ok(None),
+        Some(Json::Str(token)) => Ok(Some(token)),
+        Some(other) => Err(RequestError::WrongType { field: "token", expected: TOKEN_FORM, found: other.kind() }),
+    }
+}
+
+/// The request's arguments, once the command is allowed.
+fn parse_args(json: &Json, cmd: &str) -> Result<Request, RequestError> {
+    Ok(match cmd {
         "status" => Request::Status,
         "stats" => Request::Stats,
         "tunables" => Request::Tunables,
         "checkpoint" => Request::Checkpoint,
         "failover" => Request::Failover,
         "shutdown" => Request::Shutdown,
-        "set" => parse_set(&json)?,
+        "auth" => Request::Auth,
+        "set" => parse_set(json)?,
         other => return Err(RequestError::UnknownCommand { cmd: truncate(other, 64) }),
     })
 }
@@ -599,12 +640,45 @@ pub struct Context<'a> {
     pub replication_running: bool,
     /// The registry (requests counted here; `set` changes its tunables).
     pub stats: &'a mut HypervisorStats,
+    /// Who asks, and the token check.
+    pub access: Access<'a>,
+}
+
+/// The token check for one request: the host's gate, the peer's address, and whether its
+/// connection passed `auth` earlier.
+#[derive(Debug)]
+pub struct Access<'a> {
+    /// The host's token and rate limiter.
+    pub gate: &'a mut Gate,
+    /// The peer's IPv4 address (the rate limiter's key).
+    pub peer: Ipv4Addr,
+    /// Whether this connection passed `auth` (set by a successful `auth`, cleared by a failed one).
+    pub authenticated: &'a mut bool,
 }
 
 /// Answers one request line. Never panics, whatever the bytes.
 pub fn handle(line: &[u8], ctx: &mut Context<'_>) -> Reply {
     ctx.stats.mgmt.requests += 1;
-    match parse_request(line) {
+    let request = parse_command(line).and_then(|(json, cmd)| {
+        let token = token_of(&json)?;
+        if MUTATING.contains(&cmd.as_str()) || ctx.access.gate.reads_need_token() {
+            let auth = cmd == "auth";
+            if auth {
+                // A failed `auth` leaves the connection unauthenticated.
+                *ctx.access.authenticated = false;
+            }
+            let check = ctx.access.gate.check(
+                ctx.access.peer,
+                ctx.uptime_ms,
+                token.map(str::as_bytes),
+                *ctx.access.authenticated,
+            );
+            ctx.stats.mgmt.auth.record(&check);
+            check.map_err(RequestError::Denied)?;
+        }
+        parse_args(&json, &cmd)
+    });
+    match request {
         Ok(request) => answer(request, ctx),
         Err(err) => {
             ctx.stats.mgmt.request_errors += 1;
@@ -619,6 +693,9 @@ pub fn handle(line: &[u8], ctx: &mut Context<'_>) -> Reply {
 pub fn error_reply(err: &RequestError) -> String {
     let mut o = Obj::new();
     o.bool("ok", false).str("error", err.code()).str("detail", &err.to_string());
+    if let RequestError::Denied(Denied::RateLimited { retry_after_ms }) = err {
+        o.num("retry_after_ms", *retry_after_ms);
+    }
     o.finish()
 }
 
@@ -639,6 +716,10 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
             }
             o.raw("guests", &guests.finish());
             o.raw("heap", &heap_json(&ctx.stats.heap));
+            let mut access = Obj::new();
+            access.bool("token_configured", ctx.access.gate.has_token());
+            access.str("open", if ctx.access.gate.reads_need_token() { "none" } else { "read" });
+            o.raw("access", &access.finish());
         }
         Request::Stats => {
             o.bool("ok", true).str("cmd", "stats").num("uptime_ms", ctx.uptime_ms);
@@ -666,6 +747,11 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
                 }
                 mgmt.raw(server, &c.finish());
             }
+            let mut auth = Obj::new();
+            for (name, value) in m.auth.named() {
+                auth.num(name, value);
+            }
+            mgmt.raw("auth", &auth.finish());
             o.raw("mgmt", &mgmt.finish());
             o.raw("heap", &heap_json(&ctx.stats.heap));
         }
@@ -695,6 +781,10 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
         Request::Shutdown => {
             o.bool("ok", true).str("cmd", "shutdown").str("detail", "the hypervisor is shutting down");
             action = Action::Shutdown;
+        }
+        Request::Auth => {
+            *ctx.access.authenticated = true;
+            o.bool("ok", true).str("cmd", "auth").bool("authenticated", true);
         }
     }
     Reply { text: o.finish(), action }
@@ -853,8 +943,142 @@ mod tests {
     use super::*;
     use crate::stats::GuestState;
 
+    const TOKEN: &str = "test-token-0123456789abcdef";
+    const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
+
+    fn gate(open: crate::config::MgmtOpen) -> Gate {
+        Gate::new(Some(crate::net::auth::MgmtToken::from_module(TOKEN.as_bytes()).unwrap()), open)
+    }
+
+    /// A context on a connection that already passed `auth` (the tests of the commands
+    /// themselves); the token tests below build their own.
     fn ctx(stats: &mut HypervisorStats) -> Context<'_> {
-        Context { role: "standalone", uptime_ms: 1234, replication_running: false, stats }
+        let access = Access {
+            gate: alloc::boxed::Box::leak(alloc::boxed::Box::new(gate(crate::config::MgmtOpen::Read))),
+            peer: PEER,
+            authenticated: alloc::boxed::Box::leak(alloc::boxed::Box::new(true)),
+        };
+        Context { role: "standalone", uptime_ms: 1234, replication_running: false, stats, access }
+    }
+
+    /// One request from `peer` at `now` through `gate` on a connection with `authenticated`.
+    fn ask(
+        line: &str,
+        stats: &mut HypervisorStats,
+        gate: &mut Gate,
+        authenticated: &mut bool,
+        peer: Ipv4Addr,
+        now: u64,
+    ) -> (Json, Action) {
+        let access = Access { gate, peer, authenticated };
+        let mut ctx = Context { role: "standalone", uptime_ms: now, replication_running: false, stats, access };
+        let r = handle(line.as_bytes(), &mut ctx);
+        (parse_json(r.text.as_bytes()).unwrap(), r.action)
+    }
+
+    #[test]
+    fn mutating_commands_need_the_token_and_change_nothing_without_it() {
+        let mut stats = HypervisorStats::new();
+        let mut g = gate(crate::config::MgmtOpen::Read);
+        let mut authed = false;
+        for (i, line) in [
+            r#"{"cmd":"set","key":"heartbeat_ms","value":50}"#,
+            r#"{"cmd":"shutdown","token":"test-token-0123456789abcdeX"}"#,
+            r#"{"cmd":"checkpoint","token":""}"#,
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (j, action) = ask(line, &mut stats, &mut g, &mut authed, PEER, i as u64);
+            assert_eq!((s(&j, "ok"), s(&j, "error")), ("false".into(), "unauthorized".into()), "{line}");
+            assert_eq!(action, Action::Continue, "{line}");
+            assert!(!s(&j, "detail").contains("test-token"), "the token is never echoed: {j:?}");
+        }
+        assert_eq!(stats.tunables.heartbeat_ms, 100);
+        // A token that is not a string is a bad request (and no token check).
+        let (j, _) = ask(r#"{"cmd":"shutdown","token":7}"#, &mut stats, &mut g, &mut authed, PEER, 5);
+        assert_eq!(s(&j, "error"), "bad_request");
+        // Arguments are looked at only after the token: an unauthorized `set` learns nothing.
+        let (j, _) = ask(r#"{"cmd":"set","key":"colour"}"#, &mut stats, &mut g, &mut authed, PEER, 6);
+        assert_eq!(s(&j, "error"), "unauthorized");
+        assert_eq!(stats.mgmt.auth.unauthorized, 4);
+        // Reads stay open with mgmt_open=read.
+        let (j, _) = ask(r#"{"cmd":"tunables"}"#, &mut stats, &mut g, &mut authed, PEER, 7);
+        assert_eq!(s(&j, "ok"), "true");
+        // The right token from another source works (PEER is blocked by now).
+        let other = Ipv4Addr::new(10, 0, 0, 10);
+        let line = r#"{"cmd":"set","key":"heartbeat_ms","value":50,"token":"test-token-0123456789abcdef"}"#;
+        let (j, _) = ask(line, &mut stats, &mut g, &mut authed, other, 8);
+        assert_eq!(s(&j, "ok"), "true", "{j:?}");
+        assert_eq!(stats.tunables.heartbeat_ms, 50);
+        let shutdown = r#"{"cmd":"shutdown","token":"test-token-0123456789abcdef"}"#;
+        let (j, action) = ask(shutdown, &mut stats, &mut g, &mut authed, other, 9);
+        assert_eq!((s(&j, "ok"), action), ("true".into(), Action::Shutdown), "{j:?}");
+        assert_eq!(stats.mgmt.auth.authorized, 2);
+        let (j, _) = ask(r#"{"cmd":"stats"}"#, &mut stats, &mut g, &mut authed, other, 10);
+        let auth = j.field("mgmt").and_then(|m| m.field("auth")).expect("auth counters in stats");
+        assert_eq!((s(auth, "unauthorized"), s(auth, "authorized")), ("4".into(), "2".into()));
+    }
+
+    #[test]
+    fn repeated_bad_tokens_are_rate_limited_per_source() {
+        let mut stats = HypervisorStats::new();
+        let mut g = gate(crate::config::MgmtOpen::Read);
+        let mut authed = false;
+        let bad = r#"{"cmd":"shutdown","token":"not-the-token-at-all"}"#;
+        let good = r#"{"cmd":"shutdown","token":"test-token-0123456789abcdef"}"#;
+        for t in 0..4 {
+            let (j, _) = ask(bad, &mut stats, &mut g, &mut authed, PEER, t);
+            assert_eq!(s(&j, "error"), "unauthorized");
+        }
+        let (j, action) = ask(good, &mut stats, &mut g, &mut authed, PEER, 10);
+        assert_eq!((s(&j, "error"), action), ("rate_limited".into(), Action::Continue));
+        assert_eq!(s(&j, "retry_after_ms"), "993");
+        assert_eq!(stats.mgmt.auth.rate_limited, 1);
+        let (_, action) = ask(good, &mut stats, &mut g, &mut authed, Ipv4Addr::new(10, 0, 0, 77), 10);
+        assert_eq!(action, Action::Shutdown, "another source is served");
+        let (_, action) = ask(good, &mut stats, &mut g, &mut authed, PEER, 1003);
+        assert_eq!(action, Action::Shutdown, "served again once the block is over");
+    }
+
+    #[test]
+    fn auth_marks_the_connection_and_a_failed_auth_clears_it() {
+        let mut stats = HypervisorStats::new();
+        let mut g = gate(crate::config::MgmtOpen::None);
+        let mut authed = false;
+        let (j, _) = ask(r#"{"cmd":"status"}"#, &mut stats, &mut g, &mut authed, PEER, 0);
+        assert_eq!(s(&j, "error"), "unauthorized", "mgmt_open=none closes reads");
+        let (j, _) =
+            ask(r#"{"cmd":"auth","token":"test-token-0123456789abcdef"}"#, &mut stats, &mut g, &mut authed, PEER, 1);
+        assert_eq!((s(&j, "ok"), s(&j, "authenticated")), ("true".into(), "true".into()));
+        assert!(authed);
+        let (j, _) = ask(r#"{"cmd":"status"}"#, &mut stats, &mut g, &mut authed, PEER, 2);
+        assert_eq!(s(&j, "ok"), "true");
+        let access = j.field("access").unwrap();
+        assert_eq!((s(access, "token_configured"), s(access, "open")), ("true".into(), "none".into()));
+        let (j, _) = ask(r#"{"cmd":"set","key":"checkpoint_ms","value":20}"#, &mut stats, &mut g, &mut authed, PEER, 3);
+        assert_eq!(s(&j, "ok"), "true");
+        let (j, _) =
+            ask(r#"{"cmd":"auth","token":"wrong-wrong-wrong-wrong"}"#, &mut stats, &mut g, &mut authed, PEER, 4);
+        assert_eq!(s(&j, "error"), "unauthorized");
+        assert!(!authed);
+        let (j, _) = ask(r#"{"cmd":"stats"}"#, &mut stats, &mut g, &mut authed, PEER, 5);
+        assert_eq!(s(&j, "error"), "unauthorized");
+    }
+
+    #[test]
+    fn without_a_token_module_mutating_commands_are_refused() {
+        let mut stats = HypervisorStats::new();
+        let mut g = Gate::new(None, crate::config::MgmtOpen::Read);
+        let mut authed = false;
+        let (j, action) =
+            ask(r#"{"cmd":"shutdown","token":"anything-anything"}"#, &mut stats, &mut g, &mut authed, PEER, 0);
+        assert_eq!((s(&j, "error"), action), ("no_token_configured".into(), Action::Continue));
+        assert!(s(&j, "detail").contains("mgmt-token"), "{j:?}");
+        let (j, _) = ask(r#"{"cmd":"status"}"#, &mut stats, &mut g, &mut authed, PEER, 1);
+        assert_eq!(s(&j, "ok"), "true");
+        assert_eq!(s(j.field("access").unwrap(), "token_configured"), "false");
+        assert_eq!(stats.mgmt.auth.no_token_configured, 1);
     }
 
     fn reply(line: &str, stats: &mut HypervisorStats) -> (Json, Action) {

@@ -1,7 +1,8 @@
 //! Host networking: the e1000 driver, the hypervisor's own smoltcp endpoint on the management
 //! address, the JSON management API and the Prometheus metrics page.
 //!
-//! Pure, host-tested submodules: [`classify`] (what each received frame is), [`mgmt`] (request parsing and replies) and [`metrics`] (the
+//! Pure, host-tested submodules: [`classify`] (what each received frame is), [`auth`] (the
+//! management token, rate limiter and access check), [`mgmt`] (request parsing and replies) and [`metrics`] (the
 //! exposition format and the HTTP request head). Bare-metal submodules: [`e1000`] (the NIC) and
 //! [`iface`] (smoltcp `Device`, `Interface`, the TCP servers, and the guest forwarding hook).
 //!
@@ -14,6 +15,7 @@
 //! - [`set_guest_hook`]: install the one place frames for guest MACs go ([`GuestForward`]);
 //!   [`send_from_guest`] sends a guest's frame out of the NIC with the `client` role.
 
+pub mod auth;
 pub mod classify;
 pub mod metrics;
 pub mod mgmt;

@@ -97,12 +97,24 @@ pub fn check_name(name: &str) -> Result<(), WitnessError> {
 }
 
 /// One host's etcd client: its identity and the witness's address (for the `Host` header).
-#[derive(Clone, Debug)]
+/// `Debug` never shows the etcd auth token.
+#[derive(Clone)]
 pub struct EtcdClient {
     authority: String,
     cluster: String,
     host_id: String,
     token: Option<String>,
+}
+
+impl fmt::Debug for EtcdClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdClient")
+            .field("authority", &self.authority)
+            .field("cluster", &self.cluster)
+            .field("host_id", &self.host_id)
+            .field("token", &self.token.as_ref().map(|_| "<not shown>"))
+            .finish()
+    }
 }
 
 impl EtcdClient {

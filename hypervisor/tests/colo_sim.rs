@@ -1690,7 +1690,7 @@ impl World {
             let pending: usize = self.produced.values().map(|q| q.len()).sum();
             let s = self.nodes[0].status();
             return Err(format!(
-                "stall: {} ms after the faults stopped, {pending} PVM frames unreleased, replies {:?}/{:?}; primary link {:?} epoch {} committed {}; secondary committed {}",
+                "stall: {} ms after the faults stopped, {pending} PVM frames unreleased, replies {:?}/{:?}; primary link {:?} epoch {} committed {}; secondary committed {}; clients (state, start, sent, acked, out, rcv_next - isn) {:?}; isn diverges {}",
                 self.p.drain,
                 self.clients.iter().map(|c| c.received.iter().filter(|&&b| b == b'\n').count()).collect::<Vec<_>>(),
                 self.clients.iter().map(|c| c.requests.len()).collect::<Vec<_>>(),
@@ -1698,6 +1698,11 @@ impl World {
                 s.epoch,
                 s.committed,
                 self.nodes[1].committed(),
+                self.clients
+                    .iter()
+                    .map(|c| (c.state, c.start, c.sent, c.acked, c.out.len(), c.rcv_next.wrapping_sub(c.server_isn)))
+                    .collect::<Vec<_>>(),
+                self.p.isn_diverges,
             ));
         }
         for c in &self.clients {

@@ -76,6 +76,7 @@ use super::checkpoint::{CheckpointDecoder, Feed, PageStaging, StagedCheckpoint, 
 use super::comparator::{CaptureMark, CheckpointRequest, ComparatorLimits, ComparatorStats, OutputComparator};
 use super::failover::{self as fo, FailoverConfig, FailoverMachine, Verdict};
 use super::link::{LinkDecoder, LinkRole, NackReason, Repr, StateKind, MAX_CHUNK, MAX_DISK_WRITE, MAX_FRAME};
+use super::packet::{FlowAddr, FlowKey, FlowProto};
 use super::rewriter::{ChecksumFix, SequenceRewriter};
 
 pub use super::time::Tick;
@@ -870,6 +871,9 @@ struct Secondary<D: BlockBackend> {
     /// SVM output of the current epoch (rewritten), released at once if this host takes over.
     unconfirmed: VecDeque<Vec<u8>>,
     unconfirmed_bytes: usize,
+    /// The primary's client-edge translation (a promoted host's clients speak an older PVM's
+    /// numbers), inherited with the full sync and applied if this host takes over.
+    inherited: Vec<(FlowKey, u32)>,
 }
 
 /// A checkpoint being received.
@@ -1049,6 +1053,7 @@ impl<D: BlockBackend> ColoNode<D> {
                     sync_failed: false,
                     unconfirmed: VecDeque::new(),
                     unconfirmed_bytes: 0,
+                    inherited: Vec::new(),
                 });
                 node.actions.push_back(Action::PauseVm(PauseReason::NotSynced));
             }
@@ -1333,6 +1338,70 @@ impl<D: BlockBackend> ColoNode<D> {
     }
 }
 
+/// `Repr::Failover` code: the primary's client-edge sequence translation, sent with a full sync.
+const FAILOVER_EDGE_DELTAS: u16 = 1;
+/// Bytes of one encoded entry at most (IPv6).
+const EDGE_ENTRY_MAX: usize = 1 + 32 + 4 + 4;
+
+/// Entries: version (4 or 6), source and destination address, source and destination port,
+/// delta; TCP flows only, as many as fit in one link message.
+fn encode_edge(deltas: impl Iterator<Item = (FlowKey, u32)>, out: &mut Vec<u8>) {
+    for (k, d) in deltas {
+        if out.len() + EDGE_ENTRY_MAX > MAX_CHUNK || k.proto != FlowProto::Tcp {
+            continue;
+        }
+        match (k.src, k.dst) {
+            (FlowAddr::V4(a), FlowAddr::V4(b)) => {
+                out.push(4);
+                out.extend_from_slice(&a);
+                out.extend_from_slice(&b);
+            }
+            (FlowAddr::V6(a), FlowAddr::V6(b)) => {
+                out.push(6);
+                out.extend_from_slice(&a);
+                out.extend_from_slice(&b);
+            }
+            _ => continue,
+        }
+        out.extend_from_slice(&k.src_port.to_le_bytes());
+        out.extend_from_slice(&k.dst_port.to_le_bytes());
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+}
+
+fn decode_edge(mut body: &[u8]) -> Option<Vec<(FlowKey, u32)>> {
+    let mut v = Vec::new();
+    while let Some((&ver, rest)) = body.split_first() {
+        let alen = match ver {
+            4 => 4,
+            6 => 16,
+            _ => return None,
+        };
+        if rest.len() < 2 * alen + 8 {
+            return None;
+        }
+        let addr = |b: &[u8]| {
+            if alen == 4 {
+                FlowAddr::V4(b.try_into().unwrap_or([0; 4]))
+            } else {
+                FlowAddr::V6(b.try_into().unwrap_or([0; 16]))
+            }
+        };
+        let (src, dst) = (addr(&rest[..alen]), addr(&rest[alen..2 * alen]));
+        let t = &rest[2 * alen..];
+        let key = FlowKey {
+            proto: FlowProto::Tcp,
+            src,
+            dst,
+            src_port: u16::from_le_bytes([t[0], t[1]]),
+            dst_port: u16::from_le_bytes([t[2], t[3]]),
+        };
+        v.push((key, u32::from_le_bytes([t[4], t[5], t[6], t[7]])));
+        body = &t[8..];
+    }
+    Some(v)
+}
+
 fn fo_config(c: &NodeConfig) -> FailoverConfig {
     FailoverConfig {
         heartbeat_interval: c.heartbeat_ms.max(1),
@@ -1380,6 +1449,10 @@ impl<D: BlockBackend> ColoNode<D> {
             },
             _ => return,
         };
+        if let Some(s) = &mut self.secondary {
+            // Sent again with every full sync by a primary that has one.
+            s.inherited.clear();
+        }
         if self.secondary.as_ref().is_some_and(|s| s.applying.is_some()) {
             c.hello_deferred = true;
         } else {
@@ -1500,6 +1573,17 @@ impl<D: BlockBackend> ColoNode<D> {
             }
             _ if !hello_received => self.protocol_error(now, "message before hello"),
             Repr::Heartbeat { generation, .. } => self.peer_heard(now, generation),
+            Repr::Failover { code: FAILOVER_EDGE_DELTAS, body } if self.secondary.is_some() => {
+                self.stats.failover_messages += 1;
+                match decode_edge(body) {
+                    Some(v) => {
+                        if let Some(s) = &mut self.secondary {
+                            s.inherited = v;
+                        }
+                    }
+                    None => self.protocol_error(now, "malformed client-edge translation"),
+                }
+            }
             Repr::Failover { .. } => self.stats.failover_messages += 1,
             m if self.primary.is_some() => self.primary_message(now, m),
             m => self.secondary_message(now, m),
@@ -1824,6 +1908,20 @@ impl<D: BlockBackend> ColoNode<D> {
         };
         self.promoted_disk = disk;
         s.rewriter.promote();
+        // Clients of connections an earlier primary opened speak its numbers: compose the
+        // inherited client-edge translation with this SVM's own.
+        let mut edge = SequenceRewriter::new(ChecksumFix::Incremental);
+        for &(k, d) in &s.inherited {
+            let own = s.rewriter.delta(&k).unwrap_or(0);
+            s.rewriter.set_delta(k, own.wrapping_add(d));
+            edge.set_delta(k, d);
+        }
+        edge.promote();
+        if self.config.rewrite_seq && !s.inherited.is_empty() {
+            for f in s.unconfirmed.iter_mut() {
+                edge.rewrite_svm_output(f);
+            }
+        }
         let limits =
             ComparatorLimits { held_frame_timeout: self.config.compare_timeout_ms, periodic_ticks: 0, ..self.config.comparator };
         self.primary = Some(Primary {
@@ -2082,6 +2180,11 @@ impl<D: BlockBackend> ColoNode<D> {
             }
             (Capture::Full(source), true) => {
                 p.ckpt = Ckpt::Syncing { epoch, source, digest, since: now, begun: false };
+                if let (Some(r), Some(c)) = (&p.rewriter, &mut self.conn) {
+                    let mut body = Vec::new();
+                    encode_edge(r.deltas(), &mut body);
+                    c.queue(&Repr::Failover { code: FAILOVER_EDGE_DELTAS, body: &body }, now);
+                }
             }
             _ => self.abort_checkpoint(),
         }

@@ -1584,7 +1584,11 @@ impl World {
             && self.nodes[1].fenced().is_none()
             && self.nodes[1].failover_role() == FoRole::Secondary
             && self.rng.chance(chance)
+            && self.nodes[0].failover_role() == FoRole::Primary
+            && self.nodes[0].status().witness.pending.is_none()
         {
+            // One failure at a time: a primary that has claimed the next generation (and may
+            // own it) or serves unprotected leaves no secondary able to take over.
             self.crash_primary()?;
         }
         // The operator (`witness=none`): the primary is seen dead, the secondary takes over.

@@ -1742,7 +1742,10 @@ impl<D: BlockBackend> ColoNode<D> {
                     // operator, and the peer is back.
                     self.reset_machine(now, fo::Role::Primary, own);
                 }
-                self.peer_heard(now, g);
+                // A hello is as good as a heartbeat, even from a joiner that has no generation
+                // yet (otherwise a primary booted with its secondary could claim before the
+                // joiner's first heartbeat: simulation seeds 502, 693).
+                self.peer_heard(now, own);
                 true
             }
             NodeRole::Secondary => {
@@ -3650,5 +3653,27 @@ mod tests {
         pair.advance(200);
         assert!(pair.claims[0].is_empty() && pair.claims[1].is_empty(), "{:?}", pair.claims);
         assert_eq!(pair.s.status().failover_role, fo::Role::Secondary);
+    }
+
+    #[test]
+    fn a_hello_counts_as_hearing_the_peer() {
+        let mut c = config(NodeRole::Primary);
+        fo_cfg(&mut c);
+        let mut p = ColoNode::primary(c, Tick(0));
+        p.handle(Tick(25), Event::LinkConnected);
+        let mut hello = Vec::new();
+        Repr::Hello { role: LinkRole::Secondary, host_id: 2, generation: 0, guest_id: 7, epoch: 0 }
+            .emit_to_vec(&mut hello)
+            .unwrap();
+        p.handle(Tick(25), Event::LinkBytes(&hello));
+        // heartbeat_ms * miss_limit = 30: without the hello the claim would go at 30.
+        for t in 26..=54 {
+            p.handle_timeout(Tick(t));
+        }
+        let acts: Vec<Action> = core::iter::from_fn(|| p.poll_action()).collect();
+        let claimed = acts.iter().any(|a| matches!(a, Action::ClaimGeneration { .. }));
+
+        assert!(!claimed, "claimed although the joiner said hello at 25: {acts:?}");
+        assert_eq!(p.status().peer, PeerState::Alive);
     }
 }

@@ -64,6 +64,59 @@
 //! and loads it. Anything lost with the previous connection (mirrored input, disk writes, a
 //! checkpoint stream) is thereby covered. During the full sync the PVM stays paused (the
 //! driver's [`FullSyncSource`] may read the live, paused guest instead of copying it).
+//!
+//! # Failover
+//! The role rules live in [`FailoverMachine`] (`colo::failover`); the node owns one, feeds it
+//! heartbeats (every [`Repr::Heartbeat`] and hello carries the sender's generation) and time,
+//! and carries out its decisions:
+//! - **Peer loss**: nothing heard for `heartbeat_ms * miss_limit` (a dead peer or a dead link;
+//!   a TCP close alone is not a loss, a reconnect within the window goes on as before). The
+//!   host then claims generation `g + 1`: with [`WitnessMode::External`] as
+//!   [`Action::ClaimGeneration`], answered by [`Event::ClaimResult`]; an error or no answer is
+//!   never a grant and the claim is sent again every `witness_retry_ms` until the witness
+//!   answers. With [`WitnessMode::None`] nothing is sent: only [`NodeCommand::Failover`] acts
+//!   (the operator is the arbiter), and a peer that comes back ends the wait.
+//! - **Secondary granted** (promotion): see [`Action::Promote`]. A checkpoint being applied is
+//!   finished (or rolled back) first; a partial one is dropped. The SVM output of the current
+//!   epoch (kept since the last apply, at most `max_unconfirmed_bytes`, beyond which the SVM
+//!   pauses) is released at once: clients drop what they already have. PVM disk writes of
+//!   uncommitted epochs are dropped and the SVM overlay is merged. The client edge keeps the
+//!   rewriter: client frames are translated to the guest's numbers, released frames back.
+//! - **Primary granted** (secondary loss): held output is released and from then on output
+//!   leaves uncompared ([`NodeStatus::protected`] false) until a new secondary's full sync is
+//!   captured: from that capture point output is held again, before the joiner can become a
+//!   secondary able to claim.
+//! - **Denied, or a newer generation heard** (split brain lost): [`Action::Fence`]. The node
+//!   emits nothing afterwards.
+//! - **Witness down**: nobody takes over; the protected primary holds its output (clients
+//!   wait) and the secondary keeps shadowing, until the witness answers or the link returns.
+//!   A secondary with a claim out takes no connection (a full sync would throw away the SVM
+//!   that may have won); a claim that a primary's hello shows lost is dropped.
+//! - **Re-protection**: a host started as secondary (`ColoNode::secondary`, fresh or the old
+//!   primary rebooted) joins by itself: hello, full sync, COLO. A promoted primary sends its
+//!   client-edge translation with the sync (`Repr::Failover` code 1), so the new secondary can
+//!   take those connections over in turn.
+//!
+//! Driver, per new action and event:
+//! - [`Action::ClaimGeneration`]: run the etcd claim for that generation (one `/v3/kv/txn`),
+//!   then feed [`Event::ClaimResult`] with the same generation: etcd `Granted` as
+//!   [`ClaimOutcome::Granted`], `Denied { holder }` as [`ClaimOutcome::Denied`] (the holder
+//!   string parsed as a host id, `u64::MAX` if it is not one), a connection failure or timeout
+//!   as `Unreachable`, any `WitnessError` as `Error`. Never answer twice for one action; a late
+//!   answer is ignored. Do not retry on your own (the node asks again).
+//! - [`Action::Promote`]: this host serves now: route client frames for the guest's MAC to
+//!   `Event::ClientFrame`, send `ReleaseToClients` frames on the client NIC, switch the
+//!   replication socket to the primary's side (connect to the peer address and keep
+//!   reconnecting). The node still owns the disk. Expect `ReleaseToClients`,
+//!   `AnnounceService` and `ResumeVm` right after it, in the same drain.
+//! - [`Action::AnnounceService`]: send a gratuitous ARP (request, sender and target IP the
+//!   guest's, sender MAC the guest's) on the client NIC.
+//! - [`Action::Fence`]: stop the VM for good, drop every frame from the guest's MAC, close the
+//!   replication link; report [`NodeStatus::fenced`]. Restart the host (as a secondary) to
+//!   rejoin.
+//! - [`NodeCommand::Failover`]: from `ctl failover`.
+//! - A promoted host's full-sync capture ([`CaptureKind::Full`]) reads the disk through
+//!   [`ColoNode::disk`].
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -169,7 +222,7 @@ pub enum ClaimOutcome {
     Granted,
     /// Another host owns it.
     Denied {
-        /// The owner's host id, as the witness holds it.
+        /// The owner's host id, as the witness holds it (`u64::MAX` when not a number).
         holder: u64,
     },
     /// No answer (connection refused, timeout).
@@ -1765,9 +1818,7 @@ impl<D: BlockBackend> ColoNode<D> {
                         return false;
                     }
                     Some(_) => self.reset_machine(now, fo::Role::Secondary, own),
-                    None if role == fo::Role::Secondary && g > own => {
-                        self.reset_machine(now, fo::Role::Joining, g)
-                    }
+                    None if role == fo::Role::Secondary && g > own => self.reset_machine(now, fo::Role::Joining, g),
                     None => {}
                 }
                 self.hello_generation = g;
@@ -1842,8 +1893,7 @@ impl<D: BlockBackend> ColoNode<D> {
 
     /// Another host owns the service: stop the VM and every output for good.
     fn fence(&mut self, now: Tick) {
-        let reason =
-            self.fence_why.take().unwrap_or(FenceReason::NewerGeneration { generation: self.fm.generation() });
+        let reason = self.fence_why.take().unwrap_or(FenceReason::NewerGeneration { generation: self.fm.generation() });
         let _ = now;
         self.fenced = Some(reason);
         self.witness.pending = None;
@@ -1925,8 +1975,11 @@ impl<D: BlockBackend> ColoNode<D> {
                 edge.rewrite_svm_output(f);
             }
         }
-        let limits =
-            ComparatorLimits { held_frame_timeout: self.config.compare_timeout_ms, periodic_ticks: 0, ..self.config.comparator };
+        let limits = ComparatorLimits {
+            held_frame_timeout: self.config.compare_timeout_ms,
+            periodic_ticks: 0,
+            ..self.config.comparator
+        };
         self.primary = Some(Primary {
             comparator: OutputComparator::new(limits),
             ckpt: Ckpt::Idle,

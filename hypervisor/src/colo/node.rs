@@ -3090,23 +3090,23 @@ mod tests {
                             Capture::Checkpoint(Box::new(empty_checkpoint(epoch, self.p.config().stream_limits)))
                         }
                     };
-                    self.p.handle(now, Event::CaptureDone { epoch, capture, digest: None, pause_us: 1, pages: 0 });
+                    self.node(h).handle(now, Event::CaptureDone { epoch, capture, digest: None, pause_us: 1, pages: 0 });
                 }
-                Action::ApplyCheckpoint(c) => self.applied_done(c.epoch()),
-                Action::FinishFullSync { epoch } => self.applied_done(epoch),
+                Action::ApplyCheckpoint(c) => self.applied_done(h, c.epoch()),
+                Action::FinishFullSync { epoch } => self.applied_done(h, epoch),
                 Action::CloseLink => self.closes += 1,
                 Action::PauseVm(r) => self.pauses.push(r),
                 _ => {}
             }
         }
 
-        fn applied_done(&mut self, epoch: u64) {
+        fn applied_done(&mut self, h: usize, epoch: u64) {
             self.applied.push(epoch);
             if self.hold_apply {
                 self.held_apply = Some(epoch);
             } else {
                 let now = self.now;
-                self.s.handle(now, Event::ApplyDone { epoch, result: Ok(None), apply_us: 1 });
+                self.node(h).handle(now, Event::ApplyDone { epoch, result: Ok(None), apply_us: 1 });
             }
         }
 
@@ -3728,5 +3728,67 @@ mod tests {
 
         assert!(!claimed, "claimed although the joiner said hello at 25: {acts:?}");
         assert_eq!(p.status().peer, PeerState::Alive);
+    }
+
+    fn tcp_out(seq: u32, payload: &[u8]) -> Vec<u8> {
+        let repr = frames::tcp_repr((80, 40000), seq, Some(1), smoltcp::wire::TcpControl::Psh, 8192, payload);
+        frames::tcp_v4(Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2), &repr)
+    }
+
+    fn seq_of(frame: &[u8]) -> u32 {
+        crate::colo::packet::parse_frame(frame).tcp().unwrap().seq
+    }
+
+    /// Simulation seed 266: after a failover, a rejoin and a second failover, clients of a
+    /// connection opened before the first failover (whose SVM picked another ISN) got the
+    /// guest's own sequence numbers: the second promoted host did not know the translation
+    /// the first one applied at its client edge. It now comes with the full sync.
+    #[test]
+    fn a_second_promotion_keeps_the_first_ones_client_edge_translation() {
+        let mut pair = fo_pair();
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(pair.promotes[1], 1);
+        // The promoted host translates this connection by 1000 at its client edge.
+        let key = crate::colo::packet::parse_frame(&tcp_out(5, b"x")).flow;
+        pair.s.primary.as_mut().unwrap().rewriter.as_mut().unwrap().set_delta(key, 1000);
+        pair.feed(1, Event::GuestOutput(&tcp_out(5, b"a")));
+        assert_eq!(seq_of(pair.released.last().unwrap()), 1005);
+        // The old primary's host comes back as a new secondary of the promoted host.
+        let mut c = config(NodeRole::Secondary);
+        fo_cfg(&mut c);
+        c.host_id = 3;
+        pair.p = ColoNode::secondary(c, MemDisk::new(8), pair.now);
+        pair.fences = [0, 0];
+        pair.claims = [Vec::new(), Vec::new()];
+        pair.run();
+        pair.connect();
+        assert_eq!(pair.p.status().failover_role, fo::Role::Secondary, "the new secondary did not sync");
+        assert_eq!(pair.p.secondary.as_ref().unwrap().inherited, vec![(key, 1000)]);
+        // Its SVM (same guest numbers as the promoted one) produces output; then the promoted
+        // host dies and the new secondary takes over.
+        pair.feed(0, Event::GuestOutput(&tcp_out(6, b"b")));
+        cut_and_wait_for_claims(&mut pair, &[0]);
+        assert_eq!(pair.claims[0], vec![3]);
+        let n = pair.released.len();
+        pair.feed(0, Event::ClaimResult { generation: 3, outcome: ClaimOutcome::Granted });
+        assert_eq!(pair.promotes[0], 1);
+        let flushed = &pair.released[n..];
+        assert_eq!(flushed.len(), 1, "{flushed:?}");
+        assert_eq!(seq_of(&flushed[0]), 1006, "the unconfirmed frame kept the clients' numbers");
+        pair.feed(0, Event::GuestOutput(&tcp_out(7, b"c")));
+        assert_eq!(seq_of(pair.released.last().unwrap()), 1007, "its output keeps the clients' numbers");
+    }
+
+    #[test]
+    fn the_client_edge_translation_round_trips_and_bad_bodies_are_refused() {
+        let k4 = crate::colo::packet::parse_frame(&tcp_out(5, b"x")).flow;
+        let k6 = FlowKey { src: FlowAddr::V6([1; 16]), dst: FlowAddr::V6([2; 16]), ..k4 };
+        let mut body = Vec::new();
+        encode_edge([(k4, 7), (k6, u32::MAX)].into_iter(), &mut body);
+        assert_eq!(decode_edge(&body), Some(vec![(k4, 7), (k6, u32::MAX)]));
+        assert_eq!(decode_edge(&body[..body.len() - 1]), None, "a truncated entry");
+        assert_eq!(decode_edge(&[5]), None, "an unknown address family");
+        assert_eq!(decode_edge(&[]), Some(vec![]));
     }
 }

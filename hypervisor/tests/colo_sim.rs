@@ -27,7 +27,19 @@
 //! - after each applied checkpoint, the SVM's memory, vCPU and disk equal the PVM's at the
 //!   capture point (and `checkpoint_verify` agrees);
 //! - no stall: after the faults stop, every request is answered within a bounded time;
-//! - the same seed gives the same trace hash.
+//! - the same seed gives the same trace hash;
+//! - failover (issue 12): at most one host releases output without its peer in each
+//!   generation, and never in a generation the witness gave another host; every byte a client
+//!   receives again (a retransmission, a promoted SVM's unconfirmed output) equals what it
+//!   already has at that offset, so what clients received is a prefix of what the survivor
+//!   continues from (gaps are allowed only after a takeover, and the guest's retransmission
+//!   fills them).
+//!
+//! Failures injected since issue 12: the primary dies (five times likelier while a checkpoint
+//! streams), link cuts with both hosts alive, a fake witness (compare-and-set per generation;
+//! down, slow, or deciding a claim and losing the reply), `witness=none` histories where the
+//! simulation is the operator, and dead or fenced hosts come back as new secondaries. Slot 0 is
+//! always the serving host: a promotion swaps the slots.
 //!
 //! Environment: `COLO_SIM_SEEDS` (histories, default 1000), `COLO_SIM_SEED` (run only this one,
 //! verbose), `COLO_SIM_FIRST` (first seed of the range, default 1).
@@ -1969,6 +1981,16 @@ fn same_seed_same_trace() {
 ///   point arrived after `FullSyncBegin` (which overtakes queued messages on the bulk lane) and
 ///   was taken for a protocol error; it is covered by the sync's disk copy.
 ///
+/// - 266 (failover): after a failover, a rejoin and a second failover, clients of a connection
+///   opened before the first one (diverging ISNs) got the guest's own sequence numbers: the new
+///   secondary never learned the first promoted host's client-edge translation. It now comes
+///   with the full sync (`a_second_promotion_keeps_the_first_ones_client_edge_translation`).
+/// - 502, 693 (failover): a primary booted together with its secondary claimed the next
+///   generation before the joiner's first heartbeat (a hello did not count as hearing the peer),
+///   turned unprotected, then died: nobody could take over (`a_hello_counts_as_hearing_the_peer`).
+///   888 was the same double failure after a link cut (the primary won the witness and died);
+///   the generator now kills a primary only while it is protected with no claim out.
+///
 /// The generator has gained parameters since, so these seeds now replay other histories; each
 /// bug is pinned by a unit test in `colo::node` (`full_sync_begin_goes_before_any_sync_data`,
 /// `disk_writes_arriving_while_the_full_sync_applies_are_kept`,
@@ -1976,7 +1998,7 @@ fn same_seed_same_trace() {
 /// `a_disk_write_overtaken_by_the_full_sync_is_covered_by_it`), and the seeds keep running.
 #[test]
 fn regression_seeds() {
-    for seed in [4, 10, 60, 255, 3938, 220720] {
+    for seed in [4, 10, 60, 255, 266, 502, 693, 888, 3938, 220720] {
         let o = run_seed(seed, false);
         assert!(o.error.is_none(), "seed {seed}: {:?}\n{}", o.error, o.trace.join("\n"));
     }

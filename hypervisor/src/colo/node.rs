@@ -3090,7 +3090,8 @@ mod tests {
                             Capture::Checkpoint(Box::new(empty_checkpoint(epoch, self.p.config().stream_limits)))
                         }
                     };
-                    self.node(h).handle(now, Event::CaptureDone { epoch, capture, digest: None, pause_us: 1, pages: 0 });
+                    self.node(h)
+                        .handle(now, Event::CaptureDone { epoch, capture, digest: None, pause_us: 1, pages: 0 });
                 }
                 Action::ApplyCheckpoint(c) => self.applied_done(h, c.epoch()),
                 Action::FinishFullSync { epoch } => self.applied_done(h, epoch),

@@ -665,6 +665,8 @@ struct World {
     revive_at: Option<u64>,
     /// `witness=none`: when the operator (the sim) sees the primary dead.
     operator_at: Option<u64>,
+    /// A survivor check that failed at a promotion (reported at the next step).
+    survivor_error: Option<String>,
     failovers: u64,
     unprotected_turns: u64,
     fences: u64,
@@ -792,6 +794,7 @@ impl World {
             unprotected_owner: BTreeMap::new(),
             revive_at: None,
             operator_at: None,
+            survivor_error: None,
             failovers: 0,
             unprotected_turns: 0,
             fences: 0,
@@ -864,6 +867,9 @@ impl World {
     /// A promoted secondary is the primary now: it takes slot 0, the old primary (dead or
     /// fenced) slot 1, where it will come back as a new secondary.
     fn swap(&mut self) {
+        if let Err(e) = self.check_survivor() {
+            self.survivor_error.get_or_insert(e);
+        }
         self.swap_pending = false;
         self.nodes.swap(0, 1);
         self.vms.swap(0, 1);
@@ -878,6 +884,50 @@ impl World {
         self.svm_alive = false;
         self.prev.copy_from_slice(&self.vms[0].mem);
         self.trace("slots swapped: the promoted host is the primary".into());
+    }
+
+    /// **Invariant: no byte a client received is missing from the survivor's history**: at the
+    /// promotion, every connection's reply stream in the promoted guest reaches at least as far
+    /// as what its client received, and the bytes the guest still holds (not yet acknowledged)
+    /// are the client's at those offsets.
+    fn check_survivor(&self) -> SimResult {
+        let vm = &self.vms[1]; // the promoted guest, before the slots swap
+        for c in self.clients.iter().filter(|c| c.state == 2) {
+            let got = c.received.len();
+            let slot = (0..CONNS).find(|&i| {
+                let b = CONN_BASE + i * CONN_SIZE;
+                vm.mem[b] == 1 && vm.r16(b + 2) == c.port
+            });
+            let Some(i) = slot else {
+                if got > 0 {
+                    return Err(format!(
+                        "survivor: client {} received {got} bytes of a connection the promoted guest does not have",
+                        c.port
+                    ));
+                }
+                continue;
+            };
+            let b = CONN_BASE + i * CONN_SIZE;
+            let base = vm.r32(b + 4).wrapping_add(1);
+            let nxt = vm.r32(b + 12).wrapping_sub(base) as usize;
+            let una = vm.r32(b + 84).wrapping_sub(base) as usize;
+            if got > nxt {
+                return Err(format!(
+                    "survivor: client {} received {got} bytes, the promoted guest produced only {nxt}",
+                    c.port
+                ));
+            }
+            for off in una..got {
+                let byte = vm.mem[SNDBUF_BASE + i * SNDBUF + off % SNDBUF];
+                if byte != c.received[off] {
+                    return Err(format!(
+                        "survivor: client {} has {:?} at offset {off}, the promoted guest {:?}",
+                        c.port, c.received[off] as char, byte as char
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The fake witness: a compare-and-set register per generation, decided when the claim
@@ -1592,6 +1642,9 @@ impl World {
         self.transmit()?;
         self.clients_step();
         self.check_releasers()?;
+        if let Some(e) = self.survivor_error.take() {
+            return Err(e);
+        }
         // Faults.
         let serving = self.alive[0] && self.nodes[0].fenced().is_none();
         if self.faults_on && serving && self.rng.chance(self.p.restart) {

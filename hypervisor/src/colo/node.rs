@@ -3792,4 +3792,32 @@ mod tests {
         assert_eq!(decode_edge(&[5]), None, "an unknown address family");
         assert_eq!(decode_edge(&[]), Some(vec![]));
     }
+
+    #[test]
+    fn a_primary_dying_mid_checkpoint_leaves_the_promoted_svm_on_the_last_committed_state() {
+        let mut pair = fo_pair();
+        let committed = pair.s.committed();
+        let now = pair.now;
+        pair.p.handle(now, Event::Command(NodeCommand::Checkpoint));
+        let epoch = core::iter::from_fn(|| pair.p.poll_action())
+            .find_map(|a| match a {
+                Action::Capture { epoch, .. } => Some(epoch),
+                _ => None,
+            })
+            .expect("a capture");
+        let stream = empty_checkpoint(epoch, pair.p.config().stream_limits);
+        let capture = Capture::Checkpoint(Box::new(stream));
+        pair.p.handle(now, Event::CaptureDone { epoch, capture, digest: None, pause_us: 1, pages: 0 });
+        // Part of the stream reaches the secondary, then the primary dies.
+        let mut buf = [0u8; 40];
+        let n = pair.p.poll_transmit(now, &mut buf);
+        assert_eq!(n, 40, "the checkpoint is streaming");
+        pair.s.handle(now, Event::LinkBytes(&buf));
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(pair.promotes[1], 1);
+        assert!(!pair.applied.contains(&epoch), "the partial checkpoint was applied");
+        assert_eq!(pair.s.committed(), committed);
+        assert_eq!(pair.s.epoch(), committed + 1, "the promoted SVM runs on from the last committed state");
+    }
 }

@@ -665,6 +665,10 @@ struct World {
     revive_at: Option<u64>,
     /// `witness=none`: when the operator (the sim) sees the primary dead.
     operator_at: Option<u64>,
+    /// Per connection: how far the serving guest's reply stream has been released (its own
+    /// numbering).
+    released_hi: BTreeMap<u16, usize>,
+    released_ack_hi: BTreeMap<u16, Option<u32>>,
     /// A survivor check that failed at a promotion (reported at the next step).
     survivor_error: Option<String>,
     failovers: u64,
@@ -795,6 +799,8 @@ impl World {
             revive_at: None,
             operator_at: None,
             survivor_error: None,
+            released_hi: BTreeMap::new(),
+            released_ack_hi: BTreeMap::new(),
             failovers: 0,
             unprotected_turns: 0,
             fences: 0,
@@ -879,6 +885,8 @@ impl World {
         std::mem::swap(&mut self.pvm_view, &mut self.svm_view);
         // The old primary's unreleased output is gone with it; the promoted guest's is new.
         self.produced.clear();
+        self.released_hi.clear();
+        self.released_ack_hi.clear();
         self.primary_disk_in_node = true;
         self.pending = Pending { capture: None, apply: None };
         self.svm_alive = false;
@@ -1151,6 +1159,25 @@ impl World {
         let sent = f;
         let f = want;
         self.released_frames += 1;
+        // How far this connection's stream (and acknowledgement of the client's) had been
+        // released before this frame.
+        let mut prev_hi = 0;
+        let cisn0 = self.client_isn.get(&port).copied();
+        let mut prev_ack = None;
+        if let (Some(c), true) = (cisn0, t.flags.contains(TcpFlags::ACK)) {
+            let ack = t.ack.wrapping_sub(c.wrapping_add(1));
+            let e = self.released_ack_hi.entry(port).or_insert(None);
+            prev_ack = *e;
+            *e = Some(e.map_or(ack, |m: u32| m.max(ack)));
+        }
+        if !t.flags.contains(TcpFlags::SYN) {
+            if let Some(isn) = self.pvm_view.get(&port).and_then(|v| v.isn) {
+                let end = t.seq.wrapping_sub(isn.wrapping_add(1)) as usize + t.payload.len();
+                let hi = self.released_hi.entry(port).or_insert(0);
+                prev_hi = *hi;
+                *hi = prev_hi.max(end);
+            }
+        }
         let committed = self.nodes[1].committed();
         let covered = epoch <= committed;
         if !covered && self.svm_alive && !self.nodes[0].releases_unprotected() {
@@ -1166,12 +1193,21 @@ impl World {
                     ));
                 }
             } else {
-                svm.isn.ok_or_else(|| format!("consistency: port {port}: data released before the SVM's SYN-ACK"))?;
                 // Stream offsets count from each side's own ISN.
                 let pvm_isn = self.pvm_view.get(&port).and_then(|v| v.isn).ok_or("PVM data before its SYN-ACK")?;
                 let off = t.seq.wrapping_sub(pvm_isn.wrapping_add(1)) as usize;
                 let payload = &f[t.payload.clone()];
-                if svm.stream.len() < off + payload.len() || &svm.stream[off..off + payload.len()] != payload {
+                // A retransmission of bytes already released (matched, covered, or released
+                // unprotected before a new secondary joined) adds nothing clients lack; its
+                // acknowledgement is checked all the same.
+                let again = off + payload.len() <= prev_hi;
+                if !again {
+                    svm.isn
+                        .ok_or_else(|| format!("consistency: port {port}: data released before the SVM's SYN-ACK"))?;
+                }
+                if !again
+                    && (svm.stream.len() < off + payload.len() || &svm.stream[off..off + payload.len()] != payload)
+                {
                     return Err(format!(
                         "consistency: port {port}: released {} bytes at offset {off} the SVM has not matched (SVM has {} bytes), epoch {epoch} > committed {committed}",
                         payload.len(),
@@ -1180,7 +1216,7 @@ impl World {
                 }
                 if let Some(c) = cisn {
                     let ack = t.ack.wrapping_sub(c.wrapping_add(1));
-                    if svm.max_ack.is_none_or(|m| ack > m) {
+                    if svm.max_ack.is_none_or(|m| ack > m) && prev_ack.is_none_or(|m| ack > m) {
                         return Err(format!(
                             "input durability: port {port}: released ack of client offset {ack}, SVM acknowledged {:?}, epoch {epoch} > committed {committed}",
                             svm.max_ack

@@ -289,6 +289,7 @@ impl SequenceRewriter {
             return RewriteOutcome::UnknownOffset;
         };
         if o.delta.is_none()
+            && self.mode == RewriterMode::Replicating
             && o.svm_isn.is_some()
             && o.pvm_isn.is_none()
             && t.flags.contains(TcpFlags::ACK)
@@ -297,6 +298,11 @@ impl SequenceRewriter {
             // Handshake ACK: acknowledges the PVM's SYN-ACK, i.e. pvm_isn + 1.
             o.pvm_isn = Some(t.ack.wrapping_sub(1));
             o.settle();
+        }
+        if self.mode == RewriterMode::Promoted && o.delta.is_none() {
+            // Frozen: an ACK after the failover is no handshake ACK (simulation seed 5195:
+            // taking the first client ACK after a promotion for one taught a wrong delta).
+            o.delta = Some(0);
         }
         let Some(delta) = o.delta else {
             self.stats.unknown_offset += 1;
@@ -536,6 +542,27 @@ mod tests {
         let mut s = frame(false, true, 100, Some(1), TcpControl::Syn, [None; 3], b"");
         assert_eq!(r.rewrite_svm_output(&mut s), RewriteOutcome::Rewritten);
         assert_eq!(tcp(&s).tcp().unwrap().seq, 300);
+    }
+
+    /// Simulation seed 5195: a connection whose PVM ISN the secondary never learned was
+    /// promoted with no delta; the first client ACK after the failover (acknowledging data, not
+    /// the SYN-ACK) was taken for the handshake ACK and taught a delta of 2, so the promoted
+    /// host sent its replies 2 bytes further on and a request's reply came twice.
+    #[test]
+    fn after_promotion_a_client_ack_teaches_nothing() {
+        let mut r = SequenceRewriter::default();
+        let mut svm = frame(false, true, 5000, Some(51), TcpControl::Syn, [None; 3], b"");
+        assert_eq!(r.rewrite_svm_output(&mut svm), RewriteOutcome::UnknownOffset);
+        r.promote();
+        let mut c = frame(false, false, 51, Some(5003), TcpControl::None, [None; 3], b"x");
+        let orig = c.clone();
+        assert_eq!(r.rewrite_client_input(&mut c), RewriteOutcome::Unchanged);
+        assert_eq!(c, orig);
+        assert_eq!(r.delta(&tcp(&svm).flow), Some(0));
+        let mut d = frame(false, true, 5001, Some(52), TcpControl::None, [None; 3], b"1\n");
+        let orig = d.clone();
+        r.rewrite_svm_output(&mut d);
+        assert_eq!(d, orig, "the reply keeps its sequence number");
     }
 
     #[test]

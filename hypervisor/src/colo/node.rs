@@ -3820,4 +3820,28 @@ mod tests {
         assert_eq!(pair.s.committed(), committed);
         assert_eq!(pair.s.epoch(), committed + 1, "the promoted SVM runs on from the last committed state");
     }
+
+    /// Simulation seeds 4443, 5195 (see `promote`).
+    #[test]
+    fn output_released_at_promotion_freezes_an_unknown_translation() {
+        let mut pair = fo_pair();
+        let syn_ack = {
+            let repr = frames::tcp_repr((80, 40000), 5000, Some(51), smoltcp::wire::TcpControl::Syn, 8192, b"");
+            frames::tcp_v4(Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2), &repr)
+        };
+        pair.feed(1, Event::GuestOutput(&syn_ack));
+        pair.feed(1, Event::GuestOutput(&tcp_out(5001, b"1\n")));
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(seq_of(pair.released.last().unwrap()), 5001);
+        // The client acknowledges those two bytes; that is no handshake ACK.
+        let ack = {
+            let repr = frames::tcp_repr((40000, 80), 51, Some(5003), smoltcp::wire::TcpControl::Psh, 8192, b"I 1\n");
+            frames::tcp_v4(Ipv4Address::new(10, 0, 0, 2), Ipv4Address::new(10, 0, 0, 1), &repr)
+        };
+        pair.feed(1, Event::ClientFrame(&ack));
+        assert_eq!(crate::colo::packet::parse_frame(pair.delivered[1].last().unwrap()).tcp().unwrap().ack, 5003);
+        pair.feed(1, Event::GuestOutput(&tcp_out(5003, b"2\n")));
+        assert_eq!(seq_of(pair.released.last().unwrap()), 5003, "a reply moved by a learned delta");
+    }
 }

@@ -985,6 +985,17 @@ impl World {
                 self.released_frames += 1;
                 self.at(1, Sched::ToClient(f));
             }
+            Action::ReleaseToClients(f)
+                if h == 1
+                    && self.nodes[1].config().role == NodeRole::Primary
+                    && !self.nodes[1].releases_unprotected() =>
+            {
+                // The old primary behind a cut link, not fenced yet, still protected: it can
+                // release only what the SVM (now promoted) matched or committed; clients check
+                // the bytes against what they have (seed 15108).
+                self.released_frames += 1;
+                self.at(1, Sched::ToClient(f));
+            }
             Action::ReleaseToClients(f) => {
                 if h != 0 {
                     return Err(format!("{} released output", name(h)));

@@ -15,6 +15,8 @@ pub mod plot;
 
 pub mod report;
 
+pub mod standalone;
+
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};

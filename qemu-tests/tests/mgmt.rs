@@ -11,8 +11,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use qemu_tests::netns::{self, TestNet};
-use qemu_tests::{built_kernel, make_image, BootMedium, Emulator, ImageModule, Machine, MachineConfig, ScratchDir};
+use qemu_tests::standalone::{HostOptions, StandaloneHost};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const SERVING: &str = "serving the management plane";
@@ -20,52 +19,22 @@ const REDIS_LISTENING: &str = "redis: listening on";
 /// `REQUEST_DEADLINE_MS` in `net::iface`.
 const REQUEST_DEADLINE_S: f64 = 5.0;
 
-/// A booted hypervisor and its client network (the machine is dropped before the network).
-struct Setup {
-    machine: Option<Machine>,
-    net: TestNet,
-    ip: String,
-    guest_ip: String,
-    _scratch: ScratchDir,
+/// A standalone host on its own test network.
+struct Setup(StandaloneHost);
+
+impl std::ops::Deref for Setup {
+    type Target = StandaloneHost;
+    fn deref(&self) -> &StandaloneHost {
+        &self.0
+    }
 }
 
 impl Setup {
     /// Boots with `mgmt_addr=10.77.SUBNET.2/24` (client .1, guest .3) and `guests`.
     fn boot(tag: &str, subnet: u8, guests: &[(&str, &str)], disk_kib: Option<usize>, wait_for: &str) -> Self {
-        assert!(netns::available(), "the mgmt suite needs root and iproute2 (`cargo xtask deps`)");
-        let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
-        let scratch = ScratchDir::new(tag).expect("scratch dir");
-        let image = scratch.path().join("colo.img");
-        let ip = format!("10.77.{subnet}.2");
-        let guest_ip = format!("10.77.{subnet}.3");
-        let guest_mac = format!("52:54:00:c0:{subnet:02x}:03");
-        let mut modules: Vec<ImageModule> = guests
-            .iter()
-            .map(|(name, args)| {
-                let path = qemu_tests::guests::guest_path(name);
-                assert!(path.is_file(), "{} missing: run `cargo xtask build`", path.display());
-                let args = args.replace("{ip}", &format!("{guest_ip}/24")).replace("{mac}", &guest_mac);
-                ImageModule { path, name: name.to_string(), args }
-            })
-            .collect();
-        if let Some(kib) = disk_kib {
-            let disk = scratch.path().join("disk.img");
-            std::fs::write(&disk, vec![0u8; kib * 1024]).expect("writing the disk image");
-            modules.push(ImageModule { path: disk, name: "disk-data".into(), args: String::new() });
-        }
-        make_image(&kernel, &format!("role=standalone mgmt_addr={ip}/24"), &modules, &image)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let net = TestNet::new(tag, &format!("10.77.{subnet}.1/24")).unwrap_or_else(|e| panic!("test network: {e}"));
-        let mut config = MachineConfig::new(Emulator::Qemu, BootMedium::Cdrom, &image);
-        config.extra = net.qemu_nic_args("n0", &format!("52:54:00:77:{subnet:02x}:02"));
-        let mut machine = Machine::start(config, tag).unwrap_or_else(|e| panic!("{e}"));
-        let line = machine.wait_for(wait_for, BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("[timing] {tag}: QEMU TCG: `{wait_for}` after {:.2} s", line.at.as_secs_f64());
-        Self { machine: Some(machine), net, ip, guest_ip, _scratch: scratch }
-    }
-
-    fn serial(&self) -> String {
-        self.machine.as_ref().map(Machine::serial).unwrap_or_default()
+        let options =
+            HostOptions { guests, disk_kib, wait_for, timeout: BOOT_TIMEOUT, ..HostOptions::new(tag, subnet) };
+        Self(StandaloneHost::boot(&options))
     }
 
     /// Runs a Python script in the client namespace under `timeout_s`; returns its stdout,
@@ -87,7 +56,7 @@ impl Setup {
 
     /// One JSON request on a fresh connection; the reply line.
     fn request(&self, line: &str) -> String {
-        self.python(ONE_REQUEST, &[&self.ip, line], 30).trim().to_string()
+        self.python(ONE_REQUEST, &[&self.mgmt_ip, line], 30).trim().to_string()
     }
 
     /// The host is up: `status` answers and the serial console has no panic.
@@ -152,7 +121,7 @@ print("outcome %s sent %d elapsed %.2f" % (outcome, sent, time.time() - t0))
 fn a_client_that_never_reads_is_disconnected_and_the_host_stays_up() {
     let s = Setup::boot("nord", 41, &[], None, SERVING);
     let before = s.assert_alive();
-    let out = s.python(NON_READER, &[&s.ip], 90);
+    let out = s.python(NON_READER, &[&s.mgmt_ip], 90);
     eprintln!("non-reading client: {}", out.trim());
     assert!(out.contains("outcome reset") || out.contains("outcome broken_pipe"), "the server never closed it: {out}");
     let sent: u64 = out.split_whitespace().nth(3).and_then(|n| n.parse().ok()).expect("sent bytes");
@@ -237,7 +206,7 @@ fn slowloris_on_both_ports_cannot_keep_a_new_client_out() {
     let s = Setup::boot("slow", 42, &[], None, SERVING);
     s.assert_alive();
     // More trickling connections than either server has slots (64 JSON, 16 metrics).
-    let out = s.python(SLOWLORIS, &[&s.ip, "72", "24", "6", "4"], 240);
+    let out = s.python(SLOWLORIS, &[&s.mgmt_ip, "72", "24", "6", "4"], 240);
     eprintln!("slowloris:\n{out}");
     let mut worst = [0.0f64; 2];
     let mut probes = 0;
@@ -299,7 +268,7 @@ for r in results:
 fn fifty_concurrent_clients_all_get_replies() {
     let s = Setup::boot("fifty", 43, &[], None, SERVING);
     s.assert_alive();
-    let out = s.python(FIFTY, &[&s.ip, "50"], 120);
+    let out = s.python(FIFTY, &[&s.mgmt_ip, "50"], 120);
     eprintln!("[figure] 50 concurrent kept-open JSON clients: {}", out.lines().next().unwrap_or(""));
     assert!(out.starts_with("replies 50 of 50"), "{out}");
     let stats = s.request(r#"{"cmd":"stats"}"#);
@@ -337,7 +306,7 @@ print("too-large:", data[:200].decode(errors="replace"))
 #[test]
 fn a_request_ended_by_a_half_close_is_answered() {
     let s = Setup::boot("half", 44, &[], None, SERVING);
-    let out = s.python(HALF_CLOSE, &[&s.ip], 60);
+    let out = s.python(HALF_CLOSE, &[&s.mgmt_ip], 60);
     eprintln!("{out}");
     let half = out.lines().find(|l| l.starts_with("half-close:")).unwrap();
     assert!(half.contains("{\"ok\":true,\"cmd\":\"status\""), "{out}");
@@ -385,7 +354,7 @@ fn lenient_json_and_http_are_refused_by_name() {
         (r#"{"cmd":"status","cmd":"shutdown"}"#, "a member name not used before in this object"),
         (r#"{"cmd":"\ud83d\ude00"}"#, "\"error\":\"unknown_command\",\"detail\":\"unknown command `\u{1f600}`"),
     ];
-    let mut args = vec![s.ip.as_str()];
+    let mut args = vec![s.mgmt_ip.as_str()];
     args.extend(cases.iter().map(|(line, _)| *line));
     let out = s.python(STRICT, &args, 60);
     eprintln!("{out}");
@@ -440,7 +409,7 @@ fn e1000_counts_no_receive_error_over_a_long_clean_redis_benchmark() {
 fn metrics_with_heap_gauges_pass_promtool() {
     let s = Setup::boot("heap", 47, &[], None, SERVING);
     s.assert_alive();
-    let url = format!("http://{}:9100/metrics", s.ip);
+    let url = format!("http://{}:9100/metrics", s.mgmt_ip);
     let out = s.net.run("curl", &["-sS", "-m", "20", &url], 30);
     let body = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "curl: {body}{}", String::from_utf8_lossy(&out.stderr));
@@ -521,7 +490,7 @@ print("clock %.4f" % ((u1 - u0) / (w1 - w0)))
 #[test]
 fn request_deadline_and_the_one_idle_timeout_close_connections() {
     let s = Setup::boot("tmo", 48, &[], None, SERVING);
-    let out = s.python(TIMEOUTS, &[&s.ip], 90);
+    let out = s.python(TIMEOUTS, &[&s.mgmt_ip], 90);
     eprintln!("{out}");
     let took = |name: &str| -> (f64, String) {
         let line = out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}: {out}"));

@@ -9,63 +9,37 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use qemu_tests::netns::{self, TestNet};
-use qemu_tests::{
-    built_kernel, make_image, BootMedium, Emulator, ImageModule, Machine, MachineConfig, ScratchDir, QEMU_EXIT_SUCCESS,
-};
+use qemu_tests::standalone::{HostOptions, StandaloneHost};
+use qemu_tests::QEMU_EXIT_SUCCESS;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-const SERVING: &str = "serving the management plane";
 
-/// A booted hypervisor and its client network. Field order matters: the machine is dropped (and
-/// its tap released) before the network is removed.
-struct Setup {
-    machine: Option<Machine>,
-    net: TestNet,
-    ip: String,
-    mac: String,
-    /// The management token file (module `mgmt-token`); `ctl` gets it with `--token-file`.
-    token_file: PathBuf,
-    token: String,
-    _scratch: ScratchDir,
+/// A standalone host without guests on its own test network.
+struct Setup(StandaloneHost);
+
+impl std::ops::Deref for Setup {
+    type Target = StandaloneHost;
+    fn deref(&self) -> &StandaloneHost {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Setup {
+    fn deref_mut(&mut self) -> &mut StandaloneHost {
+        &mut self.0
+    }
 }
 
 impl Setup {
     /// Boots with `mgmt_addr=10.77.SUBNET.2/24` and a fresh `mgmt-token`; the client is
     /// 10.77.SUBNET.1.
     fn boot(tag: &str, subnet: u8) -> Self {
-        assert!(netns::available(), "the net suite needs root and iproute2 (`cargo xtask deps`)");
-        let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
-        let scratch = ScratchDir::new(tag).expect("scratch dir");
-        let image = scratch.path().join("colo.img");
-        let ip = format!("10.77.{subnet}.2");
-        let mac = format!("52:54:00:77:{subnet:02x}:02");
-        let token_file = scratch.path().join("mgmt-token");
-        let token = qemu_tests::write_mgmt_token(&token_file).unwrap_or_else(|e| panic!("{e}"));
-        let modules = [qemu_tests::mgmt_token_module(&token_file)];
-        make_image(&kernel, &format!("role=standalone mgmt_addr={ip}/24"), &modules, &image)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let net = TestNet::new(tag, &format!("10.77.{subnet}.1/24")).unwrap_or_else(|e| panic!("test network: {e}"));
-        let mut config = MachineConfig::new(Emulator::Qemu, BootMedium::Cdrom, &image);
-        config.extra = net.qemu_nic_args("n0", &mac);
-        let mut machine = Machine::start(config, tag).unwrap_or_else(|e| panic!("{e}"));
-        let line = machine.wait_for(SERVING, BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("[timing] {tag}: QEMU TCG: serving after {:.2} s", line.at.as_secs_f64());
-        Self { machine: Some(machine), net, ip, mac, token_file, token, _scratch: scratch }
-    }
-
-    fn machine(&mut self) -> &mut Machine {
-        self.machine.as_mut().expect("machine running")
-    }
-
-    /// Runs `program args` in the client namespace under a timeout.
-    fn run(&self, program: &str, args: &[&str], timeout_s: u32) -> Output {
-        self.net.run(program, args, timeout_s)
+        Self(StandaloneHost::boot(&HostOptions { timeout: BOOT_TIMEOUT, ..HostOptions::new(tag, subnet) }))
     }
 
     /// `xtask ctl ARGS --addr IP:7070` from the namespace; returns (success, stdout, stderr).
     fn ctl(&self, args: &[&str]) -> (bool, String, String) {
-        let addr = format!("{}:7070", self.ip);
+        let addr = format!("{}:7070", self.mgmt_ip);
         let xtask = xtask_binary();
         let mut all: Vec<&str> = vec!["ctl"];
         all.extend_from_slice(args);
@@ -117,8 +91,8 @@ fn round_trip_ms(stderr: &str) -> Option<f64> {
 fn ping_reaches_the_management_address() {
     let s = Setup::boot("ping", 11);
     // The first exchange includes ARP and the emulator warming up; measure after it.
-    let _ = s.run("ping", &["-c", "1", "-W", "5", &s.ip], 10);
-    let out = s.run("ping", &["-c", "10", "-i", "0.2", "-W", "2", &s.ip], 30);
+    let _ = s.run("ping", &["-c", "1", "-W", "5", &s.mgmt_ip], 10);
+    let out = s.run("ping", &["-c", "10", "-i", "0.2", "-W", "2", &s.mgmt_ip], 30);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "ping failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(" 0% packet loss"), "{text}");
@@ -129,12 +103,12 @@ fn ping_reaches_the_management_address() {
 #[test]
 fn ctl_status_reports_role_uptime_and_counters() {
     let s = Setup::boot("stat", 12);
-    let out = s.run("ping", &["-c", "3", "-i", "0.2", &s.ip], 20);
+    let out = s.run("ping", &["-c", "3", "-i", "0.2", &s.mgmt_ip], 20);
     assert!(out.status.success(), "ping: {}", String::from_utf8_lossy(&out.stdout));
     let status = s.status_ok();
     assert!(status.contains("\"ok\":true"), "{status}");
     assert!(status.contains("\"role\":\"standalone\""), "{status}");
-    assert!(status.contains(&format!("\"mac\":\"{}\"", s.mac)), "{status}");
+    assert!(status.contains(&format!("\"mac\":\"{}\"", s.nic_mac)), "{status}");
     assert!(status.contains("\"link_up\":true"), "{status}");
     assert!(field(&status, "uptime_ms") > 0, "{status}");
     assert!(field(&status, "rx_frames") >= 3 && field(&status, "tx_frames") >= 3, "{status}");
@@ -177,7 +151,7 @@ fn ctl_status_reports_role_uptime_and_counters() {
 fn metrics_page_passes_promtool() {
     let s = Setup::boot("metr", 13);
     s.status_ok();
-    let url = format!("http://{}:9100/metrics", s.ip);
+    let url = format!("http://{}:9100/metrics", s.mgmt_ip);
     let started = Instant::now();
     let out = s.run("curl", &["-sS", "-m", "10", "-D", "-", &url], 20);
     let elapsed = started.elapsed();
@@ -216,7 +190,7 @@ fn metrics_page_passes_promtool() {
     // Wrong path, wrong method, garbage: error statuses, and the page still works after.
     let out = s.run(
         "curl",
-        &["-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:9100/x", s.ip)],
+        &["-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:9100/x", s.mgmt_ip)],
         20,
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
@@ -289,7 +263,7 @@ fn malformed_requests_get_named_errors_and_service_continues() {
     assert!(!ok && out.contains("\"error\":\"too_large\"") && out.contains("at most 4096 bytes"), "{out}{err}");
     s.status_ok();
 
-    let out = s.python(GARBAGE_TCP, &[&s.ip, "7070"]);
+    let out = s.python(GARBAGE_TCP, &[&s.mgmt_ip, "7070"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "garbage client failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
     eprintln!("garbage client saw:\n{text}");
@@ -354,7 +328,7 @@ fn malformed_frames_are_counted_and_harmless() {
     let mut s = Setup::boot("frm", 15);
     let before = s.status_ok();
     let (errors0, dropped0) = (field(&before, "rx_errors"), field(&before, "rx_dropped"));
-    let out = s.python(BAD_FRAMES, &[&s.net.veth_ns.clone(), &s.ip, &s.mac, "10.77.15.1"]);
+    let out = s.python(BAD_FRAMES, &[&s.net.veth_ns.clone(), &s.mgmt_ip, &s.nic_mac, "10.77.15.1"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "frame injector failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
     let mut counts = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
@@ -372,7 +346,7 @@ fn malformed_frames_are_counted_and_harmless() {
         bad
     };
     std::thread::sleep(Duration::from_millis(500));
-    let ping = s.run("ping", &["-c", "3", "-i", "0.2", "-W", "2", &s.ip], 20);
+    let ping = s.run("ping", &["-c", "3", "-i", "0.2", "-W", "2", &s.mgmt_ip], 20);
     assert!(ping.status.success(), "ping after bad frames: {}", String::from_utf8_lossy(&ping.stdout));
     let after = s.status_ok();
     let (errors1, dropped1) = (field(&after, "rx_errors"), field(&after, "rx_dropped"));
@@ -388,7 +362,7 @@ fn shutdown_ends_the_hypervisor_with_success() {
     s.status_ok();
     let (ok, out, err) = s.ctl(&["shutdown"]);
     assert!(ok && out.contains("\"cmd\":\"shutdown\""), "{out}{err}");
-    let machine = s.machine.take().unwrap();
+    let machine = s.take_machine();
     let outcome = machine.wait_exit(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(outcome.exit_code, Some(QEMU_EXIT_SUCCESS), "{}", outcome.serial);
     assert_eq!(outcome.verdict, Some(0), "{}", outcome.serial);
@@ -405,59 +379,29 @@ const REDIS_LISTENING: &str = "redis: listening on";
 /// How long a guest test may take end to end.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A booted hypervisor running guest modules, with the client network. The guest is
-/// 10.77.SUBNET.3 with MAC 52:54:00:c0:SUBNET:03; the management address is .2, the client .1.
-struct GuestSetup {
-    machine: Option<Machine>,
-    net: TestNet,
-    guest_ip: String,
-    mgmt_ip: String,
-    _scratch: ScratchDir,
+/// A standalone host with guests on its own test network.
+struct GuestSetup(StandaloneHost);
+
+impl std::ops::Deref for GuestSetup {
+    type Target = StandaloneHost;
+    fn deref(&self) -> &StandaloneHost {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for GuestSetup {
+    fn deref_mut(&mut self) -> &mut StandaloneHost {
+        &mut self.0
+    }
 }
 
 impl GuestSetup {
     /// Boots with `guests` (binary name, module arguments; `{ip}` and `{mac}` are replaced) and,
     /// when `disk_kib` is set, a zeroed disk module `disk-data` of that size.
     fn boot(tag: &str, subnet: u8, guests: &[(&str, &str)], disk_kib: Option<usize>, wait_for: &str) -> Self {
-        assert!(netns::available(), "the net suite needs root and iproute2 (`cargo xtask deps`)");
-        let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
-        let scratch = ScratchDir::new(tag).expect("scratch dir");
-        let image = scratch.path().join("colo.img");
-        let mgmt_ip = format!("10.77.{subnet}.2");
-        let guest_ip = format!("10.77.{subnet}.3");
-        let guest_mac = format!("52:54:00:c0:{subnet:02x}:03");
-        let mut modules: Vec<ImageModule> = guests
-            .iter()
-            .map(|(name, args)| {
-                let path = qemu_tests::guests::guest_path(name);
-                assert!(path.is_file(), "{} missing: run `cargo xtask build`", path.display());
-                let args = args.replace("{ip}", &format!("{guest_ip}/24")).replace("{mac}", &guest_mac);
-                ImageModule { path, name: name.to_string(), args }
-            })
-            .collect();
-        if let Some(kib) = disk_kib {
-            let disk = scratch.path().join("disk.img");
-            std::fs::write(&disk, vec![0u8; kib * 1024]).expect("writing the disk image");
-            modules.push(ImageModule { path: disk, name: "disk-data".into(), args: String::new() });
-        }
-        make_image(&kernel, &format!("role=standalone mgmt_addr={mgmt_ip}/24"), &modules, &image)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let net = TestNet::new(tag, &format!("10.77.{subnet}.1/24")).unwrap_or_else(|e| panic!("test network: {e}"));
-        let mut config = MachineConfig::new(Emulator::Qemu, BootMedium::Cdrom, &image);
-        config.extra = net.qemu_nic_args("n0", &format!("52:54:00:77:{subnet:02x}:02"));
-        let mut machine = Machine::start(config, tag).unwrap_or_else(|e| panic!("{e}"));
-        let line = machine.wait_for(wait_for, GUEST_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("[timing] {tag}: QEMU TCG: `{wait_for}` after {:.2} s", line.at.as_secs_f64());
-        Self { machine: Some(machine), net, guest_ip, mgmt_ip, _scratch: scratch }
-    }
-
-    fn machine(&mut self) -> &mut Machine {
-        self.machine.as_mut().expect("machine running")
-    }
-
-    /// Runs `program args` in the client namespace under a timeout.
-    fn run(&self, program: &str, args: &[&str], timeout_s: u32) -> Output {
-        self.net.run(program, args, timeout_s)
+        let options =
+            HostOptions { guests, disk_kib, wait_for, timeout: GUEST_TIMEOUT, ..HostOptions::new(tag, subnet) };
+        Self(StandaloneHost::boot(&options))
     }
 
     /// `redis-cli -h GUEST ARGS`; returns its trimmed stdout (failing on a non-zero exit).
@@ -471,7 +415,7 @@ impl GuestSetup {
             "redis-cli {args:?} failed ({}): {text}{}\nserial:\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr),
-            self.machine.as_ref().map(Machine::serial).unwrap_or_default()
+            self.serial()
         );
         text
     }

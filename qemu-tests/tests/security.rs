@@ -6,73 +6,54 @@
 //! the test's own bridge and namespace only. Every client runs under `timeout`; the machine and
 //! the network are removed on drop.
 
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use qemu_tests::netns::{self, TestNet};
+use qemu_tests::standalone::{HostOptions, StandaloneHost};
 use qemu_tests::{
     built_kernel, make_image, BootMedium, Emulator, Machine, MachineConfig, ScratchDir, QEMU_EXIT_SUCCESS,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const SERVING: &str = "serving the management plane";
 
 /// A booted hypervisor with a token, and its client network with two client addresses
 /// (.1 and .5; the host is .2). The machine is dropped before the network.
 struct Setup {
-    machine: Option<Machine>,
-    net: TestNet,
-    ip: String,
+    host: StandaloneHost,
     /// The client's first address (the namespace's primary one).
     src_a: String,
     /// A second client address in the same namespace: another source for the rate limiter.
     src_b: String,
-    token: String,
-    token_file: PathBuf,
-    _scratch: ScratchDir,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = StandaloneHost;
+    fn deref(&self) -> &StandaloneHost {
+        &self.host
+    }
+}
+
+impl std::ops::DerefMut for Setup {
+    fn deref_mut(&mut self) -> &mut StandaloneHost {
+        &mut self.host
+    }
 }
 
 impl Setup {
     fn boot(tag: &str, subnet: u8, extra_cmdline: &str) -> Self {
-        assert!(netns::available(), "the security suite needs root and iproute2 (`cargo xtask deps`)");
-        let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
-        let scratch = ScratchDir::new(tag).expect("scratch dir");
-        let image = scratch.path().join("colo.img");
-        let ip = format!("10.77.{subnet}.2");
-        let token_file = scratch.path().join("mgmt-token");
-        let token = qemu_tests::write_mgmt_token(&token_file).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(token.len(), 64, "32 random bytes, hex");
-        let cmdline = format!("role=standalone mgmt_addr={ip}/24 {extra_cmdline}");
-        assert!(!cmdline.contains(&token));
-        make_image(&kernel, cmdline.trim_end(), &[qemu_tests::mgmt_token_module(&token_file)], &image)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let net = TestNet::new(tag, &format!("10.77.{subnet}.1/24")).unwrap_or_else(|e| panic!("test network: {e}"));
+        let host = StandaloneHost::boot(&HostOptions {
+            extra_cmdline,
+            timeout: BOOT_TIMEOUT,
+            ..HostOptions::new(tag, subnet)
+        });
+        assert_eq!(host.token.len(), 64, "32 random bytes, hex");
         let src_b = format!("10.77.{subnet}.5");
         let out = Command::new("ip")
-            .args(["-n", &net.netns, "addr", "add", &format!("{src_b}/24"), "dev", &net.veth_ns])
+            .args(["-n", &host.net.netns, "addr", "add", &format!("{src_b}/24"), "dev", &host.net.veth_ns])
             .output()
             .expect("ip addr add");
         assert!(out.status.success(), "second client address: {}", String::from_utf8_lossy(&out.stderr));
-        let mut config = MachineConfig::new(Emulator::Qemu, BootMedium::Cdrom, &image);
-        config.extra = net.qemu_nic_args("n0", &format!("52:54:00:77:{subnet:02x}:02"));
-        let mut machine = Machine::start(config, tag).unwrap_or_else(|e| panic!("{e}"));
-        let line = machine.wait_for(SERVING, BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("[timing] {tag}: QEMU TCG: serving after {:.2} s", line.at.as_secs_f64());
-        Self {
-            machine: Some(machine),
-            net,
-            ip,
-            src_a: format!("10.77.{subnet}.1"),
-            src_b,
-            token,
-            token_file,
-            _scratch: scratch,
-        }
-    }
-
-    fn serial(&self) -> String {
-        self.machine.as_ref().map(Machine::serial).unwrap_or_default()
+        Self { host, src_a: format!("10.77.{subnet}.1"), src_b }
     }
 
     /// Runs a Python script in the client namespace; its stdout (the test fails if it fails).
@@ -94,7 +75,7 @@ impl Setup {
     /// JSON requests on one connection from source address `src`, sent one after the other
     /// (each waits for its reply); the reply lines.
     fn requests(&self, src: &str, lines: &[&str]) -> Vec<String> {
-        let mut args = vec![self.ip.as_str(), src];
+        let mut args = vec![self.mgmt_ip.as_str(), src];
         args.extend_from_slice(lines);
         self.python(REQUESTS, &args).lines().map(str::to_string).collect()
     }
@@ -105,14 +86,14 @@ impl Setup {
 
     /// `GET /metrics` with `headers`; the status line, the headers and the body.
     fn metrics(&self, headers: &str) -> String {
-        self.python(HTTP_GET, &[&self.ip, headers])
+        self.python(HTTP_GET, &[&self.mgmt_ip, headers])
     }
 
     /// `xtask ctl ARGS --addr IP:7070 --token-file FILE` from the namespace.
     fn ctl(&self, args: &[&str]) -> (bool, String) {
         let xtask = qemu_tests::target_dir().join("debug/xtask");
         assert!(xtask.is_file(), "{} is missing: build it with `cargo build -p xtask`", xtask.display());
-        let addr = format!("{}:7070", self.ip);
+        let addr = format!("{}:7070", self.mgmt_ip);
         let mut c = Command::new("timeout");
         c.args(["30", "ip", "netns", "exec", &self.net.netns]).arg(&xtask).arg("ctl").args(args);
         c.args(["--addr", &addr, "--token-file"]).arg(&self.token_file).stdin(Stdio::null());
@@ -247,7 +228,7 @@ fn mutating_commands_without_the_token_are_refused_and_change_nothing() {
     let (ok, out) = s.ctl(&["shutdown"]);
     assert!(ok && out.contains("\"cmd\":\"shutdown\""), "{out}");
     assert!(!out.contains(&s.token), "ctl never prints the token");
-    let machine = s.machine.take().unwrap();
+    let machine = s.take_machine();
     let outcome = machine.wait_exit(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(outcome.exit_code, Some(QEMU_EXIT_SUCCESS), "{}", outcome.serial);
     assert!(!outcome.serial.contains(&s.token), "the token appeared on the serial console");
@@ -302,8 +283,11 @@ fn repeated_bad_tokens_from_one_source_are_rate_limited_while_another_is_served(
     // then the right token, which is not even checked. Then B, with the right token, is served
     // while A is still blocked.
     let other = s.with_token(r#"{"cmd":"set","key":"heartbeat_ms","value":60,"token":"TOKEN"}"#);
-    let replies: Vec<String> =
-        s.python(TWO_SOURCES, &[&s.ip, &s.src_a, &s.src_b, &bad, &good, &other]).lines().map(str::to_string).collect();
+    let replies: Vec<String> = s
+        .python(TWO_SOURCES, &[&s.mgmt_ip, &s.src_a, &s.src_b, &bad, &good, &other])
+        .lines()
+        .map(str::to_string)
+        .collect();
     let codes: Vec<&str> = replies.iter().map(|r| error_of(r)).collect();
     assert_eq!(
         codes,

@@ -52,8 +52,8 @@ use crate::config::{Config, NicRoles, Role};
 use crate::devices::pvblock::BlockHook;
 use crate::devices::state::DeviceStates;
 use crate::devices::FrameQueue;
-use crate::guest::spec::GuestSpec;
 use crate::guest::committed::CommittedRam;
+use crate::guest::spec::GuestSpec;
 use crate::guest::spec::GUEST_PREFIX;
 use crate::guest::GuestMemory;
 use crate::host::{shutdown, time};
@@ -819,6 +819,9 @@ impl Host {
             verify_failures: s.verify_failures,
             link_connects: s.link_connects,
             link_closes: s.link_closes,
+            seq_rewritten: node
+                .rewriter_stats()
+                .map_or((0, 0, 0), |r| (r.svm_rewritten, r.client_rewritten, r.unknown_offset)),
             digest: self.last_digest,
         }
     }
@@ -909,8 +912,7 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
     let committed = match role {
         // SAFETY: the guest has not run yet and is alive; the copy is taken before it runs.
         NodeRole::Secondary => Some(
-            CommittedRam::new(unsafe { ram_slice(guest.ram) })
-                .unwrap_or_else(|e| fail(format_args!("secondary: {e}"))),
+            CommittedRam::new(unsafe { ram_slice(guest.ram) }).unwrap_or_else(|e| fail(format_args!("secondary: {e}"))),
         ),
         NodeRole::Primary => None,
     };

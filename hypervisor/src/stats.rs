@@ -272,6 +272,9 @@ pub struct ColoReport {
     pub link_connects: u64,
     /// Link closures.
     pub link_closes: u64,
+    /// Secondary: SVM output frames and mirrored client frames whose TCP sequence numbers the
+    /// rewriter translated, and TCP frames passed untranslated because the offset was unknown.
+    pub seq_rewritten: (u64, u64, u64),
     /// The last `checkpoint_verify` digest this host computed: (epoch, digest).
     pub digest: Option<(u64, u64)>,
 }

@@ -935,6 +935,11 @@ impl<D: BlockBackend> ColoNode<D> {
         }
     }
 
+    /// Secondary: the sequence rewriter's counters (for management).
+    pub fn rewriter_stats(&self) -> Option<&super::rewriter::RewriterStats> {
+        self.secondary.as_ref().map(|s| s.rewriter.stats())
+    }
+
     /// The next action to carry out, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()

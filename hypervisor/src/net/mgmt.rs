@@ -757,6 +757,10 @@ fn colo_json(c: &ColoReport) -> String {
     o.raw("link_errors", &errors.finish());
     o.num("protocol_errors", c.protocol_errors).num("verify_failures", c.verify_failures);
     o.num("link_connects", c.link_connects).num("link_closes", c.link_closes);
+    let (svm, client, unknown) = c.seq_rewritten;
+    let mut rw = Obj::new();
+    rw.num("svm_frames", svm).num("client_frames", client).num("unknown_offset", unknown);
+    o.raw("seq_rewritten", &rw.finish());
     if let Some((epoch, d)) = c.digest {
         let text = crate::net::mgmt::format(format_args!("{epoch}:{:08x}-{:08x}", d >> 32, d as u32));
         o.str("digest", &text);
@@ -1139,7 +1143,10 @@ mod tests {
         stats.colo = Some(colo_report("primary", "colo"));
         for cmd in ["status", "stats"] {
             let line = crate::net::mgmt::format(format_args!("{{\"cmd\":\"{cmd}\"}}"));
-            let r = handle(line.as_bytes(), &mut Context { role: "primary", uptime_ms: 1, replication_running: false, stats: &mut stats });
+            let r = handle(
+                line.as_bytes(),
+                &mut Context { role: "primary", uptime_ms: 1, replication_running: false, stats: &mut stats },
+            );
             let j = parse_json(r.text.as_bytes()).unwrap();
             let colo = j.field("colo").unwrap_or_else(|| panic!("no colo in {}", r.text));
             assert_eq!(s(colo, "link"), "colo");

@@ -1730,11 +1730,11 @@ impl<D: BlockBackend> ColoNode<D> {
             self.stats.svm_frames_dropped += 1;
             return;
         }
-        let mut f = frame.to_vec();
         if self.config.rewrite_seq {
-            s.rewriter.rewrite_svm_output(&mut f);
+            // Learnt, not translated: the comparator compares each side in its own sequence space.
+            s.rewriter.observe_svm_output(frame);
         }
-        c.queue(&Repr::SvmOutput { seq: c.tx_seq, epoch: s.applied + 1, frame: &f }, now);
+        c.queue(&Repr::SvmOutput { seq: c.tx_seq, epoch: s.applied + 1, frame }, now);
         c.tx_seq += 1;
         self.stats.svm_frames += 1;
     }

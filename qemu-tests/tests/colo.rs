@@ -481,13 +481,22 @@ fn measure_colo_against_standalone() {
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         format!("{text}(wall {:.1} s)", started.elapsed().as_secs_f64())
     };
-    let (spec_s, _dir_s) = spec("msta", 53, "role=standalone");
-    let mut standalone = Cluster::prepare(spec_s).unwrap_or_else(|e| panic!("{e}"));
-    standalone.boot(Host::Primary).unwrap_or_else(|e| panic!("{e}"));
-    standalone.wait_for(Host::Primary, "redis: listening on", WAIT).unwrap_or_else(|e| panic!("{e}"));
-    let alone = bench(&standalone);
-    drop(standalone);
-    let s = start("mcol", 54, "");
+    // COLO_MEASURE_GUEST / COLO_MEASURE_CMDLINE: extra guest and kernel words (experiments).
+    let guest_extra = std::env::var("COLO_MEASURE_GUEST").unwrap_or_default();
+    let cmdline_extra = std::env::var("COLO_MEASURE_CMDLINE").unwrap_or_default();
+    let alone = if std::env::var_os("COLO_MEASURE_COLO_ONLY").is_some() {
+        String::from("(skipped)")
+    } else {
+        let (mut spec_s, _dir_s) = spec("msta", 53, "role=standalone");
+        spec_s.guest_extra = guest_extra.clone();
+        let mut standalone = Cluster::prepare(spec_s).unwrap_or_else(|e| panic!("{e}"));
+        standalone.boot(Host::Primary).unwrap_or_else(|e| panic!("{e}"));
+        standalone.wait_for(Host::Primary, "redis: listening on", WAIT).unwrap_or_else(|e| panic!("{e}"));
+        bench(&standalone)
+    };
+    let (mut spec_c, dir_c) = spec("mcol", 54, &cmdline_extra);
+    spec_c.guest_extra = guest_extra;
+    let s = Setup { cluster: Cluster::start(spec_c).unwrap_or_else(|e| panic!("cluster: {e}")), _dir: dir_c };
     let colo = bench(&s.cluster);
     eprintln!("standalone:\n{alone}\nCOLO:\n{colo}");
     for host in Host::BOTH {

@@ -88,6 +88,12 @@ impl IsnStir {
     }
 }
 
+impl core::fmt::Debug for IsnStir {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("IsnStir")
+    }
+}
+
 impl Default for IsnStir {
     fn default() -> Self {
         Self::new()

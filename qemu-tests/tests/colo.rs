@@ -176,7 +176,7 @@ fn ctl_checkpoint_raises_the_manual_counter_and_verifies() {
         let part = p.split(&format!("\"{key}\":")).nth(1).expect(key);
         assert!(num(part, "count") >= 2, "{key}: no samples for the full sync and the manual checkpoint: {p}");
     }
-    assert!(num(&colo_status(c, Host::Secondary).split("\"apply_us\":").nth(1).expect("apply_us"), "count") >= 2);
+    assert!(num(colo_status(c, Host::Secondary).split("\"apply_us\":").nth(1).expect("apply_us"), "count") >= 2);
     assert!(num(&p, "pages_last") > 0 && num(&p, "bytes_last") > 0, "{p}");
     assert_colo_clean(c);
 }

@@ -7,11 +7,12 @@
 //! | `shim_ts=` | TCP timestamps from the coarse clock, [`TS_TICKS`] ticks per unit (smoltcp's `set_tsval_generator`) | timestamps in clock ticks (1 ms) |
 //! | `shim_ack=` | ACK policy: every segment with data is acknowledged at once (`set_ack_delay(None)`), so ACKs depend only on received data | smoltcp's 10 ms delayed-ACK timer |
 //! | `shim_win=` | advertised windows rounded down to [`WINDOW_QUANTUM`] bytes (rewritten in the NIC's transmit path, checksum recomputed: smoltcp has no option for it) | the exact free buffer space |
-//! | `shim_isn=` | initial sequence numbers from a fixed seed derived from the MAC (smoltcp draws ISNs from its interface PRNG; the seed is `Config::random_seed`) | a seed from the clock at start |
+//! | `shim_isn=` | initial sequence numbers from a fixed seed derived from the MAC (smoltcp draws ISNs from its interface PRNG; the seed is `Config::random_seed`) | ISNs that depend on time, as in a stock TCP stack (RFC 6528's timer term): a seed from the clock at start, and [`IsnStir`] draws from the PRNG a clock-dependent number of times at every loop turn (two replicas running from one state, as COLO's PVM and SVM do after a sync, would otherwise draw the same ISNs) |
 //!
 //! smoltcp is polled with the coarse guest clock (1 ms ticks from the hypervisor), never a
 //! finer source.
 
+use smoltcp::iface::Interface;
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket};
@@ -61,6 +62,41 @@ impl ShimConfig {
         } else {
             h ^ clock_now().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (core::ptr::addr_of!(h) as u64)
         }
+    }
+}
+
+/// `shim_isn=off`: makes the ISNs smoltcp draws from its interface PRNG depend on time. A
+/// socket outside any socket set opens and aborts a connection (each open draws one value, as a
+/// SYN's ISN does) `clock % 4` times per [`IsnStir::turn`]; nothing is ever sent.
+pub struct IsnStir {
+    socket: tcp::Socket<'static>,
+}
+
+impl IsnStir {
+    /// A stirring socket (its buffers are never used).
+    pub fn new() -> Self {
+        let buffers = || tcp::SocketBuffer::new(alloc::vec![0u8; 1]);
+        Self { socket: tcp::Socket::new(buffers(), buffers()) }
+    }
+
+    /// Stirs the PRNG; `addr` is one of the interface's own addresses.
+    pub fn turn(&mut self, iface: &mut Interface, addr: IpAddress) {
+        for _ in 0..clock_now() % 4 {
+            let _ = self.socket.connect(iface.context(), (addr, 9), (addr, 9));
+            self.socket.abort();
+        }
+    }
+}
+
+impl core::fmt::Debug for IsnStir {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("IsnStir")
+    }
+}
+
+impl Default for IsnStir {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

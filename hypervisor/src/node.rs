@@ -10,15 +10,27 @@
 //! - carries out the engine's actions: frames into the guest, frames out to clients (primary),
 //!   pause/resume, capture (pause + copy of dirty pages, vCPU and devices, then the PVM resumes
 //!   while the stream goes out), full sync from the paused guest in place, checkpoint and full
-//!   sync apply (secondary: all-or-nothing, the SVM's own dirty pages returned to the PVM's
-//!   content from a copy of the last committed RAM), closing the link;
-//! - copies the engine's link bytes into the socket whenever it has room (bounded both ways).
+//!   sync apply (secondary: all-or-nothing through `snapshot::apply_checkpoint_svm_recycle`
+//!   and the committed copy of guest RAM, `guest::committed::CommittedRam`, so the SVM's own
+//!   dirty pages return to the PVM's content; the checkpoint's page staging goes back to the
+//!   engine, `ColoNode::recycle_staging`), closing the link;
+//! - copies the engine's link bytes into the socket whenever it has room (bounded both ways);
+//! - publishes the engine's status and counters to the registry (`stats::ColoReport`, read by
+//!   `status`, `stats` and the metrics page) and takes `checkpoint` requests from it
+//!   (`NodeCommand::Checkpoint`).
+//!
+//! What the secondary holds during a full sync: the SVM's RAM and the committed copy, both
+//! written piece by piece as `FullSyncMemory` messages arrive (one link message of at most
+//! `MAX_CHUNK` bytes at a time, plus the actions of one 64 KiB read), the disk (written in
+//! place into the engine's raw disk), and the vCPU and device blobs (at most
+//! [`MAX_SYNC_STATES`], each at most one message; more refuse the sync). Nothing is sized by
+//! the primary's word but those capped blobs.
 //!
 //! The guest's disk (`disk=NAME`): on the primary, writes land on the local disk and go to the
 //! engine, which replicates them; on the secondary every read and write goes to the engine's
 //! block replica (the SVM's overlay over the committed disk), never to the disk module.
 //!
-//! Not driven yet: management of the engine (status, `ctl checkpoint`), failover.
+//! Not driven yet: failover.
 
 use alloc::boxed::Box;
 use alloc::rc::Rc;
@@ -32,14 +44,15 @@ use crate::colo::block::MemDisk;
 use crate::colo::checkpoint::Crc32c;
 use crate::colo::link::{LinkError, StateKind};
 use crate::colo::node::{
-    Action, ApplyFailure, Capture, CaptureKind, ColoNode, Event, FullSyncSource, LinkState, NodeConfig, NodeRole,
-    SyncPiece,
+    Action, ApplyFailure, Capture, CaptureKind, ColoNode, Event, FullSyncSource, LinkState, NodeCommand, NodeConfig,
+    NodeRole, SyncPiece,
 };
 use crate::colo::Tick;
 use crate::config::{Config, NicRoles, Role};
 use crate::devices::pvblock::BlockHook;
 use crate::devices::state::DeviceStates;
 use crate::devices::FrameQueue;
+use crate::guest::committed::CommittedRam;
 use crate::guest::spec::GuestSpec;
 use crate::guest::spec::GUEST_PREFIX;
 use crate::guest::GuestMemory;
@@ -58,6 +71,11 @@ const SECTOR: usize = 512;
 const QUEUE_FRAMES: usize = 1024;
 /// Link bytes moved per copy.
 const IO_CHUNK: usize = 64 << 10;
+/// vCPU and device state blobs a full sync may carry (one vCPU, a handful of devices); more
+/// refuse the sync rather than grow the secondary's buffer.
+pub const MAX_SYNC_STATES: usize = 16;
+/// How often the engine's status goes to the registry (besides at every state change or commit).
+const PUBLISH_MS: u64 = 20;
 
 /// The engine, shared with the guest's block hook (borrowed only outside `Guest::step`, and by
 /// the hook only inside it).
@@ -264,6 +282,8 @@ impl FullSyncSource for GuestSync {
 struct Incoming {
     vcpu: Option<(u32, Vec<u8>)>,
     devices: Vec<(u64, u32, Vec<u8>)>,
+    /// More blobs than [`MAX_SYNC_STATES`], or memory outside guest RAM: the sync is refused.
+    refused: bool,
 }
 
 /// One host: the guest, the engine, the link and the queues between them.
@@ -280,11 +300,11 @@ struct Host {
     paused: bool,
     /// The link connection the engine knows about.
     conn: Option<u32>,
-    /// Secondary: RAM as of the last committed checkpoint (the PVM's content), so pages the SVM
-    /// dirtied can be put back.
-    committed_ram: Vec<u8>,
-    /// Secondary: pages the SVM dirtied since the last commit, not yet put back.
-    svm_dirty: Vec<u64>,
+    /// Secondary: RAM as of the last committed checkpoint (the PVM's content), through which
+    /// checkpoints apply (`snapshot::apply_checkpoint_svm_recycle`).
+    committed: Option<CommittedRam>,
+    /// Secondary: the pages the last apply wrote into the SVM.
+    restored: Vec<u64>,
     incoming: Incoming,
     buf: Vec<u8>,
     last_state: LinkState,
@@ -296,6 +316,12 @@ struct Host {
     /// Link error counters (by `LinkError::index`) and protocol errors already reported.
     seen_errors: [u64; 8],
     seen_protocol: u64,
+    /// Captures (pause samples) and applies (apply samples) reported to the engine.
+    captures: u64,
+    applies: u64,
+    /// When the status was last published to the registry.
+    published_at: u64,
+    published: (LinkState, u64),
 }
 
 impl Host {
@@ -345,6 +371,7 @@ impl Host {
         self.actions(now);
         self.transmit(now);
         self.report();
+        self.publish(now);
     }
 
     /// The link: connects and closes, received bytes.
@@ -432,17 +459,20 @@ impl Host {
                 }
                 Action::SyncMemory { offset, data } => {
                     let mut mem = self.guest.memory();
-                    if mem.write(offset, &data).is_err() {
+                    let committed = self.committed.as_mut().map(|c| c.write_at(offset, &data));
+                    if mem.write(offset, &data).is_err() || !matches!(committed, Some(Ok(()))) {
                         log::error!("node: full sync memory at {offset:#x} (+{}) outside guest RAM", data.len());
-                    }
-                    if let Some(dst) = self.committed_ram.get_mut(offset as usize..offset as usize + data.len()) {
-                        dst.copy_from_slice(&data);
+                        self.incoming.refused = true;
                     }
                 }
-                Action::SyncState { kind, id, tag, data } => match kind {
-                    StateKind::Vcpu => self.incoming.vcpu = Some((tag, data)),
-                    StateKind::Device => self.incoming.devices.push((id, tag, data)),
-                },
+                Action::SyncState { kind, id, tag, data } => {
+                    let held = self.incoming.devices.len() + usize::from(self.incoming.vcpu.is_some());
+                    match kind {
+                        _ if held >= MAX_SYNC_STATES => self.incoming.refused = true,
+                        StateKind::Vcpu => self.incoming.vcpu = Some((tag, data)),
+                        StateKind::Device => self.incoming.devices.push((id, tag, data)),
+                    }
+                }
                 Action::FinishFullSync { epoch } => {
                     let event = self.finish_full_sync(epoch);
                     self.node.borrow_mut().handle(Self::now(), event);
@@ -467,6 +497,7 @@ impl Host {
     /// Primary: pause and copy (incremental) or a source over the paused guest (full).
     fn capture(&mut self, epoch: u64, kind: CaptureKind) -> Event<'static> {
         let t0 = time::rdtsc();
+        self.captures += 1;
         let frames = self.guest.ram.len() / PAGE as u64;
         let verify = self.node.borrow().config().verify;
         match kind {
@@ -555,47 +586,38 @@ impl Host {
         }
     }
 
-    /// Secondary: a verified checkpoint into the SVM, all or nothing, and the SVM's own dirty
-    /// pages back to the committed content.
+    /// Secondary: a verified checkpoint into the SVM, all or nothing, through the committed copy
+    /// of guest RAM (the SVM's own dirty pages return to the PVM's content too); the page
+    /// staging goes back to the engine.
     fn apply_checkpoint(&mut self, staged: crate::colo::checkpoint::StagedCheckpoint) -> Event<'static> {
         let t0 = time::rdtsc();
+        self.applies += 1;
         let epoch = staged.epoch();
-        match snapshot::take_dirty(&mut self.guest) {
-            Ok(pages) => self.svm_dirty.extend(pages),
-            Err(e) => log::error!("node: SVM dirty pages: {e}"),
+        let Some(committed) = self.committed.as_mut() else {
+            log::error!("node: checkpoint {epoch} refused: no committed copy of guest RAM");
+            if let Some(staging) = staged.into_staging() {
+                self.node.borrow_mut().recycle_staging(staging);
+            }
+            return Event::ApplyDone { epoch, result: Err(ApplyFailure::State), apply_us: 0 };
+        };
+        let (applied, staging) =
+            snapshot::apply_checkpoint_svm_recycle(&mut self.guest, staged, epoch, committed, &mut self.restored);
+        if let Some(staging) = staging {
+            self.node.borrow_mut().recycle_staging(staging);
         }
-        let mut written: Vec<u64> = staged.pages().map(|p| p.gfn).collect();
-        written.sort_unstable();
-        let result = match snapshot::apply_checkpoint(&mut self.guest, staged, epoch) {
-            Ok(_) => {
-                let ram_len = self.guest.ram.len() as usize;
-                self.svm_dirty.sort_unstable();
-                self.svm_dirty.dedup();
-                let mut mem = self.guest.memory();
-                let mut restored = 0u64;
-                for &gfn in &self.svm_dirty {
-                    let at = gfn as usize * PAGE;
-                    if written.binary_search(&gfn).is_err() && at + PAGE <= ram_len {
-                        let page = &self.committed_ram[at..at + PAGE];
-                        if mem.write(at as u64, page).is_ok() {
-                            restored += 1;
-                            self.digests.page(gfn, page);
-                        }
+        let result = match applied {
+            Ok(report) => {
+                let bytes = committed.bytes();
+                for &gfn in &self.restored {
+                    if let Some(page) = bytes.get(gfn as usize * PAGE..(gfn as usize + 1) * PAGE) {
+                        self.digests.page(gfn, page);
                     }
                 }
-                for &gfn in &written {
-                    let at = gfn as usize * PAGE;
-                    if let (Ok(src), Some(dst)) =
-                        (mem.slice(at as u64, PAGE as u64), self.committed_ram.get_mut(at..at + PAGE))
-                    {
-                        dst.copy_from_slice(src);
-                        self.digests.page(gfn, src);
-                    }
-                }
-                self.svm_dirty.clear();
-                // The put-back pages were written by the hypervisor: not the SVM's own.
-                let _ = snapshot::take_dirty(&mut self.guest);
-                log::debug!("node: checkpoint {epoch}: {} pages applied, {restored} SVM pages put back", written.len());
+                log::debug!(
+                    "node: checkpoint {epoch}: {} pages applied, {} SVM pages put back",
+                    report.pages,
+                    report.svm_dirty_pages
+                );
                 Ok(self.node.borrow().config().verify.then(|| {
                     let node = self.node.borrow();
                     self.digests.all_sectors(node.secondary_disk().map_or(&[][..], MemDisk::as_bytes));
@@ -616,8 +638,15 @@ impl Host {
     /// Secondary: the full sync's states into the SVM.
     fn finish_full_sync(&mut self, epoch: u64) -> Event<'static> {
         let t0 = time::rdtsc();
+        self.applies += 1;
         let incoming = core::mem::take(&mut self.incoming);
         let result = (|| {
+            if incoming.refused || self.committed.is_none() {
+                log::error!(
+                    "node: full sync {epoch} refused: more than {MAX_SYNC_STATES} state blobs, memory outside guest RAM, or no committed copy"
+                );
+                return Err(ApplyFailure::State);
+            }
             let (tag, data) = incoming.vcpu.as_ref().ok_or(ApplyFailure::State)?;
             let state = VcpuState::parse(*tag, data).map_err(|e| {
                 log::error!("node: full sync {epoch}: vCPU state: {e}");
@@ -641,7 +670,6 @@ impl Host {
             self.guest.handler.set_msrs(state.handler_msrs);
             self.guest.load_devices(&devices);
             let _ = snapshot::take_dirty(&mut self.guest);
-            self.svm_dirty.clear();
             log::info!("node: full sync {epoch} applied");
             Ok(self.node.borrow().config().verify.then(|| {
                 // SAFETY: the SVM is paused (it runs only in `turn`) and alive.
@@ -722,6 +750,84 @@ impl Host {
                 c.svm_discarded_frames,
                 DigestText(self.last_digest)
             );
+        }
+    }
+}
+
+impl Host {
+    /// Publishes the engine's status to the registry every [`PUBLISH_MS`] and at every link
+    /// state change or commit, and takes the `checkpoint` requests the management API accepted.
+    fn publish(&mut self, now: Tick) {
+        // `report` just brought these up to date.
+        let (link, committed) = (self.last_state, self.last_committed);
+        if now.0 < self.published_at + PUBLISH_MS && (link, committed) == self.published {
+            return;
+        }
+        self.published_at = now.0;
+        self.published = (link, committed);
+        let report = self.colo_report();
+        let requests = crate::stats::with(|s| {
+            s.colo = Some(report);
+            core::mem::take(&mut s.colo_checkpoint_requests)
+        });
+        if requests > 0 && self.role == Role::Primary {
+            log::info!("node: checkpoint requested over the management API");
+            self.node.borrow_mut().handle(now, Event::Command(NodeCommand::Checkpoint));
+            self.actions(now);
+        }
+    }
+
+    /// The registry's view of the engine.
+    fn colo_report(&self) -> crate::stats::ColoReport {
+        let node = self.node.borrow();
+        let status = node.status();
+        let (s, c) = (&status.stats, &status.comparator);
+        let sample = |last, total, count| crate::stats::Sample { last, total, count };
+        crate::stats::ColoReport {
+            role: if self.role == Role::Primary { "primary" } else { "secondary" },
+            link: match status.link {
+                LinkState::Down => "down",
+                LinkState::Handshake => "handshake",
+                LinkState::Syncing => "syncing",
+                LinkState::Colo => "colo",
+            },
+            epoch: status.epoch,
+            committed: status.committed,
+            checkpoints_by_cause: s.checkpoints_by_cause,
+            checkpoints_committed: s.checkpoints_committed,
+            checkpoints_aborted: s.checkpoints_aborted,
+            full_syncs: s.full_syncs,
+            pause_us: sample(s.pause_us_last, s.pause_us_total, self.captures),
+            // Every acknowledged checkpoint (full syncs included) adds one transfer time.
+            transfer_us: sample(
+                s.transfer_us_last,
+                s.transfer_us_total,
+                if self.role == Role::Primary { s.checkpoints_committed } else { 0 },
+            ),
+            apply_us: sample(s.apply_us_last, s.apply_us_total, self.applies),
+            pages_last: s.pages_last,
+            pages_total: s.pages_total,
+            bytes_last: s.bytes_last,
+            bytes_total: s.bytes_total,
+            compared_bytes: c.compared_bytes + c.retransmitted_bytes,
+            matched_bytes: c.compared_bytes,
+            released_bytes: c.released_bytes,
+            released_frames: c.released_frames,
+            released_by_checkpoint: c.released_by_checkpoint,
+            held_frames: c.held_frames as u64,
+            mirrored_frames: s.mirrored_frames,
+            input_dropped: s.input_dropped,
+            svm_frames: s.svm_frames,
+            svm_frames_dropped: s.svm_frames_dropped,
+            link_errors: core::array::from_fn(|i| (LinkError::NAMES[i], s.link_errors[i])),
+            protocol_errors: s.protocol_errors,
+            verify_failures: s.verify_failures,
+            link_connects: s.link_connects,
+            link_closes: s.link_closes,
+            seq_rewritten: node
+                .rewriter_stats()
+                .map_or((0, 0, 0), |r| (r.svm_rewritten, r.client_rewritten, r.unknown_offset)),
+            digest: self.last_digest,
         }
     }
 }
@@ -808,9 +914,12 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         let secondary = role == NodeRole::Secondary;
         guest.set_block_hook(Box::new(DiskHook { node: node.clone(), secondary, written: written.clone() }));
     }
-    let committed_ram = match role {
-        NodeRole::Secondary => vec![0u8; guest.ram.len() as usize],
-        NodeRole::Primary => Vec::new(),
+    let committed = match role {
+        // SAFETY: the guest has not run yet and is alive; the copy is taken before it runs.
+        NodeRole::Secondary => Some(
+            CommittedRam::new(unsafe { ram_slice(guest.ram) }).unwrap_or_else(|e| fail(format_args!("secondary: {e}"))),
+        ),
+        NodeRole::Primary => None,
     };
     log::info!(
         "node: {:?} host running guest `{}` ({} MiB, dirty log {method:?}); checkpoint_ms={} compare_timeout_ms={} verify={}",
@@ -832,8 +941,8 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         // The secondary's SVM waits for its first full sync (the engine says so too).
         paused: role == NodeRole::Secondary,
         conn: None,
-        committed_ram,
-        svm_dirty: Vec::new(),
+        committed,
+        restored: Vec::new(),
         incoming: Incoming::default(),
         buf: vec![0; IO_CHUNK],
         last_state: LinkState::Down,
@@ -842,6 +951,10 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         last_digest: None,
         seen_errors: [0; 8],
         seen_protocol: 0,
+        captures: 0,
+        applies: 0,
+        published_at: 0,
+        published: (LinkState::Down, u64::MAX),
     };
     host.actions(now);
     loop {

@@ -283,40 +283,65 @@ pub fn apply_checkpoint_svm<B: AsRef<[u8]> + AsMut<[u8]>>(
     expected_epoch: u64,
     committed: &mut CommittedRam,
 ) -> Result<RestoreReport, SnapshotError> {
-    let checked = check(guest, &checkpoint)?;
+    apply_checkpoint_svm_recycle(guest, checkpoint, expected_epoch, committed, &mut Vec::new()).0
+}
+
+/// [`apply_checkpoint_svm`] for the two-host driver: also hands the checkpoint's page staging
+/// back (whether or not the apply succeeded; `ColoNode::recycle_staging` takes it, so the next
+/// checkpoint decodes into the same memory) and fills `restored` with every page written into
+/// the SVM (the checkpoint's and the SVM's own dirty pages, ascending), so the caller can keep
+/// per-page digests current.
+pub fn apply_checkpoint_svm_recycle<B: AsRef<[u8]> + AsMut<[u8]>>(
+    guest: &mut Guest,
+    checkpoint: StagedCheckpoint<B>,
+    expected_epoch: u64,
+    committed: &mut CommittedRam,
+    restored: &mut Vec<u64>,
+) -> (Result<RestoreReport, SnapshotError>, Option<PageStaging<B>>) {
+    restored.clear();
+    let checked = match check(guest, &checkpoint) {
+        Ok(c) => c,
+        Err(e) => return (Err(e), checkpoint.into_staging()),
+    };
     if committed.bytes().len() as u64 != guest.ram.len() {
-        return Err(SnapshotError::Committed(CommittedError::Size {
-            found: guest.ram.len(),
-            expected: committed.bytes().len() as u64,
-        }));
+        let e = CommittedError::Size { found: guest.ram.len(), expected: committed.bytes().len() as u64 };
+        return (Err(SnapshotError::Committed(e)), checkpoint.into_staging());
     }
     if guest.dirty.is_none() {
-        return Err(SnapshotError::NoDirtyLog);
+        return (Err(SnapshotError::NoDirtyLog), checkpoint.into_staging());
     }
     let gfns: Vec<u64> = checkpoint.pages().map(|p| p.gfn).collect();
-    let svm_dirty = take_dirty(guest)?;
-    let report = match checkpoint.apply_to(committed, expected_epoch) {
+    let svm_dirty = match take_dirty(guest) {
+        Ok(d) => d,
+        Err(e) => return (Err(e), checkpoint.into_staging()),
+    };
+    let (applied, staging) = checkpoint.apply_and_recycle(committed, expected_epoch);
+    let report = match applied {
         Ok(report) => report,
         Err(e) => {
             // Nothing changed: the SVM's dirty pages stay owed to the next checkpoint.
             if let Some(log) = guest.dirty.as_mut() {
                 svm_dirty.iter().for_each(|&gfn| log.mark(gfn));
             }
-            return Err(SnapshotError::Apply(e));
+            return (Err(SnapshotError::Apply(e)), staging);
         }
     };
+    *restored = pages_to_restore(&gfns, &svm_dirty);
     // Same size (checked above): this cannot fail.
-    committed
-        .restore_into(&mut guest.memory(), pages_to_restore(&gfns, &svm_dirty))
-        .map_err(SnapshotError::Committed)?;
-    load(guest, &checked)?;
-    Ok(RestoreReport {
+    if let Err(e) = committed.restore_into(&mut guest.memory(), restored.iter().copied()) {
+        return (Err(SnapshotError::Committed(e)), staging);
+    }
+    if let Err(e) = load(guest, &checked) {
+        return (Err(e), staging);
+    }
+    let report = RestoreReport {
         epoch: report.epoch,
         pages: report.pages,
         svm_dirty_pages: svm_dirty.len() as u64,
         clock_ticks: checked.devices.clock.ticks,
         nic_attached: guest.devices.net.as_ref().is_some_and(|n| n.attached()),
-    })
+    };
+    (Ok(report), staging)
 }
 
 /// A checkpoint's vCPU and device states, checked against a guest.

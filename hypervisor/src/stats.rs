@@ -251,6 +251,100 @@ impl Default for Tunables {
     }
 }
 
+/// COLO replication on this host, as the two-host driver (`node`) last published it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ColoReport {
+    /// `primary` or `secondary`.
+    pub role: &'static str,
+    /// The link: `down`, `handshake`, `syncing` or `colo`.
+    pub link: &'static str,
+    /// Primary: the epoch the PVM runs in; secondary: the epoch the SVM runs in.
+    pub epoch: u64,
+    /// The last committed checkpoint (primary: acknowledged; secondary: applied and verified).
+    pub committed: u64,
+    /// Checkpoints started, by cause, in [`ColoReport::CAUSES`] order.
+    pub checkpoints_by_cause: [u64; 6],
+    /// Checkpoints (and full syncs) committed.
+    pub checkpoints_committed: u64,
+    /// Checkpoints aborted (link lost, refused).
+    pub checkpoints_aborted: u64,
+    /// Full syncs completed.
+    pub full_syncs: u64,
+    /// PVM pause per capture (primary), µs: last, total, and how many captures.
+    pub pause_us: Sample,
+    /// Capture done to acknowledgement (primary, ms resolution), µs.
+    pub transfer_us: Sample,
+    /// Checkpoint and full-sync apply (secondary), µs.
+    pub apply_us: Sample,
+    /// Dirty pages of the last checkpoint.
+    pub pages_last: u64,
+    /// Pages of all checkpoints.
+    pub pages_total: u64,
+    /// Stream bytes of the last checkpoint.
+    pub bytes_last: u64,
+    /// Stream bytes of all checkpoints.
+    pub bytes_total: u64,
+    /// TCP payload bytes the comparator compared (each stream byte once, plus re-sent bytes
+    /// compared again).
+    pub compared_bytes: u64,
+    /// TCP stream bytes matched between PVM and SVM.
+    pub matched_bytes: u64,
+    /// Bytes of PVM frames released to clients.
+    pub released_bytes: u64,
+    /// PVM frames released to clients.
+    pub released_frames: u64,
+    /// PVM frames released by a committed checkpoint rather than a match.
+    pub released_by_checkpoint: u64,
+    /// PVM frames held now.
+    pub held_frames: u64,
+    /// Client frames mirrored to the secondary.
+    pub mirrored_frames: u64,
+    /// Client frames refused because the link queue or the secondary's backlog was full.
+    pub input_dropped: u64,
+    /// SVM frames sent (secondary) or received (primary).
+    pub svm_frames: u64,
+    /// SVM frames dropped.
+    pub svm_frames_dropped: u64,
+    /// Link errors by name (`colo::link::LinkError::NAMES` order).
+    pub link_errors: [(&'static str, u64); 8],
+    /// Well-formed link messages that made no sense here (each closed the link).
+    pub protocol_errors: u64,
+    /// Checkpoints whose digest did not match after the apply.
+    pub verify_failures: u64,
+    /// Link connections.
+    pub link_connects: u64,
+    /// Link closures.
+    pub link_closes: u64,
+    /// Secondary: SVM output frames and mirrored client frames whose TCP sequence numbers the
+    /// rewriter translated, and TCP frames passed untranslated because the offset was unknown.
+    pub seq_rewritten: (u64, u64, u64),
+    /// The last `checkpoint_verify` digest this host computed: (epoch, digest).
+    pub digest: Option<(u64, u64)>,
+}
+
+impl ColoReport {
+    /// Checkpoint causes, in counter order (`colo::node::Cause`).
+    pub const CAUSES: [&'static str; 6] = ["mismatch", "timeout", "pressure", "periodic", "manual", "full_sync"];
+}
+
+/// A duration measured once per event: the last value, the sum and the count (mean = sum / count).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// The last value.
+    pub last: u64,
+    /// The sum of all values.
+    pub total: u64,
+    /// How many values.
+    pub count: u64,
+}
+
+impl Sample {
+    /// The mean (0 before the first value).
+    pub fn mean(&self) -> u64 {
+        self.total.checked_div(self.count).unwrap_or(0)
+    }
+}
+
 /// The registry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HypervisorStats {
@@ -264,6 +358,10 @@ pub struct HypervisorStats {
     pub tunables: Tunables,
     /// The kernel heap (sampled by the management plane before each report).
     pub heap: HeapUsage,
+    /// COLO replication (`role=primary|secondary`), published by the two-host driver.
+    pub colo: Option<ColoReport>,
+    /// `checkpoint` requests the management API accepted and the driver has not taken yet.
+    pub colo_checkpoint_requests: u64,
 }
 
 impl HypervisorStats {
@@ -275,6 +373,8 @@ impl HypervisorStats {
             mgmt: MgmtCounters::new(),
             tunables: Tunables::DEFAULT,
             heap: HeapUsage { size: 0, used: 0, free: 0, high_water: 0, alloc_failures: 0 },
+            colo: None,
+            colo_checkpoint_requests: 0,
         }
     }
 

@@ -372,8 +372,11 @@ impl Cluster {
             Host::Primary => format!("10.79.{s}.3:{REPL_PORT}"),
             Host::Secondary => format!("10.79.{s}.2:{REPL_PORT}"),
         };
+        // `role=` in the extra words replaces the host's (a standalone host for comparisons).
+        let own_role = self.spec.cmdline_extra.split_whitespace().any(|w| w.starts_with("role="));
+        let role = if own_role { String::new() } else { format!("role={host} ") };
         format!(
-            "role={host} mgmt_addr={}/24 nics=mgmt+client,repl repl_addr={}/24 repl_port={REPL_PORT} peer_addr={peer} guest_mem=32M on_idle=halt {}",
+            "{role}mgmt_addr={}/24 nics=mgmt+client,repl repl_addr={}/24 repl_port={REPL_PORT} peer_addr={peer} guest_mem=32M on_idle=halt {}",
             self.mgmt_ip(host),
             self.repl_ip(host),
             self.spec.cmdline_extra

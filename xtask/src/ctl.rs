@@ -9,8 +9,10 @@
 //!
 //! Commands: `status`, `stats`, `tunables`, `set KEY VALUE`, `checkpoint`, `failover`,
 //! `shutdown`, and `raw 'JSON'` (sends the text as is, for testing the API's error replies).
-//! The address comes from `--addr`, else `COLO_MGMT_ADDR`, else `10.0.0.1:7070` (the management
-//! address from the README's example command line, with the default `mgmt_port`).
+//! The address comes from `--addr`, else `COLO_MGMT_ADDR`, else `--cluster primary|secondary` or,
+//! when a cluster from `cargo xtask cluster start` is recorded in `target/cluster/`, its primary
+//! (the request is sent from the cluster's client namespace), else `10.0.0.1:7070` (the
+//! management address from the README's example command line, with the default `mgmt_port`).
 //! Exit status: 0 when the reply says `"ok":true`, 1 when it says `"ok":false` or the request
 //! could not be sent or answered.
 
@@ -24,9 +26,10 @@ const DEFAULT_ADDR: &str = "10.0.0.1:7070";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const USAGE: &str = "\
-usage: cargo xtask ctl <command> [--addr IP:PORT] [--token-file FILE]
+usage: cargo xtask ctl <command> [--addr IP:PORT | --cluster primary|secondary] [--token-file FILE]
 commands: status | stats | tunables | set KEY VALUE | checkpoint | failover | shutdown | raw 'JSON'
-address: --addr, else $COLO_MGMT_ADDR, else 10.0.0.1:7070
+address: --addr, else $COLO_MGMT_ADDR, else --cluster HOST or the primary of the cluster
+         `cargo xtask cluster start` runs (sent from its client namespace), else 10.0.0.1:7070
 token: --token-file, else target/cluster/mgmt-token, else target/mgmt-token (from `cargo xtask image`)";
 
 fn json_string(s: &str) -> String {
@@ -101,6 +104,7 @@ pub fn ctl(args: &[String]) -> Result<(), String> {
     let mut rest = Vec::new();
     let mut addr = std::env::var("COLO_MGMT_ADDR").ok();
     let mut explicit_token = None;
+    let mut cluster_host = None;
     let mut i = 0;
     while i < args.len() {
         if args[i] == "--addr" {
@@ -110,9 +114,24 @@ pub fn ctl(args: &[String]) -> Result<(), String> {
             explicit_token =
                 Some(PathBuf::from(args.get(i + 1).ok_or("--token-file needs a value: --token-file FILE")?));
             i += 2;
+        } else if args[i] == "--cluster" {
+            let host = args.get(i + 1).ok_or("--cluster needs a host: --cluster primary|secondary")?;
+            cluster_host = Some(
+                qemu_tests::cluster::Host::parse(host)
+                    .ok_or_else(|| format!("unknown host `{host}`; accepted: primary|secondary"))?,
+            );
+            i += 2;
         } else {
             rest.push(args[i].clone());
             i += 1;
+        }
+    }
+    if addr.is_none() {
+        let dir = qemu_tests::target_dir().join("cluster");
+        let recorded = dir.join(qemu_tests::cluster::STATE_FILE).exists();
+        if cluster_host.is_some() || recorded {
+            let host = cluster_host.unwrap_or(qemu_tests::cluster::Host::Primary);
+            return via_cluster(&dir, host, &rest, explicit_token.as_deref());
         }
     }
     let addr_text = addr.unwrap_or_else(|| DEFAULT_ADDR.into());
@@ -145,6 +164,34 @@ pub fn ctl(args: &[String]) -> Result<(), String> {
         })
     } else {
         Err("the hypervisor refused the request (see the reply above)".into())
+    }
+}
+
+/// Sends the request to a host of the recorded cluster: this program again, inside the
+/// cluster's client namespace (the only place its management addresses are reachable from).
+fn via_cluster(
+    dir: &std::path::Path,
+    host: qemu_tests::cluster::Host,
+    rest: &[String],
+    token_file: Option<&std::path::Path>,
+) -> Result<(), String> {
+    request(rest, None)?;
+    let cluster = qemu_tests::cluster::Cluster::load(dir).map_err(|e| e.to_string())?;
+    let addr = format!("{}:{}", cluster.mgmt_ip(host), qemu_tests::cluster::MGMT_PORT);
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &cluster.client_netns()])
+        .arg(me)
+        .arg("ctl")
+        .args(rest)
+        .args(["--addr", &addr])
+        .args(token_file.into_iter().flat_map(|f| [std::ffi::OsStr::new("--token-file"), f.as_os_str()]))
+        .status()
+        .map_err(|e| format!("cannot run `ip netns exec {}`: {e} (root needed)", cluster.client_netns()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the {host} host ({addr}) refused the request or did not answer"))
     }
 }
 

@@ -757,7 +757,11 @@ fn main(env: &Env) -> i32 {
     );
     let mut shutdown = false;
     let mut shutdown_at = None;
+    let mut isn_stir = (!shim.isn).then(netshim::IsnStir::new);
     loop {
+        if let Some(stir) = isn_stir.as_mut() {
+            stir.turn(&mut iface, cidr.address().into());
+        }
         nic.notify();
         iface.poll(netshim::now(), &mut nic, &mut sockets);
         let mut active = false;

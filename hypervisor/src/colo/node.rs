@@ -1248,6 +1248,11 @@ impl<D: BlockBackend> ColoNode<D> {
         }
     }
 
+    /// Secondary: the sequence rewriter's counters (for management).
+    pub fn rewriter_stats(&self) -> Option<&super::rewriter::RewriterStats> {
+        self.secondary.as_ref().map(|s| s.rewriter.stats())
+    }
+
     /// The next action to carry out, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
@@ -1970,9 +1975,12 @@ impl<D: BlockBackend> ColoNode<D> {
             edge.set_delta(k, d);
         }
         edge.promote();
-        if self.config.rewrite_seq && !s.inherited.is_empty() {
+        // The SVM's output is learnt, not translated, while it replicates (the comparator compares
+        // each side in its own sequence space): what it produced unconfirmed is translated now,
+        // with its own translation composed with the inherited one.
+        if self.config.rewrite_seq {
             for f in s.unconfirmed.iter_mut() {
-                edge.rewrite_svm_output(f);
+                s.rewriter.rewrite_svm_output(f);
             }
         }
         let limits = ComparatorLimits {
@@ -2476,12 +2484,13 @@ impl<D: BlockBackend> ColoNode<D> {
             self.stats.svm_frames_dropped += 1;
             return;
         }
-        let mut f = frame.to_vec();
         if self.config.rewrite_seq {
-            s.rewriter.rewrite_svm_output(&mut f);
+            // Learnt, not translated: the comparator compares each side in its own sequence space.
+            s.rewriter.observe_svm_output(frame);
         }
         // Kept for a takeover until the next checkpoint is applied (bounded: the SVM pauses
         // at `max_unconfirmed_bytes`, see `update_vm`).
+        let f = frame.to_vec();
         s.unconfirmed_bytes += f.len();
         s.unconfirmed.push_back(f.clone());
         let Some(c) = self.conn.as_mut().filter(|c| c.synced) else {

@@ -222,6 +222,21 @@ impl SequenceRewriter {
         }
     }
 
+    /// Learn the SVM's ISN from an SVM SYN / SYN-ACK without translating anything: the secondary
+    /// while replicating. Its output goes to the primary's comparator, which anchors each side
+    /// at its own SYN, so it must stay in the SVM's own sequence space from the SYN-ACK on (the
+    /// SYN-ACK itself cannot be translated: the PVM's ISN is learnt later, from the client's
+    /// handshake ACK). The delta learnt here serves mirrored client input now and the SVM's
+    /// output after [`SequenceRewriter::promote`].
+    pub fn observe_svm_output(&mut self, frame: &[u8]) {
+        let p = self.parse(frame);
+        if let Some(t) = p.tcp() {
+            if t.flags.contains(TcpFlags::SYN) && self.mode == RewriterMode::Replicating {
+                self.conns.entry(p.flow).or_default().syn_seen(false, t.seq);
+            }
+        }
+    }
+
     /// A committed checkpoint: the SVM now runs the PVM's TCP state and sequence numbers, so
     /// every known connection's delta becomes 0; half-learned handshakes restart.
     pub fn on_checkpoint_committed(&mut self) {
@@ -540,6 +555,29 @@ mod tests {
         assert_eq!(r.rewrite_client_input(&mut c), RewriteOutcome::Rewritten);
         assert_eq!(tcp(&c).tcp().unwrap().ack, 5001);
         assert_eq!(r.delta(&tcp(&svm).flow), Some(1000u32.wrapping_sub(5000)));
+    }
+
+    /// The secondary while replicating: SVM output is learnt from, never translated (the
+    /// primary's comparator anchors it at the SVM's own SYN-ACK); mirrored client input is
+    /// translated once the client's handshake ACK names the PVM's ISN; after promotion the SVM's
+    /// output carries the PVM's numbering.
+    #[test]
+    fn observed_svm_output_stays_in_svm_space_until_promotion() {
+        let mut r = SequenceRewriter::default();
+        let svm = frame(false, true, 5000, Some(51), TcpControl::Syn, [None; 3], b"");
+        r.observe_svm_output(&svm);
+        let mut c = frame(false, false, 51, Some(1001), TcpControl::None, [None; 3], b"");
+        assert_eq!(r.rewrite_client_input(&mut c), RewriteOutcome::Rewritten);
+        assert_eq!(tcp(&c).tcp().unwrap().ack, 5001);
+        let data = frame(false, true, 5001, Some(51), TcpControl::Psh, [None; 3], b"hi");
+        let copy = data.clone();
+        r.observe_svm_output(&data);
+        assert_eq!(data, copy);
+        assert_eq!(r.stats().svm_rewritten, 0);
+        r.promote();
+        let mut later = frame(false, true, 5003, Some(51), TcpControl::Psh, [None; 3], b"yo");
+        assert_eq!(r.rewrite_svm_output(&mut later), RewriteOutcome::Rewritten);
+        assert_eq!(tcp(&later).tcp().unwrap().seq, 1003);
     }
 
     #[test]

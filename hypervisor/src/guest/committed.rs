@@ -78,6 +78,18 @@ impl CommittedRam {
         &self.bytes
     }
 
+    /// Writes `data` at byte `offset` (a piece of a full sync, which the secondary writes into
+    /// the SVM and here alike). Nothing is written when it does not fit.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), CommittedError> {
+        let len = self.bytes.len() as u64;
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= len);
+        let Some(end) = end else {
+            return Err(CommittedError::Size { found: offset.saturating_add(data.len() as u64), expected: len });
+        };
+        self.bytes[offset as usize..end as usize].copy_from_slice(data);
+        Ok(())
+    }
+
     /// Copies every frame in `gfns` from the committed copy into `ram`; returns the pages copied.
     /// `ram` must be the same size; frames outside it are skipped (none are, for a checked
     /// checkpoint and a dirty log of this guest).
@@ -186,5 +198,11 @@ mod tests {
         assert_eq!(committed.restore_into(&mut GuestRam::new(&mut same), [1, 9, u64::MAX]).unwrap(), 1);
         assert_eq!(&same[PAGE..], &[1; PAGE][..]);
         assert!(CommittedError::NoMemory { bytes: 1 << 32 }.to_string().contains("4294967296 bytes"));
+        let mut c = CommittedRam::new(&[0; 2 * PAGE]).unwrap();
+        c.write_at(PAGE as u64 - 2, &[7; 4]).unwrap();
+        assert_eq!(&c.bytes()[PAGE - 3..PAGE + 3], &[0, 7, 7, 7, 7, 0]);
+        assert!(c.write_at(2 * PAGE as u64 - 1, &[1, 2]).is_err());
+        assert!(c.write_at(u64::MAX, &[1]).is_err());
+        assert_eq!(c.bytes().iter().filter(|&&b| b != 0).count(), 4, "a refused write changes nothing");
     }
 }

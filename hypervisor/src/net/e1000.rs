@@ -77,8 +77,10 @@ const TX_CMD_IFCS: u8 = 1 << 1;
 const TX_CMD_RS: u8 = 1 << 3;
 const TX_DD: u8 = 1 << 0;
 
-/// Descriptors per ring (a multiple of 8: ring length must be a multiple of 128 bytes).
-const RING: usize = 64;
+/// Descriptors per ring (a multiple of 8: ring length must be a multiple of 128 bytes). 256:
+/// the replication link's TCP window (256 KiB, ~180 full segments) arrives in bursts that a
+/// 64-entry receive ring dropped between two polls of a busy host.
+const RING: usize = 256;
 /// Bytes per buffer.
 pub const BUFFER: usize = 2048;
 /// The largest frame sent (without FCS): Ethernet MTU 1500 plus a VLAN-tagged header.

@@ -13,7 +13,7 @@ use core::fmt::{self, Write};
 use core::net::Ipv4Addr;
 
 use super::auth::{Denied, Gate};
-use crate::stats::{GuestState, HypervisorStats};
+use crate::stats::{ColoReport, GuestState, HypervisorStats};
 use crate::vcpu::VmExit;
 
 /// The longest request head accepted (request line and headers), in bytes.
@@ -488,7 +488,140 @@ pub fn render(stats: &HypervisorStats, role: &str, uptime_ms: u64) -> String {
         family(&mut o, name, "gauge", help);
         let _ = writeln!(o, "{name} {}.{:03}", ms / 1000, ms % 1000);
     }
+    if let Some(c) = &stats.colo {
+        colo(&mut o, c);
+    }
     o
+}
+
+/// Seconds from µs, as `S.UUUUUU`.
+fn seconds(o: &mut String, us: u64) {
+    let _ = write!(o, "{}.{:06}", us / 1_000_000, us % 1_000_000);
+}
+
+/// The COLO families (`role=primary|secondary` only).
+fn colo(o: &mut String, c: &ColoReport) {
+    family(o, "colo_replication_link_state", "gauge", "1 for the replication link's state (down, handshake, syncing, colo), 0 for the others, labelled with this host's role.");
+    for state in ["down", "handshake", "syncing", "colo"] {
+        let _ = writeln!(
+            o,
+            "colo_replication_link_state{{role=\"{}\",state=\"{state}\"}} {}",
+            c.role,
+            u8::from(c.link == state)
+        );
+    }
+    for (name, help, value) in [
+        (
+            "colo_replication_epoch",
+            "Primary: the epoch the PVM runs in; secondary: the epoch the SVM runs in.",
+            c.epoch,
+        ),
+        ("colo_replication_committed_epoch", "The last committed checkpoint's epoch.", c.committed),
+        ("colo_comparator_held_frames", "PVM frames held by the comparator now.", c.held_frames),
+        ("colo_checkpoint_last_pages", "Dirty pages of the last checkpoint.", c.pages_last),
+        ("colo_checkpoint_last_bytes", "Stream bytes of the last checkpoint.", c.bytes_last),
+    ] {
+        family(o, name, "gauge", help);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    family(
+        o,
+        "colo_checkpoints_total",
+        "counter",
+        "Checkpoints started, by cause (mismatch, timeout, pressure, periodic, manual, full_sync).",
+    );
+    for (cause, n) in ColoReport::CAUSES.iter().zip(c.checkpoints_by_cause) {
+        let _ = writeln!(o, "colo_checkpoints_total{{cause=\"{cause}\"}} {n}");
+    }
+    family(
+        o,
+        "colo_link_errors_total",
+        "counter",
+        "Malformed bytes on the replication link, by error; each closed the connection.",
+    );
+    for (error, n) in c.link_errors {
+        o.push_str("colo_link_errors_total{error=\"");
+        label(o, error);
+        let _ = writeln!(o, "\"}} {n}");
+    }
+    for (name, help, value) in [
+        ("colo_checkpoints_committed_total", "Checkpoints and full syncs committed.", c.checkpoints_committed),
+        ("colo_checkpoints_aborted_total", "Checkpoints aborted (link lost or refused).", c.checkpoints_aborted),
+        ("colo_full_syncs_total", "Full syncs completed.", c.full_syncs),
+        ("colo_checkpoint_pages_total", "Dirty pages of all checkpoints.", c.pages_total),
+        ("colo_checkpoint_bytes_total", "Stream bytes of all checkpoints.", c.bytes_total),
+        (
+            "colo_comparator_compared_bytes_total",
+            "TCP payload bytes compared (stream bytes once, re-sent bytes again).",
+            c.compared_bytes,
+        ),
+        ("colo_comparator_matched_bytes_total", "TCP stream bytes matched between PVM and SVM.", c.matched_bytes),
+        ("colo_released_bytes_total", "Bytes of PVM frames released to clients.", c.released_bytes),
+        ("colo_released_frames_total", "PVM frames released to clients.", c.released_frames),
+        (
+            "colo_released_by_checkpoint_frames_total",
+            "PVM frames released by a committed checkpoint rather than a match.",
+            c.released_by_checkpoint,
+        ),
+        ("colo_mirrored_frames_total", "Client frames mirrored to the secondary.", c.mirrored_frames),
+        (
+            "colo_input_dropped_frames_total",
+            "Client frames refused because the link queue or the backlog was full.",
+            c.input_dropped,
+        ),
+        ("colo_svm_frames_total", "SVM output frames sent (secondary) or received (primary).", c.svm_frames),
+        ("colo_svm_dropped_frames_total", "SVM output frames dropped.", c.svm_frames_dropped),
+        (
+            "colo_link_protocol_errors_total",
+            "Well-formed link messages that made no sense here; each closed the connection.",
+            c.protocol_errors,
+        ),
+        (
+            "colo_verify_failures_total",
+            "Checkpoints whose checkpoint_verify digest differed after the apply.",
+            c.verify_failures,
+        ),
+        ("colo_link_connects_total", "Replication link connections.", c.link_connects),
+        ("colo_link_closes_total", "Replication link closures.", c.link_closes),
+        (
+            "colo_seq_rewritten_svm_frames_total",
+            "SVM output frames whose TCP sequence numbers were translated (secondary).",
+            c.seq_rewritten.0,
+        ),
+        (
+            "colo_seq_rewritten_client_frames_total",
+            "Mirrored client frames whose TCP acknowledgements were translated (secondary).",
+            c.seq_rewritten.1,
+        ),
+        (
+            "colo_seq_unknown_offset_frames_total",
+            "TCP frames passed untranslated because the sequence offset was unknown (secondary).",
+            c.seq_rewritten.2,
+        ),
+    ] {
+        family(o, name, "counter", help);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    for (name, what, sample) in [
+        ("colo_checkpoint_pause_seconds", "PVM pause per capture", c.pause_us),
+        ("colo_checkpoint_transfer_seconds", "Checkpoint transfer, capture done to acknowledgement", c.transfer_us),
+        ("colo_checkpoint_apply_seconds", "Checkpoint apply on the secondary", c.apply_us),
+    ] {
+        let help = crate::net::mgmt::format(format_args!("{what} (mean = sum / count)."));
+        family(o, name, "summary", &help);
+        let _ = write!(o, "{name}_sum ");
+        seconds(o, sample.total);
+        let _ = writeln!(o, "\n{name}_count {}", sample.count);
+        let last = crate::net::mgmt::format(format_args!(
+            "colo_checkpoint_{}_last_seconds",
+            &name["colo_checkpoint_".len()..name.len() - "_seconds".len()]
+        ));
+        let help = crate::net::mgmt::format(format_args!("{what}, the last one."));
+        family(o, &last, "gauge", &help);
+        let _ = write!(o, "{last} ");
+        seconds(o, sample.last);
+        o.push('\n');
+    }
 }
 
 #[cfg(test)]
@@ -505,6 +638,38 @@ mod tests {
         s.guest_mut("we\"ird\\name\n").state = GuestState::Running;
         s.guest_mut("we\"ird\\name\n").exits.record(&VmExit::Hlt);
         s
+    }
+
+    #[test]
+    fn colo_families_are_rendered_for_a_replicating_host() {
+        let mut s = sample();
+        let mut c = crate::stats::ColoReport { role: "primary", link: "colo", epoch: 9, ..Default::default() };
+        c.checkpoints_by_cause[4] = 2;
+        c.pause_us = crate::stats::Sample { last: 1_500, total: 4_000_123, count: 3 };
+        c.link_errors = crate::colo::link::LinkError::NAMES.map(|n| (n, 0));
+        c.link_errors[0].1 = 3;
+        s.colo = Some(c);
+        let page = render(&s, "primary", 5);
+        if let Ok(path) = std::env::var("COLO_METRICS_SAMPLE") {
+            std::fs::write(path, &page).unwrap();
+        }
+        for line in [
+            "colo_replication_link_state{role=\"primary\",state=\"colo\"} 1",
+            "colo_replication_link_state{role=\"primary\",state=\"down\"} 0",
+            "colo_replication_epoch 9",
+            "colo_checkpoints_total{cause=\"manual\"} 2",
+            "colo_checkpoint_pause_seconds_sum 4.000123",
+            "colo_checkpoint_pause_seconds_count 3",
+            "colo_checkpoint_pause_last_seconds 0.001500",
+            "colo_verify_failures_total 0",
+        ] {
+            assert!(page.lines().any(|l| l == line), "no `{line}` in:\n{page}");
+        }
+        assert!(page.contains(&std::format!(
+            "colo_link_errors_total{{error=\"{}\"}} 3",
+            crate::colo::link::LinkError::NAMES[0]
+        )));
+        assert!(!render(&sample(), "standalone", 5).contains("colo_replication"));
     }
 
     #[test]

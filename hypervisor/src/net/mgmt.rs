@@ -20,7 +20,7 @@ use core::fmt::{self, Write};
 use core::net::Ipv4Addr;
 
 use super::auth::{Denied, Gate};
-use crate::stats::{HeapUsage, HypervisorStats, NicEntry, Tunables};
+use crate::stats::{ColoReport, HeapUsage, HypervisorStats, NicEntry, Tunables};
 use crate::vcpu::VmExit;
 
 /// The longest request line accepted, in bytes (without the newline).
@@ -706,8 +706,11 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
         Request::Status => {
             o.bool("ok", true).str("cmd", "status").str("version", env!("CARGO_PKG_VERSION"));
             o.str("role", ctx.role).num("uptime_ms", ctx.uptime_ms);
-            o.str("replication", if ctx.replication_running { "running" } else { "not running" });
+            o.str("replication", if replication_running(ctx) { "running" } else { "not running" });
             o.raw("nics", &nics_json(&ctx.stats.nics));
+            if let Some(c) = &ctx.stats.colo {
+                o.raw("colo", &colo_json(c));
+            }
             let mut guests = Arr::new();
             for g in &ctx.stats.guests {
                 let mut e = Obj::new();
@@ -754,6 +757,9 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
             mgmt.raw("auth", &auth.finish());
             o.raw("mgmt", &mgmt.finish());
             o.raw("heap", &heap_json(&ctx.stats.heap));
+            if let Some(c) = &ctx.stats.colo {
+                o.raw("colo", &colo_json(c));
+            }
         }
         Request::Tunables => {
             o.bool("ok", true).str("cmd", "tunables").raw("tunables", &tunables_json(&ctx.stats.tunables));
@@ -768,6 +774,22 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
             tunable.set(&mut ctx.stats.tunables, value);
             o.bool("ok", true).str("cmd", "set").str("key", tunable.spec().0);
             o.num("old", u64::from(old)).num("value", u64::from(value));
+        }
+        Request::Checkpoint if replication_running(ctx) && ctx.role == "primary" => {
+            // The driver takes the request at its next publication and feeds the engine
+            // `NodeCommand::Checkpoint`; `colo.checkpoints_by_cause.manual` counts it.
+            ctx.stats.colo_checkpoint_requests += 1;
+            let epoch = ctx.stats.colo.as_ref().map_or(0, |c| c.epoch);
+            o.bool("ok", true).str("cmd", "checkpoint").bool("accepted", true).num("epoch", epoch);
+            o.str("detail", "a checkpoint of the running epoch starts at the driver's next turn");
+        }
+        Request::Checkpoint if replication_running(ctx) => {
+            o.bool("ok", false).str("cmd", "checkpoint").bool("accepted", false).str("error", "not_available");
+            let detail = crate::net::mgmt::format(format_args!(
+                "checkpoints are taken by the primary (this host is role={}); send checkpoint to the primary",
+                ctx.role
+            ));
+            o.str("detail", &detail);
         }
         Request::Checkpoint | Request::Failover => {
             let cmd = if request == Request::Checkpoint { "checkpoint" } else { "failover" };
@@ -788,6 +810,52 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
         }
     }
     Reply { text: o.finish(), action }
+}
+
+/// Whether COLO runs: the transport says so, or the driver published a link in COLO.
+fn replication_running(ctx: &Context<'_>) -> bool {
+    ctx.replication_running || ctx.stats.colo.as_ref().is_some_and(|c| c.link == "colo")
+}
+
+/// The `colo` object of `status` and `stats` (µs durations: last and mean).
+fn colo_json(c: &ColoReport) -> String {
+    let mut o = Obj::new();
+    o.str("role", c.role).str("link", c.link).num("epoch", c.epoch).num("committed", c.committed);
+    let mut causes = Obj::new();
+    for (name, n) in ColoReport::CAUSES.iter().zip(c.checkpoints_by_cause) {
+        causes.num(name, n);
+    }
+    o.raw("checkpoints_by_cause", &causes.finish());
+    o.num("checkpoints_committed", c.checkpoints_committed).num("checkpoints_aborted", c.checkpoints_aborted);
+    o.num("full_syncs", c.full_syncs);
+    for (name, sample) in [("pause_us", c.pause_us), ("transfer_us", c.transfer_us), ("apply_us", c.apply_us)] {
+        let mut d = Obj::new();
+        d.num("last", sample.last).num("mean", sample.mean()).num("count", sample.count);
+        o.raw(name, &d.finish());
+    }
+    o.num("pages_last", c.pages_last).num("pages_total", c.pages_total);
+    o.num("bytes_last", c.bytes_last).num("bytes_total", c.bytes_total);
+    o.num("compared_bytes", c.compared_bytes).num("matched_bytes", c.matched_bytes);
+    o.num("released_bytes", c.released_bytes).num("released_frames", c.released_frames);
+    o.num("released_by_checkpoint", c.released_by_checkpoint).num("held_frames", c.held_frames);
+    o.num("mirrored_frames", c.mirrored_frames).num("input_dropped", c.input_dropped);
+    o.num("svm_frames", c.svm_frames).num("svm_frames_dropped", c.svm_frames_dropped);
+    let mut errors = Obj::new();
+    for (name, n) in c.link_errors {
+        errors.num(name, n);
+    }
+    o.raw("link_errors", &errors.finish());
+    o.num("protocol_errors", c.protocol_errors).num("verify_failures", c.verify_failures);
+    o.num("link_connects", c.link_connects).num("link_closes", c.link_closes);
+    let (svm, client, unknown) = c.seq_rewritten;
+    let mut rw = Obj::new();
+    rw.num("svm_frames", svm).num("client_frames", client).num("unknown_offset", unknown);
+    o.raw("seq_rewritten", &rw.finish());
+    if let Some((epoch, d)) = c.digest {
+        let text = crate::net::mgmt::format(format_args!("{epoch}:{:08x}-{:08x}", d >> 32, d as u32));
+        o.str("digest", &text);
+    }
+    o.finish()
 }
 
 fn heap_json(h: &HeapUsage) -> String {
@@ -1282,6 +1350,60 @@ mod tests {
             assert_eq!(s(&j, "accepted"), "true");
             assert!(s(&j, "detail").contains("not available until replication is running"));
         }
+    }
+
+    fn colo_report(role: &'static str, link: &'static str) -> ColoReport {
+        let mut c = ColoReport { role, link, epoch: 7, committed: 6, ..ColoReport::default() };
+        c.checkpoints_by_cause = [1, 2, 3, 4, 5, 6];
+        c.pause_us = crate::stats::Sample { last: 30, total: 100, count: 4 };
+        c.link_errors = [("bad_magic", 2), ("b", 0), ("c", 0), ("d", 0), ("e", 0), ("f", 0), ("g", 0), ("h", 0)];
+        c.digest = Some((6, 0x1234_5678_9abc_def0));
+        c
+    }
+
+    #[test]
+    fn status_and_stats_carry_the_colo_counters() {
+        let mut stats = HypervisorStats::new();
+        stats.colo = Some(colo_report("primary", "colo"));
+        for cmd in ["status", "stats"] {
+            let line = crate::net::mgmt::format(format_args!("{{\"cmd\":\"{cmd}\"}}"));
+            let r = handle(
+                line.as_bytes(),
+                &mut Context { role: "primary", uptime_ms: 1, replication_running: false, stats: &mut stats },
+            );
+            let j = parse_json(r.text.as_bytes()).unwrap();
+            let colo = j.field("colo").unwrap_or_else(|| panic!("no colo in {}", r.text));
+            assert_eq!(s(colo, "link"), "colo");
+            assert_eq!(s(colo, "epoch"), "7");
+            assert_eq!(s(colo.field("checkpoints_by_cause").unwrap(), "manual"), "5");
+            assert_eq!(s(colo.field("checkpoints_by_cause").unwrap(), "full_sync"), "6");
+            assert_eq!(s(colo.field("pause_us").unwrap(), "mean"), "25");
+            assert_eq!(s(colo.field("link_errors").unwrap(), "bad_magic"), "2");
+            assert_eq!(s(colo, "digest"), "6:12345678-9abcdef0");
+        }
+        let j = parse_json(handle(br#"{"cmd":"status"}"#, &mut ctx(&mut stats)).text.as_bytes()).unwrap();
+        assert_eq!(s(&j, "replication"), "running");
+    }
+
+    #[test]
+    fn checkpoint_is_taken_by_a_running_primary_only() {
+        let mut stats = HypervisorStats::new();
+        stats.colo = Some(colo_report("primary", "colo"));
+        let mut c = Context { role: "primary", uptime_ms: 1, replication_running: false, stats: &mut stats };
+        let j = parse_json(handle(br#"{"cmd":"checkpoint"}"#, &mut c).text.as_bytes()).unwrap();
+        assert_eq!((s(&j, "ok"), s(&j, "accepted"), s(&j, "epoch")), ("true".into(), "true".into(), "7".into()));
+        assert_eq!(stats.colo_checkpoint_requests, 1);
+        // A secondary refuses by name; a primary whose link is down too.
+        stats.colo = Some(colo_report("secondary", "colo"));
+        let mut c = Context { role: "secondary", uptime_ms: 1, replication_running: false, stats: &mut stats };
+        let j = parse_json(handle(br#"{"cmd":"checkpoint"}"#, &mut c).text.as_bytes()).unwrap();
+        assert_eq!((s(&j, "ok"), s(&j, "error")), ("false".into(), "not_available".into()));
+        assert!(s(&j, "detail").contains("taken by the primary"));
+        stats.colo = Some(colo_report("primary", "syncing"));
+        let mut c = Context { role: "primary", uptime_ms: 1, replication_running: false, stats: &mut stats };
+        let j = parse_json(handle(br#"{"cmd":"checkpoint"}"#, &mut c).text.as_bytes()).unwrap();
+        assert_eq!(s(&j, "ok"), "false");
+        assert_eq!(stats.colo_checkpoint_requests, 1);
     }
 
     #[test]

@@ -553,7 +553,12 @@ pub mod nic {
         /// The transport.
         pub link: ReplLink,
         nic: ReplNic,
+        /// When the NIC's link state is next copied to the registry.
+        link_state_at: u64,
     }
+
+    /// How often the `repl` NIC's link state is read, ms.
+    const LINK_STATE_MS: u64 = 100;
 
     impl ReplPort {
         /// Takes the `repl` NIC from the network stack and starts the link for `config`'s role.
@@ -576,14 +581,20 @@ pub mod nic {
                     log::info!("repl: {}/{} on nic{index}, listening on TCP port {port}", addr.addr, addr.prefix)
                 }
             }
-            Ok(Self { link, nic })
+            Ok(Self { link, nic, link_state_at: 0 })
         }
 
-        /// One round of link work at the current time.
+        /// One round of link work at the current time. The NIC's link state (a register read,
+        /// an exit to the device model under emulation) goes to the registry at most every
+        /// [`LINK_STATE_MS`], not at every round: the driver polls many times per millisecond.
         pub fn poll(&mut self) {
-            self.link.poll(time::now_ms(), &mut self.nic);
-            let up = self.nic.dev.link_up();
-            stats::with(|s| s.nic_mut(self.nic.index).link_up = up);
+            let now = time::now_ms();
+            self.link.poll(now, &mut self.nic);
+            if now >= self.link_state_at {
+                self.link_state_at = now + LINK_STATE_MS;
+                let up = self.nic.dev.link_up();
+                stats::with(|s| s.nic_mut(self.nic.index).link_up = up);
+            }
         }
     }
 

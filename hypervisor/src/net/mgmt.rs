@@ -1367,10 +1367,7 @@ mod tests {
         stats.colo = Some(colo_report("primary", "colo"));
         for cmd in ["status", "stats"] {
             let line = crate::net::mgmt::format(format_args!("{{\"cmd\":\"{cmd}\"}}"));
-            let r = handle(
-                line.as_bytes(),
-                &mut Context { role: "primary", uptime_ms: 1, replication_running: false, stats: &mut stats },
-            );
+            let r = handle(line.as_bytes(), &mut Context { role: "primary", ..ctx(&mut stats) });
             let j = parse_json(r.text.as_bytes()).unwrap();
             let colo = j.field("colo").unwrap_or_else(|| panic!("no colo in {}", r.text));
             assert_eq!(s(colo, "link"), "colo");
@@ -1389,18 +1386,18 @@ mod tests {
     fn checkpoint_is_taken_by_a_running_primary_only() {
         let mut stats = HypervisorStats::new();
         stats.colo = Some(colo_report("primary", "colo"));
-        let mut c = Context { role: "primary", uptime_ms: 1, replication_running: false, stats: &mut stats };
+        let mut c = Context { role: "primary", ..ctx(&mut stats) };
         let j = parse_json(handle(br#"{"cmd":"checkpoint"}"#, &mut c).text.as_bytes()).unwrap();
         assert_eq!((s(&j, "ok"), s(&j, "accepted"), s(&j, "epoch")), ("true".into(), "true".into(), "7".into()));
         assert_eq!(stats.colo_checkpoint_requests, 1);
         // A secondary refuses by name; a primary whose link is down too.
         stats.colo = Some(colo_report("secondary", "colo"));
-        let mut c = Context { role: "secondary", uptime_ms: 1, replication_running: false, stats: &mut stats };
+        let mut c = Context { role: "secondary", ..ctx(&mut stats) };
         let j = parse_json(handle(br#"{"cmd":"checkpoint"}"#, &mut c).text.as_bytes()).unwrap();
         assert_eq!((s(&j, "ok"), s(&j, "error")), ("false".into(), "not_available".into()));
         assert!(s(&j, "detail").contains("taken by the primary"));
         stats.colo = Some(colo_report("primary", "syncing"));
-        let mut c = Context { role: "primary", uptime_ms: 1, replication_running: false, stats: &mut stats };
+        let mut c = Context { role: "primary", ..ctx(&mut stats) };
         let j = parse_json(handle(br#"{"cmd":"checkpoint"}"#, &mut c).text.as_bytes()).unwrap();
         assert_eq!(s(&j, "ok"), "false");
         assert_eq!(stats.colo_checkpoint_requests, 1);

@@ -264,6 +264,8 @@ pub struct HypervisorStats {
     pub tunables: Tunables,
     /// The kernel heap (sampled by the management plane before each report).
     pub heap: HeapUsage,
+    /// `repl_auth=` of a replicating host (`None` on a standalone one).
+    pub repl_auth: Option<bool>,
 }
 
 impl HypervisorStats {
@@ -275,6 +277,7 @@ impl HypervisorStats {
             mgmt: MgmtCounters::new(),
             tunables: Tunables::DEFAULT,
             heap: HeapUsage { size: 0, used: 0, free: 0, high_water: 0, alloc_failures: 0 },
+            repl_auth: None,
         }
     }
 

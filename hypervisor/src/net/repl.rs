@@ -775,8 +775,9 @@ pub mod nic {
     use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
     use smoltcp::time::Instant;
 
-    use super::{LinkConfig, Mode, ReplLink};
+    use super::{LinkConfig, Mode, ReplLink, Sealing};
     use crate::config::{Config, Role};
+    use crate::seal::ClusterKey;
     use crate::host::time;
     use crate::net::e1000::{TxError, E1000, MAX_FRAME};
     use crate::stats;
@@ -790,6 +791,29 @@ pub mod nic {
         NoReplNic,
         /// `repl_addr=` or `peer_addr=` is missing (the config parser normally refuses that).
         Unaddressed,
+        /// `repl_auth=on` without a `cluster-key` module.
+        NoClusterKey,
+    }
+
+    /// The name of the module holding the cluster key.
+    pub const CLUSTER_KEY_MODULE: &str = "cluster-key";
+
+    /// The cluster key read at boot, until the link takes it.
+    static CLUSTER_KEY: spin::Mutex<Option<ClusterKey>> = spin::Mutex::new(None);
+
+    /// Hands the cluster key (from the `cluster-key` module) to the link started later.
+    pub fn install_cluster_key(key: ClusterKey) {
+        *CLUSTER_KEY.lock() = Some(key);
+    }
+
+    /// The loud warning of `repl_auth=off`.
+    pub fn warn_unsealed() {
+        for _ in 0..3 {
+            log::warn!(
+                "repl: !!! repl_auth=off: the replication link is NEITHER AUTHENTICATED NOR ENCRYPTED: anyone on \
+                 the replication network can read guest memory and inject checkpoints. For benchmarks only !!!"
+            );
+        }
     }
 
     impl fmt::Display for ReplError {
@@ -801,6 +825,11 @@ pub mod nic {
                     "no e1000 NIC with the repl role alone (nics=... e.g. mgmt+client,repl, and as many e1000 NICs on the PCI bus)"
                 ),
                 Self::Unaddressed => write!(f, "the replication link needs repl_addr= and peer_addr="),
+                Self::NoClusterKey => write!(
+                    f,
+                    "repl_auth=on (the default) needs a `{CLUSTER_KEY_MODULE}` module of 32 random bytes \
+                     (`cargo xtask image` and `cargo xtask cluster start` write one); repl_auth=off only for benchmarks"
+                ),
             }
         }
     }
@@ -837,7 +866,19 @@ pub mod nic {
             let (index, dev) = crate::net::take_repl_nic().ok_or(ReplError::NoReplNic)?;
             let mac = dev.mac();
             let mut nic = ReplNic { dev, index };
-            let link = ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut nic, time::now_ms());
+            let mut link =
+                ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut nic, time::now_ms());
+            if config.repl_auth {
+                let key = CLUSTER_KEY.lock().take().ok_or(ReplError::NoClusterKey)?;
+                link.set_sealing(Sealing { key, nonces: alloc::boxed::Box::new(crate::host::random::nonce) });
+                log::info!(
+                    "repl: repl_auth=on: each connection proves the cluster key (HMAC-SHA256 handshake), then every \
+                     message is sealed (ChaCha20-Poly1305)"
+                );
+            } else {
+                warn_unsealed();
+            }
+            stats::with(|s| s.repl_auth = Some(config.repl_auth));
             match mode {
                 Mode::Connect { peer } => {
                     log::info!("repl: {}/{} on nic{index}, connecting to {peer}", addr.addr, addr.prefix)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 mod cluster;
 mod ctl;
+mod seal_bench;
 
 use qemu_tests::{make_image, target_dir, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
 
@@ -81,6 +82,7 @@ commands:
   test [--suite NAME]...      run the tests (all suites, or the named ones; --list shows them)
   demo                        build, boot under QEMU and Bochs, and summarise what happened
   bench                       run the benchmarks; figures go to target/bench-report.md
+  bench-seal                  only the replication link's sealing cost (root): target/bench/seal.md
   fuzz [--seeds N]            the fuzz guest with seeds 1..=N (default 10) over QEMU AMD-V, Bochs VT-x and AMD-V
   sim [--seeds N] [--first S] [--seed S]
                               run N two-host COLO simulation histories (release build), or replay
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench(),
+        Some("bench-seal") => bench_seal(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("sim") => sim(&args[1..]),
         Some("ctl") => ctl::ctl(&args[1..]),
@@ -652,6 +655,7 @@ fn bench() -> Result {
     step("host benchmarks (release)");
     run_checked(cargo().args(["bench", "-p", "colo-hypervisor"]).env("COLO_BENCH_DIR", &dir), "benchmarks")?;
     snapshot_bench(&dir)?;
+    seal_bench::run(&dir)?;
     let mut report = String::from("# COLO benchmark report\n\n");
     report += &format!("Machine: {} cores, {}\n\n", num_cpus(), cpu_model());
     report += "All figures are ratios or rates measured within one run on this machine; see each section.\n\n";
@@ -669,6 +673,16 @@ fn bench() -> Result {
     fs::write(&out, &report).map_err(|e| format!("{}: {e}", out.display()))?;
     println!("{report}\nreport written to {}", out.display());
     Ok(())
+}
+
+/// Only the replication link's sealing cost (root): `target/bench/seal.md`.
+fn bench_seal() -> Result {
+    ensure_deps()?;
+    build_kernel()?;
+    let dir = target_dir().join("bench");
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    step("replication link sealing cost (two QEMU TCG hosts, repl_auth=on and off)");
+    seal_bench::run(&dir)
 }
 
 /// The PVM pause per snapshot for 1 to 10,000 dirty pages, measured inside the hypervisor under

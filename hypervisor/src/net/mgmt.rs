@@ -1204,11 +1204,11 @@ mod tests {
     fn status_says_whether_the_replication_link_is_sealed() {
         let mut stats = HypervisorStats::new();
         let (j, _) = reply(r#"{"cmd":"status"}"#, &mut stats);
-        assert!(j.get("repl_auth").is_none(), "a standalone host has no link: {j:?}");
+        assert!(j.field("repl_auth").is_none(), "a standalone host has no link: {j:?}");
         stats.repl_auth = Some(true);
         let (j, _) = reply(r#"{"cmd":"status"}"#, &mut stats);
         assert_eq!(s(&j, "repl_auth"), "on");
-        assert!(j.get("repl_auth_warning").is_none());
+        assert!(j.field("repl_auth_warning").is_none());
         stats.repl_auth = Some(false);
         let (j, _) = reply(r#"{"cmd":"status"}"#, &mut stats);
         assert_eq!(s(&j, "repl_auth"), "off");

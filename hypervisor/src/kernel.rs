@@ -262,7 +262,9 @@ fn cluster_key(boot: &BootInfo<'_>, config: &Config) {
             log::info!("module `{CLUSTER_KEY_MODULE}`: a 32-byte cluster key (not shown)");
             install_cluster_key(key);
         }
-        Err(err) => fail(format_args!("module `{CLUSTER_KEY_MODULE}`: {err} random bytes (`cargo xtask image` writes one)")),
+        Err(err) => {
+            fail(format_args!("module `{CLUSTER_KEY_MODULE}`: {err} random bytes (`cargo xtask image` writes one)"))
+        }
     }
 }
 

@@ -86,7 +86,8 @@ fn measure(dir: &Path, auth: bool, subnet: u8) -> Result<Figures, String> {
     if !out.status.success() {
         return Err(format!("TIME client: {}", String::from_utf8_lossy(&out.stderr)));
     }
-    let time_ms: Vec<f64> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let time_ms: Vec<f64> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
     std::thread::sleep(Duration::from_secs(2));
     let serial = c.serial(Host::Primary);
     // Mismatch checkpoints during the TIME phase: their pause.

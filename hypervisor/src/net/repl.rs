@@ -777,9 +777,9 @@ pub mod nic {
 
     use super::{LinkConfig, Mode, ReplLink, Sealing};
     use crate::config::{Config, Role};
-    use crate::seal::ClusterKey;
     use crate::host::time;
     use crate::net::e1000::{TxError, E1000, MAX_FRAME};
+    use crate::seal::ClusterKey;
     use crate::stats;
 
     /// Why the link could not start.
@@ -866,8 +866,7 @@ pub mod nic {
             let (index, dev) = crate::net::take_repl_nic().ok_or(ReplError::NoReplNic)?;
             let mac = dev.mac();
             let mut nic = ReplNic { dev, index };
-            let mut link =
-                ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut nic, time::now_ms());
+            let mut link = ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut nic, time::now_ms());
             if config.repl_auth {
                 let key = CLUSTER_KEY.lock().take().ok_or(ReplError::NoClusterKey)?;
                 link.set_sealing(Sealing { key, nonces: alloc::boxed::Box::new(crate::host::random::nonce) });

@@ -370,6 +370,46 @@ fn boot_fails(tag: &str, cmdline: &str, token: Option<&[u8]>) -> String {
     outcome.serial
 }
 
+/// Boots `cmdline` with a `cluster-key` module holding `key` (none: no module) and expects the
+/// boot to stop; the serial console.
+fn boot_fails_with_key(tag: &str, cmdline: &str, key: Option<&[u8]>) -> String {
+    let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let scratch = ScratchDir::new(tag).expect("scratch dir");
+    let image = scratch.path().join("colo.img");
+    let mut modules = Vec::new();
+    if let Some(key) = key {
+        let path = scratch.path().join("cluster-key");
+        std::fs::write(&path, key).expect("key file");
+        modules.push(qemu_tests::cluster_key_module(&path));
+    }
+    make_image(&kernel, cmdline, &modules, &image).unwrap_or_else(|e| panic!("{e}"));
+    let machine = Machine::start(MachineConfig::new(Emulator::Qemu, BootMedium::Cdrom, &image), tag)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let outcome = machine.wait_exit(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome.verdict, Some(1), "the boot went on:\n{}", outcome.serial);
+    outcome.serial
+}
+
+#[test]
+fn a_bad_cluster_key_module_or_a_replicating_host_without_one_stops_the_boot_by_name() {
+    // 31 bytes: named by its length, the content never shown.
+    let key = b"0123456789abcdefghijklmnopqrstu";
+    let serial = boot_fails_with_key("key31", "role=standalone", Some(key));
+    assert!(
+        serial.contains("FATAL: module `cluster-key`: cluster key of 31 bytes; expected 32 random bytes"),
+        "{serial}"
+    );
+    assert!(!serial.contains("0123456789abcdef"), "{serial}");
+    // A replicating host with repl_auth=on (the default) and no key does not start.
+    let primary = "role=primary mgmt_addr=10.77.68.2/24 nics=mgmt+client,repl repl_addr=10.79.68.2/24 \
+                   peer_addr=10.79.68.3:7000";
+    let serial = boot_fails_with_key("nokey", primary, None);
+    assert!(
+        serial.contains("FATAL: replication link: repl_auth=on (the default) needs a `cluster-key` module"),
+        "{serial}"
+    );
+}
+
 #[test]
 fn a_bad_token_module_or_a_closed_plane_without_a_token_stops_the_boot_by_name() {
     // A token too short: named by its length, the content never shown.

@@ -454,7 +454,12 @@ impl Host {
                         self.node.borrow_mut().handle(now, Event::LinkClosed);
                     }
                 }
-                Action::Fence | Action::Promote => log::warn!("node: {action:?} is not carried out before issue #12"),
+                // The bare-metal half of failover (witness client, promotion, fencing) is not in
+                // this driver yet: with the default `witness=none` no claim is made, and only an
+                // operator failover could promote.
+                Action::Fence | Action::Promote | Action::AnnounceService | Action::ClaimGeneration { .. } => {
+                    log::warn!("node: {action:?} is not carried out by this driver yet")
+                }
             }
         }
     }

@@ -502,7 +502,10 @@ def watch(name, first, port):
             data += d
     except OSError as e:
         data += b"<" + type(e).__name__.encode() + b">"
-    print(name, "%.2f" % (time.time() - t0), data[:160].decode(errors="replace").replace("\r\n", " | "))
+    # One thread's line at a time: concurrent prints interleave.
+    with printing:
+        print(name, "%.2f" % (time.time() - t0), data[:160].decode(errors="replace").replace("\r\n", " | "), flush=True)
+printing = threading.Lock()
 threads = [
     threading.Thread(target=watch, args=("idle", b"", 7070)),
     threading.Thread(target=watch, args=("slow-json", b'{"cmd":"sta', 7070)),

@@ -85,6 +85,8 @@ struct Offsets {
     svm_isn: Option<u32>,
     /// `pvm - svm`; fixed once known.
     delta: Option<u32>,
+    /// The end of the SVM's stream so far (its highest `seq + len`), while `delta` is unknown.
+    svm_high: Option<u32>,
 }
 
 impl Offsets {
@@ -198,6 +200,12 @@ impl SequenceRewriter {
         self.conns.entry(conn).or_default().delta = Some(delta);
     }
 
+    /// Every connection with a known, non-zero delta (for a promoted SVM's client edge, which
+    /// a new secondary must inherit so that it can take over those connections too).
+    pub fn deltas(&self) -> impl Iterator<Item = (FlowKey, u32)> + '_ {
+        self.conns.iter().filter_map(|(k, o)| o.delta.filter(|&d| d != 0).map(|d| (*k, d)))
+    }
+
     /// Forget a connection.
     pub fn forget(&mut self, conn: &FlowKey) {
         self.conns.remove(conn);
@@ -221,7 +229,7 @@ impl SequenceRewriter {
             return;
         }
         for o in self.conns.values_mut() {
-            *o = Offsets { pvm_isn: None, svm_isn: None, delta: Some(0) };
+            *o = Offsets { pvm_isn: None, svm_isn: None, delta: Some(0), svm_high: None };
         }
     }
 
@@ -240,6 +248,13 @@ impl SequenceRewriter {
         let syn = t.flags.contains(TcpFlags::SYN);
         let mode = self.mode;
         let o = self.conns.entry(p.flow).or_default();
+        if o.delta.is_none() {
+            let end = t.seq.wrapping_add(t.payload.len() as u32).wrapping_add(u32::from(syn));
+            o.svm_high = Some(match o.svm_high {
+                Some(h) if !syn && (end.wrapping_sub(h) as i32) <= 0 => h,
+                _ => end,
+            });
+        }
         if syn {
             match mode {
                 RewriterMode::Replicating => o.syn_seen(false, t.seq),
@@ -288,8 +303,20 @@ impl SequenceRewriter {
             && t.flags.contains(TcpFlags::ACK)
             && !t.flags.intersects(TcpFlags::SYN | TcpFlags::RST)
         {
-            // Handshake ACK: acknowledges the PVM's SYN-ACK, i.e. pvm_isn + 1.
-            o.pvm_isn = Some(t.ack.wrapping_sub(1));
+            let svm_isn = o.svm_isn.unwrap_or(0);
+            let high = o.svm_high.unwrap_or(svm_isn.wrapping_add(1));
+            let in_svm_window =
+                t.ack.wrapping_sub(svm_isn.wrapping_add(1)) <= high.wrapping_sub(svm_isn.wrapping_add(1));
+            if self.mode == RewriterMode::Promoted && in_svm_window && t.ack != svm_isn.wrapping_add(1) {
+                // After a failover the client acknowledges bytes of the SVM's own stream (the
+                // output released at promotion): it speaks the SVM's numbers. Taking the ACK for
+                // a handshake ACK would teach a delta of the bytes acknowledged (simulation
+                // seeds 4443, 5195: a reply came twice).
+                o.pvm_isn = Some(svm_isn);
+            } else {
+                // Handshake ACK: acknowledges the PVM's SYN-ACK, i.e. pvm_isn + 1.
+                o.pvm_isn = Some(t.ack.wrapping_sub(1));
+            }
             o.settle();
         }
         let Some(delta) = o.delta else {
@@ -530,6 +557,33 @@ mod tests {
         let mut s = frame(false, true, 100, Some(1), TcpControl::Syn, [None; 3], b"");
         assert_eq!(r.rewrite_svm_output(&mut s), RewriteOutcome::Rewritten);
         assert_eq!(tcp(&s).tcp().unwrap().seq, 300);
+    }
+
+    /// Simulation seeds 4443, 5195 (equal ISNs): after the failover the client acknowledged 2
+    /// bytes the promoted SVM had released at once; that ACK was taken for the handshake ACK
+    /// and taught a delta of 2, so a reply came twice. Seed 266 (ISNs differ): the client's
+    /// first ACK after the failover is in the PVM's numbers and must still teach the delta.
+    #[test]
+    fn after_promotion_an_ack_of_svm_bytes_means_the_svm_numbers() {
+        let mut r = SequenceRewriter::default();
+        let mut svm = frame(false, true, 5000, Some(51), TcpControl::Syn, [None; 3], b"");
+        assert_eq!(r.rewrite_svm_output(&mut svm), RewriteOutcome::UnknownOffset);
+        let mut data = frame(false, true, 5001, Some(51), TcpControl::Psh, [None; 3], b"1\n");
+        r.rewrite_svm_output(&mut data);
+        r.promote();
+        let mut c = frame(false, false, 51, Some(5003), TcpControl::None, [None; 3], b"x");
+        r.rewrite_client_input(&mut c);
+        assert_eq!(tcp(&c).tcp().unwrap().ack, 5003);
+        assert_eq!(r.delta(&tcp(&svm).flow), Some(0));
+        // Diverging ISNs: the client's ACK is far from the SVM's stream: the PVM's ISN.
+        let mut r = SequenceRewriter::default();
+        r.rewrite_svm_output(&mut svm.clone());
+        r.rewrite_svm_output(&mut data.clone());
+        r.promote();
+        let mut c = frame(false, false, 51, Some(90_001), TcpControl::None, [None; 3], b"x");
+        r.rewrite_client_input(&mut c);
+        assert_eq!(r.delta(&tcp(&svm).flow), Some(90_000u32.wrapping_sub(5000)));
+        assert_eq!(tcp(&c).tcp().unwrap().ack, 5001);
     }
 
     #[test]

@@ -138,6 +138,9 @@ pub struct Config {
     pub queue_limit: u32,
     /// `mgmt_open=`: which management requests need no token.
     pub mgmt_open: MgmtOpen,
+    /// `repl_auth=`: the replication link runs the cluster-key handshake and seals every
+    /// message (`on`, the default); `off` exists only for benchmarks.
+    pub repl_auth: bool,
 }
 
 impl Default for Config {
@@ -162,6 +165,7 @@ impl Default for Config {
             checkpoint_verify: true,
             queue_limit: 4096,
             mgmt_open: MgmtOpen::Read,
+            repl_auth: true,
         }
     }
 }
@@ -205,6 +209,10 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec {
         key: "mgmt_open",
         form: "read|none (read: status, stats, tunables and /metrics need no token; none: every request needs the mgmt-token)",
+    },
+    KeySpec {
+        key: "repl_auth",
+        form: "on|off (default on: the replication link proves the cluster-key module and is encrypted; off only for benchmarks)",
     },
 ];
 
@@ -361,6 +369,13 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
                 config.mgmt_open = match value {
                     "read" => MgmtOpen::Read,
                     "none" => MgmtOpen::None,
+                    _ => return Err(bad()),
+                }
+            }
+            "repl_auth" => {
+                config.repl_auth = match value {
+                    "on" => true,
+                    "off" => false,
                     _ => return Err(bad()),
                 }
             }
@@ -595,6 +610,15 @@ mod tests {
             assert!(matches!(err, ConfigError::BadValue { .. }), "{bad}");
             assert!(err.to_string().contains("accepted form"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn repl_auth_is_on_unless_turned_off() {
+        assert!(Config::default().repl_auth);
+        assert!(!parse("repl_auth=off").unwrap().repl_auth);
+        assert!(parse("repl_auth=on").unwrap().repl_auth);
+        let err = parse("repl_auth=no").unwrap_err().to_string();
+        assert!(err.contains("`repl_auth`") && err.contains("on|off"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,7 @@ pub fn run(boot: &BootInfo<'_>) -> ! {
     }
     log::info!("free memory after start-up: {} KiB", frames.free_bytes() >> 10);
     let token = mgmt_token(boot);
+    cluster_key(boot, &config);
     if let Err(err) = crate::net::bring_up(&config, token) {
         fail(format_args!("network: {err}"));
     }
@@ -235,6 +236,35 @@ fn mgmt_token(boot: &BootInfo<'_>) -> Option<crate::net::auth::MgmtToken> {
     match token {
         Ok(token) => Some(token),
         Err(err) => fail(format_args!("{err}")),
+    }
+}
+
+/// The cluster key from the `cluster-key` module, handed to the replication link; the module's
+/// bytes are zeroed and never logged. A module that is not exactly 32 bytes stops the boot, as
+/// does a replicating host with `repl_auth=on` and no module.
+fn cluster_key(boot: &BootInfo<'_>, config: &Config) {
+    use crate::net::repl::nic::{install_cluster_key, CLUSTER_KEY_MODULE};
+    let replicating = config.role != config::Role::Standalone;
+    let Some(module) = boot.modules.iter().find(|m| m.cmdline.split_whitespace().next() == Some(CLUSTER_KEY_MODULE))
+    else {
+        if replicating && config.repl_auth {
+            fail(format_args!("replication link: {}", crate::net::repl::nic::ReplError::NoClusterKey));
+        }
+        return;
+    };
+    // SAFETY: the boot loader placed the module at this range, which `init_frames` reserved from
+    // the frame allocator and the host page tables identity-map; nothing else refers to it.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(module.range.start as *mut u8, module.range.len() as usize) };
+    let key = crate::seal::ClusterKey::from_bytes(bytes);
+    bytes.fill(0);
+    match key {
+        Ok(key) => {
+            log::info!("module `{CLUSTER_KEY_MODULE}`: a 32-byte cluster key (not shown)");
+            install_cluster_key(key);
+        }
+        Err(err) => {
+            fail(format_args!("module `{CLUSTER_KEY_MODULE}`: {err} random bytes (`cargo xtask image` writes one)"))
+        }
     }
 }
 

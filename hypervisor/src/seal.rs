@@ -127,6 +127,20 @@ impl SealError {
             Self::CounterExhausted => "counter_exhausted",
         }
     }
+
+    /// The replication link's counter for this error: [`Self::name`] with a `seal_` prefix.
+    pub fn counter_name(&self) -> &'static str {
+        match self {
+            Self::BadKeyLength(_) => "seal_bad_key_length",
+            Self::BadMagic => "seal_bad_magic",
+            Self::WrongKey => "seal_wrong_key",
+            Self::SameHostId(_) => "seal_same_host_id",
+            Self::BadRecordLength(_) => "seal_bad_record_length",
+            Self::RecordRejected { .. } => "seal_record_rejected",
+            Self::NotReady => "seal_not_ready",
+            Self::CounterExhausted => "seal_counter_exhausted",
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -220,6 +234,12 @@ impl SecureChannel {
     /// The peer's host id, once its handshake verified.
     pub fn peer_host_id(&self) -> Option<u64> {
         self.peer_host_id.filter(|_| self.is_established())
+    }
+
+    /// Received bytes held for an incomplete record (or handshake message): a stream that ends
+    /// with some was truncated.
+    pub fn partial_bytes(&self) -> usize {
+        self.pending.len()
     }
 
     /// Handshake bytes to send (empty when there are none).

@@ -362,6 +362,8 @@ pub struct HypervisorStats {
     pub colo: Option<ColoReport>,
     /// `checkpoint` requests the management API accepted and the driver has not taken yet.
     pub colo_checkpoint_requests: u64,
+    /// `repl_auth=` of a replicating host (`None` on a standalone one).
+    pub repl_auth: Option<bool>,
 }
 
 impl HypervisorStats {
@@ -375,6 +377,7 @@ impl HypervisorStats {
             heap: HeapUsage { size: 0, used: 0, free: 0, high_water: 0, alloc_failures: 0 },
             colo: None,
             colo_checkpoint_requests: 0,
+            repl_auth: None,
         }
     }
 

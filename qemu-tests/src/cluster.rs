@@ -118,6 +118,11 @@ pub struct ClusterSpec {
     pub disk_kib: usize,
     /// RAM of each emulated host, in MiB.
     pub memory_mib: u32,
+    /// Tests: this host gets a cluster key of its own instead of the cluster's.
+    pub foreign_key: Option<Host>,
+    /// Tests: the primary's `peer_addr=` (e.g. a proxy in the probe namespace) instead of the
+    /// secondary's replication endpoint.
+    pub primary_peer: Option<String>,
 }
 
 impl ClusterSpec {
@@ -131,6 +136,8 @@ impl ClusterSpec {
             guest_extra: String::new(),
             disk_kib: 1024,
             memory_mib: 768,
+            foreign_key: None,
+            primary_peer: None,
         }
     }
 }
@@ -369,7 +376,7 @@ impl Cluster {
     pub fn cmdline(&self, host: Host) -> String {
         let s = self.spec.subnet;
         let peer = match host {
-            Host::Primary => format!("10.79.{s}.3:{REPL_PORT}"),
+            Host::Primary => self.spec.primary_peer.clone().unwrap_or_else(|| format!("10.79.{s}.3:{REPL_PORT}")),
             Host::Secondary => format!("10.79.{s}.2:{REPL_PORT}"),
         };
         // `role=` in the extra words replaces the host's (a standalone host for comparisons).
@@ -438,10 +445,28 @@ impl Cluster {
         // looks for it); never on a command line.
         crate::write_mgmt_token(&self.token_path())?;
         modules.push(crate::mgmt_token_module(&self.token_path()));
+        // One cluster key (32 random bytes, 0600) for both hosts, unless a test gives one host
+        // a key of its own.
+        crate::write_cluster_key(&self.cluster_key_path())?;
         for host in Host::BOTH {
+            let mut modules = modules.clone();
+            let key = if self.spec.foreign_key == Some(host) {
+                let path = self.spec.dir.join(format!("cluster-key.{host}"));
+                crate::write_cluster_key(&path)?;
+                path
+            } else {
+                self.cluster_key_path()
+            };
+            modules.push(crate::cluster_key_module(&key));
             make_image(&kernel, &self.cmdline(host), &modules, &self.image_path(host))?;
         }
         Ok(())
+    }
+
+    /// The cluster key file both hosts' `cluster-key` module carries (`cluster-key` in the state
+    /// directory).
+    pub fn cluster_key_path(&self) -> PathBuf {
+        self.spec.dir.join("cluster-key")
     }
 
     /// The cluster's management token file (`mgmt-token` in its state directory).

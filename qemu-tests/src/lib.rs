@@ -214,6 +214,29 @@ pub fn mgmt_token_module(path: &Path) -> ImageModule {
     ImageModule { path: path.into(), name: MGMT_TOKEN_MODULE.into(), args: String::new() }
 }
 
+/// The name of the multiboot2 module holding the cluster key (`net::repl::nic::CLUSTER_KEY_MODULE`).
+pub const CLUSTER_KEY_MODULE: &str = "cluster-key";
+
+/// Writes a fresh cluster key to `path`: exactly 32 bytes from `/dev/urandom` (file mode 0600).
+/// Both hosts of a pair get the same file as their `cluster-key` module ([`cluster_key_module`]).
+pub fn write_cluster_key(path: &Path) -> Result<(), HarnessError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let _ = fs::remove_file(path);
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    io::Write::write_all(&mut file, &key)?;
+    Ok(())
+}
+
+/// The image module that carries the cluster key file at `path` (see [`write_cluster_key`]).
+pub fn cluster_key_module(path: &Path) -> ImageModule {
+    ImageModule { path: path.into(), name: CLUSTER_KEY_MODULE.into(), args: String::new() }
+}
+
 /// Writes a hybrid BIOS+UEFI GRUB image (ISO 9660 with MBR and EFI partition, so the same file
 /// boots as a CD-ROM or, written to a USB stick, as a disk) that boots `kernel` with `cmdline`.
 pub fn make_image(kernel: &Path, cmdline: &str, modules: &[ImageModule], out: &Path) -> Result<(), HarnessError> {

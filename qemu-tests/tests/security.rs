@@ -354,6 +354,46 @@ fn boot_fails(tag: &str, cmdline: &str, token: Option<&[u8]>) -> String {
     outcome.serial
 }
 
+/// Boots `cmdline` with a `cluster-key` module holding `key` (none: no module) and expects the
+/// boot to stop; the serial console.
+fn boot_fails_with_key(tag: &str, cmdline: &str, key: Option<&[u8]>) -> String {
+    let kernel = built_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let scratch = ScratchDir::new(tag).expect("scratch dir");
+    let image = scratch.path().join("colo.img");
+    let mut modules = Vec::new();
+    if let Some(key) = key {
+        let path = scratch.path().join("cluster-key");
+        std::fs::write(&path, key).expect("key file");
+        modules.push(qemu_tests::cluster_key_module(&path));
+    }
+    make_image(&kernel, cmdline, &modules, &image).unwrap_or_else(|e| panic!("{e}"));
+    let machine = Machine::start(MachineConfig::new(Emulator::Qemu, BootMedium::Cdrom, &image), tag)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let outcome = machine.wait_exit(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome.verdict, Some(1), "the boot went on:\n{}", outcome.serial);
+    outcome.serial
+}
+
+#[test]
+fn a_bad_cluster_key_module_or_a_replicating_host_without_one_stops_the_boot_by_name() {
+    // 31 bytes: named by its length, the content never shown.
+    let key = b"0123456789abcdefghijklmnopqrstu";
+    let serial = boot_fails_with_key("key31", "role=standalone", Some(key));
+    assert!(
+        serial.contains("FATAL: module `cluster-key`: cluster key of 31 bytes; expected 32 random bytes"),
+        "{serial}"
+    );
+    assert!(!serial.contains("0123456789abcdef"), "{serial}");
+    // A replicating host with repl_auth=on (the default) and no key does not start.
+    let primary = "role=primary mgmt_addr=10.77.68.2/24 nics=mgmt+client,repl repl_addr=10.79.68.2/24 \
+                   peer_addr=10.79.68.3:7000";
+    let serial = boot_fails_with_key("nokey", primary, None);
+    assert!(
+        serial.contains("FATAL: replication link: repl_auth=on (the default) needs a `cluster-key` module"),
+        "{serial}"
+    );
+}
+
 #[test]
 fn a_bad_token_module_or_a_closed_plane_without_a_token_stops_the_boot_by_name() {
     // A token too short: named by its length, the content never shown.
@@ -373,4 +413,344 @@ fn a_bad_token_module_or_a_closed_plane_without_a_token_stops_the_boot_by_name()
     // A bad mgmt_open value is a named configuration error.
     let serial = boot_fails("badopen", "role=standalone mgmt_open=all", None);
     assert!(serial.contains("bad value `all` for key `mgmt_open`; accepted form: mgmt_open=read|none"), "{serial}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The replication link (issue 17, point 1): two-host clusters from `qemu_tests::cluster`
+// (QEMU TCG, AMD-V), subnets 10.78.S/10.79.S with S = 65..=67.
+
+mod link {
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Stdio};
+    use std::time::{Duration, Instant};
+
+    use qemu_tests::cluster::{Cluster, ClusterSpec, Host, Net, COLO_RUNNING, REPL_PORT};
+    use qemu_tests::{netns, ScratchDir};
+
+    const WAIT: Duration = Duration::from_secs(120);
+    /// The proxy's port in the probe namespace (10.79.S.1).
+    const PROXY_PORT: u16 = 7001;
+
+    /// A TCP proxy between the hosts (primary → proxy → secondary), in the probe namespace.
+    /// It copies everything it forwards (both ways) to `capture`, and tampers with the primary's
+    /// stream once per command written to `mode`: `flip` (one bit of the last byte of a chunk),
+    /// `replay` (a chunk sent again after the next one), `reorder` (two chunks swapped),
+    /// `truncate` (a chunk without its last 5 bytes, then FIN). It writes `done MODE` to
+    /// `events` after each. Only bytes after the first 256 (past the handshake) are touched.
+    const PROXY: &str = r#"
+import os, socket, sys, threading
+lip, lport, tip, tport, d = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+cap = open(os.path.join(d, "capture"), "ab", buffering=0)
+ev = open(os.path.join(d, "events"), "a", buffering=1)
+lock = threading.Lock()
+def mode():
+    try:
+        return open(os.path.join(d, "mode")).read().strip()
+    except OSError:
+        return "pass"
+def done(m):
+    with open(os.path.join(d, "mode"), "w") as f:
+        f.write("pass")
+    ev.write("done " + m + "\n")
+def pump(src, dst, tamper):
+    sent, held, last = 0, None, None
+    try:
+        while True:
+            b = src.recv(65536)
+            if not b:
+                break
+            with lock:
+                cap.write(b)
+            if tamper and sent > 256:
+                m = mode()
+                if m == "flip":
+                    b = b[:-1] + bytes([b[-1] ^ 1]); done(m)
+                elif m == "replay" and last is not None:
+                    dst.sendall(b); sent += len(b); b = last; done(m)
+                elif m == "reorder":
+                    if held is None:
+                        held = b
+                        continue
+                    dst.sendall(b); sent += len(b); b = held; held = None; done(m)
+                elif m == "truncate":
+                    dst.sendall(b[:max(1, len(b) - 5)]); done(m)
+                    break
+            dst.sendall(b)
+            sent += len(b)
+            last = b
+    except OSError:
+        pass
+    for s in (src, dst):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+def handle(c):
+    try:
+        s = socket.create_connection((tip, tport), timeout=5)
+        s.settimeout(None)
+    except OSError:
+        c.close()
+        return
+    ev.write("connection\n")
+    threading.Thread(target=pump, args=(c, s, True), daemon=True).start()
+    threading.Thread(target=pump, args=(s, c, False), daemon=True).start()
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((lip, lport))
+l.listen(8)
+ev.write("listening\n")
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+    struct Proxy {
+        child: Child,
+        dir: PathBuf,
+    }
+
+    impl Proxy {
+        fn start(c: &Cluster, dir: &Path, subnet: u8) -> Self {
+            std::fs::create_dir_all(dir).expect("proxy dir");
+            let mut cmd = c.command(Net::Repl, "python3");
+            cmd.args(["-c", PROXY, &format!("10.79.{subnet}.1"), &PROXY_PORT.to_string()]);
+            cmd.args([&c.repl_ip(Host::Secondary), &REPL_PORT.to_string()]).arg(dir);
+            let child = cmd.stdin(Stdio::null()).spawn().expect("starting the proxy");
+            let proxy = Self { child, dir: dir.into() };
+            proxy.wait_event("listening", 1);
+            proxy
+        }
+
+        fn events(&self) -> String {
+            std::fs::read_to_string(self.dir.join("events")).unwrap_or_default()
+        }
+
+        fn wait_event(&self, event: &str, count: usize) {
+            let deadline = Instant::now() + WAIT;
+            while self.events().lines().filter(|l| *l == event).count() < count {
+                assert!(Instant::now() < deadline, "proxy: no `{event}` (x{count}); events:\n{}", self.events());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        fn capture(&self) -> Vec<u8> {
+            let mut bytes = Vec::new();
+            if let Ok(mut f) = std::fs::File::open(self.dir.join("capture")) {
+                f.read_to_end(&mut bytes).expect("reading the capture");
+            }
+            bytes
+        }
+
+        fn tamper(&self, mode: &str) {
+            std::fs::write(self.dir.join("mode"), mode).expect("proxy mode");
+        }
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn spec(dir: &ScratchDir, tag: &str, subnet: u8) -> ClusterSpec {
+        assert!(netns::available(), "the security suite needs root and iproute2 (`cargo xtask deps`)");
+        ClusterSpec::new(dir.path().join("cluster"), tag, subnet)
+    }
+
+    /// The latest value of the link counter `name` a host logged (0 if never).
+    fn counter(c: &Cluster, host: Host, name: &str) -> u64 {
+        let needle = format!(" {name}=");
+        c.serial(host)
+            .lines()
+            .filter_map(|l| l.split(&needle).nth(1))
+            .filter_map(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn wait_until(what: &str, c: &Cluster, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {WAIT:?}\nprimary:\n{}\nsecondary:\n{}",
+                c.serial(Host::Primary),
+                c.serial(Host::Secondary)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The last epoch a host committed (0 if none).
+    fn committed(c: &Cluster, host: Host) -> u64 {
+        c.serial(host)
+            .lines()
+            .filter_map(|l| l.split("node: epoch ").nth(1))
+            .filter(|rest| rest.contains(" committed;"))
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn redis(c: &Cluster, args: &[&str]) -> String {
+        let ip = c.service_ip();
+        let mut all = vec!["-h", ip.as_str()];
+        all.extend_from_slice(args);
+        let out = c.run(Net::Client, "redis-cli", &all, 30);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A value no host would print or hold by chance.
+    fn secret() -> String {
+        let mut b = [0u8; 16];
+        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("urandom");
+        format!("colo-secret-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+    }
+
+    /// SETs a fresh secret through the service and waits for the secondary to commit a
+    /// checkpoint after it (the page holding it has crossed the link); returns the secret.
+    fn set_secret_and_commit(c: &Cluster) -> String {
+        let secret = secret();
+        let before = committed(c, Host::Secondary);
+        assert_eq!(redis(c, &["set", "secret", &secret]), "OK");
+        assert_eq!(redis(c, &["get", "secret"]), secret);
+        wait_until("a commit after the SET", c, || committed(c, Host::Secondary) > before + 1);
+        secret
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn a_host_with_another_cluster_key_never_joins_and_the_svm_never_leaves_its_pre_sync_state() {
+        let dir = ScratchDir::new("wkey").expect("scratch");
+        let mut spec = spec(&dir, "wkey", 65);
+        spec.foreign_key = Some(Host::Secondary);
+        let mut c = Cluster::prepare(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
+        for host in Host::BOTH {
+            c.boot(host).unwrap_or_else(|e| panic!("{e}"));
+        }
+        c.wait_for(Host::Primary, "redis: listening on", WAIT).unwrap_or_else(|e| panic!("{e}"));
+        // The primary refuses the secondary's proof, again and again; the secondary sees each
+        // attempt end before the handshake did.
+        wait_until("three refused handshakes", &c, || {
+            counter(&c, Host::Primary, "seal_wrong_key") >= 3
+                && counter(&c, Host::Secondary, "seal_handshake_incomplete") >= 3
+        });
+        let p = c.serial(Host::Primary);
+        let s = c.serial(Host::Secondary);
+        assert!(
+            p.contains(&format!(
+                "repl: handshake with {}:{REPL_PORT} failed: `seal_wrong_key`",
+                c.repl_ip(Host::Secondary)
+            )),
+            "{p}"
+        );
+        // What is observable of "no SVM state changed": the secondary never began a full sync
+        // (its SVM stays paused in its pre-sync state) and neither host ever ran COLO.
+        for (host, serial) in [(Host::Primary, &p), (Host::Secondary, &s)] {
+            assert!(!serial.contains(COLO_RUNNING), "the {host} ran COLO with another key:\n{serial}");
+            assert!(!serial.contains("repl: connection 1 up"), "the {host} accepted the link:\n{serial}");
+            assert!(!serial.contains("node: link error"), "bytes reached the {host}'s engine:\n{serial}");
+        }
+        assert!(!s.contains("full sync"), "the SVM left its pre-sync state:\n{s}");
+        // Neither key is ever printed (raw or hex).
+        for path in [c.cluster_key_path(), dir.path().join("cluster/cluster-key.secondary")] {
+            let key = std::fs::read(&path).expect("key file");
+            assert_eq!(key.len(), 32);
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            for serial in [&p, &s] {
+                assert!(!serial.contains(&hex) && !serial.contains(&hex.to_uppercase()));
+                assert!(!contains(serial.as_bytes(), &key[..16]));
+            }
+        }
+        c.stop();
+    }
+
+    #[test]
+    fn a_tampering_proxy_is_refused_by_name_colo_recovers_and_the_wire_shows_no_plaintext() {
+        let dir = ScratchDir::new("tamp").expect("scratch");
+        let mut spec = spec(&dir, "tamp", 66);
+        spec.primary_peer = Some(format!("10.79.66.1:{PROXY_PORT}"));
+        let mut c = Cluster::prepare(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
+        let proxy = Proxy::start(&c, &dir.path().join("proxy"), 66);
+        for host in Host::BOTH {
+            c.boot(host).unwrap_or_else(|e| panic!("{e}"));
+        }
+        c.wait_ready(WAIT).unwrap_or_else(|e| panic!("{e}"));
+
+        // The scan: a known value SET through the service crosses the link (mirrored input and
+        // the checkpoint of the page holding it), yet never appears on the wire.
+        let secret = set_secret_and_commit(&c);
+        let wire = proxy.capture();
+        assert!(wire.len() > 16 << 20, "the capture should hold the full sync: {} bytes", wire.len());
+        assert!(!contains(&wire, secret.as_bytes()), "the secret crossed the replication link in clear");
+        assert!(!contains(&wire, b"redis"), "guest text crossed the replication link in clear");
+
+        // Each kind of tampering is refused by name on the secondary, closes that connection,
+        // and COLO comes back (full sync on the next connection).
+        for (n, (mode, name)) in [
+            ("flip", "seal_record_rejected"),
+            ("replay", "seal_record_rejected"),
+            ("reorder", "seal_record_rejected"),
+            ("truncate", "seal_truncated"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let before = counter(&c, Host::Secondary, name);
+            let runs = c.serial(Host::Secondary).matches(COLO_RUNNING).count();
+            proxy.tamper(mode);
+            proxy.wait_event(&format!("done {mode}"), 1);
+            wait_until(&format!("`{name}` after {mode}"), &c, || counter(&c, Host::Secondary, name) > before);
+            c.wait_for_count(Host::Secondary, COLO_RUNNING, runs + 1, WAIT)
+                .unwrap_or_else(|e| panic!("COLO did not come back after {mode} (#{n}): {e}"));
+        }
+        let s = c.serial(Host::Secondary);
+        assert!(s.contains("repl: record from 10.79.66.1:"), "the log names the peer address:\n{s}");
+        // Nothing tampered reached the engine (no codec error, no refused checkpoint), and the
+        // service kept its data; the next checkpoint verifies.
+        assert!(!s.contains("node: link error"), "tampered bytes reached the engine:\n{s}");
+        let refused = |l: &&str| l.contains("refused:") && !l.contains("repl: record from");
+        assert!(!s.lines().any(|l| refused(&l)) && !s.contains("verify failures 1"), "{s}");
+        assert_eq!(redis(&c, &["get", "secret"]), secret);
+        let after = set_secret_and_commit(&c);
+        assert!(!contains(&proxy.capture(), after.as_bytes()));
+        for host in Host::BOTH {
+            let serial = c.serial(host);
+            let last = serial.lines().rfind(|l| l.contains(" committed;")).unwrap_or_default().to_string();
+            assert!(last.contains("verify failures 0"), "{host}: {last}");
+        }
+        c.stop();
+        drop(proxy);
+    }
+
+    #[test]
+    fn with_repl_auth_off_the_same_scan_finds_the_plaintext_and_status_says_so() {
+        let dir = ScratchDir::new("plain").expect("scratch");
+        let mut spec = spec(&dir, "plain", 67);
+        spec.primary_peer = Some(format!("10.79.67.1:{PROXY_PORT}"));
+        spec.cmdline_extra = "repl_auth=off".into();
+        let mut c = Cluster::prepare(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
+        let proxy = Proxy::start(&c, &dir.path().join("proxy"), 67);
+        for host in Host::BOTH {
+            c.boot(host).unwrap_or_else(|e| panic!("{e}"));
+        }
+        c.wait_ready(WAIT).unwrap_or_else(|e| panic!("{e}"));
+        let secret = set_secret_and_commit(&c);
+        assert!(contains(&proxy.capture(), secret.as_bytes()), "the control scan did not find the plaintext");
+        for host in Host::BOTH {
+            assert!(c
+                .serial(host)
+                .contains("repl_auth=off: the replication link is NEITHER AUTHENTICATED NOR ENCRYPTED"));
+            let status = c.mgmt(host, r#"{"cmd":"status"}"#).unwrap_or_else(|e| panic!("{e}"));
+            assert!(status.contains(r#""repl_auth":"off""#) && status.contains("repl_auth_warning"), "{status}");
+        }
+        c.stop();
+        drop(proxy);
+    }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 mod cluster;
 mod ctl;
+mod seal_bench;
 
 use qemu_tests::{make_image, target_dir, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
 
@@ -59,7 +60,8 @@ const SUITES: &[(&str, &str)] = &[
     ),
     (
         "security",
-        "management token: refused without/with a wrong token, mgmt_open=none, per-source rate limit (QEMU; root)",
+        "management token: refused without/with a wrong token, mgmt_open=none, per-source rate limit; replication link: \
+         another cluster key never joins, a tampering proxy refused by name, no plaintext on the wire (QEMU; root)",
     ),
 ];
 /// `core` is part of `host`, so the full run skips it.
@@ -71,13 +73,16 @@ usage: cargo xtask <command> [options]
 
 commands:
   build                       build the kernel (target/colo-kernel)
-  image [--cmdline \"...\"]     build the hybrid BIOS+UEFI GRUB image target/colo.img
+  image [--cmdline \"...\"] [--new-cluster-key]
+                              build the hybrid BIOS+UEFI GRUB image target/colo.img with a fresh
+                              mgmt-token and the cluster key target/cluster-key (made if missing)
   run [--emulator qemu|bochs|kvm] [--medium cdrom|usb|uefi] [--cmdline \"...\"]
                               boot the image and show the serial console
   deps                        install the Debian packages the project needs (as root)
   test [--suite NAME]...      run the tests (all suites, or the named ones; --list shows them)
   demo                        build, boot under QEMU and Bochs, and summarise what happened
   bench                       run the benchmarks; figures go to target/bench-report.md
+  bench-seal                  only the replication link's sealing cost (root): target/bench/seal.md
   fuzz [--seeds N]            the fuzz guest with seeds 1..=N (default 10) over QEMU AMD-V, Bochs VT-x and AMD-V
   sim [--seeds N] [--first S] [--seed S]
                               run N two-host COLO simulation histories (release build), or replay
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench(),
+        Some("bench-seal") => bench_seal(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("sim") => sim(&args[1..]),
         Some("ctl") => ctl::ctl(&args[1..]),
@@ -216,7 +222,7 @@ fn build_kernel() -> Result<PathBuf> {
 }
 
 fn image(args: &[String]) -> Result<PathBuf> {
-    check_flags(args, &["--cmdline"])?;
+    check_flags(args, &["--cmdline", "--new-cluster-key"])?;
     let cmdline = option_value(args, "--cmdline", "\"key=value ...\"")?.unwrap_or(DEFAULT_CMDLINE);
     ensure_deps()?;
     let kernel = build_kernel()?;
@@ -226,10 +232,24 @@ fn image(args: &[String]) -> Result<PathBuf> {
     // target/mgmt-token for `cargo xtask ctl` (never on the command line or the console).
     let token = target_dir().join("mgmt-token");
     qemu_tests::write_mgmt_token(&token).map_err(|e| format!("writing {}: {e}", token.display()))?;
-    make_image(&kernel, cmdline, &[qemu_tests::mgmt_token_module(&token)], &out).map_err(|e| e.to_string())?;
+    // The cluster key: both hosts of a pair need the same one, so images made one after the
+    // other (a primary's and a secondary's command line) share target/cluster-key; it is made
+    // when missing or not 32 bytes, and anew with --new-cluster-key.
+    let key = target_dir().join("cluster-key");
+    let fresh = args.iter().any(|a| a == "--new-cluster-key") || fs::metadata(&key).map_or(true, |m| m.len() != 32);
+    if fresh {
+        qemu_tests::write_cluster_key(&key).map_err(|e| format!("writing {}: {e}", key.display()))?;
+    }
+    let modules = [qemu_tests::mgmt_token_module(&token), qemu_tests::cluster_key_module(&key)];
+    make_image(&kernel, cmdline, &modules, &out).map_err(|e| e.to_string())?;
     let size = fs::metadata(&out).map(|m| m.len() >> 20).unwrap_or(0);
     println!("    image: {} ({size} MiB; boots as CD-ROM or written as is to a USB stick)", out.display());
     println!("    management token: {} (module `mgmt-token`; `cargo xtask ctl` reads it)", token.display());
+    println!(
+        "    cluster key: {} ({}; module `cluster-key`: give both hosts of a pair images with the same key)",
+        key.display(),
+        if fresh { "new" } else { "kept from before; --new-cluster-key makes a new one" }
+    );
     Ok(out)
 }
 
@@ -635,6 +655,7 @@ fn bench() -> Result {
     step("host benchmarks (release)");
     run_checked(cargo().args(["bench", "-p", "colo-hypervisor"]).env("COLO_BENCH_DIR", &dir), "benchmarks")?;
     snapshot_bench(&dir)?;
+    seal_bench::run(&dir)?;
     let mut report = String::from("# COLO benchmark report\n\n");
     report += &format!("Machine: {} cores, {}\n\n", num_cpus(), cpu_model());
     report += "All figures are ratios or rates measured within one run on this machine; see each section.\n\n";
@@ -652,6 +673,16 @@ fn bench() -> Result {
     fs::write(&out, &report).map_err(|e| format!("{}: {e}", out.display()))?;
     println!("{report}\nreport written to {}", out.display());
     Ok(())
+}
+
+/// Only the replication link's sealing cost (root): `target/bench/seal.md`.
+fn bench_seal() -> Result {
+    ensure_deps()?;
+    build_kernel()?;
+    let dir = target_dir().join("bench");
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    step("replication link sealing cost (two QEMU TCG hosts, repl_auth=on and off)");
+    seal_bench::run(&dir)
 }
 
 /// The PVM pause per snapshot for 1 to 10,000 dirty pages, measured inside the hypervisor under

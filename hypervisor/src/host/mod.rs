@@ -8,7 +8,8 @@
 //! - [`heap`]: the kernel heap (`linked_list_allocator`) carved from the frame allocator;
 //! - [`cpu`]: control registers, CPUID, halting;
 //! - [`shutdown`]: the one way out of the emulator, with a pass/fail status;
-//! - [`time`]: the TSC, calibrated against the PIT.
+//! - [`time`]: the TSC, calibrated against the PIT;
+//! - [`random`]: fresh nonces (RDRAND, else TSC jitter).
 
 pub mod cpu;
 pub mod gdt;
@@ -16,6 +17,7 @@ pub mod heap;
 pub mod idt;
 pub mod paging;
 pub mod pci;
+pub mod random;
 pub mod serial;
 pub mod shutdown;
 pub mod time;

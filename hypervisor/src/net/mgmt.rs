@@ -707,6 +707,19 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
             o.bool("ok", true).str("cmd", "status").str("version", env!("CARGO_PKG_VERSION"));
             o.str("role", ctx.role).num("uptime_ms", ctx.uptime_ms);
             o.str("replication", if replication_running(ctx) { "running" } else { "not running" });
+            match ctx.stats.repl_auth {
+                Some(true) => {
+                    o.str("repl_auth", "on");
+                }
+                Some(false) => {
+                    o.str("repl_auth", "off");
+                    o.str(
+                        "repl_auth_warning",
+                        "the replication link is neither authenticated nor encrypted (repl_auth=off): benchmarks only",
+                    );
+                }
+                None => {}
+            }
             o.raw("nics", &nics_json(&ctx.stats.nics));
             if let Some(c) = &ctx.stats.colo {
                 o.raw("colo", &colo_json(c));
@@ -1253,6 +1266,21 @@ mod tests {
         assert_eq!(s(m.field("json").unwrap(), "evicted"), "3");
         assert_eq!(s(m.field("http").unwrap(), "not_reading"), "2");
         assert_eq!(s(j.field("heap").unwrap(), "size"), "1000");
+    }
+
+    #[test]
+    fn status_says_whether_the_replication_link_is_sealed() {
+        let mut stats = HypervisorStats::new();
+        let (j, _) = reply(r#"{"cmd":"status"}"#, &mut stats);
+        assert!(j.field("repl_auth").is_none(), "a standalone host has no link: {j:?}");
+        stats.repl_auth = Some(true);
+        let (j, _) = reply(r#"{"cmd":"status"}"#, &mut stats);
+        assert_eq!(s(&j, "repl_auth"), "on");
+        assert!(j.field("repl_auth_warning").is_none());
+        stats.repl_auth = Some(false);
+        let (j, _) = reply(r#"{"cmd":"status"}"#, &mut stats);
+        assert_eq!(s(&j, "repl_auth"), "off");
+        assert!(s(&j, "repl_auth_warning").contains("neither authenticated nor encrypted"));
     }
 
     #[test]

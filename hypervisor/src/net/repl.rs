@@ -16,11 +16,24 @@
 //!   its decoder when the id changes. [`ReplLink::close`] (the caller found bad bytes) resets the
 //!   connection and counts the reason by name; nothing received on it afterwards is delivered.
 //!
+//! - Sealed (`repl_auth=on`, [`ReplLink::set_sealing`]): every new TCP connection first runs the
+//!   [`SecureChannel`] handshake (the primary initiates) with a fresh nonce; only a connection
+//!   whose peer proved the cluster key becomes the link ([`ReplLink::connection`] is `None`
+//!   until then, and on the secondary an unproven newcomer never replaces the link). From then
+//!   on [`ReplLink::send`] seals what it takes into one record sized to the socket's free space
+//!   ([`SEAL_OVERHEAD`] more than the plaintext, at most [`MAX_SEALED_RECORD`]), and
+//!   [`ReplLink::recv`] hands out only plaintext that authenticated. A handshake or record that
+//!   fails closes the connection and is counted by name (`seal_wrong_key`,
+//!   `seal_record_rejected`, `seal_truncated`, ...; [`SealError::counter_name`]); the log names
+//!   the peer's address, never the key. Nothing of such a connection reaches the caller.
+//!
 //! The transport is generic over the smoltcp [`Device`], so the host tests run two links over an
 //! in-memory wire; on bare metal [`nic::ReplNic`] is the e1000 with the `repl` role.
 #![deny(unsafe_code)]
 
+use alloc::boxed::Box;
 use alloc::vec;
+use alloc::vec::Vec;
 use core::fmt;
 use core::net::{Ipv4Addr, SocketAddrV4};
 
@@ -31,6 +44,7 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 
 use crate::config::Ipv4Cidr;
+use crate::seal::{ClusterKey, SealError, SealRole, SecureChannel, NONCE_LEN};
 
 /// Send and receive buffer of each link socket. At least 64 KiB so window scaling is negotiated;
 /// a few hundred KiB cover the bandwidth-delay product between (emulated) hosts.
@@ -49,7 +63,53 @@ const MAX_POLL_ROUNDS: usize = 256;
 /// First local port the primary connects from; it moves on with every attempt.
 const FIRST_LOCAL_PORT: u16 = 49_152;
 /// Distinct close reasons counted by name.
-const MAX_REASONS: usize = 16;
+const MAX_REASONS: usize = 24;
+/// Largest plaintext [`ReplLink::send`] seals into one record.
+pub const MAX_SEALED_RECORD: usize = 64 << 10;
+/// Bytes a sealed record takes beyond its plaintext (length and tag).
+pub const SEAL_OVERHEAD: usize = SecureChannel::record_len(0);
+/// A new connection that has not proved the cluster key after this long is dropped.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// Raw bytes read per step during a handshake (its messages are 48, 72 and 32 bytes).
+const HANDSHAKE_READ: usize = 64;
+/// Raw bytes [`ReplLink::recv`] reads from the socket at a time on a sealed link.
+const RAW_CHUNK: usize = 64 << 10;
+
+/// What sealing needs: the cluster key and a source of fresh handshake nonces (one per
+/// connection; on bare metal RDRAND where the CPU has it).
+pub struct Sealing {
+    /// The cluster key (module `cluster-key`).
+    pub key: ClusterKey,
+    /// A new random nonce each call.
+    pub nonces: Box<dyn FnMut() -> [u8; NONCE_LEN]>,
+}
+
+impl fmt::Debug for Sealing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealing").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+/// Why a handshake on a new connection ended without a link.
+#[derive(Debug)]
+enum HandshakeEnd {
+    /// The channel refused the peer's bytes.
+    Refused(SealError),
+    /// No proof within [`HANDSHAKE_TIMEOUT_MS`].
+    Timeout,
+    /// The peer closed or reset the connection first.
+    Incomplete,
+}
+
+impl HandshakeEnd {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Refused(e) => e.counter_name(),
+            Self::Timeout => "seal_handshake_timeout",
+            Self::Incomplete => "seal_handshake_incomplete",
+        }
+    }
+}
 
 /// Which end of the link this host is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +265,25 @@ struct Slot {
     handle: SocketHandle,
     /// The connection id while this socket is the link.
     active: Option<u32>,
+    /// Sealed links: this connection's secure channel (handshake, then records).
+    channel: Option<SecureChannel>,
+    /// When its handshake began.
+    since_ms: u64,
+    /// Plaintext the channel authenticated, not yet read by the caller, and how much was read.
+    plain: Vec<u8>,
+    plain_at: usize,
+}
+
+impl Slot {
+    fn new(handle: SocketHandle) -> Self {
+        Self { handle, active: None, channel: None, since_ms: 0, plain: Vec::new(), plain_at: 0 }
+    }
+
+    fn forget_channel(&mut self) {
+        self.channel = None;
+        self.plain = Vec::new();
+        self.plain_at = 0;
+    }
 }
 
 /// The replication link: a smoltcp interface of its own on the `repl` NIC and its sockets.
@@ -222,6 +301,16 @@ pub struct ReplLink {
     /// The last close, for status reports.
     last_close: Option<CloseReason>,
     counters: ReplCounters,
+    /// `repl_auth=on`: the key and nonces; `None`: bytes travel as they are.
+    sealing: Option<Sealing>,
+    /// This host's id in the handshake (its replication address).
+    host_id: u64,
+    /// Raw bytes read from the socket (sealed links).
+    scratch: Vec<u8>,
+    /// A record being sealed.
+    sealed_out: Vec<u8>,
+    /// The time of the last [`Self::poll`] (for closes found by `recv`).
+    now_ms: u64,
 }
 
 impl fmt::Debug for ReplLink {
@@ -230,6 +319,7 @@ impl fmt::Debug for ReplLink {
             .field("mode", &self.mode)
             .field("current", &self.current)
             .field("counters", &self.counters)
+            .field("sealed", &self.sealing.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -269,7 +359,7 @@ impl ReplLink {
         };
         for _ in 0..count {
             let handle = sockets.add(new_socket());
-            let _ = slots.push(Slot { handle, active: None });
+            let _ = slots.push(Slot::new(handle));
         }
         Self {
             mode: config.mode,
@@ -282,7 +372,24 @@ impl ReplLink {
             retry_at_ms: now_ms,
             last_close: None,
             counters: ReplCounters::default(),
+            sealing: None,
+            host_id: u64::from(u32::from(config.addr.addr)),
+            scratch: Vec::new(),
+            sealed_out: Vec::new(),
+            now_ms,
         }
+    }
+
+    /// Seals every connection from now on (`repl_auth=on`): handshake first, then records.
+    pub fn set_sealing(&mut self, sealing: Sealing) {
+        self.sealing = Some(sealing);
+        self.scratch = vec![0; RAW_CHUNK];
+        self.sealed_out = Vec::with_capacity(MAX_SEALED_RECORD + SEAL_OVERHEAD);
+    }
+
+    /// Whether connections are sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.sealing.is_some()
     }
 
     /// Which end this is.
@@ -308,6 +415,7 @@ impl ReplLink {
     /// One round of work: receive everything the NIC holds, then send while segments leave
     /// (bounded), and open, accept, replace or retire connections.
     pub fn poll<D: Device + ?Sized>(&mut self, now_ms: u64, device: &mut D) {
+        self.now_ms = now_ms;
         let now = Instant::from_millis(now_ms as i64);
         self.manage(now_ms);
         for _ in 0..MAX_POLL_ROUNDS {
@@ -338,10 +446,12 @@ impl ReplLink {
         match self.current {
             Some((slot, _)) => {
                 let socket = self.sockets.get::<tcp::Socket>(self.slots[slot].handle);
-                if socket.may_send() {
-                    socket.send_capacity() - socket.send_queue()
-                } else {
+                if !socket.may_send() {
                     0
+                } else if self.sealing.is_some() {
+                    (socket.send_capacity() - socket.send_queue()).saturating_sub(SEAL_OVERHEAD).min(MAX_SEALED_RECORD)
+                } else {
+                    socket.send_capacity() - socket.send_queue()
                 }
             }
             None => 0,
@@ -354,28 +464,87 @@ impl ReplLink {
     }
 
     /// Queues as much of `data` as fits; returns how much (0 while no connection is up). The
-    /// caller keeps the rest and offers it again after a [`Self::poll`].
+    /// caller keeps the rest and offers it again after a [`Self::poll`]. Sealed: what it takes
+    /// (at most [`Self::send_capacity`]) goes out as one record that fits the socket whole.
     pub fn send(&mut self, data: &[u8]) -> usize {
         let Some((slot, _)) = self.current else { return 0 };
-        let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
-        if !socket.may_send() {
+        if self.sealing.is_none() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
+            if !socket.may_send() {
+                return 0;
+            }
+            let n = socket.send_slice(data).unwrap_or(0);
+            self.counters.bytes_sent += n as u64;
+            return n;
+        }
+        let take = data.len().min(self.send_capacity());
+        if take == 0 {
             return 0;
         }
-        let n = socket.send_slice(data).unwrap_or(0);
-        self.counters.bytes_sent += n as u64;
-        n
+        let Self { slots, sockets, sealed_out, counters, .. } = self;
+        let Some(channel) = slots[slot].channel.as_mut() else { return 0 };
+        sealed_out.clear();
+        if let Err(e) = channel.seal(&data[..take], sealed_out) {
+            log::warn!("repl: sealing a record: {e}");
+            let now = self.now_ms;
+            self.close(CloseReason::Local(e.counter_name()), now);
+            return 0;
+        }
+        let socket = sockets.get_mut::<tcp::Socket>(slots[slot].handle);
+        let n = socket.send_slice(sealed_out).unwrap_or(0);
+        debug_assert_eq!(n, sealed_out.len(), "a record sized to the free space fits whole");
+        counters.bytes_sent += take as u64;
+        take
     }
 
     /// Reads received bytes into `buf`; returns how many (0 when none, or no connection is up).
+    /// Sealed: only plaintext of records that authenticated; a record that does not closes the
+    /// connection (counted by name) and nothing more of it is delivered.
     pub fn recv(&mut self, buf: &mut [u8]) -> usize {
-        let Some((slot, _)) = self.current else { return 0 };
-        let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
-        if !socket.can_recv() {
-            return 0;
+        let Some((slot, conn)) = self.current else { return 0 };
+        if self.sealing.is_none() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
+            if !socket.can_recv() {
+                return 0;
+            }
+            let n = socket.recv_slice(buf).unwrap_or(0);
+            self.counters.bytes_received += n as u64;
+            return n;
         }
-        let n = socket.recv_slice(buf).unwrap_or(0);
-        self.counters.bytes_received += n as u64;
-        n
+        loop {
+            let Self { slots, sockets, scratch, counters, .. } = self;
+            let s = &mut slots[slot];
+            if s.plain_at < s.plain.len() {
+                let n = (s.plain.len() - s.plain_at).min(buf.len());
+                buf[..n].copy_from_slice(&s.plain[s.plain_at..s.plain_at + n]);
+                s.plain_at += n;
+                if s.plain_at == s.plain.len() {
+                    s.plain.clear();
+                    s.plain_at = 0;
+                }
+                counters.bytes_received += n as u64;
+                return n;
+            }
+            let socket = sockets.get_mut::<tcp::Socket>(s.handle);
+            if !socket.can_recv() {
+                return 0;
+            }
+            let n = socket.recv_slice(scratch).unwrap_or(0);
+            if n == 0 {
+                return 0;
+            }
+            let Some(channel) = s.channel.as_mut() else { return 0 };
+            let plain = &mut s.plain;
+            if let Err(e) = channel.receive(&scratch[..n], |p| plain.extend_from_slice(p)) {
+                // Whatever came with the bad record is dropped with the connection.
+                s.plain.clear();
+                s.plain_at = 0;
+                log::warn!("repl: record from {} refused: {e}", conn.remote);
+                let now = self.now_ms;
+                self.close(CloseReason::Protocol(e.counter_name()), now);
+                return 0;
+            }
+        }
     }
 
     /// Counts bad bytes named `name` that did not lead to [`Self::close`] (a stream that ended
@@ -398,10 +567,17 @@ impl ReplLink {
         let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
         socket.abort();
         if let Some(conn) = self.slots[slot].active.take() {
+            // A sealed stream that ended inside a record was cut short.
+            let partial = self.slots[slot].channel.as_ref().map_or(0, SecureChannel::partial_bytes);
+            if partial > 0 && matches!(reason, CloseReason::PeerClosed | CloseReason::Lost) {
+                self.count_error("seal_truncated");
+                log::warn!("repl: connection {conn} ended inside a sealed record ({partial} bytes of it received)");
+            }
             self.counters.count_close(reason);
             self.last_close = Some(reason);
             log::info!("repl: connection {conn} closed: {reason}; {}", self.counters);
         }
+        self.slots[slot].forget_channel();
         if self.current.is_some_and(|(s, _)| s == slot) {
             self.current = None;
         }
@@ -437,10 +613,18 @@ impl ReplLink {
     fn manage_connect(&mut self, peer: SocketAddrV4, now_ms: u64) {
         let handle = self.slots[0].handle;
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let arrived = socket.state() == tcp::State::Established
+            || (socket.state() == tcp::State::CloseWait && socket.recv_queue() > 0);
+        if self.current.is_none() && self.slots[0].channel.is_some() && !arrived {
+            self.fail_handshake(0, HandshakeEnd::Incomplete, now_ms);
+        }
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         match socket.state() {
             tcp::State::Established if self.current.is_none() => {
                 let remote = socket.remote_endpoint().map_or(peer, to_v4);
-                self.activate(0, remote);
+                if self.handshake(0, now_ms) {
+                    self.activate(0, remote);
+                }
             }
             tcp::State::Closed if now_ms >= self.retry_at_ms && socket.local_endpoint().is_none() => {
                 let local_port = self.next_local_port;
@@ -461,6 +645,11 @@ impl ReplLink {
             let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
             // An aborted socket keeps its endpoints until its RST has left: listen after that.
             if !socket.is_open() && socket.local_endpoint().is_none() {
+                if self.slots[slot].channel.is_some() {
+                    // Its handshake never finished (the peer reset it).
+                    self.fail_handshake(slot, HandshakeEnd::Incomplete, now_ms);
+                }
+                let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
                 if let Err(e) = socket.listen(port) {
                     log::warn!("repl: listen on port {port}: {e:?}");
                 }
@@ -472,16 +661,97 @@ impl ReplLink {
                 || (socket.state() == tcp::State::CloseWait && socket.recv_queue() > 0);
             if arrived && self.slots[slot].active.is_none() {
                 let remote = socket.remote_endpoint().map(to_v4);
-                if let Some((old, _)) = self.current {
-                    self.retire(old, CloseReason::Replaced, now_ms);
+                // Sealed: a newcomer replaces the link only once it proved the cluster key.
+                if self.handshake(slot, now_ms) {
+                    if let Some((old, _)) = self.current {
+                        self.retire(old, CloseReason::Replaced, now_ms);
+                    }
+                    self.activate(slot, remote.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
                 }
-                self.activate(slot, remote.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
             } else if self.slots[slot].active.is_none()
                 && !matches!(socket.state(), tcp::State::Listen | tcp::State::SynReceived)
             {
                 // A connection that ended before it became the link.
-                socket.abort();
+                if self.slots[slot].channel.is_some() {
+                    self.fail_handshake(slot, HandshakeEnd::Incomplete, now_ms);
+                } else {
+                    socket.abort();
+                }
             }
+        }
+    }
+
+    /// Moves the handshake of the new connection in `slot` on; true once the link may use it
+    /// (at once when connections are not sealed). A failed handshake drops the connection.
+    fn handshake(&mut self, slot: usize, now_ms: u64) -> bool {
+        let Some(sealing) = self.sealing.as_mut() else { return true };
+        let Self { slots, sockets, .. } = self;
+        let s = &mut slots[slot];
+        if s.channel.is_none() {
+            let role = match self.mode {
+                Mode::Connect { .. } => SealRole::Initiator,
+                Mode::Listen { .. } => SealRole::Responder,
+            };
+            s.channel = Some(SecureChannel::new(role, sealing.key.clone(), self.host_id, (sealing.nonces)()));
+            s.since_ms = now_ms;
+            s.plain.clear();
+            s.plain_at = 0;
+        }
+        let socket = sockets.get_mut::<tcp::Socket>(s.handle);
+        let channel = s.channel.as_mut().expect("just made");
+        let result = loop {
+            let out = channel.take_outgoing();
+            if !out.is_empty() && socket.send_slice(&out) != Ok(out.len()) {
+                // A new socket's buffer holds every handshake message; this cannot happen.
+                break Err(HandshakeEnd::Incomplete);
+            }
+            if channel.is_established() {
+                break Ok(true);
+            }
+            let mut raw = [0u8; HANDSHAKE_READ];
+            let n = if socket.can_recv() { socket.recv_slice(&mut raw).unwrap_or(0) } else { 0 };
+            if n == 0 {
+                break if now_ms.saturating_sub(s.since_ms) > HANDSHAKE_TIMEOUT_MS {
+                    Err(HandshakeEnd::Timeout)
+                } else {
+                    Ok(false)
+                };
+            }
+            // Records right behind the last handshake message are kept for `recv`.
+            let plain = &mut s.plain;
+            if let Err(e) = channel.receive(&raw[..n], |p| plain.extend_from_slice(p)) {
+                break Err(HandshakeEnd::Refused(e));
+            }
+        };
+        match result {
+            Ok(done) => done,
+            Err(end) => {
+                self.fail_handshake(slot, end, now_ms);
+                false
+            }
+        }
+    }
+
+    /// Drops the new connection in `slot` whose handshake failed, counting why by name; the log
+    /// names the peer's address (never the key).
+    fn fail_handshake(&mut self, slot: usize, end: HandshakeEnd, now_ms: u64) {
+        let socket = self.sockets.get_mut::<tcp::Socket>(self.slots[slot].handle);
+        let remote = socket.remote_endpoint().map(to_v4);
+        socket.abort();
+        self.slots[slot].forget_channel();
+        let name = end.name();
+        self.count_error(name);
+        let detail = match &end {
+            HandshakeEnd::Refused(e) => alloc::format!("{e}"),
+            HandshakeEnd::Timeout => alloc::format!("no proof of the cluster key within {HANDSHAKE_TIMEOUT_MS} ms"),
+            HandshakeEnd::Incomplete => "the connection ended before the handshake did".into(),
+        };
+        match remote {
+            Some(remote) => log::warn!("repl: handshake with {remote} failed: `{name}`: {detail}; {}", self.counters),
+            None => log::warn!("repl: handshake with an unknown peer failed: `{name}`: {detail}; {}", self.counters),
+        }
+        if matches!(self.mode, Mode::Connect { .. }) {
+            self.retry_at_ms = now_ms + RECONNECT_MS;
         }
     }
 
@@ -505,10 +775,11 @@ pub mod nic {
     use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
     use smoltcp::time::Instant;
 
-    use super::{LinkConfig, Mode, ReplLink};
+    use super::{LinkConfig, Mode, ReplLink, Sealing};
     use crate::config::{Config, Role};
     use crate::host::time;
     use crate::net::e1000::{TxError, E1000, MAX_FRAME};
+    use crate::seal::ClusterKey;
     use crate::stats;
 
     /// Why the link could not start.
@@ -520,6 +791,29 @@ pub mod nic {
         NoReplNic,
         /// `repl_addr=` or `peer_addr=` is missing (the config parser normally refuses that).
         Unaddressed,
+        /// `repl_auth=on` without a `cluster-key` module.
+        NoClusterKey,
+    }
+
+    /// The name of the module holding the cluster key.
+    pub const CLUSTER_KEY_MODULE: &str = "cluster-key";
+
+    /// The cluster key read at boot, until the link takes it.
+    static CLUSTER_KEY: spin::Mutex<Option<ClusterKey>> = spin::Mutex::new(None);
+
+    /// Hands the cluster key (from the `cluster-key` module) to the link started later.
+    pub fn install_cluster_key(key: ClusterKey) {
+        *CLUSTER_KEY.lock() = Some(key);
+    }
+
+    /// The loud warning of `repl_auth=off`.
+    pub fn warn_unsealed() {
+        for _ in 0..3 {
+            log::warn!(
+                "repl: !!! repl_auth=off: the replication link is NEITHER AUTHENTICATED NOR ENCRYPTED: anyone on \
+                 the replication network can read guest memory and inject checkpoints. For benchmarks only !!!"
+            );
+        }
     }
 
     impl fmt::Display for ReplError {
@@ -531,6 +825,11 @@ pub mod nic {
                     "no e1000 NIC with the repl role alone (nics=... e.g. mgmt+client,repl, and as many e1000 NICs on the PCI bus)"
                 ),
                 Self::Unaddressed => write!(f, "the replication link needs repl_addr= and peer_addr="),
+                Self::NoClusterKey => write!(
+                    f,
+                    "repl_auth=on (the default) needs a `{CLUSTER_KEY_MODULE}` module of 32 random bytes \
+                     (`cargo xtask image` and `cargo xtask cluster start` write one); repl_auth=off only for benchmarks"
+                ),
             }
         }
     }
@@ -572,7 +871,18 @@ pub mod nic {
             let (index, dev) = crate::net::take_repl_nic().ok_or(ReplError::NoReplNic)?;
             let mac = dev.mac();
             let mut nic = ReplNic { dev, index };
-            let link = ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut nic, time::now_ms());
+            let mut link = ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut nic, time::now_ms());
+            if config.repl_auth {
+                let key = CLUSTER_KEY.lock().take().ok_or(ReplError::NoClusterKey)?;
+                link.set_sealing(Sealing { key, nonces: alloc::boxed::Box::new(crate::host::random::nonce) });
+                log::info!(
+                    "repl: repl_auth=on: each connection proves the cluster key (HMAC-SHA256 handshake), then every \
+                     message is sealed (ChaCha20-Poly1305)"
+                );
+            } else {
+                warn_unsealed();
+            }
+            stats::with(|s| s.repl_auth = Some(config.repl_auth));
             match mode {
                 Mode::Connect { peer } => {
                     log::info!("repl: {}/{} on nic{index}, connecting to {peer}", addr.addr, addr.prefix)
@@ -705,6 +1015,8 @@ mod tests {
         /// Frames each direction may hold (a NIC ring); beyond it frames are dropped.
         limit: usize,
         dropped: usize,
+        /// Every frame sent, both ways, when set.
+        capture: Option<Vec<u8>>,
     }
 
     struct End<'a> {
@@ -712,6 +1024,7 @@ mod tests {
         tx: &'a mut VecDeque<Vec<u8>>,
         limit: usize,
         dropped: &'a mut usize,
+        capture: &'a mut Option<Vec<u8>>,
     }
 
     struct Rx(Vec<u8>);
@@ -719,6 +1032,7 @@ mod tests {
         queue: &'a mut VecDeque<Vec<u8>>,
         limit: usize,
         dropped: &'a mut usize,
+        capture: &'a mut Option<Vec<u8>>,
     }
 
     impl phy::RxToken for Rx {
@@ -731,6 +1045,9 @@ mod tests {
         fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
             let mut buf = vec![0; len];
             let r = f(&mut buf);
+            if let Some(capture) = self.capture.as_mut() {
+                capture.extend_from_slice(&buf);
+            }
             if self.queue.len() < self.limit {
                 self.queue.push_back(buf);
             } else {
@@ -752,11 +1069,11 @@ mod tests {
 
         fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
             let frame = self.rx.pop_front()?;
-            Some((Rx(frame), Tx { queue: self.tx, limit: self.limit, dropped: self.dropped }))
+            Some((Rx(frame), Tx { queue: self.tx, limit: self.limit, dropped: self.dropped, capture: self.capture }))
         }
 
         fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-            Some(Tx { queue: self.tx, limit: self.limit, dropped: self.dropped })
+            Some(Tx { queue: self.tx, limit: self.limit, dropped: self.dropped, capture: self.capture })
         }
 
         fn capabilities(&self) -> DeviceCapabilities {
@@ -769,10 +1086,22 @@ mod tests {
 
     impl Wire {
         fn a(&mut self) -> End<'_> {
-            End { rx: &mut self.b_to_a, tx: &mut self.a_to_b, limit: self.limit, dropped: &mut self.dropped }
+            End {
+                rx: &mut self.b_to_a,
+                tx: &mut self.a_to_b,
+                limit: self.limit,
+                dropped: &mut self.dropped,
+                capture: &mut self.capture,
+            }
         }
         fn b(&mut self) -> End<'_> {
-            End { rx: &mut self.a_to_b, tx: &mut self.b_to_a, limit: self.limit, dropped: &mut self.dropped }
+            End {
+                rx: &mut self.a_to_b,
+                tx: &mut self.b_to_a,
+                limit: self.limit,
+                dropped: &mut self.dropped,
+                capture: &mut self.capture,
+            }
         }
     }
 
@@ -787,7 +1116,33 @@ mod tests {
         now: u64,
     }
 
+    /// Nonces from a counter (the tests need fresh ones per connection, not secret ones).
+    fn sealing(key: u8, salt: u8) -> Sealing {
+        let mut n = 0u8;
+        Sealing {
+            key: ClusterKey::from_bytes(&[key; 32]).unwrap(),
+            nonces: Box::new(move || {
+                n = n.wrapping_add(1);
+                let mut nonce = [salt; NONCE_LEN];
+                nonce[0] = n;
+                nonce
+            }),
+        }
+    }
+
     impl Pair {
+        /// A pair whose links are sealed with these cluster keys (`None`: not sealed).
+        fn sealed(limit: usize, primary_key: Option<u8>, secondary_key: Option<u8>) -> Self {
+            let mut pair = Self::new(limit);
+            if let Some(k) = primary_key {
+                pair.primary.set_sealing(sealing(k, 0xA1));
+            }
+            if let Some(k) = secondary_key {
+                pair.secondary.set_sealing(sealing(k, 0xB2));
+            }
+            pair
+        }
+
         fn new(limit: usize) -> Self {
             let mut wire = Wire { limit, ..Wire::default() };
             let primary = ReplLink::new(
@@ -1007,15 +1362,99 @@ mod tests {
     }
 
     #[test]
+    fn sealed_link_carries_bulk_bytes_both_ways_and_no_plaintext_on_the_wire() {
+        let mut pair = Pair::sealed(usize::MAX, Some(7), Some(7));
+        pair.wire.capture = Some(Vec::new());
+        pair.connected();
+        // More than the socket buffers: records are sized to the free space (backpressure).
+        let down = pattern(3 * BUFFER_BYTES + 12_345, 7);
+        assert!(pair.primary.send_capacity() <= MAX_SEALED_RECORD);
+        assert_eq!(transfer(&mut pair, &down, true, 20_000), down);
+        let up = pattern(BUFFER_BYTES + 999, 3);
+        assert_eq!(transfer(&mut pair, &up, false, 20_000), up);
+        let c = pair.primary.counters();
+        assert_eq!((c.connects, c.closes, c.errors), (1, 0, 0), "{c}");
+        assert_eq!(c.bytes_sent, down.len() as u64, "bytes_sent counts plaintext");
+        let wire = pair.wire.capture.take().unwrap();
+        assert!(wire.len() > down.len() + up.len(), "the capture holds the whole transfer");
+        for needle in [&down[1000..1032], &up[5000..5032]] {
+            assert!(!wire.windows(needle.len()).any(|w| w == needle), "plaintext on the wire");
+        }
+        // The same transfer unsealed: the scan finds the plaintext (the scan works).
+        let mut plain = Pair::new(usize::MAX);
+        plain.wire.capture = Some(Vec::new());
+        plain.connected();
+        assert_eq!(transfer(&mut plain, &down[..20_000], true, 5_000), &down[..20_000]);
+        let wire = plain.wire.capture.take().unwrap();
+        assert!(wire.windows(32).any(|w| w == &down[1000..1032]));
+    }
+
+    #[test]
+    fn a_peer_with_another_key_never_becomes_the_link() {
+        let mut pair = Pair::sealed(usize::MAX, Some(1), Some(2));
+        let mut buf = [0u8; 256];
+        for _ in 0..3_000 {
+            pair.step();
+            assert!(pair.primary.connection().is_none() && pair.secondary.connection().is_none());
+            assert_eq!(pair.primary.send(b"secret"), 0);
+            assert_eq!(pair.secondary.recv(&mut buf), 0);
+        }
+        let p = pair.primary.counters();
+        let s = pair.secondary.counters();
+        assert!(p.by_name("seal_wrong_key") >= 5, "the primary retries and refuses each time: {p}");
+        assert!(s.by_name("seal_handshake_incomplete") >= 5, "{p} / {s}");
+        assert_eq!((p.connects, s.connects, p.bytes_received, s.bytes_received), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn an_unsealed_peer_is_refused_by_name_and_sends_nothing_through() {
+        // The primary is not sealed (repl_auth=off, or an attacker): its bytes are not a handshake.
+        let mut pair = Pair::sealed(usize::MAX, None, Some(2));
+        pair.run_until(2_000, |p| p.primary.connection().is_some());
+        assert_eq!(pair.primary.send(&[b'G'; 200]), 200);
+        pair.run_until(2_000, |p| p.secondary.counters().by_name("seal_bad_magic") >= 1);
+        let mut buf = [0u8; 256];
+        assert_eq!(pair.secondary.recv(&mut buf), 0);
+        assert_eq!(pair.secondary.counters().connects, 0);
+        // One that connects and stays silent is dropped after the handshake timeout.
+        let mut pair = Pair::sealed(usize::MAX, None, Some(2));
+        pair.run_until(2_000, |p| p.primary.connection().is_some());
+        pair.run_until(HANDSHAKE_TIMEOUT_MS + 500, |p| p.secondary.counters().by_name("seal_handshake_timeout") >= 1);
+        assert_eq!(pair.secondary.counters().connects, 0);
+    }
+
+    #[test]
+    fn a_sealed_stream_cut_inside_a_record_is_counted_as_truncated() {
+        let mut pair = Pair::sealed(usize::MAX, Some(3), Some(3));
+        pair.connected();
+        assert_eq!(transfer(&mut pair, b"whole", true, 1_000), b"whole");
+        // Half a record, straight into the socket, then FIN.
+        let (slot, _) = pair.primary.current.unwrap();
+        let mut record = Vec::new();
+        pair.primary.slots[slot].channel.as_mut().unwrap().seal(&[9; 100], &mut record).unwrap();
+        let socket = pair.primary.sockets.get_mut::<tcp::Socket>(pair.primary.slots[slot].handle);
+        assert_eq!(socket.send_slice(&record[..60]), Ok(60));
+        socket.close();
+        let mut buf = [0u8; 256];
+        pair.run_until(2_000, |p| {
+            assert_eq!(p.secondary.recv(&mut buf), 0, "nothing of a cut record is delivered");
+            p.secondary.counters().by_name("seal_truncated") == 1
+        });
+    }
+
+    #[test]
     fn counters_name_unknown_reasons_within_a_bound() {
         let mut c = ReplCounters::default();
-        let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r"];
+        let names = [
+            "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u",
+            "v", "w", "x", "y", "z",
+        ];
         for name in names {
             c.count_close(CloseReason::Protocol(name));
         }
         assert_eq!(c.closes, names.len() as u64);
         assert_eq!(c.errors, names.len() as u64);
         assert_eq!(c.by_reason.iter().map(|(_, n)| n).sum::<u64>(), names.len() as u64);
-        assert!(c.to_string().contains("errors=18"), "{c}");
+        assert!(c.to_string().contains("errors=26"), "{c}");
     }
 }

@@ -3,7 +3,7 @@
 //! sits above `runner` and `snapshot` (and below `kernel`, which calls [`run`]); nothing below
 //! imports it.
 //!
-//! - `dirty-count`: the pages dirtied between test marks 1 and 2, by `dirty_log=pml|ad`;
+//! - `dirty-count`: the pages dirtied between test marks 1 and 2, by `dirty_log=pml|ad|wp`;
 //! - `snapshot-bench`: the PVM pause for those pages next to a plain copy of the same bytes;
 //! - `snapshot-restore`: snapshot mid-computation (at the first preemption-timer exit after
 //!   `snapshot_after_lines=K` console lines), restore into a second guest and the same guest,
@@ -74,8 +74,9 @@ fn create(
 }
 
 /// `dirty-count`: the pages dirtied between test marks 1 and 2, counted by the method named in
-/// `dirty_log=pml|ad`. `snapshot-bench` also times the PVM pause for those pages against a plain
-/// copy of the same number of bytes.
+/// `dirty_log=pml|ad|wp`. `snapshot-bench` also times the PVM pause for those pages against a plain
+/// copy of the same number of bytes, and the guest's run between the marks (its N first writes:
+/// faults under write-protect tracking).
 fn dirty_between_marks(
     scenario: Scenario,
     backend: &mut Backend,
@@ -90,6 +91,9 @@ fn dirty_between_marks(
     let result = (|| {
         guest.vcpu.enable_dirty_log(method, frames).map_err(|e| alloc::format!("{e}"))?;
         guest.dirty = Some(DirtyLog::new(frames_in_guest));
+        // When the guest resumed after mark 1: the time to mark 2 is its run between checkpoints
+        // (the N writes, each a fault under write-protect tracking).
+        let mut resumed_at = 0;
         let end = loop {
             if let Some(end) = guest.step() {
                 break end;
@@ -100,8 +104,12 @@ fn dirty_between_marks(
                         let log = guest.dirty.as_mut().expect("dirty log on");
                         guest.vcpu.collect_dirty(log).map_err(|e| alloc::format!("{e}"))?;
                         log.clear();
+                        resumed_at = time::rdtsc();
                     }
-                    2 if scenario == Scenario::SnapshotBench => bench_pause(&mut guest, method)?,
+                    2 if scenario == Scenario::SnapshotBench => {
+                        let guest_cycles = time::rdtsc() - resumed_at;
+                        bench_pause(&mut guest, method, guest_cycles)?;
+                    }
                     2 => {
                         let log = guest.dirty.as_mut().expect("dirty log on");
                         guest.vcpu.collect_dirty(log).map_err(|e| alloc::format!("{e}"))?;
@@ -133,7 +141,7 @@ fn dirty_between_marks(
 
 /// One PVM pause for the pages dirtied between the marks, split into capture and copy, next to a
 /// plain copy of the same bytes in the same run.
-fn bench_pause(guest: &mut Guest, method: DirtyLogMethod) -> Result<(), String> {
+fn bench_pause(guest: &mut Guest, method: DirtyLogMethod, guest_cycles: u64) -> Result<(), String> {
     let (copy, t) = pause_and_copy(guest, Pages::Dirty).map_err(|e| alloc::format!("{e}"))?;
     let bytes = copy.data.len();
     let mem = guest.memory();
@@ -145,12 +153,15 @@ fn bench_pause(guest: &mut Guest, method: DirtyLogMethod) -> Result<(), String> 
     core::hint::black_box(&dst);
     let pause = t.capture_cycles + t.copy_cycles;
     log::info!(
-        "snapshot-bench: method={method:?} dirty_pages={} capture_cycles={} copy_cycles={} pause_cycles={pause} \
-         memcpy_cycles={memcpy_cycles} pause_per_memcpy_x100={}",
+        "snapshot-bench: method={} guest_mib={} dirty_pages={} capture_cycles={} copy_cycles={} pause_cycles={pause} \
+         memcpy_cycles={memcpy_cycles} pause_per_memcpy_x100={} guest_cycles={guest_cycles} tsc_per_ms={}",
+        method.name(),
+        guest.ram.len() >> 20,
         copy.gfns.len(),
         t.capture_cycles,
         t.copy_cycles,
-        pause * 100 / memcpy_cycles.max(1)
+        pause * 100 / memcpy_cycles.max(1),
+        time::tsc_per_ms()
     );
     Ok(())
 }

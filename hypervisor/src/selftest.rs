@@ -152,6 +152,9 @@ fn bench_pause(guest: &mut Guest, method: DirtyLogMethod, guest_cycles: u64) -> 
     let memcpy_cycles = time::rdtsc() - t0;
     core::hint::black_box(&dst);
     let pause = t.capture_cycles + t.copy_cycles;
+    if copy.gfns.len() <= 8 && method == DirtyLogMethod::WriteProtect {
+        full_sync_bench(guest)?;
+    }
     log::info!(
         "snapshot-bench: method={} guest_mib={} dirty_pages={} capture_cycles={} copy_cycles={} pause_cycles={pause} \
          memcpy_cycles={memcpy_cycles} pause_per_memcpy_x100={} guest_cycles={guest_cycles} tsc_per_ms={}",
@@ -161,6 +164,41 @@ fn bench_pause(guest: &mut Guest, method: DirtyLogMethod, guest_cycles: u64) -> 
         t.capture_cycles,
         t.copy_cycles,
         pause * 100 / memcpy_cycles.max(1),
+        time::tsc_per_ms()
+    );
+    Ok(())
+}
+
+/// A sink that keeps nothing but a count and a checksum: the bounded-memory end of a stream.
+struct CountingSink {
+    bytes: u64,
+    sum: u64,
+}
+
+impl crate::colo::checkpoint::ByteSink for CountingSink {
+    fn write_all(&mut self, bytes: &[u8]) -> Result<(), crate::colo::checkpoint::SinkError> {
+        self.bytes += bytes.len() as u64;
+        self.sum = self.sum.wrapping_add(bytes.first().copied().map_or(0, u64::from));
+        Ok(())
+    }
+}
+
+/// The initial full sync of the paused guest (`encode_full_into`: every page read in place and
+/// streamed, no copy of the guest built) into a counting sink: its time for this guest's size.
+fn full_sync_bench(guest: &mut Guest) -> Result<(), String> {
+    let t0 = time::rdtsc();
+    let (sink, summary) = encode_full_into(guest, SNAPSHOT_EPOCH + 1, CountingSink { bytes: 0, sum: 0 })
+        .map_err(|e| alloc::format!("full sync: {e}"))?;
+    let cycles = time::rdtsc() - t0;
+    log::info!(
+        "snapshot-bench: full_sync guest_mib={} pages={} zero_pages={} stream_bytes={} full_sync_cycles={cycles} \
+         full_sync_us={} heap_high_water_bytes={} tsc_per_ms={}",
+        guest.ram.len() >> 20,
+        summary.pages,
+        summary.zero_pages,
+        sink.bytes,
+        micros(cycles),
+        crate::host::heap::usage().high_water,
         time::tsc_per_ms()
     );
     Ok(())

@@ -13,6 +13,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 mod ctl;
+mod dirty_bench;
 
 use qemu_tests::{make_image, target_dir, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
 
@@ -71,6 +72,7 @@ commands:
   test [--suite NAME]...      run the tests (all suites, or the named ones; --list shows them)
   demo                        build, boot under QEMU and Bochs, and summarise what happened
   bench                       run the benchmarks; figures go to target/bench-report.md
+  bench --quick               only the dirty-tracking scaling subset (QEMU 64 MiB and 1 GiB, Bochs 64 MiB)
   fuzz [--seeds N]            the fuzz guest with seeds 1..=N (default 10) over QEMU AMD-V, Bochs VT-x and AMD-V
   ctl <command> [--addr IP:PORT]
                               send one management request (status, stats, tunables, set KEY VALUE,
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
         Some("deps") => deps(),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
+        Some("bench") if args.get(1).is_some_and(|a| a == "--quick") => bench_quick(),
         Some("bench") => bench(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("ctl") => ctl::ctl(&args[1..]),
@@ -566,10 +569,25 @@ fn bench() -> Result {
     step("host benchmarks (release)");
     run_checked(cargo().args(["bench", "-p", "colo-hypervisor"]).env("COLO_BENCH_DIR", &dir), "benchmarks")?;
     snapshot_bench(&dir)?;
+    dirty_bench::dirty_scaling_bench(&dir, false)?;
+    write_bench_report(&dir)
+}
+
+/// `bench --quick`: the dirty-tracking scaling subset alone, in a few minutes.
+fn bench_quick() -> Result {
+    let dir = target_dir().join("bench");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    dirty_bench::dirty_scaling_bench(&dir, true)?;
+    write_bench_report(&dir)
+}
+
+/// Joins the sections in `dir` into target/bench-report.md.
+fn write_bench_report(dir: &Path) -> Result {
     let mut report = String::from("# COLO benchmark report\n\n");
     report += &format!("Machine: {} cores, {}\n\n", num_cpus(), cpu_model());
     report += "All figures are ratios or rates measured within one run on this machine; see each section.\n\n";
-    let mut parts: Vec<_> = fs::read_dir(&dir)
+    let mut parts: Vec<_> = fs::read_dir(dir)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "md"))

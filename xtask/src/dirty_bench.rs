@@ -22,6 +22,8 @@ struct Run {
     label: &'static str,
     guest_mib: u64,
     methods: &'static [&'static str],
+    /// Boots; each row is the one with the smallest pause (wall clock under TCG is noisy).
+    repeats: u32,
 }
 
 /// One `snapshot-bench:` line.
@@ -34,6 +36,7 @@ struct Row {
     pause: u64,
     memcpy: u64,
     guest: u64,
+    empty: u64,
     tsc_per_ms: u64,
 }
 
@@ -85,6 +88,7 @@ fn boot(kernel: &Path, run: &Run) -> Result<(Vec<Row>, Vec<String>, Duration)> {
             pause: num(l, "pause_cycles"),
             memcpy: num(l, "memcpy_cycles"),
             guest: num(l, "guest_cycles"),
+            empty: num(l, "empty_capture_cycles"),
             tsc_per_ms: num(l, "tsc_per_ms"),
         })
         .collect();
@@ -107,12 +111,13 @@ fn boot(kernel: &Path, run: &Run) -> Result<(Vec<Row>, Vec<String>, Duration)> {
 pub fn dirty_scaling_bench(dir: &Path, quick: bool) -> Result {
     crate::ensure_deps()?;
     let kernel = crate::build_kernel()?;
-    let qemu = |guest_mib| Run {
+    let qemu = |guest_mib, repeats| Run {
         emulator: Emulator::Qemu,
         cpu: "max",
         label: "QEMU TCG AMD-V",
         guest_mib,
         methods: &["wp", "ad"],
+        repeats,
     };
     let bochs = |guest_mib| Run {
         emulator: Emulator::Bochs,
@@ -120,60 +125,83 @@ pub fn dirty_scaling_bench(dir: &Path, quick: bool) -> Result {
         label: "Bochs VT-x",
         guest_mib,
         methods: &["pml", "wp", "ad"],
+        repeats: 1,
     };
     let runs: Vec<Run> = if quick {
-        vec![qemu(64), qemu(1024), bochs(64)]
+        vec![qemu(64, 1), qemu(1024, 1), bochs(64)]
     } else {
-        vec![qemu(64), qemu(256), qemu(1024), qemu(4096), bochs(64), bochs(256), bochs(1024)]
+        vec![qemu(64, 3), qemu(256, 3), qemu(1024, 3), qemu(4096, 1), bochs(64), bochs(256), bochs(1024)]
     };
     let mut md = String::from(
         "## Dirty tracking: capture and pause against guest size and dirty pages (issue 18)\n\n\
          Each guest (`guest-dirty`) writes N pages between two marks (the reported count adds the few guest \
          page-table pages the processor's walks touch); at the second mark the hypervisor takes one PVM pause \
          (`snapshot::pause_and_copy`): capture = vCPU and device state plus dirty collection, copy = the dirty \
-         pages. Methods: `wp` write protection (first write faults, handled inside the backend; collection \
+         pages; empty capture = the same pause repeated at once with nothing dirtied since (vCPU and device \
+         state, an empty collection). Methods: `wp` write protection (first write faults, handled inside the backend; collection \
          re-protects the logged pages only; 2 MiB leaves split on first write), `ad` second-level dirty flags \
-         scanned under upper-level Accessed flags, `pml` VT-x page-modification log. Fixed cost = the capture \
-         at 4 dirty pages of the same guest and method; its share is taken of each pause. Guest run = the \
+         scanned under upper-level Accessed flags, `pml` VT-x page-modification log. A discarded pause at the \
+         first mark starts the epoch, so the measured pause is never the first run of the capture code. Fixed \
+         cost = the capture at 4 dirty pages of the same guest size and method (the issue's definition: state \
+         plus collection when almost nothing was written); its share is taken of each pause. QEMU rows are \
+         the smallest pause of the boots made (column `boots` in the goals). Guest run = the \
          guest's time from mark 1 to mark 2 (its N first writes; faults under `wp`). QEMU figures are TSC \
          cycles converted with the hypervisor's calibrated rate (wall clock under TCG, noisy on a shared \
          host); Bochs figures are emulated cycles (`clock: sync=none`).\n\n\
-         | platform | method | guest | dirty pages | capture | copy | pause | pause (ms) | memcpy | pause / memcpy | fixed share | guest run (ms) |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | platform | method | guest | dirty pages | capture | empty capture | copy | pause | pause (ms) | memcpy | pause / memcpy | fixed share | guest run (ms) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut goals = String::from(
-        "\n### Goals\n\n| platform | method | guest | fixed cost ≤ 5% of the pause from 100 pages up (worst) | pause at ~300 pages ≤ 5 ms under TCG |\n|---|---|---:|---|---|\n",
+        "\n### Goals\n\n| platform | method | guest | boots | fixed cost ≤ 5% of the pause from 100 pages up (worst) | pause at ~300 pages ≤ 5 ms under TCG |\n|---|---|---:|---:|---|---|\n",
     );
     let mut fulls = Vec::new();
     let mut skipped = Vec::new();
     for run in &runs {
         crate::step(&format!("dirty scaling: {} with a {} MiB guest", run.label, run.guest_mib));
-        let (rows, full, took) = match boot(&kernel, run) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("{e}");
-                skipped.push(format!("{} {} MiB: {}", run.label, run.guest_mib, e.lines().next().unwrap_or("")));
-                continue;
+        let mut best: BTreeMap<(String, u64), Row> = BTreeMap::new();
+        let mut took = Duration::ZERO;
+        for _ in 0..run.repeats {
+            match boot(&kernel, run) {
+                Ok((rows, full, t)) => {
+                    took += t;
+                    fulls.extend(full.into_iter().map(|l| format!("{} ({} MiB): {l}", run.label, run.guest_mib)));
+                    for r in rows {
+                        let key = (r.method.clone(), r.pages);
+                        if best.get(&key).is_none_or(|b| r.pause < b.pause) {
+                            best.insert(key, r);
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    skipped.push(format!("{} {} MiB: {}", run.label, run.guest_mib, e.lines().next().unwrap_or("")));
+                }
             }
-        };
-        fulls.extend(full.into_iter().map(|l| format!("{} ({}): {l}", run.label, run.guest_mib)));
+        }
+        if best.is_empty() {
+            continue;
+        }
         let mut by_method: BTreeMap<String, Vec<Row>> = BTreeMap::new();
-        for r in rows {
+        for r in best.into_values() {
             by_method.entry(r.method.clone()).or_default().push(r);
         }
+        for rows in by_method.values_mut() {
+            rows.sort_by_key(|r| r.pages);
+        }
         for method in run.methods {
-            let rows = &by_method[*method];
+            let Some(rows) = by_method.get(*method) else { continue };
             let fixed = rows.iter().min_by_key(|r| r.pages).map_or(0, |r| r.capture);
             let ms = |cycles: u64, r: &Row| cycles as f64 / r.tsc_per_ms.max(1) as f64;
             let qemu = run.emulator == Emulator::Qemu;
             for r in rows {
                 md += &format!(
-                    "| {} | {} | {} MiB | {} | {} | {} | {} | {} | {} | {:.2} | {:.1}% | {} |\n",
+                    "| {} | {} | {} MiB | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1}% | {} |\n",
                     run.label,
                     r.method,
                     run.guest_mib,
                     r.pages,
                     r.capture,
+                    r.empty,
                     r.copy,
                     r.pause,
                     if qemu { format!("{:.2}", ms(r.pause, r)) } else { "-".into() },
@@ -199,7 +227,10 @@ pub fn dirty_scaling_bench(dir: &Path, quick: bool) -> Result {
             } else {
                 "(emulated cycles; goal is for TCG)".into()
             };
-            goals += &format!("| {} | {method} | {} MiB | {fixed_goal} | {pause_goal} |\n", run.label, run.guest_mib);
+            goals += &format!(
+                "| {} | {method} | {} MiB | {} | {fixed_goal} | {pause_goal} |\n",
+                run.label, run.guest_mib, run.repeats
+            );
         }
         println!("  {} {} MiB: {:.0} s", run.label, run.guest_mib, took.as_secs_f64());
     }

@@ -72,7 +72,8 @@ commands:
   test [--suite NAME]...      run the tests (all suites, or the named ones; --list shows them)
   demo                        build, boot under QEMU and Bochs, and summarise what happened
   bench                       run the benchmarks; figures go to target/bench-report.md
-  bench --quick               only the dirty-tracking scaling subset (QEMU 64 MiB and 1 GiB, Bochs 64 MiB)
+  bench --quick | --dirty     only the dirty-tracking scaling table (--quick: QEMU 64 MiB and 1 GiB,
+                              Bochs 64 MiB, a few minutes; --dirty: all sizes, about half an hour)
   fuzz [--seeds N]            the fuzz guest with seeds 1..=N (default 10) over QEMU AMD-V, Bochs VT-x and AMD-V
   ctl <command> [--addr IP:PORT]
                               send one management request (status, stats, tunables, set KEY VALUE,
@@ -90,7 +91,8 @@ fn main() -> ExitCode {
         Some("deps") => deps(),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
-        Some("bench") if args.get(1).is_some_and(|a| a == "--quick") => bench_quick(),
+        Some("bench") if args.get(1).is_some_and(|a| a == "--quick") => bench_dirty_only(true),
+        Some("bench") if args.get(1).is_some_and(|a| a == "--dirty") => bench_dirty_only(false),
         Some("bench") => bench(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("ctl") => ctl::ctl(&args[1..]),
@@ -573,12 +575,13 @@ fn bench() -> Result {
     write_bench_report(&dir)
 }
 
-/// `bench --quick`: the dirty-tracking scaling subset alone, in a few minutes.
-fn bench_quick() -> Result {
+/// `bench --quick` / `bench --dirty`: the dirty-tracking scaling section alone (`quick`: a subset
+/// that takes a few minutes).
+fn bench_dirty_only(quick: bool) -> Result {
     let dir = target_dir().join("bench");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    dirty_bench::dirty_scaling_bench(&dir, true)?;
+    dirty_bench::dirty_scaling_bench(&dir, quick)?;
     write_bench_report(&dir)
 }
 

@@ -16,6 +16,9 @@ const PAGE_SHIFT: u32 = 12;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirtyLog {
     bits: Vec<u64>,
+    /// Bit `i` set: word `i` of `bits` may be non-zero. `take`, `count` and `clear` visit only
+    /// those words, so they cost the dirty pages plus one bit per 256 KiB of guest RAM.
+    summary: Vec<u64>,
     frames: u64,
     /// Marks for pages outside the guest (ignored, counted: a backend bug or a stray PML entry).
     pub out_of_range: u64,
@@ -24,7 +27,8 @@ pub struct DirtyLog {
 impl DirtyLog {
     /// An empty log for `frames` pages.
     pub fn new(frames: u64) -> Self {
-        Self { bits: vec![0; frames.div_ceil(64) as usize], frames, out_of_range: 0 }
+        let words = frames.div_ceil(64) as usize;
+        Self { bits: vec![0; words], summary: vec![0; words.div_ceil(64)], frames, out_of_range: 0 }
     }
 
     /// Pages covered.
@@ -35,7 +39,9 @@ impl DirtyLog {
     /// Marks page `gfn`.
     pub fn mark(&mut self, gfn: u64) {
         if gfn < self.frames {
-            self.bits[(gfn / 64) as usize] |= 1 << (gfn % 64);
+            let word = (gfn / 64) as usize;
+            self.bits[word] |= 1 << (gfn % 64);
+            self.summary[word / 64] |= 1 << (word % 64);
         } else {
             self.out_of_range += 1;
         }
@@ -61,28 +67,46 @@ impl DirtyLog {
         gfn < self.frames && self.bits[(gfn / 64) as usize] & (1 << (gfn % 64)) != 0
     }
 
+    /// Indices of the words of `bits` the summary says may be non-zero, lowest first.
+    fn touched_words(summary: &[u64]) -> impl Iterator<Item = usize> + '_ {
+        summary.iter().enumerate().flat_map(|(i, &s)| {
+            let mut s = s;
+            core::iter::from_fn(move || {
+                (s != 0).then(|| {
+                    let bit = s.trailing_zeros() as usize;
+                    s &= s - 1;
+                    i * 64 + bit
+                })
+            })
+        })
+    }
+
     /// Marked pages.
     pub fn count(&self) -> u64 {
-        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+        Self::touched_words(&self.summary).map(|i| u64::from(self.bits[i].count_ones())).sum()
     }
 
     /// The marked pages, lowest first, leaving the log empty.
     pub fn take(&mut self) -> Vec<u64> {
         let mut out = Vec::with_capacity(self.count() as usize);
-        for (i, word) in self.bits.iter_mut().enumerate() {
-            let mut w = core::mem::take(word);
+        for i in Self::touched_words(&self.summary) {
+            let mut w = core::mem::take(&mut self.bits[i]);
             while w != 0 {
                 let bit = w.trailing_zeros() as u64;
                 out.push(i as u64 * 64 + bit);
                 w &= w - 1;
             }
         }
+        self.summary.fill(0);
         out
     }
 
     /// Empties the log.
     pub fn clear(&mut self) {
-        self.bits.fill(0);
+        for i in Self::touched_words(&self.summary) {
+            self.bits[i] = 0;
+        }
+        self.summary.fill(0);
     }
 }
 
@@ -334,6 +358,24 @@ mod tests {
         assert!(log.is_dirty(2) && !log.is_dirty(3));
         assert_eq!(log.take(), [1, 2, 99]);
         assert_eq!(log.count(), 0);
+    }
+
+    #[test]
+    fn summary_keeps_take_and_count_exact_across_epochs() {
+        let mut log = DirtyLog::new(1 << 20);
+        for epoch in 0..5u64 {
+            let pages: Vec<u64> = (0..300).map(|i| (i * 7919 + epoch * 104_729) % (1 << 20)).collect();
+            pages.iter().for_each(|&g| log.mark(g));
+            let mut expected = pages.clone();
+            expected.sort_unstable();
+            expected.dedup();
+            assert_eq!(log.count(), expected.len() as u64);
+            assert_eq!(log.take(), expected, "epoch {epoch}");
+            assert_eq!(log.count(), 0);
+            log.mark(5);
+            log.clear();
+            assert!(log.take().is_empty() && !log.is_dirty(5));
+        }
     }
 
     #[test]

@@ -24,8 +24,8 @@ use super::vmcb::{
 };
 use super::SvmFeatures;
 use crate::host::{cpu, idt};
-use crate::memory::pagetable::{MapError, TableMemory};
 use crate::memory::dirty::{WriteFault, WriteTracker};
+use crate::memory::pagetable::{MapError, TableMemory};
 use crate::memory::{DirtyLog, FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use crate::vcpu::cpuid::CpuidValues;
 use crate::vcpu::state::{seg, SegmentState};

@@ -2,7 +2,8 @@
 //! NPT, no NRIPS, so the hypervisor decodes instruction lengths itself) and under Bochs' Ryzen
 //! model (SVM, NPT and NRIPS). The scenarios are the ones the `vtx` suite runs
 //! (`qemu_tests::guests`), and the `snapshot` suite's dirty-count and snapshot/restore scenarios
-//! (with NPT dirty-bit scanning, `dirty_log=ad`: AMD-V has no PML); only the platform differs.
+//! (with NPT write protection, `dirty_log=wp`, and with NPT dirty bits scanned under upper-level
+//! Accessed flags, `dirty_log=ad`: AMD-V has no PML); only the platform differs.
 
 use std::time::Duration;
 
@@ -59,6 +60,21 @@ fn dirty_pages_are_counted_exactly_with_npt_dirty_bits_under_amdv_qemu() {
 #[test]
 fn dirty_pages_are_counted_exactly_with_npt_dirty_bits_under_amdv_bochs() {
     dirty_pages_are_counted_exactly(&BOCHS_AMDV, "ad", &[1, 37, 300]);
+}
+
+#[test]
+fn dirty_pages_are_counted_exactly_with_write_protection_under_amdv_qemu() {
+    dirty_pages_are_counted_exactly(&QEMU_AMDV, "wp", &[1, 37, 300]);
+}
+
+#[test]
+fn dirty_pages_are_counted_exactly_with_write_protection_under_amdv_bochs() {
+    dirty_pages_are_counted_exactly(&BOCHS_AMDV, "wp", &[1, 37, 300]);
+}
+
+#[test]
+fn checkpoint_pair_makes_the_svm_equal_the_pvm_with_write_protection_under_amdv_qemu() {
+    checkpoint_pair_makes_the_svm_equal_the_pvm(&QEMU_AMDV, "wp");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Suite `snapshot`: dirty tracking (PML and EPT A/D scanning), vCPU state capture, snapshot and
+//! Suite `snapshot`: dirty tracking (PML, EPT A/D scanning and EPT write protection), vCPU state capture, snapshot and
 //! restore, and vCPU reset under VT-x (Bochs Tiger Lake); and, under QEMU TCG with AMD-V, a
 //! serving `guest-redis` (NIC attached, keys set) snapshotted mid-service and restored into a
 //! fresh guest that answers `redis-cli` with the same keys (root: tap, bridge and a client
@@ -22,6 +22,11 @@ fn dirty_pages_are_counted_exactly_with_pml() {
 #[test]
 fn dirty_pages_are_counted_exactly_with_ad_scanning() {
     dirty_pages_are_counted_exactly(&BOCHS_VTX, "ad", &[1, 37, 300]);
+}
+
+#[test]
+fn dirty_pages_are_counted_exactly_with_write_protection() {
+    dirty_pages_are_counted_exactly(&BOCHS_VTX, "wp", &[1, 37, 300]);
 }
 
 #[test]

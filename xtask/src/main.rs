@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 mod cluster;
 mod ctl;
 mod seal_bench;
+mod dirty_bench;
 
 use qemu_tests::{make_image, target_dir, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
 
@@ -83,6 +84,8 @@ commands:
   demo                        build, boot under QEMU and Bochs, and summarise what happened
   bench                       run the benchmarks; figures go to target/bench-report.md
   bench-seal                  only the replication link's sealing cost (root): target/bench/seal.md
+  bench --quick | --dirty     only the dirty-tracking scaling table (--quick: QEMU 64 MiB and 1 GiB,
+                              Bochs 64 MiB, a few minutes; --dirty: all sizes, about half an hour)
   fuzz [--seeds N]            the fuzz guest with seeds 1..=N (default 10) over QEMU AMD-V, Bochs VT-x and AMD-V
   sim [--seeds N] [--first S] [--seed S]
                               run N two-host COLO simulation histories (release build), or replay
@@ -106,6 +109,8 @@ fn main() -> ExitCode {
         Some("deps") => deps(),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
+        Some("bench") if args.get(1).is_some_and(|a| a == "--quick") => bench_dirty_only(true),
+        Some("bench") if args.get(1).is_some_and(|a| a == "--dirty") => bench_dirty_only(false),
         Some("bench") => bench(),
         Some("bench-seal") => bench_seal(),
         Some("fuzz") => fuzz(&args[1..]),
@@ -656,10 +661,26 @@ fn bench() -> Result {
     run_checked(cargo().args(["bench", "-p", "colo-hypervisor"]).env("COLO_BENCH_DIR", &dir), "benchmarks")?;
     snapshot_bench(&dir)?;
     seal_bench::run(&dir)?;
+    dirty_bench::dirty_scaling_bench(&dir, false)?;
+    write_bench_report(&dir)
+}
+
+/// `bench --quick` / `bench --dirty`: the dirty-tracking scaling section alone (`quick`: a subset
+/// that takes a few minutes).
+fn bench_dirty_only(quick: bool) -> Result {
+    let dir = target_dir().join("bench");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    dirty_bench::dirty_scaling_bench(&dir, quick)?;
+    write_bench_report(&dir)
+}
+
+/// Joins the sections in `dir` into target/bench-report.md.
+fn write_bench_report(dir: &Path) -> Result {
     let mut report = String::from("# COLO benchmark report\n\n");
     report += &format!("Machine: {} cores, {}\n\n", num_cpus(), cpu_model());
     report += "All figures are ratios or rates measured within one run on this machine; see each section.\n\n";
-    let mut parts: Vec<_> = fs::read_dir(&dir)
+    let mut parts: Vec<_> = fs::read_dir(dir)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "md"))

@@ -61,7 +61,7 @@ pub const KEYS: &[Key] = &[
     Key { name: "disk", accepted: "a disk module name (1 to 32 of A-Z a-z 0-9 _ -), for module disk-NAME" },
     Key { name: "restarts", accepted: "a whole number from 0 to 100" },
     Key { name: "scenario", accepted: "dirty-count|snapshot-restore|snapshot-bench|snapshot-serve|checkpoint-pair" },
-    Key { name: "dirty_log", accepted: "pml|ad" },
+    Key { name: "dirty_log", accepted: "pml|ad|wp" },
     Key { name: "snapshot_after_lines", accepted: "a whole number of console lines from 1 to 1000000" },
     Key { name: "snapshot_after_writes", accepted: "a whole number of disk writes from 1 to 1000000" },
 ];
@@ -190,6 +190,7 @@ impl<'a> GuestSpec<'a> {
                     spec.dirty_log = match value {
                         "pml" => DirtyLogMethod::Pml,
                         "ad" => DirtyLogMethod::AccessedDirty,
+                        "wp" => DirtyLogMethod::WriteProtect,
                         _ => return Err(bad),
                     }
                 }

@@ -51,6 +51,25 @@ pub trait EntryFormat {
     fn is_present(entry: u64) -> bool;
     /// True for a large-page leaf in a page directory.
     fn is_large(entry: u64) -> bool;
+    /// The bit that allows writes through an entry.
+    const WRITABLE: u64;
+    /// The accessed flag (set by the processor on every level it walks, when enabled).
+    const ACCESSED: u64;
+    /// The dirty flag (set by the processor in leaves it writes through, when enabled).
+    const DIRTY: u64;
+}
+
+/// Where a leaf lives: its table, its index there, and the size it maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafSlot {
+    /// Physical address of the table holding the leaf.
+    pub table: u64,
+    /// Index of the leaf in that table.
+    pub index: usize,
+    /// The guest address the leaf starts at.
+    pub base: u64,
+    /// What it maps.
+    pub size: PageSize,
 }
 
 /// Why a mapping was refused.
@@ -224,6 +243,84 @@ impl<F: EntryFormat> PageTable<F> {
         false
     }
 
+    /// Where the leaf mapping `guest` lives, if anything maps it.
+    pub fn leaf_slot(&self, mem: &mut dyn TableMemory, guest: u64) -> Option<LeafSlot> {
+        let mut table = self.root;
+        for level in (0..=3).rev() {
+            let i = index(guest, level);
+            let entry = mem.table(table)[i];
+            if !F::is_present(entry) {
+                return None;
+            }
+            if level == 0 {
+                return Some(LeafSlot { table, index: i, base: guest & !(PAGE_4K - 1), size: PageSize::Size4K });
+            }
+            if level == 1 && F::is_large(entry) {
+                return Some(LeafSlot { table, index: i, base: guest & !(PAGE_2M - 1), size: PageSize::Size2M });
+            }
+            table = entry & ADDRESS_MASK;
+        }
+        None
+    }
+
+    /// Replaces the 2 MiB leaf at `slot` with the table `new_table` (a zeroed frame the caller
+    /// owns from now on as part of this table) holding 512 4 KiB leaves over the same host range,
+    /// all without write permission when the large leaf had none.
+    pub fn split_large(&self, mem: &mut dyn TableMemory, slot: LeafSlot, new_table: u64) {
+        let entry = mem.table(slot.table)[slot.index];
+        let host = entry & ADDRESS_MASK & !(PAGE_2M - 1);
+        let keep_write = entry & F::WRITABLE != 0;
+        let t = mem.table(new_table);
+        for (i, e) in t.iter_mut().enumerate() {
+            let leaf = F::leaf(host + i as u64 * PAGE_4K, PageSize::Size4K);
+            *e = if keep_write { leaf } else { leaf & !F::WRITABLE };
+        }
+        mem.table(slot.table)[slot.index] = F::pointer(new_table);
+    }
+
+    /// Calls `f(guest_address, size, entry)` for every leaf under a non-leaf entry with its
+    /// Accessed flag set, and clears that flag on the way: subtrees the processor did not walk
+    /// since the last call are skipped, so the cost follows what the guest touched, not its size.
+    /// After it the caller must invalidate cached translations (paging-structure caches too), or a
+    /// later walk served from a cache would not set the flag again. Returns the leaves visited.
+    pub fn for_each_accessed_leaf(&self, mem: &mut dyn TableMemory, f: &mut dyn FnMut(u64, PageSize, &mut u64)) -> u64 {
+        self.walk_accessed(mem, self.root, 3, 0, f)
+    }
+
+    fn walk_accessed(
+        &self,
+        mem: &mut dyn TableMemory,
+        table: u64,
+        level: u32,
+        base: u64,
+        f: &mut dyn FnMut(u64, PageSize, &mut u64),
+    ) -> u64 {
+        let mut visited = 0;
+        for i in 0..512 {
+            let entry = mem.table(table)[i];
+            if !F::is_present(entry) {
+                continue;
+            }
+            let addr = base | ((i as u64) << (12 + 9 * level));
+            match level {
+                0 => {
+                    visited += 1;
+                    f(addr, PageSize::Size4K, &mut mem.table(table)[i]);
+                }
+                1 if F::is_large(entry) => {
+                    visited += 1;
+                    f(addr, PageSize::Size2M, &mut mem.table(table)[i]);
+                }
+                _ if entry & F::ACCESSED == 0 => {}
+                _ => {
+                    mem.table(table)[i] = entry & !F::ACCESSED;
+                    visited += self.walk_accessed(mem, entry & ADDRESS_MASK, level - 1, addr, f);
+                }
+            }
+        }
+        visited
+    }
+
     /// The leaf mapping `guest`: its host address and size.
     pub fn translate(&self, mem: &mut dyn TableMemory, guest: u64) -> Option<(u64, PageSize)> {
         let mut table = self.root;
@@ -251,6 +348,8 @@ pub enum EptFormat {}
 
 /// EPT read/write/execute.
 pub const EPT_RWX: u64 = 0b111;
+/// EPT write permission.
+pub const EPT_WRITE: u64 = 0b010;
 /// EPT accessed flag (when EPTP bit 6 enables A/D).
 pub const EPT_ACCESSED: u64 = 1 << 8;
 /// EPT dirty flag.
@@ -271,6 +370,9 @@ impl EntryFormat for EptFormat {
     fn is_large(entry: u64) -> bool {
         entry & EPT_LARGE != 0
     }
+    const WRITABLE: u64 = EPT_WRITE;
+    const ACCESSED: u64 = EPT_ACCESSED;
+    const DIRTY: u64 = EPT_DIRTY;
 }
 
 /// x86-64 / AMD NPT entries (APM Vol. 2 §5.3, §15.25.5): present, writable and user (NPT walks
@@ -280,6 +382,8 @@ pub enum X86Format {}
 
 /// Present | writable | user.
 pub const X86_PRESENT_RW_USER: u64 = 0b111;
+/// Read/write.
+pub const X86_WRITABLE: u64 = 0b010;
 /// Accessed flag.
 pub const X86_ACCESSED: u64 = 1 << 5;
 /// Dirty flag.
@@ -299,6 +403,9 @@ impl EntryFormat for X86Format {
     fn is_large(entry: u64) -> bool {
         entry & X86_LARGE != 0
     }
+    const WRITABLE: u64 = X86_WRITABLE;
+    const ACCESSED: u64 = X86_ACCESSED;
+    const DIRTY: u64 = X86_DIRTY;
 }
 
 #[cfg(test)]
@@ -393,5 +500,32 @@ mod tests {
         });
         assert_eq!(dirty, [0x1000]);
         pt.for_each_leaf(&mut mem, &mut |_, _, e| assert_eq!(*e & EPT_DIRTY, 0));
+    }
+
+    #[test]
+    fn accessed_scan_skips_subtrees_not_walked() {
+        let mut mem = VecTables::default();
+        let mut pt = PageTable::<X86Format>::new(&mut mem).unwrap();
+        pt.map(&mut mem, 0, 0, 8 << 20, false).unwrap();
+        // Nothing walked yet: no upper-level Accessed flag, so no leaf is visited.
+        assert_eq!(pt.for_each_accessed_leaf(&mut mem, &mut |_, _, _| {}), 0);
+        // Play the hardware's walk to 0x40_3000: Accessed on PML4E, PDPTE, PDE; Dirty on the PTE.
+        let slot = pt.leaf_slot(&mut mem, 0x40_3000).unwrap();
+        let (root, pdpt) = (pt.root(), mem.table(pt.root())[0] & ADDRESS_MASK);
+        let pd = mem.table(pdpt)[0] & ADDRESS_MASK;
+        mem.table(root)[0] |= X86_ACCESSED;
+        mem.table(pdpt)[0] |= X86_ACCESSED;
+        mem.table(pd)[2] |= X86_ACCESSED;
+        mem.table(slot.table)[slot.index] |= X86_DIRTY;
+        let mut dirty = Vec::new();
+        let visited = pt.for_each_accessed_leaf(&mut mem, &mut |a, _, e| {
+            if *e & X86_DIRTY != 0 {
+                dirty.push(a);
+                *e &= !X86_DIRTY;
+            }
+        });
+        assert_eq!((visited, dirty), (512, std::vec![0x40_3000]), "one 2 MiB subtree of four");
+        assert_eq!(mem.table(pd)[2] & X86_ACCESSED, 0, "cleared for the next epoch");
+        assert_eq!(pt.for_each_accessed_leaf(&mut mem, &mut |_, _, _| {}), 0);
     }
 }

@@ -7,6 +7,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::NonNull;
 
@@ -23,6 +24,7 @@ use super::vmcb::{
 };
 use super::SvmFeatures;
 use crate::host::{cpu, idt};
+use crate::memory::dirty::{WriteFault, WriteTracker};
 use crate::memory::pagetable::{MapError, TableMemory};
 use crate::memory::{DirtyLog, FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use crate::vcpu::cpuid::CpuidValues;
@@ -285,6 +287,7 @@ impl SvmBackend {
             debug: [0; 4],
             soft_event: None,
             dirty_logging: false,
+            wp: None,
             stats: SwitchStats::default(),
         };
         vcpu.ctx.guest_fx = vcpu.guest_fx.0.as_mut_ptr() as u64;
@@ -519,6 +522,8 @@ pub struct SvmVcpu {
     soft_event: Option<(u32, u32)>,
     /// Guest RAM is mapped with 4 KiB nested pages and their dirty bits are being collected.
     dirty_logging: bool,
+    /// Write-protect tracking (`DirtyLogMethod::WriteProtect`), when on.
+    wp: Option<WriteTracker>,
     stats: SwitchStats,
 }
 
@@ -787,11 +792,14 @@ impl SvmVcpu {
     }
 
     /// Nested-page dirty bits: calls `f(gpa, bytes)` for each dirty leaf and clears it when
-    /// `clear` (the next VMRUN then flushes this guest's TLB entries). Returns the dirty count.
+    /// `clear` (hierarchically, see [`NestedPageTables::scan_dirty`]; the next VMRUN then flushes
+    /// this guest's TLB entries). Returns the dirty count.
     pub fn scan_dirty(&mut self, clear: bool, f: &mut dyn FnMut(u64, u64)) -> u64 {
         let Some(npt) = &self.npt else { return 0 };
         let n = npt.scan_dirty(&mut ExistingTables, clear, f);
-        if clear && n > 0 {
+        // Upper-level Accessed flags were cleared even when no leaf was dirty: cached upper
+        // levels must go too, or a later walk served from them would not set the flags again.
+        if clear {
             self.flush_on_entry = true;
         }
         n
@@ -827,8 +835,9 @@ impl SvmVcpu {
     }
 }
 
-impl Vcpu for SvmVcpu {
-    fn run(&mut self) -> Result<VmExit, VcpuError> {
+impl SvmVcpu {
+    /// One VMRUN with `slice` host TSC ticks of preemption time, and its exit.
+    fn enter(&mut self, slice: Option<u64>) -> Result<VmExit, VcpuError> {
         let ticks_before = timer::ticks();
         let nmis_before = timer::nmis();
         let rax = self.ctx.regs.rax;
@@ -854,7 +863,7 @@ impl Vcpu for SvmVcpu {
             }
             v.control.exit_int_info = 0;
         }
-        if let Some(slice) = self.time_slice {
+        if let Some(slice) = slice {
             self.timer.arm(slice);
             self.watchdog.arm(slice.saturating_mul(2));
         }
@@ -914,6 +923,100 @@ impl Vcpu for SvmVcpu {
                 if s.hypercall_switch_min == 0 { switch } else { s.hypercall_switch_min.min(switch) };
         }
         Ok(exit)
+    }
+
+    /// Write-protect tracking: the nested tables keep their 2 MiB leaves, all made read-only; a
+    /// zeroed frame per 2 MiB leaf is reserved so the fault path can split a leaf without
+    /// allocating. Enabling again re-arms (every page read-only, nothing logged).
+    fn enable_write_protect(&mut self, frames: &mut FrameAllocator) -> Result<(), StateError> {
+        let t0 = crate::host::time::rdtsc();
+        let Some(npt) = self.npt.as_ref() else {
+            return Err(StateError::Unsupported { backend: "AMD-V", what: "write protection without nested tables" });
+        };
+        if let Some(wp) = self.wp.as_mut() {
+            wp.protect_all(npt.table(), &mut ExistingTables);
+            self.flush_on_entry = true;
+            return Ok(());
+        }
+        let needed = WriteTracker::tables_needed(npt.table(), &mut ExistingTables);
+        let mut pool = Vec::new();
+        let no_memory = StateError::Unsupported { backend: "AMD-V", what: "memory for the 2 MiB split reserve" };
+        if pool.try_reserve_exact(needed as usize).is_err() {
+            return Err(no_memory);
+        }
+        for _ in 0..needed {
+            match frames.allocate_frame() {
+                Ok(pa) => {
+                    zero_frames(pa, PAGE_SIZE, 0);
+                    pool.push(pa);
+                }
+                Err(_) => {
+                    for pa in pool {
+                        let _ = frames.free(PhysRange::new(pa, PAGE_SIZE));
+                    }
+                    return Err(no_memory);
+                }
+            }
+        }
+        let mut wp = WriteTracker::new(pool);
+        wp.protect_all(npt.table(), &mut ExistingTables);
+        self.wp = Some(wp);
+        self.dirty_logging = true;
+        // Write permission was removed from every leaf: cached translations go (§15.16.2).
+        self.flush_on_entry = true;
+        log::info!(
+            "AMD-V: write-protect dirty tracking on: {needed} 2 MiB leaves read-only, {needed} split frames reserved, \
+             {} TSC cycles",
+            crate::host::time::rdtsc() - t0
+        );
+        Ok(())
+    }
+
+    /// Frees the write tracker's table frames (reserved and split-in); the caller replaces or
+    /// drops the tables the used ones sit in.
+    fn free_write_tracker(&mut self, frames: &mut FrameAllocator) {
+        if let Some(t) = self.wp.take() {
+            log::info!(
+                "AMD-V: write-protect tracking: {} write faults, {} 2 MiB leaves split, {} stale",
+                t.faults,
+                t.splits,
+                t.spurious
+            );
+            for pa in t.frames() {
+                if let Err(e) = frames.free(PhysRange::new(pa, PAGE_SIZE)) {
+                    log::warn!("AMD-V: freeing nested table frame {pa:#x}: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl Vcpu for SvmVcpu {
+    /// Enters the guest until an exit the runner must see. With write-protect tracking on, the
+    /// nested page faults of first writes are handled here (logged, page made writable, guest
+    /// entered again) within the same time slice.
+    fn run(&mut self) -> Result<VmExit, VcpuError> {
+        let start = crate::host::time::rdtsc();
+        let mut slice = self.time_slice;
+        loop {
+            let exit = self.enter(slice)?;
+            let VmExit::NestedPageFault { gpa, .. } = exit else { return Ok(exit) };
+            let (Some(wp), Some(npt)) = (self.wp.as_mut(), self.npt.as_ref()) else { return Ok(exit) };
+            match wp.on_write_fault(npt.table(), &mut ExistingTables, gpa) {
+                // Write permission was only added: no TLB entry allows the write yet (the fault
+                // left none), so no flush is needed.
+                WriteFault::Logged | WriteFault::Split => {}
+                WriteFault::AlreadyWritable => self.flush_on_entry = true,
+                WriteFault::NotMapped | WriteFault::NoTable => return Ok(exit),
+            }
+            if let Some(total) = self.time_slice {
+                let used = crate::host::time::rdtsc().wrapping_sub(start);
+                if used >= total {
+                    return Ok(VmExit::PreemptionTimer);
+                }
+                slice = Some(total - used);
+            }
+        }
     }
 
     fn registers(&mut self) -> &mut GuestRegisters {
@@ -1233,8 +1336,11 @@ impl Vcpu for SvmVcpu {
         if method == DirtyLogMethod::Pml {
             return Err(StateError::Unsupported {
                 backend: "AMD-V",
-                what: "PML (AMD-V has no page-modification log; NPT dirty bits are scanned instead)",
+                what: "PML (AMD-V has no page-modification log; use dirty_log=wp or ad)",
             });
+        }
+        if method == DirtyLogMethod::WriteProtect {
+            return self.enable_write_protect(frames);
         }
         // Dirty flags live in leaf entries (APM Vol. 2 §15.25, §5.4.2): with 2 MiB leaves one
         // write would stand for 512 pages, so guest RAM is remapped with 4 KiB pages.
@@ -1255,6 +1361,8 @@ impl Vcpu for SvmVcpu {
                 }
             }
         }
+        // Split tables of write-protect tracking sat in the old tables: they go with them.
+        self.free_write_tracker(frames);
         self.dirty_logging = true;
         // Translations cached from the old tables go: the next VMRUN flushes this guest's ASID
         // with TLB_CONTROL (§15.16.2).
@@ -1263,6 +1371,16 @@ impl Vcpu for SvmVcpu {
     }
 
     fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), StateError> {
+        if let (Some(wp), Some(npt)) = (self.wp.as_mut(), self.npt.as_ref()) {
+            // Only the pages logged since the last collection lose write permission again; the
+            // TLB may hold writable translations for them, so the next VMRUN flushes this guest's
+            // ASID (TLB_CONTROL, APM Vol. 2 §15.16.2; nested translations are tagged by ASID,
+            // §15.25).
+            if wp.collect(npt.table(), &mut ExistingTables, log) > 0 {
+                self.flush_on_entry = true;
+            }
+            return Ok(());
+        }
         if !self.dirty_logging {
             return Err(StateError::Unsupported { backend: "AMD-V", what: "collecting before dirty logging is on" });
         }
@@ -1277,6 +1395,7 @@ impl Vcpu for SvmVcpu {
 
     fn release(&mut self, frames: &mut FrameAllocator) {
         self.log_stats();
+        self.free_write_tracker(frames);
         if let Some(npt) = self.npt.take() {
             for &pa in npt.table_frames() {
                 if let Err(e) = frames.free(PhysRange::new(pa, PAGE_SIZE)) {

@@ -18,7 +18,8 @@ use crate::memory::pagetable::{MapError, PageSize, PageTable, TableMemory, X86Fo
 use crate::memory::{FrameError, PhysRange};
 
 /// The dirty-tracking method, as the boot log names it.
-pub const DIRTY_TRACKING: &str = "NPT dirty bits (scan and clear)";
+pub const DIRTY_TRACKING: &str =
+    "NPT write protection (dirty_log=wp) or NPT dirty bits, scanned under upper-level Accessed flags (dirty_log=ad)";
 
 /// Records every table frame an inner [`TableMemory`] hands out, so they can be given back.
 struct Recording<'a> {
@@ -107,12 +108,21 @@ impl NestedPageTables {
         stats
     }
 
+    /// The table itself (for write-protect tracking).
+    pub fn table(&self) -> &PageTable<X86Format> {
+        &self.table
+    }
+
     /// Calls `f(gpa, bytes)` for every leaf whose Dirty bit is set and, if `clear`, clears Dirty
-    /// and Accessed. Returns how many leaves were dirty. After clearing, the caller must flush the
-    /// guest's TLB entries before it runs again ([`super::SvmVcpu`] does on its next VMRUN).
+    /// and Accessed. Returns how many leaves were dirty. With `clear` the scan is hierarchical:
+    /// it descends only into tables whose upper-level Accessed flag the processor set since the
+    /// last scan (APM Vol. 2 §15.25.4: nested walks set Accessed on every level they use) and
+    /// clears those flags. After clearing, the caller must flush the guest's TLB entries before
+    /// it runs again ([`super::SvmVcpu`] does on its next VMRUN), or a walk served from a cached
+    /// upper level would leave its Accessed flag clear and the scan would skip a written page.
     pub fn scan_dirty(&self, mem: &mut dyn TableMemory, clear: bool, f: &mut dyn FnMut(u64, u64)) -> u64 {
         let mut dirty = 0;
-        self.table.for_each_leaf(mem, &mut |gpa, size, entry| {
+        let mut visit = |gpa: u64, size: PageSize, entry: &mut u64| {
             if *entry & X86_DIRTY != 0 {
                 dirty += 1;
                 f(gpa, size.bytes());
@@ -120,7 +130,12 @@ impl NestedPageTables {
                     *entry &= !(X86_DIRTY | X86_ACCESSED);
                 }
             }
-        });
+        };
+        if clear {
+            self.table.for_each_accessed_leaf(mem, &mut visit);
+        } else {
+            self.table.for_each_leaf(mem, &mut visit);
+        }
         dirty
     }
 }
@@ -175,6 +190,11 @@ mod tests {
         // Play the hardware: PML4, PDPT, PD, then the two PTs.
         mem.table(0x4000)[5] |= X86_DIRTY | X86_ACCESSED;
         mem.table(0x5000)[0] |= X86_DIRTY;
+        // A dirty leaf under upper levels the processor did not mark walked is skipped.
+        assert_eq!(npt.scan_dirty(&mut mem, true, &mut |_, _| {}), 0);
+        for (table, index) in [(0x1000, 0), (0x2000, 0), (0x3000, 0), (0x3000, 1)] {
+            mem.table(table)[index] |= X86_ACCESSED;
+        }
         let mut seen = Vec::new();
         assert_eq!(npt.scan_dirty(&mut mem, true, &mut |gpa, len| seen.push((gpa, len))), 2);
         assert_eq!(seen, [(0x5000, 0x1000), (0x20_0000, 0x1000)]);

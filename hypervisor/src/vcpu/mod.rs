@@ -535,8 +535,25 @@ pub const DR6_BS: u64 = 1 << 14;
 pub enum DirtyLogMethod {
     /// VT-x page-modification log: the CPU appends each newly dirtied page to a buffer.
     Pml,
-    /// Scan second-level (EPT/NPT) dirty flags and clear them.
+    /// Scan second-level (EPT/NPT) dirty flags and clear them, descending only into subtrees
+    /// whose upper-level Accessed flag shows the processor walked them since the last scan.
     AccessedDirty,
+    /// Write-protect tracking: second-level leaves are read-only after each collection; the
+    /// first write to a page faults, the backend logs it and makes it writable without leaving
+    /// `run`; collection re-protects the logged pages only. 2 MiB leaves stay large until their
+    /// first write. Works on every CPU with EPT or NPT.
+    WriteProtect,
+}
+
+impl DirtyLogMethod {
+    /// The name `dirty_log=` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pml => "pml",
+            Self::AccessedDirty => "ad",
+            Self::WriteProtect => "wp",
+        }
+    }
 }
 
 /// One virtual CPU, as the runner and the exit handler see it.

@@ -15,8 +15,9 @@ use super::controls::{self, ept_cap, MissingControls};
 use super::fields::{VmcsField, DUMP_FIELDS};
 use super::instructions::{self as insn, rdmsr, vmread, VmxFail};
 use crate::host::{gdt, paging::FrameTables};
+use crate::memory::dirty::{WriteFault, WriteTracker};
 use crate::memory::pagetable::EPT_DIRTY;
-use crate::memory::pagetable::{EptFormat, PageTable};
+use crate::memory::pagetable::{EptFormat, PageTable, TableMemory};
 use crate::memory::DirtyLog;
 use crate::memory::{FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use crate::vcpu::state::{seg, SegmentState};
@@ -414,6 +415,9 @@ impl VmxBackend {
             debug: [0, 0, 0, 0, 0xFFFF_0FF0],
             pml_page: None,
             dirty_method: None,
+            wp: None,
+            time_slice: None,
+            slice_shortened: false,
             tpr: 0,
             syscall_msrs: [0; 5],
         };
@@ -627,6 +631,12 @@ pub struct VmxVcpu {
     /// The page-modification log buffer, when PML is on.
     pml_page: Option<u64>,
     dirty_method: Option<DirtyLogMethod>,
+    /// Write-protect tracking, when on (its split frames are EPT frames, in `ept_frames`).
+    wp: Option<WriteTracker>,
+    /// The time slice in host TSC ticks, when set.
+    time_slice: Option<u64>,
+    /// The VMCS preemption-timer field holds a remainder, not the whole slice.
+    slice_shortened: bool,
     /// The guest's CR8 (TPR): CR8 accesses exit (CR8-load/store exiting), so it lives here.
     tpr: u64,
     /// The guest's STAR, LSTAR, CSTAR, FMASK and KERNEL_GS_BASE. The VMCS does not switch them:
@@ -949,8 +959,9 @@ fn read_cr2_and_debug() -> (u64, [u64; 5]) {
     (cr2, [d0, d1, d2, d3, d6])
 }
 
-impl Vcpu for VmxVcpu {
-    fn run(&mut self) -> Result<VmExit, VcpuError> {
+impl VmxVcpu {
+    /// One VM entry and its exit.
+    fn enter(&mut self) -> Result<VmExit, VcpuError> {
         self.activate();
         use VmcsField as F;
         // Events: ours first; otherwise re-deliver an event the last exit interrupted (§28.2.4).
@@ -995,6 +1006,86 @@ impl Vcpu for VmxVcpu {
         // Event injection is one-shot (§27.6).
         let _ = write(F::EntryInterruptionInfo, 0);
         Ok(self.decode_exit())
+    }
+
+    /// Write-protect tracking: EPT keeps its 2 MiB leaves, all made read-only; one zeroed EPT
+    /// frame per 2 MiB leaf is reserved so the EPT-violation path can split a leaf without
+    /// allocating. EPT A/D flags are off (EPTP bit 6 = 0), so the processor's walks of the
+    /// guest's own page tables are not treated as writes (SDM Vol. 3C §29.3.5) and only real
+    /// writes fault. Enabling again re-arms.
+    fn enable_write_protect(&mut self, frames: &mut FrameAllocator) -> Result<(), StateError> {
+        let t0 = crate::host::time::rdtsc();
+        let unsupported = |what| StateError::Unsupported { backend: "VT-x", what };
+        let hw = |_| StateError::Hardware { what: "VMWRITE of dirty-logging controls" };
+        if let Some(wp) = self.wp.as_mut() {
+            let mut tables = FrameTables { frames: None, owned: &mut self.ept_frames };
+            wp.protect_all(&self.ept, &mut tables);
+            self.invalidate_ept();
+            return Ok(());
+        }
+        let mut tables = FrameTables { frames: Some(frames), owned: &mut self.ept_frames };
+        let needed = WriteTracker::tables_needed(&self.ept, &mut tables);
+        let mut pool = Vec::new();
+        pool.try_reserve_exact(needed as usize).map_err(|_| unsupported("memory for the 2 MiB split reserve"))?;
+        for _ in 0..needed {
+            // The frames join the EPT's own (freed with it); a failure leaves them there, unused.
+            let frame = tables.allocate_table().map_err(|_| unsupported("memory for the 2 MiB split reserve"))?;
+            pool.push(frame);
+        }
+        let mut wp = WriteTracker::new(pool);
+        wp.protect_all(&self.ept, &mut tables);
+        let eptp = controls::ept_pointer(self.ept.root(), false);
+        write(VmcsField::SecondaryProcControls, self.caps.secondary.into()).map_err(hw)?;
+        write(VmcsField::EptPointer, eptp).map_err(hw)?;
+        self.eptp = eptp;
+        self.wp = Some(wp);
+        self.dirty_method = Some(DirtyLogMethod::WriteProtect);
+        // Write permission was removed from every leaf: drop cached translations (§29.4.3.4).
+        self.invalidate_ept();
+        log::info!(
+            "VT-x: write-protect dirty tracking on: {needed} 2 MiB leaves read-only, {needed} split frames reserved, \
+             {} TSC cycles",
+            crate::host::time::rdtsc() - t0
+        );
+        Ok(())
+    }
+}
+
+impl Vcpu for VmxVcpu {
+    /// Enters the guest until an exit the runner must see. With write-protect tracking on, the
+    /// EPT violations of first writes are handled here (logged, page made writable, guest
+    /// entered again) within the same time slice.
+    fn run(&mut self) -> Result<VmExit, VcpuError> {
+        self.activate();
+        if self.slice_shortened {
+            self.slice_shortened = false;
+            if let Some(ticks) = self.time_slice {
+                self.set_time_slice(ticks);
+            }
+        }
+        let start = crate::host::time::rdtsc();
+        loop {
+            let exit = self.enter()?;
+            let VmExit::NestedPageFault { gpa, .. } = exit else { return Ok(exit) };
+            let Some(wp) = self.wp.as_mut() else { return Ok(exit) };
+            let mut tables = FrameTables { frames: None, owned: &mut self.ept_frames };
+            match wp.on_write_fault(&self.ept, &mut tables, gpa) {
+                // Only write permission was added: the EPT violation invalidated the mappings
+                // used for the faulting address (SDM §29.4.3.1), so no INVEPT is needed.
+                WriteFault::Logged | WriteFault::Split => {}
+                WriteFault::AlreadyWritable => self.invalidate_ept(),
+                WriteFault::NotMapped | WriteFault::NoTable => return Ok(exit),
+            }
+            if let Some(total) = self.time_slice {
+                let used = crate::host::time::rdtsc().wrapping_sub(start);
+                if used >= total {
+                    return Ok(VmExit::PreemptionTimer);
+                }
+                let value = ((total - used) >> self.caps.preemption_shift).clamp(1, u32::MAX.into());
+                let _ = write(VmcsField::GuestPreemptionTimer, value);
+                self.slice_shortened = true;
+            }
+        }
     }
 
     fn registers(&mut self) -> &mut GuestRegisters {
@@ -1136,6 +1227,7 @@ impl Vcpu for VmxVcpu {
 
     fn set_time_slice(&mut self, tsc_ticks: u64) {
         self.activate();
+        self.time_slice = Some(tsc_ticks);
         let value = (tsc_ticks >> self.caps.preemption_shift).clamp(1, u32::MAX.into());
         let _ = write(VmcsField::GuestPreemptionTimer, value);
     }
@@ -1286,6 +1378,7 @@ impl Vcpu for VmxVcpu {
             DirtyLogMethod::AccessedDirty if !self.caps.ept_accessed_dirty() => {
                 return Err(unsupported("EPT accessed/dirty flags on this CPU"))
             }
+            DirtyLogMethod::WriteProtect => return self.enable_write_protect(frames),
             _ => {}
         }
         // Dirty flags live in leaf entries: with 2 MiB leaves one write would stand for 512
@@ -1315,6 +1408,8 @@ impl Vcpu for VmxVcpu {
         self.ept = ept;
         self.eptp = eptp;
         self.ept_frames = new_frames;
+        // Split frames of write-protect tracking were EPT frames: freed above with the old EPT.
+        self.wp = None;
         self.dirty_method = Some(method);
         self.invalidate_ept();
         Ok(())
@@ -1326,6 +1421,14 @@ impl Vcpu for VmxVcpu {
             return Err(StateError::Unsupported { backend: "VT-x", what: "collecting before dirty logging is on" });
         };
         let mut tables = FrameTables { frames: None, owned: &mut self.ept_frames };
+        if let Some(wp) = self.wp.as_mut() {
+            // Only the pages logged since the last collection lose write permission again, and
+            // only then is an INVEPT needed (single-context, §29.4.3.4).
+            if wp.collect(&self.ept, &mut tables, log) > 0 {
+                self.invalidate_ept();
+            }
+            return Ok(());
+        }
         if let (DirtyLogMethod::Pml, Some(page)) = (method, self.pml_page) {
             // §29.3.6: the CPU writes entries from index 511 downwards and decrements the index;
             // valid entries are index+1..=511 (all 512 after a log-full exit, when it wrapped).
@@ -1345,7 +1448,11 @@ impl Vcpu for VmxVcpu {
                 .map_err(|_| StateError::Hardware { what: "VMWRITE of the PML index" })?;
         } else {
             // A/D scan: every leaf with its dirty flag set was written; clear it for next time.
-            self.ept.for_each_leaf(&mut tables, &mut |gpa, _, entry| {
+            // Hierarchical: only tables under an entry whose accessed flag the processor set
+            // since the last scan (§29.3.5: it sets the flag on every EPT level it uses) are
+            // visited; the flags are cleared on the way and the INVEPT below drops the paging-
+            // structure caches, so the next walk through them sets them again.
+            self.ept.for_each_accessed_leaf(&mut tables, &mut |gpa, _, entry| {
                 if *entry & EPT_DIRTY != 0 {
                     log.mark(gpa >> 12);
                     *entry &= !EPT_DIRTY;
@@ -1357,6 +1464,14 @@ impl Vcpu for VmxVcpu {
     }
 
     fn release(&mut self, frames: &mut FrameAllocator) {
+        if let Some(t) = self.wp.take() {
+            log::info!(
+                "VT-x: write-protect tracking: {} EPT violations handled, {} 2 MiB leaves split, {} stale",
+                t.faults,
+                t.splits,
+                t.spurious
+            );
+        }
         // SAFETY: VMX is on and the VMCS is ours; VMCLEAR flushes it so the page can be reused.
         let _ = unsafe { insn::vmclear(self.vmcs) };
         // VMCLEAR of the current VMCS leaves no current VMCS (§31.3).

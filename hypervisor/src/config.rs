@@ -29,6 +29,16 @@ pub enum OnIdle {
     Halt,
 }
 
+/// How the primary decides when PVM output may leave (`mode=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// COLO: output leaves once the SVM's output matches it, or a committed checkpoint covers it.
+    Colo,
+    /// Output buffering (Remus-style baseline): every frame waits for the periodic checkpoint
+    /// (`checkpoint_ms`) that covers it to commit; nothing is compared.
+    Buffer,
+}
+
 /// A deliberate fault raised after boot, to test the exception path. Test use only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TestFault {
@@ -126,6 +136,8 @@ pub struct Config {
     /// `queue_limit=`: PVM frames the comparator may hold before queue pressure forces a
     /// checkpoint.
     pub queue_limit: u32,
+    /// `mode=`: COLO, or output buffering as the baseline.
+    pub mode: Mode,
 }
 
 impl Default for Config {
@@ -149,6 +161,7 @@ impl Default for Config {
             compare_timeout_ms: 100,
             checkpoint_verify: true,
             queue_limit: 4096,
+            mode: Mode::Colo,
         }
     }
 }
@@ -189,6 +202,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { key: "compare_timeout_ms", form: "milliseconds from 1 to 60000 (default 100)" },
     KeySpec { key: "checkpoint_verify", form: "on|off (default on)" },
     KeySpec { key: "queue_limit", form: "held frames from 1 to 1000000 (default 4096)" },
+    KeySpec { key: "mode", form: "colo|buffer (default colo)" },
 ];
 
 /// The accepted form of `key`'s value.
@@ -340,6 +354,13 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
                 }
             }
             "queue_limit" => config.queue_limit = parse_in_range(value, 1, 1_000_000).ok_or_else(bad)?,
+            "mode" => {
+                config.mode = match value {
+                    "colo" => Mode::Colo,
+                    "buffer" => Mode::Buffer,
+                    _ => return Err(bad()),
+                }
+            }
             _ => unreachable!("every key in KEYS has a parser"),
         }
     }
@@ -453,6 +474,17 @@ mod tests {
         let defaults = Config::default();
         assert_eq!((defaults.repl_port, defaults.compare_timeout_ms, defaults.queue_limit), (7000, 100, 4096));
         assert!(defaults.checkpoint_verify);
+    }
+
+    #[test]
+    fn mode_is_colo_or_buffer_and_anything_else_is_named() {
+        assert_eq!(parse("role=standalone").unwrap().mode, Mode::Colo);
+        assert_eq!(parse("mode=buffer").unwrap().mode, Mode::Buffer);
+        assert_eq!(parse("mode=colo").unwrap().mode, Mode::Colo);
+        assert_eq!(
+            parse("mode=remus").unwrap_err(),
+            ConfigError::BadValue { key: "mode", value: "remus", expected: "colo|buffer (default colo)" }
+        );
     }
 
     #[test]

@@ -85,7 +85,14 @@ fn writer_path() -> PathBuf {
 }
 
 /// Boots one configuration, measures it, stops it.
-fn measure(dir: &Path, name: &str, subnet: u8, configure: impl FnOnce(&mut ClusterSpec), size: Size, time: bool) -> Measured {
+fn measure(
+    dir: &Path,
+    name: &str,
+    subnet: u8,
+    configure: impl FnOnce(&mut ClusterSpec),
+    size: Size,
+    time: bool,
+) -> Measured {
     let mut m = Measured { name: name.into(), ..Measured::default() };
     super::step(&format!("bench: {name}: booting (QEMU TCG, AMD-V)"));
     let mut spec = ClusterSpec::new(dir.join(format!("run-{subnet}")), "bn", subnet);
@@ -179,7 +186,15 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     Some(a? / b?).filter(|r| r.is_finite())
 }
 
-fn row(id: &str, measure: &str, goal: &str, value: Option<f64>, shown: String, met: impl Fn(f64) -> bool, note: &str) -> GoalRow {
+fn row(
+    id: &str,
+    measure: &str,
+    goal: &str,
+    value: Option<f64>,
+    shown: String,
+    met: impl Fn(f64) -> bool,
+    note: &str,
+) -> GoalRow {
     match value {
         Some(v) => GoalRow::judged(id, measure, goal, shown, met(v), note),
         None => GoalRow {
@@ -274,7 +289,9 @@ pub fn run(dir: &Path, size: Size) -> Result<Vec<GoalRow>> {
         "PVM pause at about 300 dirty pages, wall clock, QEMU TCG AMD-V",
         "≤5 ms (QEMU COLO: 45–90 ms)",
         p1b.map(|p| p.0),
-        p1b.map_or("-".into(), |(ms, pages, n)| format!("{ms:.2} ms (median of {n} checkpoints, median {pages:.0} pages)")),
+        p1b.map_or("-".into(), |(ms, pages, n)| {
+            format!("{ms:.2} ms (median of {n} checkpoints, median {pages:.0} pages)")
+        }),
         |v| v <= 5.0,
         "the driver's pause (capture of vCPU, devices and dirty pages) per commit line of the redis-benchmark run",
     ));
@@ -293,7 +310,9 @@ pub fn run(dir: &Path, size: Size) -> Result<Vec<GoalRow>> {
             p99r.map_or("-".into(), |r| format!("{r:.2}"))
         ),
         |v| v <= 1.3,
-        &format!("mean of the set/get/incr rows, -c 20; bounded by the per-frame compare and the link round trip; {bd_text}"),
+        &format!(
+            "mean of the set/get/incr rows, -c 20; bounded by the per-frame compare and the link round trip; {bd_text}"
+        ),
     ));
     let p3 = ratio(buffer.p50(), colo.p50());
     rows.push(row(
@@ -344,9 +363,7 @@ pub fn run(dir: &Path, size: Size) -> Result<Vec<GoalRow>> {
         "divergence checkpoints (mismatch + timeout) per 10,000 requests, set,get,incr -c 20, shim on",
         "<1",
         s1,
-        s1.map_or("-".into(), |v| {
-            format!("{v:.2} ({} in {} requests)", colo.divergence().unwrap_or(0), colo.requests)
-        }),
+        s1.map_or("-".into(), |v| format!("{v:.2} ({} in {} requests)", colo.divergence().unwrap_or(0), colo.requests)),
         |v| v < 1.0,
         "engine counters (primary) before and after redis-benchmark",
     ));
@@ -373,8 +390,9 @@ pub fn run(dir: &Path, size: Size) -> Result<Vec<GoalRow>> {
             .collect();
         rows.push(GoalRow {
             id: "S2".into(),
-            measure: "S1 with each shim part off and all off (divergence checkpoints per 10k; p50 shows the held-frame wait)"
-                .into(),
+            measure:
+                "S1 with each shim part off and all off (divergence checkpoints per 10k; p50 shows the held-frame wait)"
+                    .into(),
             goal: "shows what each part buys".into(),
             measured: text.join("; "),
             verdict: Verdict::Met,
@@ -419,14 +437,14 @@ pub fn run(dir: &Path, size: Size) -> Result<Vec<GoalRow>> {
     md += "\nPer test (redis-benchmark rows):\n\n| configuration | test | requests/s | p50 ms | p99 ms | max ms |\n|---|---|---:|---:|---:|---:|\n";
     for m in [&colo, &plain, &buffer].into_iter().chain(variants.iter()) {
         for r in &m.bench {
-            md += &format!("| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} |\n", m.name, r.test, r.rps, r.p50_ms, r.p99_ms, r.max_ms);
+            md += &format!(
+                "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} |\n",
+                m.name, r.test, r.rps, r.p50_ms, r.p99_ms, r.max_ms
+            );
         }
     }
     if let Some(t) = &colo.time {
-        md += &format!(
-            "| COLO | TIME -c 1 | {:.0} | {:.3} | {:.3} | {:.3} |\n",
-            t.rps, t.p50_ms, t.p99_ms, t.max_ms
-        );
+        md += &format!("| COLO | TIME -c 1 | {:.0} | {:.3} | {:.3} | {:.3} |\n", t.rps, t.p50_ms, t.p99_ms, t.max_ms);
     }
     md += &format!("\nCheckpoint breakdown (COLO): {bd_text}.\n");
     if let Some((ms, pages, n)) = p1b {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 mod bench;
 mod cluster;
 mod ctl;
+mod demo;
 
 use qemu_tests::{make_image, target_dir, workspace_root, BootMedium, Emulator, Machine, MachineConfig};
 
@@ -72,7 +73,8 @@ commands:
                               boot the image and show the serial console
   deps                        install the Debian packages the project needs (as root)
   test [--suite NAME]...      run the tests (all suites, or the named ones; --list shows them)
-  demo                        build, boot under QEMU and Bochs, and summarise what happened
+  demo                        two-host COLO cluster under a client load, one status line, a summary of
+                              what clients saw and target/demo-report.html (root)
   bench [--quick]             run the benchmarks (root; --quick: a reduced set); the report goes to
                               target/bench-report.md, plots beside it in target/bench/
   fuzz [--seeds N]            the fuzz guest with seeds 1..=N (default 10) over QEMU AMD-V, Bochs VT-x and AMD-V
@@ -96,7 +98,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("deps") => deps(),
         Some("test") => test(&args[1..]),
-        Some("demo") => demo(),
+        Some("demo") => demo::demo(),
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("sim") => sim(&args[1..]),
@@ -545,59 +547,6 @@ fn integration_tests(dir: &str, prefix: &str) -> Result<Vec<String>> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-fn demo() -> Result {
-    ensure_deps()?;
-    let kernel = build_kernel()?;
-    let image = target_dir().join("colo-demo.img");
-    step("making the demo image: the hypervisor with the reference guest");
-    let hello = qemu_tests::ImageModule {
-        path: qemu_tests::guests::guest_path("guest-hello"),
-        name: "guest-hello".into(),
-        args: "status=0".into(),
-    };
-    make_image(&kernel, "guest_mem=16M", &[hello], &image).map_err(|e| e.to_string())?;
-    let mut summary = Vec::new();
-    for (emulator, what) in
-        [(Emulator::Qemu, "QEMU TCG, AMD-V with NPT"), (Emulator::Bochs, "Bochs tigerlake, VT-x with EPT")]
-    {
-        step(&format!("booting {} under {what}", image.display()));
-        let config = MachineConfig::new(emulator, BootMedium::Cdrom, &image);
-        let mut machine = Machine::start(config, "demo").map_err(|e| e.to_string())?;
-        machine
-            .stream(Some(Duration::from_secs(300)), |line| {
-                println!("    [{:6.2} s] {}", line.at.as_secs_f64(), line.text)
-            })
-            .map_err(|e| e.to_string())?;
-        let lines = machine.lines();
-        let first = lines.iter().find(|l| l.text.contains(qemu_tests::FIRST_RUST_LINE)).map(|l| l.at);
-        let outcome = machine.wait_exit(Duration::from_secs(5)).map_err(|e| e.to_string())?;
-        if let Some(report) = &outcome.emulator_report {
-            println!("    {}", report.replace('\n', "\n    "));
-        }
-        summary.push((what, first, outcome.verdict, outcome.elapsed));
-    }
-    println!("\ndemo summary:");
-    for (what, first, verdict, elapsed) in &summary {
-        let first = first.map_or("never".to_string(), |t| format!("{:.2} s", t.as_secs_f64()));
-        let verdict = match verdict {
-            Some(0) => "clean exit",
-            Some(_) => "FAILURE",
-            None => "no verdict",
-        };
-        println!("  {what:30} first Rust line at {first:>8}, {verdict} after {:.2} s", elapsed.as_secs_f64());
-    }
-    println!(
-        "\nThe hypervisor boots, picks its backend (AMD-V under QEMU, VT-x under Bochs) and runs the\n\
-         reference guest. Replication between two hosts (a client load, a killed primary) is the\n\
-         next step; see README.md."
-    );
-    if summary.iter().all(|(_, _, v, _)| *v == Some(0)) {
-        Ok(())
-    } else {
-        Err("a demo boot did not end cleanly (see above)".into())
-    }
 }
 
 fn bench(args: &[String]) -> Result {

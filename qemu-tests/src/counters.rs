@@ -93,9 +93,11 @@ pub fn parse_commit_line(line: &str) -> Option<Commit> {
     })
 }
 
-/// The counters in a serial console's text (the last commit line and all of them).
+/// The counters in a serial console's text (the last commit line and all of them). A last line
+/// without its newline is still being written and is left out.
 pub fn from_serial(serial: &str) -> Option<EngineCounters> {
-    let commits: Vec<Commit> = serial.lines().filter_map(parse_commit_line).collect();
+    let complete = &serial[..serial.rfind('\n').map_or(0, |i| i + 1)];
+    let commits: Vec<Commit> = complete.lines().filter_map(parse_commit_line).collect();
     Some(EngineCounters { last: commits.last()?.clone(), commits })
 }
 
@@ -133,5 +135,10 @@ mod tests {
         assert_eq!(counters.last.epoch, 205);
         assert_eq!(counters.divergence(), 4);
         assert!(from_serial("nothing").is_none());
+        // A line still being written does not count.
+        let partial = format!("{LINE}\n{}", &LINE[..LINE.len() - 30].replace("epoch 204", "epoch 205"));
+        let counters = from_serial(&partial).unwrap();
+        assert_eq!((counters.commits.len(), counters.last.epoch), (1, 204));
+        assert!(counters.last.totals_us.is_some());
     }
 }

@@ -23,6 +23,8 @@ type Result<T = ()> = std::result::Result<T, String>;
 
 /// How long the client load runs.
 const LOAD_SECONDS: u64 = 60;
+/// Requests per test in one redis-benchmark round (each round updates the status line).
+const ROUND: usize = 500;
 /// The subnet of the demo's networks (apart from the tests' and the benchmarks').
 const SUBNET: u8 = 90;
 
@@ -82,7 +84,7 @@ fn benchmark_rounds(
     while !stop.load(Ordering::SeqCst) && !STOP.load(Ordering::SeqCst) {
         let out = Command::new("timeout")
             .args(["120", "ip", "netns", "exec", &netns, "redis-benchmark", "-h", &ip])
-            .args(["-t", "set,get,incr", "-n", "1500", "-c", "10", "--csv"])
+            .args(["-t", "set,get,incr", "-n", ROUND.to_string().as_str(), "-c", "10", "--csv"])
             .stdin(Stdio::null())
             .output();
         let Ok(out) = out else { break };
@@ -222,7 +224,7 @@ pub fn demo() -> Result {
     let sec = counters::read(&cluster, Host::Secondary);
     let rounds = rounds.lock().expect("rounds").clone();
     let bench_errors = rounds.iter().filter(|(_, r)| r.starts_with("ERROR")).count();
-    let bench_requests: usize = rounds.iter().filter(|(_, r)| !r.starts_with("ERROR")).count() * 3 * 1500;
+    let bench_requests: usize = rounds.iter().filter(|(_, r)| !r.starts_with("ERROR")).count() * 3 * ROUND;
     let w = |k: &str| summary.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or("?").to_string();
     let writer_ok = w("verdict") == "ok";
     let samples_text = fs::read_to_string(&samples).unwrap_or_default();

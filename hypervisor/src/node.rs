@@ -696,7 +696,7 @@ impl Host {
             log::info!(
                 "node: epoch {} committed; checkpoints {:?} committed {} aborted {}; verify failures {}; link errors {}; \
                  pause {} us, {} pages, {} bytes; mirrored {} (input dropped {}) svm {} (dropped {}); pvm {} released {} (by checkpoint {}) \
-                 compared {} B, svm discarded {}; digest {}; totals pause {} us, transfer {} us, apply {} us",
+                 compared {} B, svm discarded {}; totals pause {} us, transfer {} us, apply {} us; digest {}",
                 status.committed,
                 s.checkpoints_by_cause,
                 s.checkpoints_committed,
@@ -715,10 +715,10 @@ impl Host {
                 c.released_by_checkpoint,
                 c.compared_bytes,
                 c.svm_discarded_frames,
-                DigestText(self.last_digest),
                 s.pause_us_total,
                 s.transfer_us_total,
-                s.apply_us_total
+                s.apply_us_total,
+                DigestText(self.last_digest)
             );
         }
     }

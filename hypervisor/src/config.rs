@@ -29,6 +29,16 @@ pub enum OnIdle {
     Halt,
 }
 
+/// How the primary decides when PVM output may leave (`mode=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// COLO: output leaves once the SVM's output matches it, or a committed checkpoint covers it.
+    Colo,
+    /// Output buffering (Remus-style baseline): every frame waits for the periodic checkpoint
+    /// (`checkpoint_ms`) that covers it to commit; nothing is compared.
+    Buffer,
+}
+
 /// A deliberate fault raised after boot, to test the exception path. Test use only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TestFault {
@@ -141,6 +151,8 @@ pub struct Config {
     /// `repl_auth=`: the replication link runs the cluster-key handshake and seals every
     /// message (`on`, the default); `off` exists only for benchmarks.
     pub repl_auth: bool,
+    /// `mode=`: COLO, or output buffering as the baseline.
+    pub mode: Mode,
 }
 
 impl Default for Config {
@@ -166,6 +178,7 @@ impl Default for Config {
             queue_limit: 4096,
             mgmt_open: MgmtOpen::Read,
             repl_auth: true,
+            mode: Mode::Colo,
         }
     }
 }
@@ -214,6 +227,7 @@ pub const KEYS: &[KeySpec] = &[
         key: "repl_auth",
         form: "on|off (default on: the replication link proves the cluster-key module and is encrypted; off only for benchmarks)",
     },
+    KeySpec { key: "mode", form: "colo|buffer (default colo)" },
 ];
 
 /// The accepted form of `key`'s value.
@@ -379,6 +393,13 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
                     _ => return Err(bad()),
                 }
             }
+            "mode" => {
+                config.mode = match value {
+                    "colo" => Mode::Colo,
+                    "buffer" => Mode::Buffer,
+                    _ => return Err(bad()),
+                }
+            }
             _ => unreachable!("every key in KEYS has a parser"),
         }
     }
@@ -492,6 +513,17 @@ mod tests {
         let defaults = Config::default();
         assert_eq!((defaults.repl_port, defaults.compare_timeout_ms, defaults.queue_limit), (7000, 100, 4096));
         assert!(defaults.checkpoint_verify);
+    }
+
+    #[test]
+    fn mode_is_colo_or_buffer_and_anything_else_is_named() {
+        assert_eq!(parse("role=standalone").unwrap().mode, Mode::Colo);
+        assert_eq!(parse("mode=buffer").unwrap().mode, Mode::Buffer);
+        assert_eq!(parse("mode=colo").unwrap().mode, Mode::Colo);
+        assert_eq!(
+            parse("mode=remus").unwrap_err(),
+            ConfigError::BadValue { key: "mode", value: "remus", expected: "colo|buffer (default colo)" }
+        );
     }
 
     #[test]

@@ -729,7 +729,7 @@ impl Host {
             log::info!(
                 "node: epoch {} committed; checkpoints {:?} committed {} aborted {}; verify failures {}; link errors {}; \
                  pause {} us, {} pages, {} bytes; mirrored {} (input dropped {}) svm {} (dropped {}); pvm {} released {} (by checkpoint {}) \
-                 compared {} B, svm discarded {}; digest {}",
+                 compared {} B, svm discarded {}; totals pause {} us, transfer {} us, apply {} us; digest {}",
                 status.committed,
                 s.checkpoints_by_cause,
                 s.checkpoints_committed,
@@ -748,6 +748,9 @@ impl Host {
                 c.released_by_checkpoint,
                 c.compared_bytes,
                 c.svm_discarded_frames,
+                s.pause_us_total,
+                s.transfer_us_total,
+                s.apply_us_total,
                 DigestText(self.last_digest)
             );
         }
@@ -903,6 +906,7 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
     node_config.ack_timeout_ms = 60_000;
     node_config.verify = config.checkpoint_verify;
     node_config.comparator.max_held_frames = config.queue_limit as usize;
+    node_config.output_buffering = config.mode == crate::config::Mode::Buffer;
     let now = Tick(time::now_ms());
     let node = match role {
         NodeRole::Primary => ColoNode::primary(node_config, now),
@@ -922,10 +926,11 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         NodeRole::Primary => None,
     };
     log::info!(
-        "node: {:?} host running guest `{}` ({} MiB, dirty log {method:?}); checkpoint_ms={} compare_timeout_ms={} verify={}",
+        "node: {:?} host running guest `{}` ({} MiB, dirty log {method:?}); mode={:?} checkpoint_ms={} compare_timeout_ms={} verify={}",
         config.role,
         guest.name,
         guest.ram.len() >> 20,
+        config.mode,
         config.checkpoint_ms,
         config.compare_timeout_ms,
         if config.checkpoint_verify { "on" } else { "off" }

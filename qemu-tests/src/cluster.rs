@@ -123,6 +123,9 @@ pub struct ClusterSpec {
     /// Tests: the primary's `peer_addr=` (e.g. a proxy in the probe namespace) instead of the
     /// secondary's replication endpoint.
     pub primary_peer: Option<String>,
+    /// One host only, `role=standalone`, on the same client network and addresses (the
+    /// unreplicated baseline of the benchmarks): the primary's slot, no replication NIC.
+    pub standalone: bool,
 }
 
 impl ClusterSpec {
@@ -138,6 +141,7 @@ impl ClusterSpec {
             memory_mib: 768,
             foreign_key: None,
             primary_peer: None,
+            standalone: false,
         }
     }
 }
@@ -265,6 +269,11 @@ impl Cluster {
     /// printed [`COLO_RUNNING`] and the primary's guest listens. Everything made is removed on failure.
     pub fn start(spec: ClusterSpec) -> Result<Self, ClusterError> {
         let mut cluster = Self::prepare(spec)?;
+        if cluster.spec.standalone {
+            cluster.boot(Host::Primary)?;
+            cluster.wait_for(Host::Primary, SERVICE_LISTENING, BOOT_TIMEOUT)?;
+            return Ok(cluster);
+        }
         for host in Host::BOTH {
             cluster.boot(host)?;
         }
@@ -307,6 +316,7 @@ impl Cluster {
         let mut spec = ClusterSpec::new(dir, &get("tag")?, subnet);
         spec.cmdline_extra = get("cmdline_extra").unwrap_or_default();
         spec.guest_extra = get("guest_extra").unwrap_or_default();
+        spec.standalone = get("standalone").is_ok_and(|v| v == "true");
         let mut pids = BTreeMap::new();
         for host in Host::BOTH {
             if let Some(pid) = map.get(&format!("pid_{host}")).and_then(|p| p.parse().ok()) {
@@ -323,8 +333,13 @@ impl Cluster {
 
     fn save(&self) -> Result<(), ClusterError> {
         let mut text = format!(
-            "id={}\ntag={}\nsubnet={}\ncmdline_extra={}\nguest_extra={}\n",
-            self.names.id, self.spec.tag, self.spec.subnet, self.spec.cmdline_extra, self.spec.guest_extra
+            "id={}\ntag={}\nsubnet={}\ncmdline_extra={}\nguest_extra={}\nstandalone={}\n",
+            self.names.id,
+            self.spec.tag,
+            self.spec.subnet,
+            self.spec.cmdline_extra,
+            self.spec.guest_extra,
+            self.spec.standalone
         );
         for (host, pid) in &self.pids {
             text += &format!("pid_{host}={pid}\n");
@@ -375,6 +390,15 @@ impl Cluster {
     /// The kernel command line of `host`.
     pub fn cmdline(&self, host: Host) -> String {
         let s = self.spec.subnet;
+        if self.spec.standalone {
+            return format!(
+                "role=standalone mgmt_addr={}/24 nics=mgmt+client guest_mem=32M on_idle=halt {}",
+                self.mgmt_ip(Host::Primary),
+                self.spec.cmdline_extra
+            )
+            .trim_end()
+            .to_string();
+        }
         let peer = match host {
             Host::Primary => self.spec.primary_peer.clone().unwrap_or_else(|| format!("10.79.{s}.3:{REPL_PORT}")),
             Host::Secondary => format!("10.79.{s}.2:{REPL_PORT}"),
@@ -448,7 +472,8 @@ impl Cluster {
         // One cluster key (32 random bytes, 0600) for both hosts, unless a test gives one host
         // a key of its own.
         crate::write_cluster_key(&self.cluster_key_path())?;
-        for host in Host::BOTH {
+        let hosts: &[Host] = if self.spec.standalone { &[Host::Primary] } else { &Host::BOTH };
+        for &host in hosts {
             let mut modules = modules.clone();
             let key = if self.spec.foreign_key == Some(host) {
                 let path = self.spec.dir.join(format!("cluster-key.{host}"));
@@ -487,11 +512,15 @@ impl Cluster {
             format!("tap,id=client,ifname={},script=no,downscript=no", self.names.client_tap(host)),
             "-device".into(),
             format!("e1000,netdev=client,mac=52:54:00:78:{s:02x}:{o:02x},addr=0x3"),
-            "-netdev".into(),
-            format!("tap,id=repl,ifname={},script=no,downscript=no", self.names.repl_tap(host)),
-            "-device".into(),
-            format!("e1000,netdev=repl,mac=52:54:00:79:{s:02x}:{o:02x},addr=0x4"),
         ];
+        if !self.spec.standalone {
+            config.extra.extend([
+                "-netdev".into(),
+                format!("tap,id=repl,ifname={},script=no,downscript=no", self.names.repl_tap(host)),
+                "-device".into(),
+                format!("e1000,netdev=repl,mac=52:54:00:79:{s:02x}:{o:02x},addr=0x4"),
+            ]);
+        }
         let mut command = qemu_command(&config, &serial)?;
         let child = command
             .stdin(Stdio::null())

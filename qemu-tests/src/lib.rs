@@ -7,6 +7,7 @@
 //! user boots.
 
 pub mod cluster;
+pub mod counters;
 pub mod netns;
 
 pub mod guests;

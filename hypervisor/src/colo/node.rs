@@ -198,6 +198,11 @@ pub struct NodeConfig {
     /// Secondary: SVM output bytes of the current epoch kept for a takeover (released at once
     /// on promotion); above it the SVM is paused until a checkpoint is applied.
     pub max_unconfirmed_bytes: usize,
+    /// `mode=buffer` (Remus-style output buffering, the baseline COLO is measured against): the
+    /// primary compares nothing; every PVM frame is held until the checkpoint whose capture
+    /// point follows it commits (periodic checkpoints every `checkpoint_ms`, or pressure). The
+    /// secondary sends no SVM output. See [`rules::buffered_output`].
+    pub output_buffering: bool,
 }
 
 /// Who may decide that the peer is gone.
@@ -309,6 +314,7 @@ impl NodeConfig {
             witness: WitnessMode::None,
             witness_retry_ms: 100,
             max_unconfirmed_bytes: 1 << 20,
+            output_buffering: false,
         }
     }
 }
@@ -762,6 +768,25 @@ pub struct NodeStatus {
 
 /// The rules, as functions, so each has one place.
 pub mod rules {
+    use super::NodeConfig;
+
+    /// **Output buffering** (`mode=buffer`): no SVM output is compared, so a PVM frame leaves
+    /// only through `checkpoint_committed` (coverage by a committed checkpoint), which keeps
+    /// the consistency rule with no comparison at all.
+    pub fn buffered_output(config: &NodeConfig) -> bool {
+        config.output_buffering
+    }
+
+    /// The comparator's held-frame timeout: `compare_timeout_ms` under COLO; none under output
+    /// buffering, where frames wait for the periodic checkpoint by design.
+    pub fn held_frame_timeout(config: &NodeConfig) -> u64 {
+        if buffered_output(config) {
+            u64::MAX
+        } else {
+            config.compare_timeout_ms
+        }
+    }
+
     /// **Epochs**: the epoch SVM output must carry to be compared on the primary: the one after
     /// the last acknowledged checkpoint.
     pub fn epoch_of_svm_output(last_acked: u64) -> u64 {
@@ -1071,7 +1096,7 @@ impl<D: BlockBackend> ColoNode<D> {
         match (config.role, disk) {
             (NodeRole::Primary, _) => {
                 let limits = ComparatorLimits {
-                    held_frame_timeout: config.compare_timeout_ms,
+                    held_frame_timeout: rules::held_frame_timeout(&config),
                     periodic_ticks: 0,
                     ..config.comparator
                 };
@@ -2383,7 +2408,7 @@ impl<D: BlockBackend> ColoNode<D> {
                 let synced = c.synced;
                 let Some(p) = &mut self.primary else { return };
                 self.stats.svm_frames += 1;
-                if !synced || epoch != rules::epoch_of_svm_output(p.acked) {
+                if rules::buffered_output(&self.config) || !synced || epoch != rules::epoch_of_svm_output(p.acked) {
                     self.stats.svm_frames_dropped += 1;
                     return;
                 }
@@ -2476,6 +2501,10 @@ impl<D: BlockBackend> ColoNode<D> {
     }
 
     fn svm_output(&mut self, now: Tick, frame: &[u8]) {
+        if rules::buffered_output(&self.config) {
+            // Output buffering compares nothing: the SVM's output goes nowhere.
+            return;
+        }
         let Some(s) = &mut self.secondary else { return };
         if !s.synced || s.applying.is_some() || s.sync_epoch.is_some() || frame.is_empty() || frame.len() > MAX_FRAME {
             self.stats.svm_frames_dropped += 1;
@@ -3241,6 +3270,42 @@ mod tests {
         pair.feed(0, Event::Command(NodeCommand::Checkpoint));
         assert_eq!(pair.released, vec![f]);
         assert_eq!(pair.p.stats().checkpoints_by_cause[Cause::Manual.index()], 1);
+    }
+
+    /// `mode=buffer`: even output the SVM matches waits for the periodic checkpoint, no held
+    /// frame ever times out into a checkpoint, and the secondary sends no SVM output.
+    #[test]
+    fn output_buffering_holds_every_frame_until_the_periodic_checkpoint_commits() {
+        let mut pair = Pair::with(|c| {
+            c.output_buffering = true;
+            c.checkpoint_ms = 25;
+            c.compare_timeout_ms = 5;
+        });
+        pair.connect();
+        assert_eq!(pair.p.status().link, LinkState::Colo);
+        let start = pair.now;
+        let f = datagram(b"same");
+        pair.feed(0, Event::GuestOutput(&f));
+        pair.feed(1, Event::GuestOutput(&f));
+        assert!(pair.released.is_empty(), "matched output is held too");
+        assert_eq!(pair.s.stats().svm_frames, 0, "the secondary sends no SVM output");
+        // Well past the compare timeout, short of the epoch: nothing.
+        pair.now = start.after(20);
+        let now = pair.now;
+        pair.p.handle_timeout(now);
+        pair.run();
+        assert!(pair.released.is_empty());
+        assert_eq!(pair.p.stats().checkpoints_by_cause[Cause::Timeout.index()], 0);
+        // The epoch ends: the periodic checkpoint covers the frame and releases it.
+        let due = pair.p.poll_timeout().expect("a periodic checkpoint is due");
+        assert!(due <= start.after(25), "{due:?}");
+        pair.now = start.after(25);
+        let now = pair.now;
+        pair.p.handle_timeout(now);
+        pair.run();
+        assert_eq!(pair.released, vec![f]);
+        assert_eq!(pair.p.stats().checkpoints_by_cause[Cause::Periodic.index()], 1);
+        assert_eq!(pair.p.stats().checkpoints_by_cause[Cause::Mismatch.index()], 0);
     }
 
     #[test]

@@ -42,9 +42,10 @@ use hypervisor::colo::checkpoint::{
 use hypervisor::colo::comparator::ComparatorLimits;
 use hypervisor::colo::frames;
 use hypervisor::colo::link::StateKind;
+use hypervisor::colo::failover::Role as FoRole;
 use hypervisor::colo::node::{
-    Action, ApplyFailure, Capture, CaptureKind, ColoNode, Event, FullSyncSource, NodeCommand, NodeConfig, NodeRole,
-    NodeStats, SyncPiece,
+    Action, ApplyFailure, Capture, CaptureKind, ClaimOutcome, ColoNode, Event, FullSyncSource, NodeCommand,
+    NodeConfig, NodeRole, NodeStats, SyncPiece, WitnessMode,
 };
 use hypervisor::colo::packet::{parse_frame, TcpFlags};
 use hypervisor::colo::Tick;
@@ -110,6 +111,12 @@ const RING_BASE: usize = 1024; // head u32, tail u32, slots
 const RING_SLOTS: usize = 8;
 const SLOT_SIZE: usize = 160;
 const SCRIBBLE: usize = 3072;
+/// Per connection: the reply bytes the client has not acknowledged (a ring indexed by stream
+/// offset), so the guest retransmits what a failover lost, as a real TCP stack does.
+const SNDBUF_BASE: usize = 2400; // 4 x 160 bytes, below SCRIBBLE
+const SNDBUF: usize = 160;
+/// The longest reply line (a u32 and a newline, or `T` and the clock).
+const REPLY_MAX: usize = 12;
 const SERVER: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
 const CLIENT: Ipv4Address = Ipv4Address::new(10, 0, 0, 2);
 const SERVER_PORT: u16 = 80;
@@ -230,6 +237,7 @@ fn guest_step(vm: &mut Vm, clock: u64, disk: &mut dyn GuestDisk) -> Option<Vec<V
                     vm.w32(b + 8, t.seq.wrapping_add(1));
                     vm.w32(b + 12, isn.wrapping_add(1));
                     vm.w16(b + 16, 0);
+                    vm.w32(b + 84, isn.wrapping_add(1));
                     b
                 }
             };
@@ -242,10 +250,30 @@ fn guest_step(vm: &mut Vm, clock: u64, disk: &mut dyn GuestDisk) -> Option<Vec<V
         let b = CONN_BASE + i * CONN_SIZE;
         let rcv_nxt = vm.r32(b + 8);
         let payload = &f[t.payload.clone()];
-        if t.seq != rcv_nxt || payload.is_empty() {
-            if !payload.is_empty() {
+        // The client's acknowledgement frees reply bytes.
+        let (una, nxt) = (vm.r32(b + 84), vm.r32(b + 12));
+        if t.flags.contains(TcpFlags::ACK) {
+            let acked = t.ack.wrapping_sub(una);
+            if acked > 0 && acked <= nxt.wrapping_sub(una) {
+                vm.w32(b + 84, t.ack);
+            }
+        }
+        let una = vm.r32(b + 84);
+        let unacked = nxt.wrapping_sub(una) as usize;
+        let lines = payload.iter().filter(|&&c| c == b'\n').count();
+        let room = unacked + lines * REPLY_MAX <= SNDBUF;
+        if t.seq != rcv_nxt || payload.is_empty() || !room {
+            if unacked > 0 {
+                // A probe, a duplicate or no room: retransmit what the client has not
+                // acknowledged (a failover may have lost it).
+                let isn = vm.r32(b + 4);
+                let off = una.wrapping_sub(isn.wrapping_add(1)) as usize;
+                let data: Vec<u8> =
+                    (0..unacked).map(|k| vm.mem[SNDBUF_BASE + i * SNDBUF + (off + k) % SNDBUF]).collect();
+                out.push(server_frame(port, una, rcv_nxt, TcpControl::Psh, &data));
+            } else if !payload.is_empty() {
                 // Duplicate or out of order: acknowledge what we have.
-                out.push(server_frame(port, vm.r32(b + 12), rcv_nxt, TcpControl::None, &[]));
+                out.push(server_frame(port, nxt, rcv_nxt, TcpControl::None, &[]));
             }
             break;
         }
@@ -270,6 +298,12 @@ fn guest_step(vm: &mut Vm, clock: u64, disk: &mut dyn GuestDisk) -> Option<Vec<V
             out.push(server_frame(port, snd, rcv_nxt, TcpControl::None, &[]));
         } else {
             out.push(server_frame(port, snd, rcv_nxt, TcpControl::Psh, &reply));
+            let off = snd.wrapping_sub(vm.r32(b + 4).wrapping_add(1)) as usize;
+            for (k, &c) in reply.iter().enumerate() {
+                let at = SNDBUF_BASE + i * SNDBUF + (off + k) % SNDBUF;
+                vm.mem[at] = c;
+                vm.dirty[at / PAGE] = true;
+            }
             vm.w32(b + 12, snd.wrapping_add(reply.len() as u32));
         }
         break;
@@ -501,10 +535,14 @@ impl Client {
 enum Sched {
     ToServer(Vec<u8>),
     ToClient(Vec<u8>),
-    CaptureDone(u64),
+    /// Epoch, and the primary's incarnation it was for.
+    CaptureDone(u64, u64),
     /// Epoch, and the secondary's incarnation it was for.
     ApplyDone(u64, u64),
     Reconnect(u64),
+    /// The witness's answer: host incarnation, generation, outcome (0 granted, 1 denied,
+    /// 2 unreachable, 3 error), holder.
+    WitnessReply(u64, u64, u8, u64),
 }
 
 struct Pipe {
@@ -540,6 +578,16 @@ struct Params {
     isn_diverges: bool,
     apply_fail: u64,
     restart: u64,
+    /// Chance per step that the primary host dies (more while a checkpoint streams).
+    crash_primary: u64,
+    /// Chance per step that the witness goes down or comes back.
+    witness_flap: u64,
+    /// Chance that the witness decides a claim but its reply is lost.
+    witness_lose: u64,
+    /// Witness reply latency bound (ms).
+    witness_latency: u64,
+    /// `witness=none` (the sim plays the operator) instead of the fake etcd.
+    witness_none: bool,
 }
 
 struct Pending {
@@ -582,8 +630,37 @@ struct World {
     released_frames: u64,
     txbuf: Vec<u8>,
     cfg: NodeConfig,
-    /// Incarnation of the secondary host (it restarts with nothing).
-    sec_gen: u64,
+    /// Incarnation of each host slot (a restarted host is a new incarnation). Slot 0 is the
+    /// primary (the serving host): a promotion swaps the slots.
+    inc: [u64; 2],
+    next_inc: u64,
+    host_ids: [u64; 2],
+    next_host_id: u64,
+    alive: [bool; 2],
+    /// The primary's disk is the node's (a promoted secondary), not `pvm_disk`.
+    primary_disk_in_node: bool,
+    /// The fake witness: generation -> owner host id (a compare-and-set register, permanent).
+    witness: BTreeMap<u64, u64>,
+    witness_down: bool,
+    /// Between `Promote` and `AnnounceService`: releases are the promoted SVM's unconfirmed output.
+    flushing: bool,
+    swap_pending: bool,
+    depth: u32,
+    /// **Invariant: one releaser per generation**: generation -> the host id that released
+    /// output without its peer in it.
+    unprotected_owner: BTreeMap<u64, u64>,
+    /// When slot 1 (dead or fenced) comes back as a new secondary.
+    revive_at: Option<u64>,
+    /// `witness=none`: when the operator (the sim) sees the primary dead.
+    operator_at: Option<u64>,
+    failovers: u64,
+    unprotected_turns: u64,
+    fences: u64,
+    primary_crashes: u64,
+    crashes_mid_checkpoint: u64,
+    claims: u64,
+    denials: u64,
+    revivals: u64,
     /// False from a secondary restart until its first full sync is applied: no SVM holds any
     /// history then, so nobody could fail over and contradict what clients got.
     svm_alive: bool,
@@ -616,6 +693,11 @@ impl World {
             isn_diverges: rng.below(3) == 0,
             apply_fail: [0, 0, 30_000][rng.below(3) as usize],
             restart: [0, 0, 0, 1000][rng.below(4) as usize],
+            crash_primary: [0, 0, 1000, 3000][rng.below(4) as usize],
+            witness_flap: [0, 0, 2000][rng.below(3) as usize],
+            witness_lose: [0, 0, 100_000][rng.below(3) as usize],
+            witness_latency: rng.range(1, 40),
+            witness_none: rng.below(4) == 0,
         };
         let mut cfg = NodeConfig::new(NodeRole::Primary, PAGES as u64);
         cfg.guest_id = 0xC0FFEE;
@@ -623,6 +705,10 @@ impl World {
         cfg.checkpoint_ms = [0, 50, 200, 600][rng.below(4) as usize];
         cfg.compare_timeout_ms = rng.range(5, 60);
         cfg.heartbeat_ms = 20;
+        cfg.miss_limit = 3;
+        cfg.witness = if p.witness_none { WitnessMode::None } else { WitnessMode::External };
+        cfg.witness_retry_ms = 30;
+        cfg.max_unconfirmed_bytes = [2048, 1 << 20][rng.below(2) as usize];
         cfg.peer_timeout_ms = 400;
         cfg.ack_timeout_ms = 1500;
         cfg.chunk_bytes = [512, 1024, 4096][rng.below(3) as usize];
@@ -647,7 +733,7 @@ impl World {
             max_total_bytes: 1 << 20,
         };
         let primary = ColoNode::primary(NodeConfig { host_id: 1, ..cfg }, Tick(0));
-        let secondary = new_secondary(cfg, Tick(0));
+        let secondary = new_secondary(cfg, 2, Tick(0));
         let clients = (0..p.clients).map(|i| Client::new(i, &mut rng)).collect();
         let mut w = World {
             rng,
@@ -680,7 +766,28 @@ impl World {
             released_frames: 0,
             txbuf: Vec::new(),
             cfg,
-            sec_gen: 0,
+            inc: [1, 2],
+            next_inc: 3,
+            host_ids: [1, 2],
+            next_host_id: 3,
+            alive: [true, true],
+            primary_disk_in_node: false,
+            witness: BTreeMap::new(),
+            witness_down: false,
+            flushing: false,
+            swap_pending: false,
+            depth: 0,
+            unprotected_owner: BTreeMap::new(),
+            revive_at: None,
+            operator_at: None,
+            failovers: 0,
+            unprotected_turns: 0,
+            fences: 0,
+            primary_crashes: 0,
+            crashes_mid_checkpoint: 0,
+            claims: 0,
+            denials: 0,
+            revivals: 0,
             svm_alive: true,
         };
         w.vms[1].running = false;
@@ -719,16 +826,70 @@ impl World {
     // --- feeding the nodes ---------------------------------------------------------------
 
     fn feed(&mut self, h: usize, ev: Event<'_>) -> SimResult {
+        if !self.alive[h] {
+            return Ok(()); // a dead host hears nothing
+        }
         let now = self.now;
         self.nodes[h].handle(Tick(now), ev);
         self.drain(h)
     }
 
     fn drain(&mut self, h: usize) -> SimResult {
+        self.depth += 1;
         while let Some(a) = self.nodes[h].poll_action() {
-            self.act(h, a)?;
+            if let Err(e) = self.act(h, a) {
+                self.depth -= 1;
+                return Err(e);
+            }
+        }
+        self.depth -= 1;
+        if self.depth == 0 && self.swap_pending {
+            self.swap();
         }
         Ok(())
+    }
+
+    /// A promoted secondary is the primary now: it takes slot 0, the old primary (dead or
+    /// fenced) slot 1, where it will come back as a new secondary.
+    fn swap(&mut self) {
+        self.swap_pending = false;
+        self.nodes.swap(0, 1);
+        self.vms.swap(0, 1);
+        self.inc.swap(0, 1);
+        self.host_ids.swap(0, 1);
+        self.alive.swap(0, 1);
+        std::mem::swap(&mut self.pvm_view, &mut self.svm_view);
+        // The old primary's unreleased output is gone with it; the promoted guest's is new.
+        self.produced.clear();
+        self.primary_disk_in_node = true;
+        self.pending = Pending { capture: None, apply: None };
+        self.svm_alive = false;
+        self.prev.copy_from_slice(&self.vms[0].mem);
+        self.trace("slots swapped: the promoted host is the primary".into());
+    }
+
+    /// The fake witness: a compare-and-set register per generation, decided when the claim
+    /// arrives; it can be down, slow, or lose its reply (which the driver sees as an error or
+    /// no answer, never a grant).
+    fn claim(&mut self, h: usize, generation: u64) {
+        self.claims += 1;
+        let (inc, id) = (self.inc[h], self.host_ids[h]);
+        let latency = self.rng.range(1, self.p.witness_latency + 1);
+        if self.witness_down {
+            self.trace(format!("{} claims {generation}: witness down", name(h)));
+            self.at(latency + 20, Sched::WitnessReply(inc, generation, 2, 0));
+            return;
+        }
+        let owner = *self.witness.entry(generation).or_insert(id);
+        let lost = self.faults_on && self.rng.chance(self.p.witness_lose);
+        self.trace(format!("{} (host {id}) claims {generation}: owner {owner}{}", name(h), if lost { ", reply lost" } else { "" }));
+        if lost {
+            let kind = 2 + self.rng.below(2) as u8;
+            self.at(latency + 20, Sched::WitnessReply(inc, generation, kind, 0));
+        } else {
+            let kind = if owner == id { 0 } else { 1 };
+            self.at(latency, Sched::WitnessReply(inc, generation, kind, owner));
+        }
     }
 
     fn act(&mut self, h: usize, a: Action) -> SimResult {
@@ -744,7 +905,18 @@ impl World {
                 fold(&mut self.trace_hash, &f);
                 self.vms[h].nic_receive(&f);
             }
-            Action::ReleaseToClients(f) => self.release(f)?,
+            Action::ReleaseToClients(f) if self.flushing => {
+                // The promoted SVM's output the old primary had not confirmed: clients check it
+                // against what they already have.
+                self.released_frames += 1;
+                self.at(1, Sched::ToClient(f));
+            }
+            Action::ReleaseToClients(f) => {
+                if h != 0 {
+                    return Err(format!("{} released output", name(h)));
+                }
+                self.release(f)?
+            }
             Action::Capture { epoch, kind } => self.capture(epoch, kind)?,
             Action::ResumeVm => {
                 self.trace(format!("{} resume", name(h)));
@@ -788,7 +960,23 @@ impl World {
                 self.trace(format!("{} closes the link (last protocol error {why:?})", name(h)));
                 self.cut()?;
             }
-            Action::Fence | Action::Promote => return Err(format!("{} got a failover action", name(h))),
+            Action::ClaimGeneration { generation } => self.claim(h, generation),
+            Action::Fence => {
+                let why = self.nodes[h].fenced();
+                self.trace(format!("{} (host {}) fenced: {why:?}", name(h), self.host_ids[h]));
+                self.fences += 1;
+                self.vms[h].running = false;
+            }
+            Action::Promote => {
+                if h != 1 {
+                    return Err("the primary was promoted".into());
+                }
+                self.trace(format!("secondary (host {}) promoted, generation {}", self.host_ids[1], self.nodes[1].generation()));
+                self.failovers += 1;
+                self.flushing = true;
+                self.swap_pending = true;
+            }
+            Action::AnnounceService => self.flushing = false,
         }
         Ok(())
     }
@@ -796,9 +984,9 @@ impl World {
     // --- primary driver ------------------------------------------------------------------
 
     fn capture(&mut self, epoch: u64, kind: CaptureKind) -> SimResult {
+        let disk = self.primary_disk();
         let vm = &mut self.vms[0];
         vm.running = false;
-        let disk = self.pvm_disk.as_bytes().to_vec();
         let d = digest(&vm.mem, vm.pc, &disk);
         let pages: Vec<usize> = (0..PAGES).filter(|&p| vm.dirty[p]).collect();
         let capture = match kind {
@@ -842,8 +1030,17 @@ impl World {
         }
         self.pending.capture = Some((epoch, capture, d, pages.len() as u64));
         let delay = self.p.capture_delay;
-        self.at(delay, Sched::CaptureDone(epoch));
+        let inc = self.inc[0];
+        self.at(delay, Sched::CaptureDone(epoch, inc));
         Ok(())
+    }
+
+    fn primary_disk(&self) -> Vec<u8> {
+        if self.primary_disk_in_node {
+            self.nodes[0].disk().map(|d| d.as_bytes().to_vec()).unwrap_or_default()
+        } else {
+            self.pvm_disk.as_bytes().to_vec()
+        }
     }
 
     fn pvm_output(&mut self, f: Vec<u8>) -> SimResult {
@@ -868,13 +1065,25 @@ impl World {
             .get_mut(&port)
             .and_then(|q| q.pop_front())
             .ok_or_else(|| format!("port {port}: released a frame the PVM never produced (or twice)"))?;
-        if want != f {
+        let same = if self.failovers == 0 {
+            want == f
+        } else {
+            // A promoted guest's frames reach clients translated to the old PVM's numbers.
+            let w = parse_frame(&want);
+            let wt = w.tcp().cloned().ok_or("produced frame is not TCP")?;
+            wt.flags == t.flags && want[wt.payload.clone()] == f[t.payload.clone()]
+        };
+        if !same {
             return Err(format!("port {port}: frames released out of production order (seq {})", t.seq));
         }
+        // The checks below are in the guest's own numbering.
+        let t = parse_frame(&want).tcp().cloned().ok_or("produced frame is not TCP")?;
+        let sent = f;
+        let f = want;
         self.released_frames += 1;
         let committed = self.nodes[1].committed();
         let covered = epoch <= committed;
-        if !covered && self.svm_alive {
+        if !covered && self.svm_alive && !self.nodes[0].releases_unprotected() {
             let svm = self.svm_view.get(&port).cloned().unwrap_or_default();
             let cisn = self.client_isn.get(&port).copied();
             if t.flags.contains(TcpFlags::SYN) {
@@ -910,8 +1119,8 @@ impl World {
                 }
             }
         }
-        let delay = 1;
-        self.at(delay, Sched::ToClient(f));
+        let _ = f;
+        self.at(1, Sched::ToClient(sent));
         Ok(())
     }
 
@@ -928,7 +1137,8 @@ impl World {
             self.nodes[1].recycle_staging(staged.into_staging().ok_or("no staging back")?);
             self.pending.apply = Some((epoch, None));
             let delay = self.p.apply_delay;
-            self.at(delay, Sched::ApplyDone(epoch, self.sec_gen));
+            let inc = self.inc[1];
+            self.at(delay, Sched::ApplyDone(epoch, inc));
             return Ok(());
         }
         let (applied, staging) = staged.apply_and_recycle(&mut self.cache, epoch);
@@ -988,7 +1198,8 @@ impl World {
         self.svm_view = snap.flows.clone();
         self.pending.apply = Some((epoch, Some(d)));
         let delay = self.p.apply_delay;
-        self.at(delay, Sched::ApplyDone(epoch, self.sec_gen));
+        let inc = self.inc[1];
+        self.at(delay, Sched::ApplyDone(epoch, inc));
         Ok(())
     }
 
@@ -1006,18 +1217,46 @@ impl World {
 
     /// The secondary host dies and boots again with nothing: a fresh node, VM and disk.
     fn restart_secondary(&mut self) -> SimResult {
-        self.trace("fault: secondary restarts".into());
         self.cut()?;
-        self.sec_gen += 1;
+        self.inc[1] = self.next_inc;
+        self.next_inc += 1;
+        self.host_ids[1] = self.next_host_id;
+        self.next_host_id += 1;
+        self.alive[1] = true;
+        self.trace(format!("secondary host {} starts", self.host_ids[1]));
         self.svm_alive = false;
         self.pending.apply = None;
-        self.nodes[1] = new_secondary(self.cfg, Tick(self.now));
+        self.nodes[1] = new_secondary(self.cfg, self.host_ids[1], Tick(self.now));
         let salt = self.vms[1].isn_salt;
         self.vms[1] = Vm::new();
         self.vms[1].isn_salt = salt;
         self.vms[1].running = false;
         self.cache = VecGuestMemory::new(PAGE, PAGES);
         self.drain(1)
+    }
+
+    /// The primary host dies (kill -9): it stops; the survivor sees the link reset or just
+    /// silence.
+    fn crash_primary(&mut self) -> SimResult {
+        let mid = self.pending.capture.is_some() || self.nodes[0].wants_transmit();
+        self.trace(format!("fault: primary (host {}) dies{}", self.host_ids[0], if mid { " mid-checkpoint" } else { "" }));
+        self.primary_crashes += 1;
+        if mid {
+            self.crashes_mid_checkpoint += 1;
+        }
+        self.alive[0] = false;
+        self.vms[0].running = false;
+        self.pending.capture = None;
+        if self.link_up {
+            self.link_up = false;
+            self.link_gen += 1;
+            self.pipes = [Pipe::new(), Pipe::new()];
+            if self.rng.below(2) == 0 {
+                self.feed(1, Event::LinkClosed)?;
+            }
+        }
+        self.operator_at = Some(self.now + self.rng.range(50, 300));
+        Ok(())
     }
 
     fn cut(&mut self) -> SimResult {
@@ -1030,6 +1269,9 @@ impl World {
         self.trace("link down".into());
         self.feed(0, Event::LinkClosed)?;
         self.feed(1, Event::LinkClosed)?;
+        if self.swap_pending && self.depth == 0 {
+            self.swap();
+        }
         let d = self.rng.range(5, 150);
         let g = self.link_gen;
         self.at(d, Sched::Reconnect(g));
@@ -1041,6 +1283,9 @@ impl World {
             return Ok(());
         }
         for h in 0..2 {
+            if !self.alive[h] {
+                continue;
+            }
             let room = self.p.window.saturating_sub(self.pipes[h].in_flight).min(self.p.bandwidth);
             if room == 0 {
                 continue;
@@ -1118,6 +1363,16 @@ impl World {
                         }
                         if c.acked < c.sent && now >= c.last_send + rto {
                             c.sent = c.acked; // go back N
+                        } else if now >= c.last_send + rto
+                            && c.received.iter().filter(|&&b| b == b'\n').count() < c.requests.len()
+                            && c.sent == c.out.len()
+                        {
+                            // Waiting for replies: a probe (an empty segment with our ACK),
+                            // which makes the server retransmit what it has not had
+                            // acknowledged.
+                            c.last_send = now;
+                            let seq = c.isn.wrapping_add(1).wrapping_add(c.sent as u32);
+                            send.push(client_frame(c.port, seq, Some(c.rcv_next), TcpControl::None, &[]));
                         }
                         while c.sent < c.out.len() && c.sent - c.acked < 64 {
                             let n = (c.out.len() - c.sent).min(1 + rng.below(16) as usize);
@@ -1162,18 +1417,34 @@ impl World {
         }
         let payload = &f[t.payload.clone()];
         if !payload.is_empty() {
-            if t.seq != c.rcv_next {
-                let d = t.seq.wrapping_sub(c.rcv_next) as i32;
+            let d = t.seq.wrapping_sub(c.rcv_next) as i32;
+            if d > 0 {
+                if self.failovers == 0 {
+                    return Err(format!(
+                        "client {port}: got seq {} while expecting {} ({d} bytes lost)",
+                        t.seq, c.rcv_next
+                    ));
+                }
+                // After a takeover: output the old primary never sent comes again when the
+                // new primary's guest retransmits; TCP drops the segment.
+                return Ok(());
+            }
+            // **Invariant: what a client received is a prefix of what the service continues
+            // from**: bytes it gets again (a retransmission, output a promoted SVM released
+            // at once) are the bytes it already has at those offsets.
+            let back = d.unsigned_abs() as usize;
+            let start = c.received.len() - back.min(c.received.len());
+            let overlap = back.min(payload.len());
+            if back > c.received.len() || c.received[start..start + overlap] != payload[..overlap] {
                 return Err(format!(
-                    "client {port}: got seq {} while expecting {} ({} bytes {})",
-                    t.seq,
-                    c.rcv_next,
-                    d.unsigned_abs(),
-                    if d < 0 { "duplicated" } else { "lost" }
+                    "client {port}: got other bytes at offset {start} than it received before ({:?} vs {:?})",
+                    String::from_utf8_lossy(&payload[..overlap]),
+                    String::from_utf8_lossy(&c.received[start.min(c.received.len())..(start + overlap).min(c.received.len())])
                 ));
             }
-            c.received.extend_from_slice(payload);
-            c.rcv_next = c.rcv_next.wrapping_add(payload.len() as u32);
+            let fresh = &payload[overlap..];
+            c.received.extend_from_slice(fresh);
+            c.rcv_next = c.rcv_next.wrapping_add(fresh.len() as u32);
         }
         let acked = t.ack.wrapping_sub(c.isn.wrapping_add(1)) as usize;
         if acked > c.out.len() {
@@ -1204,7 +1475,8 @@ impl World {
                     self.feed(0, Event::ClientFrame(&f))?
                 }
                 Sched::ToClient(f) => self.client_receive(f)?,
-                Sched::CaptureDone(e) => {
+                Sched::CaptureDone(_, inc) if inc != self.inc[0] || !self.alive[0] => {} // that primary died
+                Sched::CaptureDone(e, _) => {
                     let Some((epoch, capture, d, pages)) = self.pending.capture.take() else {
                         return Err("capture done without a capture".into());
                     };
@@ -1212,7 +1484,7 @@ impl World {
                     let pause_us = 100 + pages * 10;
                     self.feed(0, Event::CaptureDone { epoch, capture, digest: Some(d), pause_us, pages })?;
                 }
-                Sched::ApplyDone(_, gen) if gen != self.sec_gen => {} // that secondary died
+                Sched::ApplyDone(_, inc) if inc != self.inc[1] || !self.alive[1] => {} // that secondary died
                 Sched::ApplyDone(e, _) => {
                     let Some((epoch, d)) = self.pending.apply.take() else {
                         return Err("apply done without an apply".into());
@@ -1221,6 +1493,28 @@ impl World {
                     self.trace(format!("secondary applied {epoch}: {d:?}"));
                     let result = d.map(Some).ok_or(ApplyFailure::State);
                     self.feed(1, Event::ApplyDone { epoch, result, apply_us: 50 })?;
+                }
+                Sched::WitnessReply(inc, generation, kind, holder) => {
+                    if let Some(h) = (0..2).find(|&h| self.inc[h] == inc && self.alive[h]) {
+                        let outcome = match kind {
+                            0 => ClaimOutcome::Granted,
+                            1 => {
+                                self.denials += 1;
+                                ClaimOutcome::Denied { holder }
+                            }
+                            2 => ClaimOutcome::Unreachable,
+                            _ => ClaimOutcome::Error,
+                        };
+                        self.trace(format!("{} gets {outcome:?} for {generation}", name(h)));
+                        let was = self.nodes[h].releases_unprotected();
+                        self.feed(h, Event::ClaimResult { generation, outcome })?;
+                        if h == 0 && !was && self.nodes[0].releases_unprotected() {
+                            self.unprotected_turns += 1;
+                        }
+                    }
+                }
+                Sched::Reconnect(g) if g == self.link_gen && !self.link_up && !self.can_connect() => {
+                    self.at(50, Sched::Reconnect(g));
                 }
                 Sched::Reconnect(g) => {
                     if g == self.link_gen && !self.link_up {
@@ -1244,7 +1538,8 @@ impl World {
                 }
                 let now = self.now;
                 let out = if h == 0 {
-                    let mut d = PvmDisk { disk: &mut self.pvm_disk, node: &mut self.nodes[0], now };
+                    let in_node = self.primary_disk_in_node;
+                    let mut d = PvmDisk { disk: &mut self.pvm_disk, node: &mut self.nodes[0], now, in_node };
                     guest_step(&mut self.vms[0], now, &mut d)
                 } else {
                     let mut d = SvmDisk { node: &mut self.nodes[1], now };
@@ -1263,16 +1558,59 @@ impl World {
         }
         // Timers.
         for h in 0..2 {
-            if self.nodes[h].poll_timeout().is_some_and(|t| t <= Tick(self.now)) {
+            if self.alive[h] && self.nodes[h].poll_timeout().is_some_and(|t| t <= Tick(self.now)) {
                 self.nodes[h].handle_timeout(Tick(self.now));
                 self.drain(h)?;
             }
         }
         self.transmit()?;
         self.clients_step();
+        self.check_releasers()?;
         // Faults.
-        if self.faults_on && self.rng.chance(self.p.restart) {
+        let serving = self.alive[0] && self.nodes[0].fenced().is_none();
+        if self.faults_on && serving && self.rng.chance(self.p.restart) {
+            self.trace("fault: secondary restarts".into());
             self.restart_secondary()?;
+        }
+        if self.faults_on && self.rng.chance(self.p.witness_flap) {
+            self.witness_down = !self.witness_down;
+            self.trace(format!("fault: witness {}", if self.witness_down { "down" } else { "up" }));
+        }
+        let streaming = self.pending.capture.is_some() || self.nodes[0].wants_transmit();
+        let chance = if streaming { self.p.crash_primary * 5 } else { self.p.crash_primary };
+        if self.faults_on
+            && serving
+            && self.alive[1]
+            && self.nodes[1].fenced().is_none()
+            && self.nodes[1].failover_role() == FoRole::Secondary
+            && self.rng.chance(chance)
+            && self.nodes[0].failover_role() == FoRole::Primary
+            && self.nodes[0].status().witness.pending.is_none()
+        {
+            // One failure at a time: a primary that has claimed the next generation (and may
+            // own it) or serves unprotected leaves no secondary able to take over.
+            self.crash_primary()?;
+        }
+        // The operator (`witness=none`): the primary is seen dead, the secondary takes over.
+        if self.operator_at.is_some_and(|t| self.now >= t) {
+            self.operator_at = None;
+            if !self.alive[0] && self.p.witness_none {
+                self.trace("operator: failover".into());
+                self.feed(1, Event::Command(NodeCommand::Failover))?;
+            }
+        }
+        // A dead or fenced host comes back as a new secondary (the old primary rebooted).
+        let serving = self.alive[0] && self.nodes[0].fenced().is_none() && !self.swap_pending;
+        if serving && (!self.alive[1] || self.nodes[1].fenced().is_some()) {
+            let at = *self.revive_at.get_or_insert(self.now + self.rng.range(20, 300));
+            if self.now >= at {
+                self.revive_at = None;
+                self.revivals += 1;
+                self.restart_secondary()?;
+                let g = self.link_gen;
+                let d = self.rng.range(1, 40);
+                self.at(d, Sched::Reconnect(g));
+            }
         }
         if self.faults_on {
             if self.link_up && self.rng.chance(self.p.cut) {
@@ -1297,6 +1635,34 @@ impl World {
         Ok(())
     }
 
+    fn can_connect(&self) -> bool {
+        (0..2).all(|h| self.alive[h] && self.nodes[h].fenced().is_none())
+    }
+
+    /// **Invariant: one releaser per generation.**
+    fn check_releasers(&mut self) -> SimResult {
+        for h in 0..2 {
+            if self.alive[h] && self.nodes[h].releases_unprotected() {
+                let g = self.nodes[h].generation();
+                let id = self.host_ids[h];
+                let owner = *self.unprotected_owner.entry(g).or_insert(id);
+                if owner != id {
+                    return Err(format!("hosts {owner} and {id} both released output without a peer in generation {g}"));
+                }
+                if self.witness_owner_mismatch(g, id) {
+                    return Err(format!("host {id} releases unprotected in generation {g}, which the witness gave to another"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn witness_owner_mismatch(&self, g: u64, id: u64) -> bool {
+        // With a witness every generation above the first was granted by it (the operator is
+        // the arbiter with `witness=none`).
+        !self.p.witness_none && g > 1 && self.witness.get(&g).is_some_and(|&o| o != id)
+    }
+
     fn done(&self) -> bool {
         self.clients
             .iter()
@@ -1310,6 +1676,7 @@ impl World {
             self.now += 1;
         }
         self.faults_on = false;
+        self.witness_down = false;
         self.trace("faults off".into());
         if !self.link_up {
             let g = self.link_gen;
@@ -1327,7 +1694,7 @@ impl World {
             let pending: usize = self.produced.values().map(|q| q.len()).sum();
             let s = self.nodes[0].status();
             return Err(format!(
-                "stall: {} ms after the faults stopped, {pending} PVM frames unreleased, replies {:?}/{:?}; primary link {:?} epoch {} committed {}; secondary committed {}",
+                "stall: {} ms after the faults stopped, {pending} PVM frames unreleased, replies {:?}/{:?}; primary link {:?} epoch {} committed {}; secondary committed {}; clients (state, start, sent, acked, out, rcv_next - isn) {:?}; isn diverges {}",
                 self.p.drain,
                 self.clients.iter().map(|c| c.received.iter().filter(|&&b| b == b'\n').count()).collect::<Vec<_>>(),
                 self.clients.iter().map(|c| c.requests.len()).collect::<Vec<_>>(),
@@ -1335,6 +1702,11 @@ impl World {
                 s.epoch,
                 s.committed,
                 self.nodes[1].committed(),
+                self.clients
+                    .iter()
+                    .map(|c| (c.state, c.start, c.sent, c.acked, c.out.len(), c.rcv_next.wrapping_sub(c.server_isn)))
+                    .collect::<Vec<_>>(),
+                self.p.isn_diverges,
             ));
         }
         for c in &self.clients {
@@ -1346,7 +1718,8 @@ impl World {
         }
         // A cut link may end in the middle of a message (`truncated`); anything else needs garbage.
         let errors = |s: &NodeStats| s.protocol_errors + s.link_errors_total() - s.link_errors[7];
-        if !self.garbage_sent && errors(ps) + errors(ss) > 0 {
+        // (A host of an older generation that reconnects is refused by protocol error.)
+        if !self.garbage_sent && self.failovers + self.unprotected_turns == 0 && errors(ps) + errors(ss) > 0 {
             return Err(format!(
                 "protocol/link errors without injected garbage: primary {} / {:?}, secondary {} / {:?}",
                 ps.protocol_errors, ps.link_errors, ss.protocol_errors, ss.link_errors
@@ -1378,8 +1751,8 @@ fn observe(view: &mut FlowView, t: &hypervisor::colo::packet::TcpSegment, f: &[u
     }
 }
 
-fn new_secondary(cfg: NodeConfig, now: Tick) -> ColoNode<MemDisk> {
-    ColoNode::secondary(NodeConfig { host_id: 2, role: NodeRole::Secondary, ..cfg }, MemDisk::new(DISK_SECTORS), now)
+fn new_secondary(cfg: NodeConfig, host_id: u64, now: Tick) -> ColoNode<MemDisk> {
+    ColoNode::secondary(NodeConfig { host_id, role: NodeRole::Secondary, ..cfg }, MemDisk::new(DISK_SECTORS), now)
 }
 
 fn name(h: usize) -> &'static str {
@@ -1394,15 +1767,26 @@ struct PvmDisk<'a> {
     disk: &'a mut MemDisk,
     node: &'a mut ColoNode<MemDisk>,
     now: u64,
+    /// A promoted secondary: the node owns the disk.
+    in_node: bool,
 }
 
 impl GuestDisk for PvmDisk<'_> {
     fn read(&mut self, sector: u64) -> u32 {
+        if self.in_node {
+            let mut s = [0u8; SECTOR_SIZE];
+            return match self.node.svm_disk_read(sector, &mut s) {
+                Ok(()) => u32::from_le_bytes(s[..4].try_into().unwrap()),
+                Err(_) => u32::MAX,
+            };
+        }
         mem_disk_read(self.disk, sector)
     }
     fn write(&mut self, sector: u64, value: u32) {
         let s = sector_bytes(value);
-        self.disk.write_sector(sector, &s).unwrap();
+        if !self.in_node {
+            self.disk.write_sector(sector, &s).unwrap();
+        }
         self.node.handle(Tick(self.now), Event::GuestDiskWrite { sector, data: &s });
     }
 }
@@ -1440,6 +1824,9 @@ struct Outcome {
     cuts: u64,
     refused: u64,
     garbage_errors: u64,
+    /// Promotions, turns to unprotected, fences, primary deaths (mid-checkpoint), witness
+    /// claims and denials, hosts that came back as new secondaries.
+    failover: [u64; 8],
 }
 
 fn run_seed(seed: u64, verbose: bool) -> Outcome {
@@ -1461,6 +1848,16 @@ fn run_seed(seed: u64, verbose: bool) -> Outcome {
         cuts: ps.link_closes,
         refused: ss.nacks.iter().sum(),
         garbage_errors: ps.link_errors_total() + ss.link_errors_total() + ps.protocol_errors + ss.protocol_errors,
+        failover: [
+            w.failovers,
+            w.unprotected_turns,
+            w.fences,
+            w.primary_crashes,
+            w.crashes_mid_checkpoint,
+            w.claims,
+            w.denials,
+            w.revivals,
+        ],
     }
 }
 
@@ -1482,6 +1879,8 @@ fn histories() {
     let first = env("COLO_SIM_FIRST").unwrap_or(1);
     let start = std::time::Instant::now();
     let (mut ckpts, mut syncs, mut checks, mut released, mut cuts, mut refused, mut errors) = (0, 0, 0, 0, 0, 0, 0);
+    let mut fo = [0u64; 8];
+    let mut with_failover = 0;
     let mut failures = Vec::new();
     for seed in first..first + n {
         let o = run_seed(seed, false);
@@ -1492,6 +1891,12 @@ fn histories() {
         cuts += o.cuts;
         refused += o.refused;
         errors += o.garbage_errors;
+        for (a, b) in fo.iter_mut().zip(o.failover) {
+            *a += b;
+        }
+        if o.failover[0] + o.failover[1] > 0 {
+            with_failover += 1;
+        }
         if let Some(e) = o.error {
             if failures.is_empty() {
                 eprintln!("seed {seed} failed: {e}\nlast events:");
@@ -1506,6 +1911,10 @@ fn histories() {
         "colo_sim: {n} histories (seeds {first}..{}) in {:.1} s: {ckpts} checkpoints acknowledged ({syncs} full syncs), {checks} applies checked, {released} frames released, {cuts} link closures, {refused} checkpoints refused, {errors} link/protocol errors counted",
         first + n - 1,
         start.elapsed().as_secs_f64()
+    );
+    println!(
+        "colo_sim failover: {with_failover} histories with a takeover; {} promotions, {} primaries turned unprotected, {} fences, {} primary deaths ({} mid-checkpoint), {} witness claims ({} denied), {} hosts back as new secondaries",
+        fo[0], fo[1], fo[2], fo[3], fo[4], fo[5], fo[6], fo[7]
     );
     if !failures.is_empty() {
         let list: Vec<String> = failures.iter().take(20).map(|(s, e)| format!("  seed {s}: {e}")).collect();

@@ -363,6 +363,35 @@ impl FailoverMachine {
         self.syncing
     }
 
+    /// The next tick at which [`Event::Tick`] has something to do (a heartbeat, the peer's
+    /// miss deadline, a witness retry, a checkpoint timeout or retry); `None`: only events.
+    pub fn poll_timeout(&self) -> Option<Tick> {
+        let hb = self.config.heartbeat_interval.max(1);
+        let mut t: Option<Tick> = None;
+        let mut at = |x: Tick| t = Some(t.map_or(x, |y: Tick| if x.0 < y.0 { x } else { y }));
+        if self.has_peer() && self.link_up {
+            at(self.last_sent.after(hb));
+        }
+        if self.role == Role::Joining && self.link_up {
+            at(self.last_sent.after(hb));
+        }
+        match self.claim {
+            Some(c) => at(c.sent_at.after(self.config.witness_retry.max(1))),
+            None if self.has_peer() => {
+                at(self.last_heard.after(hb.saturating_mul(u64::from(self.config.miss_limit.max(1)))))
+            }
+            None => {}
+        }
+        if self.role == Role::Primary && self.claim.is_none() {
+            if self.in_flight.is_some() && self.config.checkpoint_timeout > 0 {
+                at(self.in_flight_since.after(self.config.checkpoint_timeout));
+            } else if let Some(r) = self.retry_checkpoint_at {
+                at(r);
+            }
+        }
+        t
+    }
+
     /// Roles that exchange heartbeats with a peer.
     fn has_peer(&self) -> bool {
         match self.role {

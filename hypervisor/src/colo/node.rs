@@ -74,7 +74,9 @@ use core::fmt;
 use super::block::{BlockBackend, BlockError, BlockReplica, MemDisk, SECTOR_SIZE};
 use super::checkpoint::{CheckpointDecoder, Feed, PageStaging, StagedCheckpoint, StreamLimits};
 use super::comparator::{CaptureMark, CheckpointRequest, ComparatorLimits, ComparatorStats, OutputComparator};
+use super::failover::{self as fo, FailoverConfig, FailoverMachine, Verdict};
 use super::link::{LinkDecoder, LinkRole, NackReason, Repr, StateKind, MAX_CHUNK, MAX_DISK_WRITE, MAX_FRAME};
+use super::packet::{FlowAddr, FlowKey, FlowProto};
 use super::rewriter::{ChecksumFix, SequenceRewriter};
 
 pub use super::time::Tick;
@@ -132,6 +134,92 @@ pub struct NodeConfig {
     pub stream_limits: StreamLimits,
     /// Secondary: translate SVM TCP sequence numbers to the PVM's.
     pub rewrite_seq: bool,
+    /// Heartbeat intervals without a word from the peer before it counts as lost (a dead peer
+    /// or a dead link is detected within `heartbeat_ms * miss_limit`); 0 (or `heartbeat_ms`
+    /// 0) turns failover detection off.
+    pub miss_limit: u32,
+    /// Who decides a takeover (see [`WitnessMode`]).
+    pub witness: WitnessMode,
+    /// A witness claim that got no answer (unreachable, error) is sent again after this long.
+    pub witness_retry_ms: u64,
+    /// Secondary: SVM output bytes of the current epoch kept for a takeover (released at once
+    /// on promotion); above it the SVM is paused until a checkpoint is applied.
+    pub max_unconfirmed_bytes: usize,
+}
+
+/// Who may decide that the peer is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WitnessMode {
+    /// `witness=none`: no automatic takeover. A host that loses its peer keeps its role: a
+    /// protected primary holds its output (clients wait), a secondary keeps shadowing. Only the
+    /// operator's [`NodeCommand::Failover`] promotes the secondary or turns the primary
+    /// unprotected, and the operator is then the arbiter (making sure the other host is really
+    /// gone). The safe choice without an arbiter: a cut link can never give clients two
+    /// primaries, at the price of availability until someone acts.
+    None,
+    /// An external compare-and-set register (etcd): the node emits
+    /// [`Action::ClaimGeneration`] and acts only on a [`ClaimOutcome::Granted`].
+    External,
+}
+
+/// What the witness answered a claim ([`Event::ClaimResult`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This host owns the generation.
+    Granted,
+    /// Another host owns it.
+    Denied {
+        /// The owner's host id, as the witness holds it.
+        holder: u64,
+    },
+    /// No answer (connection refused, timeout).
+    Unreachable,
+    /// A reply that could not be understood (malformed, an HTTP error). Never a grant.
+    Error,
+}
+
+/// Why a host fenced itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceReason {
+    /// The witness gave the generation this host claimed to another host.
+    WitnessDenied {
+        /// Generation claimed.
+        generation: u64,
+        /// Its owner.
+        holder: u64,
+    },
+    /// The peer spoke from a newer generation: it took over while this host was cut off.
+    NewerGeneration {
+        /// The peer's generation.
+        generation: u64,
+    },
+}
+
+/// What this host knows about its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// No pairing (unprotected primary, joining secondary, fenced).
+    None,
+    /// Heard within `heartbeat_ms * miss_limit`.
+    Alive,
+    /// Silent too long: a witness claim is out (or, with `witness=none`, the operator is
+    /// awaited).
+    Lost,
+}
+
+/// Witness state for status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WitnessStatus {
+    /// Mode.
+    pub mode: WitnessMode,
+    /// The generation of the last claim sent.
+    pub last_claim: Option<u64>,
+    /// Its last answer.
+    pub last_result: Option<ClaimOutcome>,
+    /// Time from the claim to that answer, ms.
+    pub last_latency_ms: u64,
+    /// The claim not answered yet (`witness=none`: waiting for the operator).
+    pub pending: Option<u64>,
 }
 
 impl NodeConfig {
@@ -164,6 +252,10 @@ impl NodeConfig {
             comparator: ComparatorLimits::default(),
             stream_limits: StreamLimits::for_guest(guest_frames, 1, 8),
             rewrite_seq: true,
+            miss_limit: 3,
+            witness: WitnessMode::None,
+            witness_retry_ms: 100,
+            max_unconfirmed_bytes: 1 << 20,
         }
     }
 }
@@ -222,6 +314,11 @@ impl Cause {
 pub enum NodeCommand {
     /// Primary: take a checkpoint now (`ctl checkpoint`).
     Checkpoint,
+    /// `ctl failover`. Secondary: take over (with a witness: claim the next generation and
+    /// promote only when granted; with `witness=none`: promote now, the operator vouching that
+    /// the primary is gone). Primary with `witness=none` whose peer is lost: turn unprotected
+    /// and serve. Ignored (counted in `NodeStats::commands_rejected`) anywhere else.
+    Failover,
 }
 
 /// A checkpoint stream the driver encoded (or can encode on demand) after a capture. The node
@@ -388,6 +485,13 @@ pub enum Event<'a> {
     },
     /// Operator command.
     Command(NodeCommand),
+    /// The witness answered [`Action::ClaimGeneration`] (an error is never a grant).
+    ClaimResult {
+        /// Generation from the action.
+        generation: u64,
+        /// Answer.
+        outcome: ClaimOutcome,
+    },
 }
 
 /// Outputs, carried out by the driver in order.
@@ -447,10 +551,26 @@ pub enum Action {
     },
     /// Close the replication link (the driver reports [`Event::LinkClosed`] and reconnects).
     CloseLink,
-    /// Reserved for failover (issue #12): stop the VM and all output.
+    /// Stop the VM for good and send no frame with the guest's MAC again (the node emits
+    /// nothing more; [`NodeStatus::fenced`] says why). Close the replication link.
     Fence,
-    /// Reserved for failover (issue #12): the SVM becomes the primary.
+    /// The SVM is the primary now (emitted once). From here the node acts as an unprotected
+    /// primary: its VM's output comes back as [`Action::ReleaseToClients`] (the SVM output the
+    /// old primary had not confirmed follows at once), client frames go in as
+    /// [`Event::ClientFrame`], disk writes as `Event::GuestDiskWrite` (the node still owns the
+    /// disk: read it with [`ColoNode::svm_disk_read`] / [`ColoNode::disk`]; the overlay has been
+    /// merged and uncommitted PVM writes dropped), and the replication link is the primary's:
+    /// connect to the peer (a new secondary) and report [`Event::LinkConnected`].
     Promote,
+    /// Announce the service address from this host (a gratuitous ARP from the guest's MAC and
+    /// IP on the client network). Follows [`Action::Promote`].
+    AnnounceService,
+    /// Ask the witness to grant `generation` to this host (etcd: the compare-and-set on the
+    /// generation key); answer with [`Event::ClaimResult`]. Only with [`WitnessMode::External`].
+    ClaimGeneration {
+        /// Generation claimed.
+        generation: u64,
+    },
 }
 
 /// Counters for management.
@@ -516,6 +636,24 @@ pub struct NodeStats {
     pub disk_errors: u64,
     /// Failover messages received (ignored until issue #12).
     pub failover_messages: u64,
+    /// Takeovers by this host: promotions (secondary) and turns to unprotected (primary).
+    pub failovers: u64,
+    /// Promotions of this host's SVM.
+    pub promotions: u64,
+    /// Witness claims sent.
+    pub claims: u64,
+    /// Claims granted.
+    pub claims_granted: u64,
+    /// Claims denied.
+    pub claims_denied: u64,
+    /// Claims unanswered or answered with an error (retried).
+    pub claims_failed: u64,
+    /// SVM frames released at promotion (output the old primary had not confirmed).
+    pub unconfirmed_released: u64,
+    /// Connections refused because a witness claim is out (secondary).
+    pub refused_while_claiming: u64,
+    /// Operator commands that did not apply.
+    pub commands_rejected: u64,
 }
 
 impl NodeStats {
@@ -553,6 +691,20 @@ pub struct NodeStatus {
     pub stats: NodeStats,
     /// Comparator counters (primary).
     pub comparator: ComparatorStats,
+    /// Pair generation (owned by this host's side of the pair).
+    pub generation: u64,
+    /// The failover machine's role.
+    pub failover_role: fo::Role,
+    /// Primary: output is compared (`true`) or released unprotected.
+    pub protected: bool,
+    /// The peer.
+    pub peer: PeerState,
+    /// Witness.
+    pub witness: WitnessStatus,
+    /// When this host was last promoted.
+    pub last_promotion: Option<Tick>,
+    /// Fenced, and why.
+    pub fenced: Option<FenceReason>,
 }
 
 /// The rules, as functions, so each has one place.
@@ -716,6 +868,12 @@ struct Secondary<D: BlockBackend> {
     backlog_bytes: usize,
     /// A full-sync piece could not be stored: the sync ends with a refusal.
     sync_failed: bool,
+    /// SVM output of the current epoch (rewritten), released at once if this host takes over.
+    unconfirmed: VecDeque<Vec<u8>>,
+    unconfirmed_bytes: usize,
+    /// The primary's client-edge translation (a promoted host's clients speak an older PVM's
+    /// numbers), inherited with the full sync and applied if this host takes over.
+    inherited: Vec<(FlowKey, u32)>,
 }
 
 /// A checkpoint being received.
@@ -757,6 +915,11 @@ struct Primary {
     last_commit: Tick,
     held_since: Option<Tick>,
     mark: Option<CaptureMark>,
+    /// Output is compared (a secondary is, or is being, synced); `false`: released at once.
+    protected: bool,
+    /// A promoted SVM: clients speak the old PVM's sequence numbers (applied at the client
+    /// edge; the comparator and the mirror see the guest's own).
+    rewriter: Option<SequenceRewriter>,
 }
 
 /// One host of a COLO pair. See the module documentation.
@@ -777,6 +940,20 @@ pub struct ColoNode<D: BlockBackend = MemDisk> {
     /// Counts connections, so an apply finished after its connection went is not acknowledged
     /// on the next one.
     conn_serial: u64,
+    /// The role rules (peer loss, witness claims, generations, fencing).
+    fm: FailoverMachine,
+    fenced: Option<FenceReason>,
+    /// Why the machine's next `Fence` happens.
+    fence_why: Option<FenceReason>,
+    /// A takeover was granted while a checkpoint was being applied: it happens at `ApplyDone`.
+    promote_pending: bool,
+    /// A promoted secondary's disk (the merged replica).
+    promoted_disk: Option<D>,
+    witness: WitnessStatus,
+    claim_sent_at: Tick,
+    last_promotion: Option<Tick>,
+    /// Secondary: the generation of the primary's hello on this connection.
+    hello_generation: u64,
 }
 
 impl<D: BlockBackend> fmt::Debug for ColoNode<D> {
@@ -814,6 +991,29 @@ impl<D: BlockBackend> ColoNode<D> {
             last_protocol_error: None,
             last_now: now,
             conn_serial: 0,
+            fm: FailoverMachine::new(
+                fo_config(&config),
+                match config.role {
+                    NodeRole::Primary => fo::Role::Primary,
+                    NodeRole::Secondary => fo::Role::Joining,
+                },
+                config.generation,
+                now,
+            ),
+            fenced: None,
+            fence_why: None,
+            promote_pending: false,
+            promoted_disk: None,
+            witness: WitnessStatus {
+                mode: config.witness,
+                last_claim: None,
+                last_result: None,
+                last_latency_ms: 0,
+                pending: None,
+            },
+            claim_sent_at: now,
+            last_promotion: None,
+            hello_generation: 0,
         };
         match (config.role, disk) {
             (NodeRole::Primary, _) => {
@@ -833,6 +1033,8 @@ impl<D: BlockBackend> ColoNode<D> {
                     last_commit: now,
                     held_since: None,
                     mark: None,
+                    protected: true,
+                    rewriter: None,
                 });
             }
             (NodeRole::Secondary, disk) => {
@@ -849,6 +1051,9 @@ impl<D: BlockBackend> ColoNode<D> {
                     backlog: VecDeque::new(),
                     backlog_bytes: 0,
                     sync_failed: false,
+                    unconfirmed: VecDeque::new(),
+                    unconfirmed_bytes: 0,
+                    inherited: Vec::new(),
                 });
                 node.actions.push_back(Action::PauseVm(PauseReason::NotSynced));
             }
@@ -902,12 +1107,64 @@ impl<D: BlockBackend> ColoNode<D> {
             (_, Some(s)) => (s.applied + 1, s.applied, ComparatorStats::default()),
             _ => (0, 0, ComparatorStats::default()),
         };
-        NodeStatus { role: self.config.role, link, epoch, committed, stats: self.stats.clone(), comparator }
+        NodeStatus {
+            role: self.config.role,
+            link,
+            epoch,
+            committed,
+            stats: self.stats.clone(),
+            comparator,
+            generation: self.fm.generation(),
+            failover_role: self.fm.role(),
+            protected: self.primary.as_ref().is_some_and(|p| p.protected),
+            peer: self.peer_state(),
+            witness: self.witness,
+            last_promotion: self.last_promotion,
+            fenced: self.fenced,
+        }
+    }
+
+    /// The pair generation this host is in.
+    pub fn generation(&self) -> u64 {
+        self.fm.generation()
+    }
+
+    /// The failover machine's role.
+    pub fn failover_role(&self) -> fo::Role {
+        self.fm.role()
+    }
+
+    /// Fenced, and why.
+    pub fn fenced(&self) -> Option<FenceReason> {
+        self.fenced
+    }
+
+    /// True when this host sends output to clients without its peer's agreement (an
+    /// unprotected or promoted primary).
+    pub fn releases_unprotected(&self) -> bool {
+        self.fenced.is_none() && self.primary.as_ref().is_some_and(|p| !p.protected)
+    }
+
+    /// The disk the node owns: the secondary's committed disk, or a promoted host's disk.
+    pub fn disk(&self) -> Option<&D> {
+        self.secondary_disk()
+    }
+
+    fn peer_state(&self) -> PeerState {
+        match self.fm.role() {
+            _ if self.fenced.is_some() => PeerState::None,
+            fo::Role::Primary | fo::Role::Secondary if self.fm.pending_claim().is_some() => PeerState::Lost,
+            fo::Role::Primary | fo::Role::Secondary => PeerState::Alive,
+            _ => PeerState::None,
+        }
     }
 
     /// Secondary: the SVM reads its disk (overlay first, then the disk; pending PVM writes are
     /// invisible).
     pub fn svm_disk_read(&self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        if let Some(d) = &self.promoted_disk {
+            return read_raw(d, sector, buf);
+        }
         match self.secondary.as_ref().map(|s| &s.disk) {
             Some(Disk::Replica(r)) => r.svm_read(sector, buf),
             Some(Disk::Raw(d)) => read_raw(d, sector, buf),
@@ -917,6 +1174,9 @@ impl<D: BlockBackend> ColoNode<D> {
 
     /// Secondary: the disk as committed (for the verify digest and tests).
     pub fn secondary_disk(&self) -> Option<&D> {
+        if let Some(d) = &self.promoted_disk {
+            return Some(d);
+        }
         match self.secondary.as_ref().map(|s| &s.disk) {
             Some(Disk::Replica(r)) => Some(r.disk()),
             Some(Disk::Raw(d)) => Some(d),
@@ -942,8 +1202,16 @@ impl<D: BlockBackend> ColoNode<D> {
 
     /// When to call [`ColoNode::handle_timeout`] next (`None`: only on events).
     pub fn poll_timeout(&self) -> Option<Tick> {
+        if self.fenced.is_some() {
+            return None;
+        }
         let mut t: Option<Tick> = None;
         let mut at = |x: Tick| t = Some(t.map_or(x, |y: Tick| y.min(x)));
+        if self.detects_failure() {
+            if let Some(x) = self.fm.poll_timeout() {
+                at(x);
+            }
+        }
         if let Some(c) = &self.conn {
             if self.config.heartbeat_ms > 0 {
                 at(self.last_heartbeat.after(self.config.heartbeat_ms));
@@ -973,18 +1241,29 @@ impl<D: BlockBackend> ColoNode<D> {
     /// Time passed: heartbeats, peer and ack timeouts, checkpoint triggers.
     pub fn handle_timeout(&mut self, now: Tick) {
         self.last_now = now;
+        if self.fenced.is_some() {
+            return;
+        }
         self.timers(now);
     }
 
     /// Feed one event.
     pub fn handle(&mut self, now: Tick, event: Event<'_>) {
         self.last_now = now;
+        if self.fenced.is_some() {
+            return;
+        }
         if let Event::GuestDiskWrite { sector, data } = event {
             // Produces at most `PauseVm(Backpressure)` (never a capture: the write may be one
             // of several the guest makes in one go); a disk-pressure checkpoint starts at the
             // next event or timeout, which `poll_timeout` makes immediate.
             match self.primary {
                 Some(_) => {
+                    if let Some(d) = &mut self.promoted_disk {
+                        if write_raw(d, sector, data).is_err() {
+                            self.stats.disk_errors += 1;
+                        }
+                    }
                     self.pvm_disk_write(now, sector, data);
                     self.update_vm();
                 }
@@ -1011,6 +1290,11 @@ impl<D: BlockBackend> ColoNode<D> {
                     p.manual = true;
                 }
             }
+            Event::Command(NodeCommand::Failover) => self.operator_failover(now),
+            Event::ClaimResult { generation, outcome } => self.on_claim_result(now, generation, outcome),
+        }
+        if self.fenced.is_some() {
+            return;
         }
         self.timers(now);
     }
@@ -1018,6 +1302,9 @@ impl<D: BlockBackend> ColoNode<D> {
     /// Copies link bytes into `buf` (the socket's free space) and returns how many. Checkpoint
     /// and full-sync bytes are read from their source only as space allows.
     pub fn poll_transmit(&mut self, now: Tick, buf: &mut [u8]) -> usize {
+        if self.fenced.is_some() {
+            return 0;
+        }
         let mut n = 0;
         while n < buf.len() {
             let Some(c) = &mut self.conn else { break };
@@ -1051,6 +1338,80 @@ impl<D: BlockBackend> ColoNode<D> {
     }
 }
 
+/// `Repr::Failover` code: the primary's client-edge sequence translation, sent with a full sync.
+const FAILOVER_EDGE_DELTAS: u16 = 1;
+/// Bytes of one encoded entry at most (IPv6).
+const EDGE_ENTRY_MAX: usize = 1 + 32 + 4 + 4;
+
+/// Entries: version (4 or 6), source and destination address, source and destination port,
+/// delta; TCP flows only, as many as fit in one link message.
+fn encode_edge(deltas: impl Iterator<Item = (FlowKey, u32)>, out: &mut Vec<u8>) {
+    for (k, d) in deltas {
+        if out.len() + EDGE_ENTRY_MAX > MAX_CHUNK || k.proto != FlowProto::Tcp {
+            continue;
+        }
+        match (k.src, k.dst) {
+            (FlowAddr::V4(a), FlowAddr::V4(b)) => {
+                out.push(4);
+                out.extend_from_slice(&a);
+                out.extend_from_slice(&b);
+            }
+            (FlowAddr::V6(a), FlowAddr::V6(b)) => {
+                out.push(6);
+                out.extend_from_slice(&a);
+                out.extend_from_slice(&b);
+            }
+            _ => continue,
+        }
+        out.extend_from_slice(&k.src_port.to_le_bytes());
+        out.extend_from_slice(&k.dst_port.to_le_bytes());
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+}
+
+fn decode_edge(mut body: &[u8]) -> Option<Vec<(FlowKey, u32)>> {
+    let mut v = Vec::new();
+    while let Some((&ver, rest)) = body.split_first() {
+        let alen = match ver {
+            4 => 4,
+            6 => 16,
+            _ => return None,
+        };
+        if rest.len() < 2 * alen + 8 {
+            return None;
+        }
+        let addr = |b: &[u8]| {
+            if alen == 4 {
+                FlowAddr::V4(b.try_into().unwrap_or([0; 4]))
+            } else {
+                FlowAddr::V6(b.try_into().unwrap_or([0; 16]))
+            }
+        };
+        let (src, dst) = (addr(&rest[..alen]), addr(&rest[alen..2 * alen]));
+        let t = &rest[2 * alen..];
+        let key = FlowKey {
+            proto: FlowProto::Tcp,
+            src,
+            dst,
+            src_port: u16::from_le_bytes([t[0], t[1]]),
+            dst_port: u16::from_le_bytes([t[2], t[3]]),
+        };
+        v.push((key, u32::from_le_bytes([t[4], t[5], t[6], t[7]])));
+        body = &t[8..];
+    }
+    Some(v)
+}
+
+fn fo_config(c: &NodeConfig) -> FailoverConfig {
+    FailoverConfig {
+        heartbeat_interval: c.heartbeat_ms.max(1),
+        miss_limit: c.miss_limit.max(1),
+        witness_retry: c.witness_retry_ms.max(1),
+        // Checkpoint timeouts and retries are the node's own (`ack_timeout_ms`).
+        checkpoint_timeout: 0,
+    }
+}
+
 fn read_raw<D: BlockBackend>(d: &D, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
     if buf.is_empty() || !buf.len().is_multiple_of(SECTOR_SIZE) {
         return Err(BlockError::Misaligned { len: buf.len() });
@@ -1075,19 +1436,23 @@ impl<D: BlockBackend> ColoNode<D> {
             (Some(p), _) => Repr::Hello {
                 role: LinkRole::Primary,
                 host_id: self.config.host_id,
-                generation: self.config.generation,
+                generation: self.wire_generation(),
                 guest_id: self.config.guest_id,
                 epoch: p.epoch,
             },
             (_, Some(s)) => Repr::Hello {
                 role: LinkRole::Secondary,
                 host_id: self.config.host_id,
-                generation: self.config.generation,
+                generation: self.wire_generation(),
                 guest_id: self.config.guest_id,
                 epoch: if s.synced { s.applied } else { 0 },
             },
             _ => return,
         };
+        if let Some(s) = &mut self.secondary {
+            // Sent again with every full sync by a primary that has one.
+            s.inherited.clear();
+        }
         if self.secondary.as_ref().is_some_and(|s| s.applying.is_some()) {
             c.hello_deferred = true;
         } else {
@@ -1180,7 +1545,11 @@ impl<D: BlockBackend> ColoNode<D> {
     fn on_message(&mut self, now: Tick, m: Repr<'_>) {
         let hello_received = self.conn.as_ref().is_some_and(|c| c.hello_received);
         match m {
-            Repr::Hello { role, guest_id, epoch, .. } => {
+            Repr::Hello { role, guest_id, epoch, generation, .. } => {
+                // A newer generation fences a host that served, whatever else the hello says.
+                if !self.hello_generation_ok(now, generation) {
+                    return;
+                }
                 let expected = match self.config.role {
                     NodeRole::Primary => LinkRole::Secondary,
                     NodeRole::Secondary => LinkRole::Primary,
@@ -1203,7 +1572,18 @@ impl<D: BlockBackend> ColoNode<D> {
                 }
             }
             _ if !hello_received => self.protocol_error(now, "message before hello"),
-            Repr::Heartbeat { .. } => {}
+            Repr::Heartbeat { generation, .. } => self.peer_heard(now, generation),
+            Repr::Failover { code: FAILOVER_EDGE_DELTAS, body } if self.secondary.is_some() => {
+                self.stats.failover_messages += 1;
+                match decode_edge(body) {
+                    Some(v) => {
+                        if let Some(s) = &mut self.secondary {
+                            s.inherited = v;
+                        }
+                    }
+                    None => self.protocol_error(now, "malformed client-edge translation"),
+                }
+            }
             Repr::Failover { .. } => self.stats.failover_messages += 1,
             m if self.primary.is_some() => self.primary_message(now, m),
             m => self.secondary_message(now, m),
@@ -1211,6 +1591,13 @@ impl<D: BlockBackend> ColoNode<D> {
     }
 
     fn timers(&mut self, now: Tick) {
+        if self.detects_failure() {
+            self.fo(now, fo::Event::Tick);
+            if self.fenced.is_some() {
+                return;
+            }
+        }
+        let wire_generation = self.wire_generation();
         if let Some(c) = &self.conn {
             if self.config.peer_timeout_ms > 0 && now >= c.last_rx.after(self.config.peer_timeout_ms) {
                 self.stats.peer_timeouts += 1;
@@ -1219,7 +1606,7 @@ impl<D: BlockBackend> ColoNode<D> {
         }
         if let Some(c) = &mut self.conn {
             if self.config.heartbeat_ms > 0 && now >= self.last_heartbeat.after(self.config.heartbeat_ms) {
-                c.queue(&Repr::Heartbeat { generation: self.config.generation, now: now.0 }, now);
+                c.queue(&Repr::Heartbeat { generation: wire_generation, now: now.0 }, now);
                 self.last_heartbeat = now;
             }
         }
@@ -1243,6 +1630,8 @@ impl<D: BlockBackend> ColoNode<D> {
                     Some(None)
                 } else if !s.synced || s.sync_epoch.is_some() {
                     Some(Some(PauseReason::NotSynced))
+                } else if s.unconfirmed_bytes > self.config.max_unconfirmed_bytes {
+                    Some(Some(PauseReason::Backpressure))
                 } else {
                     None
                 }
@@ -1285,6 +1674,289 @@ impl<D: BlockBackend> ColoNode<D> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Failover: peer loss, the witness, promotion, fencing. The role rules live in
+// `colo::failover::FailoverMachine`; this part feeds it and carries out its decisions.
+impl<D: BlockBackend> ColoNode<D> {
+    fn detects_failure(&self) -> bool {
+        self.config.heartbeat_ms > 0 && self.config.miss_limit > 0 && self.fenced.is_none()
+    }
+
+    /// The generation this host speaks with: its own, or (joining) the primary's it joins.
+    fn wire_generation(&self) -> u64 {
+        match self.fm.role() {
+            fo::Role::Joining => self.hello_generation,
+            _ => self.fm.generation(),
+        }
+    }
+
+    fn fo(&mut self, now: Tick, ev: fo::Event) {
+        let acts = self.fm.handle(now, ev);
+        for a in acts.iter().copied() {
+            if self.fenced.is_some() {
+                break;
+            }
+            match a {
+                fo::Action::ClaimWitness { generation } => self.send_claim(now, generation),
+                fo::Action::Fence => self.fence(now),
+                fo::Action::Promote => self.promote(now),
+                fo::Action::ReleaseOutputUnprotected => self.go_unprotected(now),
+                // Heartbeats, checkpoints and syncs are the node's own; the rest of a promotion
+                // (discard, merge, flush, announce) is done by `promote` in one place.
+                _ => {}
+            }
+        }
+    }
+
+    fn reset_machine(&mut self, now: Tick, role: fo::Role, generation: u64) {
+        self.fm = FailoverMachine::new(fo_config(&self.config), role, generation, now);
+        self.witness.pending = None;
+    }
+
+    /// A heartbeat from the peer.
+    fn peer_heard(&mut self, now: Tick, generation: u64) {
+        if self.config.role == NodeRole::Secondary && generation != self.fm.generation() {
+            return; // a joining secondary, or a stale word: the hello settles generations
+        }
+        if generation > self.fm.generation() {
+            self.fence_why = Some(FenceReason::NewerGeneration { generation });
+        }
+        self.fo(now, fo::Event::Heartbeat { generation });
+    }
+
+    /// The generation in the peer's hello. Primary: a newer one fences (the peer took over, or
+    /// saw a takeover, behind this host's back). Secondary: it learns the generation it joins;
+    /// a claim of its own that the primary's generation shows lost is dropped; while a claim
+    /// that may still win is out (witness mode), it takes no connection. Returns false when
+    /// the hello must not be taken.
+    fn hello_generation_ok(&mut self, now: Tick, g: u64) -> bool {
+        let own = self.fm.generation();
+        let claim = self.fm.pending_claim();
+        match self.config.role {
+            NodeRole::Primary => {
+                if g > own {
+                    self.peer_heard(now, g);
+                    return self.fenced.is_none();
+                }
+                if claim.is_some() && self.config.witness == WitnessMode::None {
+                    // Nothing was ever sent to a witness: the claim was only a wait for the
+                    // operator, and the peer is back.
+                    self.reset_machine(now, fo::Role::Primary, own);
+                }
+                // A hello is as good as a heartbeat, even from a joiner that has no generation
+                // yet (otherwise a primary booted with its secondary could claim before the
+                // joiner's first heartbeat: simulation seeds 502, 693).
+                self.peer_heard(now, own);
+                true
+            }
+            NodeRole::Secondary => {
+                let role = self.fm.role();
+                if role == fo::Role::Secondary && g < own {
+                    self.protocol_error(now, "hello from an older generation");
+                    return false;
+                }
+                match claim {
+                    // The primary holds the generation claimed (or a later one): the claim lost.
+                    Some(c) if g >= c => self.reset_machine(now, fo::Role::Joining, g),
+                    Some(_) if self.config.witness == WitnessMode::External => {
+                        // The claim may have been granted with its reply lost: it is answered
+                        // before this host takes a full sync that would throw its SVM away.
+                        self.stats.refused_while_claiming += 1;
+                        self.close_link(now);
+                        return false;
+                    }
+                    Some(_) => self.reset_machine(now, fo::Role::Secondary, own),
+                    None if role == fo::Role::Secondary && g > own => {
+                        self.reset_machine(now, fo::Role::Joining, g)
+                    }
+                    None => {}
+                }
+                self.hello_generation = g;
+                self.peer_heard(now, g);
+                true
+            }
+        }
+    }
+
+    fn send_claim(&mut self, now: Tick, generation: u64) {
+        self.witness.pending = Some(generation);
+        if self.config.witness == WitnessMode::External {
+            self.witness.last_claim = Some(generation);
+            self.claim_sent_at = now;
+            self.stats.claims += 1;
+            self.actions.push_back(Action::ClaimGeneration { generation });
+        }
+    }
+
+    fn on_claim_result(&mut self, now: Tick, generation: u64, outcome: ClaimOutcome) {
+        if self.config.witness != WitnessMode::External || self.fm.pending_claim() != Some(generation) {
+            return; // a late answer to a claim already settled
+        }
+        self.witness.last_result = Some(outcome);
+        self.witness.last_latency_ms = now.since(self.claim_sent_at);
+        let verdict = match outcome {
+            ClaimOutcome::Granted => {
+                self.stats.claims_granted += 1;
+                Verdict::Granted
+            }
+            ClaimOutcome::Denied { holder } => {
+                self.stats.claims_denied += 1;
+                self.fence_why = Some(FenceReason::WitnessDenied { generation, holder });
+                Verdict::Denied
+            }
+            ClaimOutcome::Unreachable | ClaimOutcome::Error => {
+                self.stats.claims_failed += 1;
+                Verdict::Unreachable
+            }
+        };
+        if verdict != Verdict::Unreachable {
+            self.witness.pending = None;
+        }
+        self.fo(now, fo::Event::Witness { generation, verdict });
+    }
+
+    fn operator_failover(&mut self, now: Tick) {
+        match (self.fm.role(), self.config.witness) {
+            (fo::Role::Secondary, WitnessMode::External) => {
+                if self.fm.pending_claim().is_none() {
+                    self.fo(now, fo::Event::Command(fo::Command::FailoverNow));
+                }
+            }
+            (fo::Role::Secondary, WitnessMode::None) => {
+                if self.fm.pending_claim().is_none() {
+                    self.fo(now, fo::Event::Command(fo::Command::FailoverNow));
+                }
+                if let Some(generation) = self.fm.pending_claim() {
+                    self.witness.pending = None;
+                    self.fo(now, fo::Event::Witness { generation, verdict: Verdict::Granted });
+                }
+            }
+            (fo::Role::Primary, WitnessMode::None) if self.fm.pending_claim().is_some() => {
+                if let Some(generation) = self.fm.pending_claim() {
+                    self.witness.pending = None;
+                    self.fo(now, fo::Event::Witness { generation, verdict: Verdict::Granted });
+                }
+            }
+            _ => self.stats.commands_rejected += 1,
+        }
+    }
+
+    /// Another host owns the service: stop the VM and every output for good.
+    fn fence(&mut self, now: Tick) {
+        let reason =
+            self.fence_why.take().unwrap_or(FenceReason::NewerGeneration { generation: self.fm.generation() });
+        let _ = now;
+        self.fenced = Some(reason);
+        self.witness.pending = None;
+        // Nothing this call produced for clients or the VM leaves any more.
+        self.actions.retain(|a| {
+            !matches!(a, Action::ReleaseToClients(_) | Action::DeliverToGuest(_) | Action::AnnounceService)
+        });
+        if self.conn.take().is_some() {
+            self.stats.link_closes += 1;
+            self.actions.push_back(Action::CloseLink);
+        }
+        self.vm_running = false;
+        self.actions.push_back(Action::Fence);
+    }
+
+    /// **Secondary loss** (primary, witness granted): every held frame leaves, and from now on
+    /// output is released at once until a new secondary's full sync is captured.
+    fn go_unprotected(&mut self, now: Tick) {
+        let Some(p) = &mut self.primary else { return };
+        let was_protected = p.protected;
+        if let Some(m) = p.mark.take() {
+            let _ = p.comparator.on_checkpoint_aborted(m);
+        }
+        if !matches!(p.ckpt, Ckpt::Capturing { .. }) {
+            // (A capture in progress ends in `on_capture_done`, which finds no connection.)
+            p.ckpt = Ckpt::Idle;
+        }
+        p.protected = false;
+        p.ahead_bytes = 0;
+        p.comparator.release_all_unprotected();
+        if was_protected && self.config.role == NodeRole::Primary && self.last_promotion.is_none() {
+            self.stats.failovers += 1;
+        }
+        // The pairing of the old generation is over.
+        self.close_link(now);
+        self.after_compare(now);
+        self.update_vm();
+    }
+
+    /// **Promotion** (secondary, witness granted or operator): waits for an apply in progress;
+    /// drops a partly received checkpoint and mirrored input of later epochs; drops PVM disk
+    /// writes of uncommitted epochs and merges the SVM overlay (the overlay becomes the disk);
+    /// the node turns into an unprotected primary whose clients keep the old PVM's sequence
+    /// numbers; the SVM output the old primary had not confirmed is released at once; the
+    /// service address is announced.
+    fn promote(&mut self, now: Tick) {
+        let Some(s) = &self.secondary else { return };
+        if s.applying.is_some() {
+            self.promote_pending = true;
+            return;
+        }
+        self.promote_pending = false;
+        self.close_link(now);
+        let Some(mut s) = self.secondary.take() else { return };
+        s.drop_receiving();
+        let disk = match core::mem::replace(&mut s.disk, Disk::Gone) {
+            Disk::Replica(mut r) => {
+                if r.failover().is_err() {
+                    self.stats.disk_errors += 1;
+                }
+                Some(r.into_disk())
+            }
+            Disk::Raw(d) => Some(d),
+            Disk::Gone => None,
+        };
+        self.promoted_disk = disk;
+        s.rewriter.promote();
+        // Clients of connections an earlier primary opened speak its numbers: compose the
+        // inherited client-edge translation with this SVM's own.
+        let mut edge = SequenceRewriter::new(ChecksumFix::Incremental);
+        for &(k, d) in &s.inherited {
+            let own = s.rewriter.delta(&k).unwrap_or(0);
+            s.rewriter.set_delta(k, own.wrapping_add(d));
+            edge.set_delta(k, d);
+        }
+        edge.promote();
+        if self.config.rewrite_seq && !s.inherited.is_empty() {
+            for f in s.unconfirmed.iter_mut() {
+                edge.rewrite_svm_output(f);
+            }
+        }
+        let limits =
+            ComparatorLimits { held_frame_timeout: self.config.compare_timeout_ms, periodic_ticks: 0, ..self.config.comparator };
+        self.primary = Some(Primary {
+            comparator: OutputComparator::new(limits),
+            ckpt: Ckpt::Idle,
+            epoch: s.applied + 1,
+            acked: s.applied,
+            manual: false,
+            disk_epoch_bytes: 0,
+            ahead_bytes: 0,
+            last_commit: now,
+            held_since: None,
+            mark: None,
+            protected: false,
+            rewriter: self.config.rewrite_seq.then_some(s.rewriter),
+        });
+        self.config.role = NodeRole::Primary;
+        self.stats.promotions += 1;
+        self.stats.failovers += 1;
+        self.last_promotion = Some(now);
+        self.actions.push_back(Action::Promote);
+        for f in s.unconfirmed {
+            self.stats.unconfirmed_released += 1;
+            self.actions.push_back(Action::ReleaseToClients(f));
+        }
+        self.actions.push_back(Action::AnnounceService);
+        self.fo(now, fo::Event::PromotionComplete);
+        self.update_vm();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Primary.
 impl<D: BlockBackend> ColoNode<D> {
     /// Mirroring is on from the full-sync capture of the current connection.
@@ -1298,6 +1970,16 @@ impl<D: BlockBackend> ColoNode<D> {
             self.stats.input_dropped += 1;
             return;
         }
+        let mut owned;
+        let frame = match &mut p.rewriter {
+            // A promoted SVM: the client speaks the old PVM's numbers, the guest its own.
+            Some(r) => {
+                owned = frame.to_vec();
+                r.rewrite_client_input(&mut owned);
+                &owned[..]
+            }
+            None => frame,
+        };
         if let Some(c) = self.conn.as_mut().filter(|c| c.sync_started) {
             let size = frame.len() + 32;
             let ahead = p.epoch > p.acked + 1;
@@ -1320,6 +2002,14 @@ impl<D: BlockBackend> ColoNode<D> {
 
     fn pvm_output(&mut self, now: Tick, frame: &[u8]) {
         let Some(p) = &mut self.primary else { return };
+        if !p.protected {
+            let mut f = frame.to_vec();
+            if let Some(r) = &mut p.rewriter {
+                r.rewrite_svm_output(&mut f);
+            }
+            self.actions.push_back(Action::ReleaseToClients(f));
+            return;
+        }
         p.comparator.push_pvm(frame, now);
         self.after_compare(now);
     }
@@ -1327,7 +2017,10 @@ impl<D: BlockBackend> ColoNode<D> {
     /// Released frames go out; the held-frame clock is kept.
     fn after_compare(&mut self, now: Tick) {
         let Some(p) = &mut self.primary else { return };
-        while let Some(f) = p.comparator.pop_released() {
+        while let Some(mut f) = p.comparator.pop_released() {
+            if let Some(r) = &mut p.rewriter {
+                r.rewrite_svm_output(&mut f);
+            }
             self.actions.push_back(Action::ReleaseToClients(f));
         }
         if p.comparator.stats().held_frames == 0 {
@@ -1431,7 +2124,16 @@ impl<D: BlockBackend> ColoNode<D> {
         self.stats.checkpoints_by_cause[cause.index()] += 1;
         self.vm_running = false;
         self.actions.push_back(Action::Capture { epoch, kind });
-        let _ = now;
+        if full && self.primary.as_ref().is_some_and(|p| !p.protected) {
+            // **Re-protection**: output is held again from the capture on, before the joiner
+            // can become a secondary (and so ever claim the witness).
+            if let Some(p) = &mut self.primary {
+                p.protected = true;
+            }
+            self.fo(now, fo::Event::PeerJoinRequest);
+            let generation = self.fm.generation();
+            self.fo(now, fo::Event::FullSyncComplete { generation });
+        }
     }
 
     fn abort_checkpoint(&mut self) {
@@ -1481,6 +2183,11 @@ impl<D: BlockBackend> ColoNode<D> {
             }
             (Capture::Full(source), true) => {
                 p.ckpt = Ckpt::Syncing { epoch, source, digest, since: now, begun: false };
+                if let (Some(r), Some(c)) = (&p.rewriter, &mut self.conn) {
+                    let mut body = Vec::new();
+                    encode_edge(r.deltas(), &mut body);
+                    c.queue(&Repr::Failover { code: FAILOVER_EDGE_DELTAS, body: &body }, now);
+                }
             }
             _ => self.abort_checkpoint(),
         }
@@ -1712,16 +2419,7 @@ impl<D: BlockBackend> ColoNode<D> {
 
     fn svm_output(&mut self, now: Tick, frame: &[u8]) {
         let Some(s) = &mut self.secondary else { return };
-        let Some(c) = self.conn.as_mut().filter(|c| c.synced) else {
-            self.stats.svm_frames_dropped += 1;
-            return;
-        };
-        if !s.synced || s.applying.is_some() || frame.is_empty() || frame.len() > MAX_FRAME {
-            self.stats.svm_frames_dropped += 1;
-            return;
-        }
-        if c.control_bytes + frame.len() + 32 > self.config.max_link_queue_bytes {
-            // Unmatched PVM output times out into a checkpoint: nothing unsafe is lost.
+        if !s.synced || s.applying.is_some() || s.sync_epoch.is_some() || frame.is_empty() || frame.len() > MAX_FRAME {
             self.stats.svm_frames_dropped += 1;
             return;
         }
@@ -1729,6 +2427,22 @@ impl<D: BlockBackend> ColoNode<D> {
         if self.config.rewrite_seq {
             s.rewriter.rewrite_svm_output(&mut f);
         }
+        // Kept for a takeover until the next checkpoint is applied (bounded: the SVM pauses
+        // at `max_unconfirmed_bytes`, see `update_vm`).
+        s.unconfirmed_bytes += f.len();
+        s.unconfirmed.push_back(f.clone());
+        let Some(c) = self.conn.as_mut().filter(|c| c.synced) else {
+            self.stats.svm_frames_dropped += 1;
+            return;
+        };
+        if c.control_bytes + f.len() + 32 > self.config.max_link_queue_bytes {
+            // Unmatched PVM output times out into a checkpoint: nothing unsafe is lost.
+            self.stats.svm_frames_dropped += 1;
+            return;
+        }
+        self.update_vm();
+        let Some(c) = self.conn.as_mut() else { return };
+        let Some(s) = &self.secondary else { return };
         c.queue(&Repr::SvmOutput { seq: c.tx_seq, epoch: s.applied + 1, frame: &f }, now);
         c.tx_seq += 1;
         self.stats.svm_frames += 1;
@@ -1766,7 +2480,7 @@ impl<D: BlockBackend> ColoNode<D> {
         let hello = Repr::Hello {
             role: LinkRole::Secondary,
             host_id: self.config.host_id,
-            generation: self.config.generation,
+            generation: self.wire_generation(),
             guest_id: self.config.guest_id,
             epoch: if s.synced { s.applied } else { 0 },
         };
@@ -1891,9 +2605,21 @@ impl<D: BlockBackend> ColoNode<D> {
                 self.vm_running = false;
                 self.actions.push_back(Action::ApplyCheckpoint(staged));
             }
+            Repr::FullSyncBegin { .. }
+                if self.fm.pending_claim().is_some() && self.config.witness == WitnessMode::External =>
+            {
+                // A claim that may have won is out: the SVM is not thrown away before it is
+                // answered.
+                self.stats.refused_while_claiming += 1;
+                self.close_link(now);
+            }
             Repr::FullSyncBegin { epoch, ram_bytes, disk_sectors } => {
                 s.drop_receiving();
                 s.applying = None;
+                // The SVM is overwritten from here: it can no longer take over until the sync
+                // is applied.
+                s.unconfirmed.clear();
+                s.unconfirmed_bytes = 0;
                 // Input mirrored after the sync's capture point arrived ahead of this message.
                 s.backlog.retain(|(e, _)| *e > epoch);
                 s.backlog_bytes = s.backlog.iter().map(|(_, f)| f.len()).sum();
@@ -1920,6 +2646,10 @@ impl<D: BlockBackend> ColoNode<D> {
                 }
                 self.vm_running = false;
                 self.actions.push_back(Action::BeginFullSync { epoch, ram_bytes });
+                if self.fm.role() != fo::Role::Joining {
+                    let g = self.hello_generation.max(self.fm.generation());
+                    self.reset_machine(now, fo::Role::Joining, g);
+                }
             }
             Repr::FullSyncMemory { offset, data } => {
                 if s.sync_epoch.is_none() {
@@ -1994,13 +2724,29 @@ impl<D: BlockBackend> ColoNode<D> {
                     s.synced = false;
                 }
             }
-            return self.send_deferred_hello(now);
+            self.send_deferred_hello(now);
+            if self.promote_pending {
+                // **Failover during an apply** rolled back: the SVM takes over as it was.
+                self.promote(now);
+            }
+            return;
         }
         let digest = result.unwrap_or(None);
         let Some(s) = &mut self.secondary else { return };
         s.synced = true;
         s.applied = epoch;
+        s.unconfirmed.clear();
+        s.unconfirmed_bytes = 0;
         s.rewriter.on_checkpoint_committed();
+        if full && same_conn && self.fm.role() == fo::Role::Joining {
+            // The SVM holds the pair's state: from now on it may take over.
+            let generation = self.hello_generation;
+            self.fo(now, fo::Event::FullSyncComplete { generation });
+        }
+        if self.promote_pending {
+            // **Failover during an apply**: it finished; the SVM takes over from it.
+            return self.promote(now);
+        }
         self.stats.checkpoints_committed += 1;
         if full {
             self.stats.full_syncs += 1;
@@ -2141,12 +2887,28 @@ mod tests {
         /// Hold `ApplyDone` instead of answering at once.
         hold_apply: bool,
         held_apply: Option<u64>,
+        /// Failover actions seen, per host.
+        claims: [Vec<u64>; 2],
+        fences: [usize; 2],
+        promotes: [usize; 2],
+        announces: [usize; 2],
+        /// Actions in order since the last `take_log`, per host (names).
+        log: [Vec<&'static str>; 2],
     }
 
     impl Pair {
         fn new() -> Pair {
-            let p = ColoNode::primary(config(NodeRole::Primary), Tick(0));
-            let s = ColoNode::secondary(config(NodeRole::Secondary), MemDisk::new(8), Tick(0));
+            Pair::with(|_| {})
+        }
+
+        fn with(f: impl Fn(&mut NodeConfig)) -> Pair {
+            let (mut pc, mut sc) = (config(NodeRole::Primary), config(NodeRole::Secondary));
+            pc.host_id = 1;
+            sc.host_id = 2;
+            f(&mut pc);
+            f(&mut sc);
+            let p = ColoNode::primary(pc, Tick(0));
+            let s = ColoNode::secondary(sc, MemDisk::new(8), Tick(0));
             let mut pair = Pair {
                 p,
                 s,
@@ -2159,9 +2921,28 @@ mod tests {
                 pauses: Vec::new(),
                 hold_apply: false,
                 held_apply: None,
+                claims: [Vec::new(), Vec::new()],
+                fences: [0, 0],
+                promotes: [0, 0],
+                announces: [0, 0],
+                log: [Vec::new(), Vec::new()],
             };
             pair.run();
             pair
+        }
+
+        /// Lets `ms` milliseconds pass, one at a time, serving every timeout.
+        fn advance(&mut self, ms: u64) {
+            for _ in 0..ms {
+                self.now = self.now.after(1);
+                for h in 0..2 {
+                    let now = self.now;
+                    if self.node(h).poll_timeout().is_some_and(|t| t <= now) {
+                        self.node(h).handle_timeout(now);
+                    }
+                }
+                self.run();
+            }
         }
 
         fn node(&mut self, h: usize) -> &mut ColoNode {
@@ -2225,7 +3006,23 @@ mod tests {
 
         fn act(&mut self, h: usize, a: Action) {
             let now = self.now;
+            self.log[h].push(match &a {
+                Action::DeliverToGuest(_) => "deliver",
+                Action::ReleaseToClients(_) => "release",
+                Action::Promote => "promote",
+                Action::AnnounceService => "announce",
+                Action::Fence => "fence",
+                Action::ClaimGeneration { .. } => "claim",
+                Action::CloseLink => "close",
+                Action::ResumeVm => "resume",
+                Action::PauseVm(_) => "pause",
+                _ => "other",
+            });
             match a {
+                Action::ClaimGeneration { generation } => self.claims[h].push(generation),
+                Action::Fence => self.fences[h] += 1,
+                Action::Promote => self.promotes[h] += 1,
+                Action::AnnounceService => self.announces[h] += 1,
                 Action::DeliverToGuest(f) => self.delivered[h].push(f),
                 Action::ReleaseToClients(f) => self.released.push(f),
                 Action::Capture { epoch, kind } => {
@@ -2507,6 +3304,7 @@ mod tests {
     fn poll_timeout_covers_heartbeats_and_peer_silence() {
         let mut c = config(NodeRole::Primary);
         c.heartbeat_ms = 10;
+        c.miss_limit = 0; // failover detection off: only the link's own timers
         c.peer_timeout_ms = 50;
         let mut p = ColoNode::primary(c, Tick(100));
         assert_eq!(p.poll_timeout(), None, "nothing to wait for without a link");
@@ -2515,5 +3313,367 @@ mod tests {
         p.handle_timeout(Tick(150));
         assert_eq!(p.stats().peer_timeouts, 1);
         assert!(matches!(p.poll_action(), Some(Action::CloseLink)));
+    }
+
+    // --- failover -----------------------------------------------------------------------
+
+    fn fo_cfg(c: &mut NodeConfig) {
+        c.heartbeat_ms = 10;
+        c.miss_limit = 3;
+        c.witness = WitnessMode::External;
+        c.witness_retry_ms = 20;
+    }
+
+    fn fo_pair() -> Pair {
+        let mut pair = Pair::with(fo_cfg);
+        pair.connect();
+        assert_eq!(pair.p.status().link, LinkState::Colo);
+        assert_eq!(pair.s.status().failover_role, fo::Role::Secondary);
+        assert_eq!(pair.p.status().failover_role, fo::Role::Primary);
+        pair
+    }
+
+    /// Cuts the link and returns how long each host took to claim generation 2.
+    fn cut_and_wait_for_claims(pair: &mut Pair, hosts: &[usize]) -> u64 {
+        pair.cut();
+        let start = pair.now;
+        for _ in 0..200 {
+            if hosts.iter().all(|&h| !pair.claims[h].is_empty()) {
+                return pair.now.since(start);
+            }
+            pair.advance(1);
+        }
+        panic!("no claim within 200 ms: {:?}", pair.claims);
+    }
+
+    #[test]
+    fn a_lost_peer_is_detected_within_heartbeat_times_miss_limit() {
+        let mut pair = fo_pair();
+        // Heartbeats flow while the link is up: nobody claims.
+        pair.advance(200);
+        assert!(pair.claims[0].is_empty() && pair.claims[1].is_empty(), "{:?}", pair.claims);
+        assert_eq!(pair.p.status().peer, PeerState::Alive);
+        let took = cut_and_wait_for_claims(&mut pair, &[0, 1]);
+        assert!(took <= 30, "detected after {took} ms, bound heartbeat_ms * miss_limit = 30");
+        assert_eq!(pair.claims, [vec![2], vec![2]]);
+        assert_eq!(pair.p.status().peer, PeerState::Lost);
+        assert_eq!(pair.p.status().witness.pending, Some(2));
+    }
+
+    #[test]
+    fn secondary_loss_granted_releases_held_output_and_serves_unprotected() {
+        let mut pair = fo_pair();
+        pair.feed(0, Event::GuestOutput(&datagram(b"held")));
+        assert!(pair.released.is_empty(), "no SVM output yet: held");
+        cut_and_wait_for_claims(&mut pair, &[0]);
+        pair.feed(0, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(pair.released, vec![datagram(b"held")]);
+        pair.feed(0, Event::GuestOutput(&datagram(b"next")));
+        assert_eq!(pair.released.len(), 2, "unprotected: released at once");
+        let st = pair.p.status();
+        assert!(!st.protected);
+        assert_eq!(st.generation, 2);
+        assert_eq!(st.stats.failovers, 1);
+        assert_eq!(st.witness.last_result, Some(ClaimOutcome::Granted));
+        assert_eq!(st.failover_role, fo::Role::PrimaryUnprotected);
+        assert!(pair.p.releases_unprotected());
+    }
+
+    #[test]
+    fn a_witness_error_is_never_a_grant_and_the_claim_is_retried() {
+        let mut pair = fo_pair();
+        pair.feed(0, Event::GuestOutput(&datagram(b"held")));
+        cut_and_wait_for_claims(&mut pair, &[0]);
+        pair.feed(0, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Error });
+        pair.feed(0, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Unreachable });
+        assert!(pair.released.is_empty(), "an error released output");
+        assert!(pair.p.status().protected);
+        pair.advance(25);
+        assert!(pair.claims[0].len() >= 2, "the claim was not retried: {:?}", pair.claims[0]);
+        assert!(pair.claims[0].iter().all(|&g| g == 2));
+        // A late answer to another generation is ignored.
+        pair.feed(0, Event::ClaimResult { generation: 3, outcome: ClaimOutcome::Granted });
+        assert!(pair.released.is_empty());
+        pair.feed(0, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(pair.released.len(), 1);
+    }
+
+    #[test]
+    fn split_brain_with_the_witness_up_one_serves_the_other_fences() {
+        let mut pair = fo_pair();
+        pair.feed(1, Event::GuestOutput(&datagram(b"svm")));
+        cut_and_wait_for_claims(&mut pair, &[0, 1]);
+        // The secondary's claim reached the witness first.
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        pair.feed(0, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Denied { holder: 2 } });
+        assert_eq!(pair.promotes, [0, 1]);
+        assert_eq!(pair.fences, [1, 0]);
+        assert_eq!(pair.p.status().fenced, Some(FenceReason::WitnessDenied { generation: 2, holder: 2 }));
+        assert!(!pair.p.releases_unprotected());
+        assert!(pair.s.releases_unprotected());
+        // The fenced host emits nothing any more, whatever it is fed.
+        pair.log[0].clear();
+        pair.feed(0, Event::GuestOutput(&datagram(b"late")));
+        pair.feed(0, Event::ClientFrame(&datagram(b"in")));
+        pair.feed(0, Event::LinkConnected);
+        pair.advance(100);
+        assert!(pair.log[0].is_empty(), "fenced host acted: {:?}", pair.log[0]);
+        assert_eq!(pair.p.poll_timeout(), None);
+    }
+
+    #[test]
+    fn split_brain_with_the_witness_down_nobody_takes_over_and_the_primary_holds() {
+        let mut pair = fo_pair();
+        pair.feed(0, Event::GuestOutput(&datagram(b"held")));
+        pair.feed(1, Event::GuestOutput(&datagram(b"svm")));
+        cut_and_wait_for_claims(&mut pair, &[0, 1]);
+        for _ in 0..10 {
+            pair.advance(20);
+            for h in 0..2 {
+                let g = *pair.claims[h].last().unwrap();
+                pair.feed(h, Event::ClaimResult { generation: g, outcome: ClaimOutcome::Unreachable });
+            }
+        }
+        assert!(pair.released.is_empty(), "the primary released output without its peer or the witness");
+        assert_eq!(pair.promotes, [0, 0]);
+        assert_eq!(pair.fences, [0, 0]);
+        assert!(pair.p.status().protected);
+        assert_eq!(pair.s.status().role, NodeRole::Secondary);
+        assert!(pair.claims[0].len() >= 5 && pair.claims[1].len() >= 5, "claims are retried: {:?}", pair.claims);
+    }
+
+    #[test]
+    fn promotion_releases_unconfirmed_svm_output_and_announces_once() {
+        let mut pair = fo_pair();
+        let svm = [datagram(b"one"), datagram(b"two")];
+        for f in &svm {
+            pair.feed(1, Event::GuestOutput(f));
+        }
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.log[1].clear();
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(&pair.log[1][..4], &["promote", "release", "release", "announce"], "{:?}", pair.log[1]);
+        assert_eq!(pair.released, svm.to_vec());
+        assert_eq!(pair.promotes[1], 1);
+        let st = pair.s.status();
+        assert_eq!(st.role, NodeRole::Primary);
+        assert_eq!(st.generation, 2);
+        assert_eq!(st.last_promotion, Some(pair.now));
+        assert_eq!(st.stats.unconfirmed_released, 2);
+        // From now on its VM's output goes straight to clients and client frames to its VM.
+        pair.feed(1, Event::GuestOutput(&datagram(b"three")));
+        assert_eq!(pair.released.last(), Some(&datagram(b"three")));
+        pair.feed(1, Event::ClientFrame(&datagram(b"req")));
+        assert_eq!(pair.delivered[1].last(), Some(&datagram(b"req")));
+        // A second grant (a repeated answer) does nothing more.
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(pair.promotes[1], 1);
+    }
+
+    #[test]
+    fn output_confirmed_by_an_applied_checkpoint_is_not_released_again_at_promotion() {
+        let mut pair = fo_pair();
+        pair.feed(1, Event::GuestOutput(&datagram(b"old")));
+        pair.feed(0, Event::Command(NodeCommand::Checkpoint));
+        pair.advance(1);
+        assert_eq!(pair.applied, vec![1, 2]);
+        pair.feed(1, Event::GuestOutput(&datagram(b"new")));
+        let before = pair.released.len();
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(&pair.released[before..], &[datagram(b"new")]);
+    }
+
+    #[test]
+    fn a_failover_during_an_apply_waits_for_it() {
+        let mut pair = fo_pair();
+        pair.hold_apply = true;
+        pair.feed(0, Event::Command(NodeCommand::Checkpoint));
+        pair.advance(1);
+        let epoch = pair.held_apply.take().expect("an apply in progress");
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert_eq!(pair.promotes[1], 0, "promoted in the middle of an apply");
+        pair.feed(1, Event::ApplyDone { epoch, result: Ok(None), apply_us: 1 });
+        assert_eq!(pair.promotes[1], 1);
+        assert_eq!(pair.s.epoch(), epoch + 1, "the promoted SVM continues from the applied checkpoint");
+    }
+
+    #[test]
+    fn a_failover_during_a_refused_apply_takes_over_from_the_state_before() {
+        let mut pair = fo_pair();
+        pair.hold_apply = true;
+        pair.feed(0, Event::Command(NodeCommand::Checkpoint));
+        pair.advance(1);
+        let epoch = pair.held_apply.take().expect("an apply in progress");
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        pair.feed(1, Event::ApplyDone { epoch, result: Err(ApplyFailure::State), apply_us: 1 });
+        assert_eq!(pair.promotes[1], 1);
+        assert_eq!(pair.s.epoch(), epoch, "the SVM stays on the checkpoint before");
+    }
+
+    #[test]
+    fn promotion_drops_uncommitted_pvm_writes_and_merges_the_overlay() {
+        let mut pair = fo_pair();
+        // A PVM write of the running epoch reaches the secondary; the SVM writes its overlay.
+        pair.feed(0, Event::GuestDiskWrite { sector: 1, data: &[0xAA; SECTOR_SIZE] });
+        pair.feed(1, Event::GuestDiskWrite { sector: 2, data: &[0xBB; SECTOR_SIZE] });
+        assert_eq!(pair.s.stats().disk_writes, 1);
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        let disk = pair.s.disk().unwrap().as_bytes();
+        assert_eq!(&disk[SECTOR_SIZE..2 * SECTOR_SIZE], &[6u8; SECTOR_SIZE][..], "uncommitted PVM write applied");
+        assert_eq!(&disk[2 * SECTOR_SIZE..3 * SECTOR_SIZE], &[0xBB; SECTOR_SIZE][..], "overlay not merged");
+        // The promoted host writes and reads its own disk.
+        pair.feed(1, Event::GuestDiskWrite { sector: 3, data: &[0xCC; SECTOR_SIZE] });
+        let mut buf = [0u8; SECTOR_SIZE];
+        pair.s.svm_disk_read(3, &mut buf).unwrap();
+        assert_eq!(buf, [0xCC; SECTOR_SIZE]);
+    }
+
+    #[test]
+    fn witness_none_never_claims_and_only_the_operator_promotes() {
+        let mut pair = Pair::with(|c| {
+            fo_cfg(c);
+            c.witness = WitnessMode::None;
+        });
+        pair.connect();
+        pair.feed(0, Event::GuestOutput(&datagram(b"held")));
+        pair.cut();
+        pair.advance(500);
+        assert!(pair.claims[0].is_empty() && pair.claims[1].is_empty(), "witness=none sent a claim");
+        assert_eq!(pair.promotes, [0, 0]);
+        assert!(pair.released.is_empty(), "the primary released without its peer");
+        assert_eq!(pair.s.status().witness.pending, Some(2), "waiting for the operator");
+        // The operator decides: the secondary takes over.
+        pair.feed(1, Event::Command(NodeCommand::Failover));
+        assert_eq!(pair.promotes, [0, 1]);
+        // An operator failover on a host that cannot take it is counted, not acted on.
+        let mut lone = Pair::with(|c| {
+            fo_cfg(c);
+            c.witness = WitnessMode::None;
+        });
+        lone.feed(1, Event::Command(NodeCommand::Failover));
+        assert_eq!(lone.promotes, [0, 0]);
+        assert_eq!(lone.s.stats().commands_rejected, 1);
+    }
+
+    #[test]
+    fn witness_none_a_reconnecting_peer_ends_the_wait() {
+        let mut pair = Pair::with(|c| {
+            fo_cfg(c);
+            c.witness = WitnessMode::None;
+        });
+        pair.connect();
+        pair.cut();
+        pair.advance(100);
+        assert_eq!(pair.p.status().peer, PeerState::Lost);
+        pair.connect();
+        assert_eq!(pair.p.status().link, LinkState::Colo);
+        assert_eq!(pair.p.status().peer, PeerState::Alive);
+        assert_eq!(pair.s.status().peer, PeerState::Alive);
+        pair.feed(0, Event::GuestOutput(&datagram(b"x")));
+        pair.feed(1, Event::GuestOutput(&datagram(b"x")));
+        assert_eq!(pair.released.len(), 1, "COLO resumed");
+    }
+
+    #[test]
+    fn an_old_primary_hearing_a_newer_generation_fences() {
+        let mut pair = fo_pair();
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        // The old primary's claim is unanswered; the promoted host (a primary now) connects.
+        pair.connect();
+        assert_eq!(pair.fences[0], 1);
+        assert_eq!(pair.p.status().fenced, Some(FenceReason::NewerGeneration { generation: 2 }));
+        assert!(pair.s.releases_unprotected(), "the promoted host serves on");
+    }
+
+    #[test]
+    fn a_new_secondary_rejoins_an_unprotected_primary_and_failover_repeats() {
+        let mut pair = fo_pair();
+        cut_and_wait_for_claims(&mut pair, &[0]);
+        pair.feed(0, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Granted });
+        assert!(!pair.p.status().protected);
+        // The secondary host restarts with nothing and joins; no operator action.
+        let mut sc = config(NodeRole::Secondary);
+        fo_cfg(&mut sc);
+        sc.host_id = 3;
+        pair.s = ColoNode::secondary(sc, MemDisk::new(8), pair.now);
+        pair.claims[1].clear();
+        pair.run();
+        pair.connect();
+        let st = pair.p.status();
+        assert_eq!(st.link, LinkState::Colo);
+        assert!(st.protected, "re-protected");
+        assert_eq!(st.failover_role, fo::Role::Primary);
+        assert_eq!(pair.s.status().failover_role, fo::Role::Secondary);
+        assert_eq!(pair.s.status().generation, 2);
+        // COLO again: output needs the SVM.
+        let n = pair.released.len();
+        pair.feed(0, Event::GuestOutput(&datagram(b"y")));
+        assert_eq!(pair.released.len(), n);
+        pair.feed(1, Event::GuestOutput(&datagram(b"y")));
+        assert_eq!(pair.released.len(), n + 1);
+        pair.advance(100);
+        assert!(pair.claims[0].len() == 1 && pair.claims[1].is_empty(), "{:?}", pair.claims);
+        // Second failover: the primary dies this time; the new secondary takes generation 3.
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        assert_eq!(pair.claims[1], vec![3]);
+        pair.feed(1, Event::ClaimResult { generation: 3, outcome: ClaimOutcome::Granted });
+        assert_eq!(pair.promotes[1], 1);
+        assert_eq!(pair.s.status().generation, 3);
+    }
+
+    #[test]
+    fn a_secondary_with_a_claim_out_takes_no_full_sync() {
+        let mut pair = fo_pair();
+        cut_and_wait_for_claims(&mut pair, &[1]);
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Unreachable });
+        // The primary comes back (its own claim unanswered too) at generation 1.
+        pair.connect();
+        assert!(pair.s.stats().refused_while_claiming >= 1);
+        assert_eq!(pair.s.status().failover_role, fo::Role::Secondary, "the SVM was kept");
+        // The witness answers: the secondary lost; the primary's generation shows it.
+        pair.feed(1, Event::ClaimResult { generation: 2, outcome: ClaimOutcome::Denied { holder: 1 } });
+        assert_eq!(pair.fences[1], 1);
+    }
+
+    #[test]
+    fn the_primary_heartbeats_a_syncing_joiner_with_the_generation_it_joins() {
+        // A slow full sync (longer than the miss limit) must not look like a lost peer.
+        let mut pair = Pair::with(fo_cfg);
+        pair.hold_apply = true;
+        pair.connect();
+        let epoch = pair.held_apply.take().unwrap();
+        pair.advance(200);
+        assert!(pair.claims[0].is_empty(), "the primary claimed while its joiner was applying: {:?}", pair.claims);
+        pair.feed(1, Event::ApplyDone { epoch, result: Ok(None), apply_us: 1 });
+        pair.advance(200);
+        assert!(pair.claims[0].is_empty() && pair.claims[1].is_empty(), "{:?}", pair.claims);
+        assert_eq!(pair.s.status().failover_role, fo::Role::Secondary);
+    }
+
+    #[test]
+    fn a_hello_counts_as_hearing_the_peer() {
+        let mut c = config(NodeRole::Primary);
+        fo_cfg(&mut c);
+        let mut p = ColoNode::primary(c, Tick(0));
+        p.handle(Tick(25), Event::LinkConnected);
+        let mut hello = Vec::new();
+        Repr::Hello { role: LinkRole::Secondary, host_id: 2, generation: 0, guest_id: 7, epoch: 0 }
+            .emit_to_vec(&mut hello)
+            .unwrap();
+        p.handle(Tick(25), Event::LinkBytes(&hello));
+        // heartbeat_ms * miss_limit = 30: without the hello the claim would go at 30.
+        for t in 26..=54 {
+            p.handle_timeout(Tick(t));
+        }
+        let acts: Vec<Action> = core::iter::from_fn(|| p.poll_action()).collect();
+        let claimed = acts.iter().any(|a| matches!(a, Action::ClaimGeneration { .. }));
+
+        assert!(!claimed, "claimed although the joiner said hello at 25: {acts:?}");
+        assert_eq!(p.status().peer, PeerState::Alive);
     }
 }

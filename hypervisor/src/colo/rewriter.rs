@@ -198,6 +198,12 @@ impl SequenceRewriter {
         self.conns.entry(conn).or_default().delta = Some(delta);
     }
 
+    /// Every connection with a known, non-zero delta (for a promoted SVM's client edge, which
+    /// a new secondary must inherit so that it can take over those connections too).
+    pub fn deltas(&self) -> impl Iterator<Item = (FlowKey, u32)> + '_ {
+        self.conns.iter().filter_map(|(k, o)| o.delta.filter(|&d| d != 0).map(|d| (*k, d)))
+    }
+
     /// Forget a connection.
     pub fn forget(&mut self, conn: &FlowKey) {
         self.conns.remove(conn);

@@ -138,6 +138,16 @@ pub struct Config {
     pub queue_limit: u32,
     /// `mgmt_open=`: which management requests need no token.
     pub mgmt_open: MgmtOpen,
+    /// `miss_limit=`: heartbeat intervals without a word from the peer before it counts as lost
+    /// (a dead peer or link is detected within `heartbeat_ms * miss_limit`).
+    pub miss_limit: u32,
+    /// `witness=`: the etcd that arbitrates takeovers (`IP:PORT`), or `None` (`witness=none`,
+    /// the default): no automatic takeover, only `ctl failover` promotes.
+    pub witness: Option<SocketAddrV4>,
+    /// `cluster=`: the pair's name in the witness (`colo/<cluster>/...` keys).
+    pub cluster: heapless::String<64>,
+    /// `host_id=`: this host's id in the witness (default: its replication address as a number).
+    pub host_id: Option<u64>,
 }
 
 impl Default for Config {
@@ -162,6 +172,10 @@ impl Default for Config {
             checkpoint_verify: true,
             queue_limit: 4096,
             mgmt_open: MgmtOpen::Read,
+            miss_limit: 3,
+            witness: None,
+            cluster: heapless::String::try_from("colo").unwrap_or_default(),
+            host_id: None,
         }
     }
 }
@@ -206,6 +220,13 @@ pub const KEYS: &[KeySpec] = &[
         key: "mgmt_open",
         form: "read|none (read: status, stats, tunables and /metrics need no token; none: every request needs the mgmt-token)",
     },
+    KeySpec { key: "miss_limit", form: "heartbeat intervals from 1 to 1000 (default 3)" },
+    KeySpec {
+        key: "witness",
+        form: "none|IP:PORT of the etcd witness (default none: no automatic takeover, only `ctl failover` promotes)",
+    },
+    KeySpec { key: "cluster", form: "a name of 1 to 64 characters A-Z a-z 0-9 . _ - (default colo)" },
+    KeySpec { key: "host_id", form: "a number from 1 to 4294967295 (default: the repl_addr as a number)" },
 ];
 
 /// The accepted form of `key`'s value.
@@ -364,6 +385,19 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
                     _ => return Err(bad()),
                 }
             }
+            "miss_limit" => config.miss_limit = parse_in_range(value, 1, 1000).ok_or_else(bad)?,
+            "witness" => {
+                config.witness = match value {
+                    "none" => None,
+                    _ => Some(value.parse().map_err(|_| bad())?),
+                }
+            }
+            "cluster" => {
+                let ok = value.len() <= 64
+                    && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                config.cluster = heapless::String::try_from(value).ok().filter(|_| ok).ok_or_else(bad)?;
+            }
+            "host_id" => config.host_id = Some(u64::from(parse_in_range(value, 1, u32::MAX).ok_or_else(bad)?)),
             _ => unreachable!("every key in KEYS has a parser"),
         }
     }
@@ -447,6 +481,23 @@ mod tests {
     fn empty_line_gives_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
         assert_eq!(parse("   ").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn witness_keys_parse_and_refuse_bad_values() {
+        let config = parse("witness=10.78.1.5:2379 cluster=pair-1 host_id=7 miss_limit=5").unwrap();
+        assert_eq!(config.witness, Some("10.78.1.5:2379".parse().unwrap()));
+        assert_eq!(config.cluster.as_str(), "pair-1");
+        assert_eq!(config.host_id, Some(7));
+        assert_eq!(config.miss_limit, 5);
+        let config = parse("witness=none").unwrap();
+        assert_eq!(config.witness, None);
+        assert_eq!(Config::default().witness, None, "witness=none is the default");
+        for bad in ["witness=etcd", "witness=10.0.0.1", "cluster=a/b", "host_id=0", "miss_limit=0"] {
+            assert!(matches!(parse(bad), Err(ConfigError::BadValue { .. })), "{bad} accepted");
+        }
+        let long = format!("cluster={}", "x".repeat(65));
+        assert!(matches!(parse(&long), Err(ConfigError::BadValue { .. })));
     }
 
     #[test]

@@ -40,12 +40,12 @@ use hypervisor::colo::checkpoint::{
     CheckpointEncoder, Crc32c, DirtyPage, GuestMemoryMut, HeaderInfo, StagedCheckpoint, StreamLimits, VecGuestMemory,
 };
 use hypervisor::colo::comparator::ComparatorLimits;
+use hypervisor::colo::failover::Role as FoRole;
 use hypervisor::colo::frames;
 use hypervisor::colo::link::StateKind;
-use hypervisor::colo::failover::Role as FoRole;
 use hypervisor::colo::node::{
-    Action, ApplyFailure, Capture, CaptureKind, ClaimOutcome, ColoNode, Event, FullSyncSource, NodeCommand,
-    NodeConfig, NodeRole, NodeStats, SyncPiece, WitnessMode,
+    Action, ApplyFailure, Capture, CaptureKind, ClaimOutcome, ColoNode, Event, FullSyncSource, NodeCommand, NodeConfig,
+    NodeRole, NodeStats, SyncPiece, WitnessMode,
 };
 use hypervisor::colo::packet::{parse_frame, TcpFlags};
 use hypervisor::colo::Tick;
@@ -882,7 +882,11 @@ impl World {
         }
         let owner = *self.witness.entry(generation).or_insert(id);
         let lost = self.faults_on && self.rng.chance(self.p.witness_lose);
-        self.trace(format!("{} (host {id}) claims {generation}: owner {owner}{}", name(h), if lost { ", reply lost" } else { "" }));
+        self.trace(format!(
+            "{} (host {id}) claims {generation}: owner {owner}{}",
+            name(h),
+            if lost { ", reply lost" } else { "" }
+        ));
         if lost {
             let kind = 2 + self.rng.below(2) as u8;
             self.at(latency + 20, Sched::WitnessReply(inc, generation, kind, 0));
@@ -971,7 +975,11 @@ impl World {
                 if h != 1 {
                     return Err("the primary was promoted".into());
                 }
-                self.trace(format!("secondary (host {}) promoted, generation {}", self.host_ids[1], self.nodes[1].generation()));
+                self.trace(format!(
+                    "secondary (host {}) promoted, generation {}",
+                    self.host_ids[1],
+                    self.nodes[1].generation()
+                ));
                 self.failovers += 1;
                 self.flushing = true;
                 self.swap_pending = true;
@@ -1239,7 +1247,11 @@ impl World {
     /// silence.
     fn crash_primary(&mut self) -> SimResult {
         let mid = self.pending.capture.is_some() || self.nodes[0].wants_transmit();
-        self.trace(format!("fault: primary (host {}) dies{}", self.host_ids[0], if mid { " mid-checkpoint" } else { "" }));
+        self.trace(format!(
+            "fault: primary (host {}) dies{}",
+            self.host_ids[0],
+            if mid { " mid-checkpoint" } else { "" }
+        ));
         self.primary_crashes += 1;
         if mid {
             self.crashes_mid_checkpoint += 1;
@@ -1439,7 +1451,9 @@ impl World {
                 return Err(format!(
                     "client {port}: got other bytes at offset {start} than it received before ({:?} vs {:?})",
                     String::from_utf8_lossy(&payload[..overlap]),
-                    String::from_utf8_lossy(&c.received[start.min(c.received.len())..(start + overlap).min(c.received.len())])
+                    String::from_utf8_lossy(
+                        &c.received[start.min(c.received.len())..(start + overlap).min(c.received.len())]
+                    )
                 ));
             }
             let fresh = &payload[overlap..];
@@ -1647,10 +1661,14 @@ impl World {
                 let id = self.host_ids[h];
                 let owner = *self.unprotected_owner.entry(g).or_insert(id);
                 if owner != id {
-                    return Err(format!("hosts {owner} and {id} both released output without a peer in generation {g}"));
+                    return Err(format!(
+                        "hosts {owner} and {id} both released output without a peer in generation {g}"
+                    ));
                 }
                 if self.witness_owner_mismatch(g, id) {
-                    return Err(format!("host {id} releases unprotected in generation {g}, which the witness gave to another"));
+                    return Err(format!(
+                        "host {id} releases unprotected in generation {g}, which the witness gave to another"
+                    ));
                 }
             }
         }

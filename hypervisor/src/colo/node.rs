@@ -1765,9 +1765,7 @@ impl<D: BlockBackend> ColoNode<D> {
                         return false;
                     }
                     Some(_) => self.reset_machine(now, fo::Role::Secondary, own),
-                    None if role == fo::Role::Secondary && g > own => {
-                        self.reset_machine(now, fo::Role::Joining, g)
-                    }
+                    None if role == fo::Role::Secondary && g > own => self.reset_machine(now, fo::Role::Joining, g),
                     None => {}
                 }
                 self.hello_generation = g;
@@ -1842,8 +1840,7 @@ impl<D: BlockBackend> ColoNode<D> {
 
     /// Another host owns the service: stop the VM and every output for good.
     fn fence(&mut self, now: Tick) {
-        let reason =
-            self.fence_why.take().unwrap_or(FenceReason::NewerGeneration { generation: self.fm.generation() });
+        let reason = self.fence_why.take().unwrap_or(FenceReason::NewerGeneration { generation: self.fm.generation() });
         let _ = now;
         self.fenced = Some(reason);
         self.witness.pending = None;
@@ -1925,8 +1922,11 @@ impl<D: BlockBackend> ColoNode<D> {
                 edge.rewrite_svm_output(f);
             }
         }
-        let limits =
-            ComparatorLimits { held_frame_timeout: self.config.compare_timeout_ms, periodic_ticks: 0, ..self.config.comparator };
+        let limits = ComparatorLimits {
+            held_frame_timeout: self.config.compare_timeout_ms,
+            periodic_ticks: 0,
+            ..self.config.comparator
+        };
         self.primary = Some(Primary {
             comparator: OutputComparator::new(limits),
             ckpt: Ckpt::Idle,

@@ -579,6 +579,16 @@ pub mod nic {
             Ok(Self { link, nic })
         }
 
+        /// Promotion: this host is the primary now; the link connects to `peer` (a new
+        /// secondary) and keeps reconnecting. Any connection is dropped.
+        pub fn become_primary(&mut self, peer: core::net::SocketAddrV4, addr: crate::config::Ipv4Cidr) {
+            let mac = self.nic.dev.mac();
+            let mode = Mode::Connect { peer };
+            self.link =
+                ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut self.nic, time::now_ms());
+            log::info!("repl: promoted: {}/{} now connects to {peer}", addr.addr, addr.prefix);
+        }
+
         /// One round of link work at the current time.
         pub fn poll(&mut self) {
             self.link.poll(time::now_ms(), &mut self.nic);

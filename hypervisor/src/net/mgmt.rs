@@ -1325,6 +1325,31 @@ mod tests {
     }
 
     #[test]
+    fn failover_on_a_replicating_host_is_handed_to_the_node_and_status_shows_its_state() {
+        let mut stats = HypervisorStats::new();
+        stats.failover = Some(crate::stats::FailoverInfo {
+            generation: 3,
+            role: "primary".into(),
+            peer: "lost",
+            witness: "10.78.1.5:2379".into(),
+            last_claim: Some(3),
+            last_result: Some("granted"),
+            last_latency_ms: 4,
+            fenced: Some("the witness gave generation 3 to host 9".into()),
+            ..Default::default()
+        });
+        let (j, _) = reply(r#"{"cmd":"failover"}"#, &mut stats);
+        assert_eq!(s(&j, "ok"), "true");
+        assert!(stats.failover_requested, "the node is asked");
+        let j = handle(br#"{"cmd":"status"}"#, &mut ctx(&mut stats)).text;
+        assert!(parse_json(j.as_bytes()).is_ok(), "{j}");
+        assert!(j.contains(r#""generation":3"#), "{j}");
+        assert!(j.contains(r#""last_result":"granted""#), "{j}");
+        assert!(j.contains(r#""fenced":true"#), "{j}");
+        assert!(j.contains("the witness gave generation 3 to host 9"), "{j}");
+    }
+
+    #[test]
     fn shutdown_asks_the_transport_to_end() {
         let mut stats = HypervisorStats::new();
         let (j, action) = reply(r#"{"cmd":"shutdown"}"#, &mut stats);

@@ -490,6 +490,43 @@ impl Cluster {
         String::from_utf8(unbase64(value)?).ok()
     }
 
+    /// The guest's MAC (the same on both hosts).
+    pub fn guest_mac(&self) -> String {
+        format!("52:54:00:c0:{:02x}:10", self.spec.subnet)
+    }
+
+    /// Counts the frames `host` sends on the client network with source MAC `mac` during
+    /// `secs` seconds (an AF_PACKET capture on its client tap).
+    pub fn count_frames_from(&self, host: Host, mac: &str, secs: u32) -> Result<u64, ClusterError> {
+        let script = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.2)
+mac = bytes.fromhex(sys.argv[2].replace(':', ''))
+end = time.time() + float(sys.argv[3])
+n = 0
+while time.time() < end:
+    try:
+        f, a = s.recvfrom(65535)
+    except socket.timeout:
+        continue
+    if a[2] != socket.PACKET_OUTGOING and f[6:12] == mac:
+        n += 1
+print(n)
+"#;
+        let out = Command::new("python3")
+            .args(["-c", script, &self.names.client_tap(host), mac, &secs.to_string()])
+            .output()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| {
+            ClusterError::Net(format!(
+                "capture on {}: {}",
+                self.names.client_tap(host),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    }
+
     /// Cuts the replication network (both hosts' repl taps down): both hosts stay alive.
     pub fn cut_link(&self) -> Result<(), ClusterError> {
         for host in Host::BOTH {

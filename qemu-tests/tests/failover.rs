@@ -13,7 +13,7 @@
 //! The stall per kill point is the longest request latency around the kill.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use qemu_tests::cluster::{Cluster, ClusterSpec, Host, COLO_RUNNING};
@@ -74,6 +74,31 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
     let started = Instant::now();
     let mut load = writer(&c, dir.path(), 3_000);
     std::thread::sleep(Duration::from_secs(5));
+    // The secondary killed under load: the primary gets the next generation from the witness,
+    // releases what it held and serves unprotected; the writer sees no error.
+    let sec_kill_ms = started.elapsed().as_millis() as u64;
+    c.kill(Host::Secondary).expect("kill secondary");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = c.mgmt(Host::Primary, "{\"cmd\":\"status\"}").unwrap_or_default();
+        if status.contains("\"protected\":false") && status.contains("\"peer\":\"none\"")
+            || status.contains("\"failovers\":1")
+        {
+            println!("failover: secondary killed: primary status {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary never turned unprotected: {status}\n{}",
+            c.serial(Host::Primary)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(load.try_wait().unwrap().is_none(), "the writer ended after the secondary was killed");
+    c.restart_as_secondary(Host::Secondary).expect("restart the secondary");
+    c.wait_for(Host::Secondary, COLO_RUNNING, WAIT).unwrap_or_else(|e| panic!("re-protection: {e}"));
+    c.wait_for_count(Host::Secondary, "committed;", 2, WAIT).unwrap_or_else(|e| panic!("no checkpoint: {e}"));
+    std::thread::sleep(Duration::from_secs(3));
     let mut serving = Host::Primary;
     let mut kills_ms = Vec::new();
     for point in 0..3 {
@@ -97,11 +122,10 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
             field("last_latency_ms")
         );
         assert_eq!(field("protected").as_deref(), Some("false"), "kill point {point}: {status}");
-        assert_eq!(
-            c.witness_get(&format!("colo/colo-61/gen/{}", point + 2)).as_deref().map(|v| !v.is_empty()),
-            Some(true),
-            "kill point {point}: the witness holds no owner for generation {}",
-            point + 2
+        let generation = field("generation").unwrap_or_default();
+        assert!(
+            c.witness_get(&format!("colo/colo-61/gen/{generation}")).is_some_and(|v| !v.is_empty()),
+            "kill point {point}: the witness holds no owner for generation {generation}"
         );
         if point == 2 {
             break;
@@ -125,6 +149,13 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
             all.iter().filter(|&&(t, l)| t >= k && t.saturating_sub(l / 1000) <= k).map(|&(_, l)| l).max().unwrap_or(0);
         stalls.push(stall);
     }
+    let sec_stall = all
+        .iter()
+        .filter(|&&(t, l)| t >= sec_kill_ms && t.saturating_sub(l / 1000) <= sec_kill_ms)
+        .map(|&(_, l)| l)
+        .max()
+        .unwrap_or(0);
+    println!("failover: client stall at the secondary's death (µs): {sec_stall}");
     println!("failover: client stall per kill point (µs, the longest request in flight at the kill): {stalls:?}");
     println!("failover: writer: {}", text.replace('\n', " "));
     assert!(
@@ -143,6 +174,14 @@ fn link_cut_with_the_witness_up_one_serves_the_other_fences_and_sends_nothing() 
     spec.witness = true;
     spec.cmdline_extra = TIMING.into();
     let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
+    let ip = c.service_ip();
+    let cli = |args: &[&str]| {
+        let mut all = vec!["-h", ip.as_str()];
+        all.extend_from_slice(args);
+        let out = c.run(qemu_tests::cluster::Net::Client, "redis-cli", &all, 60);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["set", "before-cut", "1"]), "OK");
     c.cut_link().expect("cut");
     let deadline = Instant::now() + WAIT;
     let fenced = loop {
@@ -157,23 +196,85 @@ fn link_cut_with_the_witness_up_one_serves_the_other_fences_and_sends_nothing() 
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    let status = c.mgmt(fenced, "{\"cmd\":\"status\"}").expect("status of the fenced host");
-    assert!(status.contains("\"fenced\":true") && status.contains("fenced_reason"), "{status}");
     let serving = other(fenced);
+    std::thread::sleep(Duration::from_secs(1));
+    let status = c.mgmt(fenced, "{\"cmd\":\"status\"}").expect("status of the fenced host");
+    println!("failover: the {fenced} fenced: {status}");
+    assert!(status.contains("\"fenced\":true") && status.contains("fenced_reason"), "{status}");
     let sstatus = c.mgmt(serving, "{\"cmd\":\"status\"}").expect("status of the serving host");
-    assert!(sstatus.contains("\"fenced\":false"), "{sstatus}");
-    // Clients are served by the one that did not fence; the fenced host sends nothing with the
-    // guest's MAC (its client NIC refuses and counts them).
+    assert!(sstatus.contains("\"fenced\":false") && sstatus.contains("\"protected\":false"), "{sstatus}");
+    // Exactly one serves: the data is there and new writes work; meanwhile the fenced host
+    // sends no frame with the guest's MAC on the client network.
+    let mac = c.guest_mac();
+    let capture = std::thread::scope(|scope| {
+        let cap = scope.spawn(|| c.count_frames_from(fenced, &mac, 6));
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(cli(&["get", "before-cut"]), "1", "{}", c.serial(serving));
+        for n in 0..10 {
+            assert_eq!(cli(&["set", &format!("after-cut-{n}"), "v"]), "OK", "{}", c.serial(serving));
+        }
+        cap.join().unwrap()
+    });
+    let from_fenced = capture.expect("capture");
+    let from_serving = c.count_frames_from(serving, &mac, 1).unwrap_or(0);
+    println!("failover: frames with the guest's MAC from the fenced {fenced}: {from_fenced} (serving {serving}: {from_serving} in 1 s idle)");
+    assert_eq!(from_fenced, 0, "the fenced {fenced} sent frames with the guest's MAC");
+}
+
+#[test]
+fn link_cut_with_the_witness_down_nobody_takes_over_and_the_primary_holds_its_output() {
+    assert!(netns::available(), "the failover suite needs root and iproute2 (`cargo xtask deps`)");
+    let dir = ScratchDir::new("fodown").expect("scratch dir");
+    let mut spec = ClusterSpec::new(dir.path(), "fd", 63);
+    spec.witness = true;
+    spec.cmdline_extra = TIMING.into();
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
     let ip = c.service_ip();
-    let out = c.run(qemu_tests::cluster::Net::Client, "redis-cli", &["-h", &ip, "set", "after-cut", "1"], 60);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "{}", c.serial(serving));
-    let tx = |s: &str| -> u64 {
-        s.split("\"tx_fenced\":")
-            .nth(1)
-            .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+    let cli = |timeout_s: u32, args: &[&str]| {
+        let mut all = vec!["-h", ip.as_str()];
+        all.extend_from_slice(args);
+        let out = c.run(qemu_tests::cluster::Net::Client, "redis-cli", &all, timeout_s);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    let _ = tx(&status);
-    let _ = Command::new("true").status();
+    // Wait until the pair is settled (both protected, peer alive).
+    let deadline = Instant::now() + WAIT;
+    while !c.mgmt(Host::Primary, "{\"cmd\":\"status\"}").unwrap_or_default().contains("\"protected\":true") {
+        assert!(Instant::now() < deadline, "the primary never became protected:\n{}", c.serial(Host::Primary));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(cli(30, &["set", "before", "1"]), "OK");
+    c.witness_reachable(false).expect("witness down");
+    c.cut_link().expect("cut");
+    // Well past heartbeat_ms * miss_limit (1.5 s) and several claim deadlines.
+    std::thread::sleep(Duration::from_secs(6));
+    for h in Host::BOTH {
+        let serial = c.serial(h);
+        assert!(
+            !serial.contains(PROMOTED) && !serial.contains("node: FENCED"),
+            "the {h} acted without the witness:\n{serial}"
+        );
+    }
+    let status = c.mgmt(Host::Primary, "{\"cmd\":\"status\"}").expect("primary status");
+    println!("failover: witness down, link cut: primary status {status}");
+    assert!(status.contains("\"protected\":true") && status.contains("\"peer\":\"lost\""), "{status}");
+    assert!(!status.contains("\"pending\":null"), "no claim is out: {status}");
+    // The primary holds its output: a client gets no answer.
+    assert_eq!(cli(4, &["set", "held", "1"]), "", "the primary released output without its peer or the witness");
+    // The witness back: exactly one host serves, the data is intact.
+    c.witness_reachable(true).expect("witness up");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let served: Vec<_> = Host::BOTH
+            .into_iter()
+            .filter(|&h| c.mgmt(h, "{\"cmd\":\"status\"}").unwrap_or_default().contains("\"protected\":false"))
+            .collect();
+        let fenced = Host::BOTH.into_iter().filter(|&h| c.serial(h).contains("node: FENCED")).count();
+        if served.len() == 1 && fenced == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after the witness came back: serving {served:?}, fenced {fenced}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(cli(30, &["get", "before"]), "1");
+    assert_eq!(cli(30, &["set", "after", "1"]), "OK");
 }

@@ -904,7 +904,6 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         last_heard_ms: 0,
         first_output_due: false,
         stall_ms: None,
-        was_protected: false,
         witness_text: config.witness.map_or_else(|| "none".into(), |a| crate::net::mgmt::format(format_args!("{a}"))),
         next_publish_ms: 0,
     };
@@ -1001,7 +1000,6 @@ struct FoState {
     /// A takeover happened; the first output released afterwards ends the stall.
     first_output_due: bool,
     stall_ms: Option<u64>,
-    was_protected: bool,
     witness_text: alloc::string::String,
     next_publish_ms: u64,
 }
@@ -1131,6 +1129,7 @@ impl Host {
             now.0 >= self.fo.next_publish_ms && crate::stats::with(|s| core::mem::take(&mut s.failover_requested));
         if requested {
             log::info!("node: ctl failover");
+            self.fo.first_output_due = true;
             self.node.borrow_mut().handle(now, Event::Command(crate::colo::node::NodeCommand::Failover));
             self.actions(now);
         }
@@ -1157,6 +1156,11 @@ impl Host {
                     }
                 };
                 log::info!("node: witness answered claim {generation}: {outcome:?}");
+                if outcome == Outcome::Granted {
+                    // A takeover (promotion or secondary loss): the stall ends with the next
+                    // output released.
+                    self.fo.first_output_due = true;
+                }
                 self.node.borrow_mut().handle(now, Event::ClaimResult { generation, outcome });
                 self.actions(now);
             }
@@ -1267,11 +1271,6 @@ impl Host {
         use crate::colo::node::{ClaimOutcome, FenceReason, PeerState};
         let node = self.node.borrow();
         let st = node.status();
-        // Secondary loss (the primary turned unprotected): the stall ends with the next output.
-        if self.fo.was_protected && !st.protected && st.role == NodeRole::Primary && !self.fo.promoted.get() {
-            self.fo.first_output_due = true;
-        }
-        self.fo.was_protected = st.protected;
         let info = crate::stats::FailoverInfo {
             generation: st.generation,
             role: crate::net::mgmt::format(format_args!("{:?}", st.failover_role)).to_lowercase(),

@@ -103,12 +103,50 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
     let mut kills_ms = Vec::new();
     for point in 0..3 {
         let standby = other(serving);
+        // A redis client on one TCP connection across the failover (point 0): its next command
+        // after the takeover is answered on the same connection.
+        let go = dir.path().join("go");
+        let py = (point == 0).then(|| {
+            let script = r#"
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], 6379), timeout=60)
+s.sendall(b"PING\r\n")
+print(s.recv(64).decode().strip(), flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+s.sendall(b"SET across-failover 1\r\n")
+print(s.recv(64).decode().strip(), flush=True)
+s.sendall(b"GET across-failover\r\n")
+print(s.recv(64).decode().strip().replace("\r\n", " "), flush=True)
+"#;
+            let child = c
+                .command(qemu_tests::cluster::Net::Client, "python3")
+                .args(["-c", script, &c.service_ip()])
+                .arg(&go)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("python3");
+            std::thread::sleep(Duration::from_secs(2));
+            child
+        });
         let promoted_before = c.serial(standby).matches(PROMOTED).count();
         kills_ms.push(started.elapsed().as_millis() as u64);
         c.kill(serving).expect("kill");
         c.wait_for_count(standby, PROMOTED, promoted_before + 1, WAIT)
             .unwrap_or_else(|e| panic!("kill point {point}: the {standby} was not promoted: {e}"));
-        assert!(load.try_wait().unwrap().is_none(), "kill point {point}: the writer ended (a connection failed)");
+        if load.try_wait().unwrap().is_some() {
+            let out = load.wait_with_output().unwrap();
+            let tail = |h: Host| {
+                c.serial(h).lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            };
+            panic!(
+                "kill point {point}: the writer ended (a connection failed):\n{}\n{}\n--- {standby}:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                tail(standby)
+            );
+        }
         std::thread::sleep(Duration::from_secs(1));
         let status = c.mgmt(standby, "{\"cmd\":\"status\"}").unwrap_or_default();
         let field = |name: &str| {
@@ -127,6 +165,18 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
             c.witness_get(&format!("colo/colo-61/gen/{generation}")).is_some_and(|v| !v.is_empty()),
             "kill point {point}: the witness holds no owner for generation {generation}"
         );
+        if let Some(child) = py {
+            std::fs::write(&go, b"").unwrap();
+            let out = child.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            println!("failover: one redis connection across the failover: {}", text.replace('\n', " | "));
+            assert_eq!(
+                text.lines().collect::<Vec<_>>(),
+                ["+PONG", "+OK", "$1 1"],
+                "the client's connection did not survive: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         if point == 2 {
             break;
         }

@@ -516,9 +516,13 @@ impl Host {
                         self.digests.page(gfn, page);
                     }
                     let (ptr, len) = self.disk_raw();
-                    // SAFETY: the guest's disk (module bytes or the engine's merged disk after a
-                    // promotion), unchanged while the guest is paused for the capture.
-                    let disk = if len == 0 { &[][..] } else { unsafe { core::slice::from_raw_parts(ptr, len) } };
+                    let disk = if len == 0 {
+                        &[][..]
+                    } else {
+                        // SAFETY: the guest's disk (module bytes or the engine's merged disk
+                        // after a promotion), unchanged while the guest is paused for the capture.
+                        unsafe { core::slice::from_raw_parts(ptr, len) }
+                    };
                     for &(sector, count) in &written {
                         self.digests.sectors(disk, sector, count);
                     }
@@ -560,10 +564,13 @@ impl Host {
                 let digest = verify.then(|| {
                     // SAFETY: the guest is paused (it runs only in `turn`) and alive.
                     self.digests.all(unsafe { ram_slice(self.guest.ram) });
-                    // SAFETY: `disk` is the guest's disk as just read (above), unchanged while
-                    // the guest is paused.
-                    let bytes =
-                        if disk.1 == 0 { &[][..] } else { unsafe { core::slice::from_raw_parts(disk.0, disk.1) } };
+                    let bytes = if disk.1 == 0 {
+                        &[][..]
+                    } else {
+                        // SAFETY: `disk` is the guest's disk as just read (above), unchanged
+                        // while the guest is paused.
+                        unsafe { core::slice::from_raw_parts(disk.0, disk.1) }
+                    };
                     self.digests.all_sectors(bytes);
                     self.digests.digest()
                 });

@@ -848,18 +848,6 @@ print(n)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_round_trips() {
-        for text in ["", "a", "ab", "abc", "colo/colo-1/gen/2", "167772162"] {
-            assert_eq!(super::unbase64(&super::base64(text.as_bytes())).unwrap(), text.as_bytes());
-        }
-        assert_eq!(super::base64(b"colo"), "Y29sbw==");
-        assert_eq!(super::unbase64("!"), None);
-    }
-}
-
 impl Drop for Cluster {
     fn drop(&mut self) {
         if !self.detached {
@@ -929,4 +917,16 @@ fn is_our_emulator(pid: u32) -> bool {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
     !zombie && String::from_utf8_lossy(&cmdline).contains("qemu-system")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_round_trips() {
+        for text in ["", "a", "ab", "abc", "colo/colo-1/gen/2", "167772162"] {
+            assert_eq!(super::unbase64(&super::base64(text.as_bytes())).unwrap(), text.as_bytes());
+        }
+        assert_eq!(super::base64(b"colo"), "Y29sbw==");
+        assert_eq!(super::unbase64("!"), None);
+    }
 }

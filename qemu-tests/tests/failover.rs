@@ -197,14 +197,14 @@ print(s.recv(64).decode().strip().replace("\r\n", " "), flush=True)
     let all = samples(&dir.path().join("samples"));
     let mut stalls = Vec::new();
     for &k in &kills_ms {
-        // The requests in flight at the kill: started before it, answered after it.
-        let stall =
-            all.iter().filter(|&&(t, l)| t >= k && t.saturating_sub(l / 1000) <= k).map(|&(_, l)| l).max().unwrap_or(0);
+        // The requests in flight at the kill: sent before it, answered after it (sample times
+        // are send times from the writer's start, a few ms after `started`).
+        let stall = all.iter().filter(|&&(t, l)| t <= k && t + l / 1000 >= k).map(|&(_, l)| l).max().unwrap_or(0);
         stalls.push(stall);
     }
     let sec_stall = all
         .iter()
-        .filter(|&&(t, l)| t >= sec_kill_ms && t.saturating_sub(l / 1000) <= sec_kill_ms)
+        .filter(|&&(t, l)| t <= sec_kill_ms && t + l / 1000 >= sec_kill_ms)
         .map(|&(_, l)| l)
         .max()
         .unwrap_or(0);

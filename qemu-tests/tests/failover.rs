@@ -74,7 +74,7 @@ fn the_primary_killed_under_load_three_times_loses_no_connection_and_no_acknowle
     spec.witness = true;
     // guest-redis keeps every SET on its disk: the default 1 MiB fills ("-ERR disk full") after
     // about 25,000 writes, which a fast run reaches.
-    spec.disk_kib = 16 * 1024;
+    spec.disk_kib = 4 * 1024;
     spec.cmdline_extra = TIMING.into();
     let mut c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster: {e}"));
     let started = Instant::now();

@@ -153,6 +153,16 @@ pub struct Config {
     pub repl_auth: bool,
     /// `mode=`: COLO, or output buffering as the baseline.
     pub mode: Mode,
+    /// `miss_limit=`: heartbeat intervals without a word from the peer before it counts as lost
+    /// (a dead peer or link is detected within `heartbeat_ms * miss_limit`).
+    pub miss_limit: u32,
+    /// `witness=`: the etcd that arbitrates takeovers (`IP:PORT`), or `None` (`witness=none`,
+    /// the default): no automatic takeover, only `ctl failover` promotes.
+    pub witness: Option<SocketAddrV4>,
+    /// `cluster=`: the pair's name in the witness (`colo/<cluster>/...` keys).
+    pub cluster: heapless::String<64>,
+    /// `host_id=`: this host's id in the witness (default: its replication address as a number).
+    pub host_id: Option<u64>,
 }
 
 impl Default for Config {
@@ -179,6 +189,10 @@ impl Default for Config {
             mgmt_open: MgmtOpen::Read,
             repl_auth: true,
             mode: Mode::Colo,
+            miss_limit: 3,
+            witness: None,
+            cluster: heapless::String::try_from("colo").unwrap_or_default(),
+            host_id: None,
         }
     }
 }
@@ -228,6 +242,13 @@ pub const KEYS: &[KeySpec] = &[
         form: "on|off (default on: the replication link proves the cluster-key module and is encrypted; off only for benchmarks)",
     },
     KeySpec { key: "mode", form: "colo|buffer (default colo)" },
+    KeySpec { key: "miss_limit", form: "heartbeat intervals from 1 to 1000 (default 3)" },
+    KeySpec {
+        key: "witness",
+        form: "none|IP:PORT of the etcd witness (default none: no automatic takeover, only `ctl failover` promotes)",
+    },
+    KeySpec { key: "cluster", form: "a name of 1 to 64 characters A-Z a-z 0-9 . _ - (default colo)" },
+    KeySpec { key: "host_id", form: "a number from 1 to 4294967295 (default: the repl_addr as a number)" },
 ];
 
 /// The accepted form of `key`'s value.
@@ -400,6 +421,19 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
                     _ => return Err(bad()),
                 }
             }
+            "miss_limit" => config.miss_limit = parse_in_range(value, 1, 1000).ok_or_else(bad)?,
+            "witness" => {
+                config.witness = match value {
+                    "none" => None,
+                    _ => Some(value.parse().map_err(|_| bad())?),
+                }
+            }
+            "cluster" => {
+                let ok = value.len() <= 64
+                    && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                config.cluster = heapless::String::try_from(value).ok().filter(|_| ok).ok_or_else(bad)?;
+            }
+            "host_id" => config.host_id = Some(u64::from(parse_in_range(value, 1, u32::MAX).ok_or_else(bad)?)),
             _ => unreachable!("every key in KEYS has a parser"),
         }
     }
@@ -483,6 +517,23 @@ mod tests {
     fn empty_line_gives_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
         assert_eq!(parse("   ").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn witness_keys_parse_and_refuse_bad_values() {
+        let config = parse("witness=10.78.1.5:2379 cluster=pair-1 host_id=7 miss_limit=5").unwrap();
+        assert_eq!(config.witness, Some("10.78.1.5:2379".parse().unwrap()));
+        assert_eq!(config.cluster.as_str(), "pair-1");
+        assert_eq!(config.host_id, Some(7));
+        assert_eq!(config.miss_limit, 5);
+        let config = parse("witness=none").unwrap();
+        assert_eq!(config.witness, None);
+        assert_eq!(Config::default().witness, None, "witness=none is the default");
+        for bad in ["witness=etcd", "witness=10.0.0.1", "cluster=a/b", "host_id=0", "miss_limit=0"] {
+            assert!(matches!(parse(bad), Err(ConfigError::BadValue { .. })), "{bad} accepted");
+        }
+        let long = format!("cluster={}", "x".repeat(65));
+        assert!(matches!(parse(&long), Err(ConfigError::BadValue { .. })));
     }
 
     #[test]

@@ -30,7 +30,14 @@
 //! engine, which replicates them; on the secondary every read and write goes to the engine's
 //! block replica (the SVM's overlay over the committed disk), never to the disk module.
 //!
-//! Not driven yet: failover.
+//! Failover (issue 12, the block at the end of this file): witness claims over a smoltcp TCP
+//! connection on the management interface ([`Witness`], one etcd request at a time with a
+//! deadline; unreachable, slow or malformed is never a grant), promotion (client frames to the
+//! engine, released frames to the client NIC, the replication link turned to the primary's
+//! side, a gratuitous ARP for the service address), fencing (VM stopped for good, the client
+//! NIC's transmit path refuses every frame from the guest's MAC and counts it), `ctl failover`,
+//! and the failover state in status and metrics. The holder key under a lease is kept by the
+//! serving host for operators (`colo/<cluster>/holder`).
 
 use alloc::boxed::Box;
 use alloc::rc::Rc;
@@ -45,7 +52,7 @@ use crate::colo::checkpoint::Crc32c;
 use crate::colo::link::{LinkError, StateKind};
 use crate::colo::node::{
     Action, ApplyFailure, Capture, CaptureKind, ColoNode, Event, FullSyncSource, LinkState, NodeCommand, NodeConfig,
-    NodeRole, SyncPiece,
+    NodeRole, SyncPiece, WitnessMode,
 };
 use crate::colo::Tick;
 use crate::config::{Config, NicRoles, Role};
@@ -87,6 +94,9 @@ type Shared = Rc<RefCell<ColoNode<MemDisk>>>;
 struct DiskHook {
     node: Shared,
     secondary: bool,
+    /// A promoted secondary: the engine still owns the disk, but captures need the written
+    /// ranges.
+    promoted: Rc<core::cell::Cell<bool>>,
     /// Primary: sector ranges written since the last capture (for the verify digest).
     written: Rc<RefCell<Vec<(u64, u64)>>>,
 }
@@ -108,6 +118,8 @@ impl BlockHook for DiskHook {
                 dst.copy_from_slice(data);
             }
             self.written.borrow_mut().push((sector, (data.len() / SECTOR) as u64));
+        } else if self.promoted.get() {
+            self.written.borrow_mut().push((sector, (data.len() / SECTOR) as u64));
         }
         self.node.borrow_mut().handle(Tick(time::now_ms()), Event::GuestDiskWrite { sector, data });
     }
@@ -119,7 +131,12 @@ impl BlockHook for DiskHook {
 /// or nowhere (secondary: the SVM sees only mirrored input).
 struct ClientPort {
     mac: [u8; 6],
-    queue: Option<Arc<spin::Mutex<FrameQueue>>>,
+    queue: Arc<spin::Mutex<FrameQueue>>,
+    /// Whether this host serves clients (primary, or promoted).
+    serving: Arc<core::sync::atomic::AtomicBool>,
+    /// The guest's IPv4 address, learnt from the ARP and IPv4 frames clients send it (for the
+    /// gratuitous ARP at promotion).
+    guest_ip: Arc<core::sync::atomic::AtomicU32>,
 }
 
 impl crate::net::GuestForward for ClientPort {
@@ -128,8 +145,14 @@ impl crate::net::GuestForward for ClientPort {
     }
 
     fn deliver(&mut self, _nic: usize, roles: NicRoles, frame: &[u8]) {
-        if let (true, Some(queue)) = (roles.client, self.queue.as_ref()) {
-            queue.lock().push(frame);
+        if !roles.client {
+            return;
+        }
+        if let Some(ip) = guest_ip_in(frame) {
+            self.guest_ip.store(u32::from(ip), core::sync::atomic::Ordering::Relaxed);
+        }
+        if self.serving.load(core::sync::atomic::Ordering::Relaxed) {
+            self.queue.lock().push(frame);
         }
     }
 }
@@ -322,6 +345,8 @@ struct Host {
     /// When the status was last published to the registry.
     published_at: u64,
     published: (LinkState, u64),
+    /// Failover: the witness client, promotion and fencing state.
+    fo: FoState,
 }
 
 impl Host {
@@ -365,6 +390,7 @@ impl Host {
             }
         }
         self.link(now);
+        self.fo_poll(now);
         if self.node.borrow().poll_timeout().is_some_and(|at| at <= now) {
             self.node.borrow_mut().handle_timeout(now);
         }
@@ -395,6 +421,7 @@ impl Host {
                 break;
             }
             let bytes = core::mem::take(&mut self.buf);
+            self.fo.last_heard_ms = now.0;
             self.node.borrow_mut().handle(now, Event::LinkBytes(&bytes[..n]));
             self.buf = bytes;
             self.actions(now);
@@ -430,6 +457,9 @@ impl Host {
                     }
                 }
                 Action::ReleaseToClients(frame) => {
+                    if self.fo.first_output_due {
+                        self.fo_first_output();
+                    }
                     let _ = crate::net::send_from_guest(&frame);
                 }
                 Action::Capture { epoch, kind } => {
@@ -437,7 +467,7 @@ impl Host {
                     let event = self.capture(epoch, kind);
                     self.node.borrow_mut().handle(Self::now(), event);
                 }
-                Action::ResumeVm => self.paused = false,
+                Action::ResumeVm => self.paused = self.fo.fenced,
                 Action::PauseVm(reason) => {
                     log::debug!("node: guest paused: {reason:?}");
                     self.paused = true;
@@ -484,12 +514,10 @@ impl Host {
                         self.node.borrow_mut().handle(now, Event::LinkClosed);
                     }
                 }
-                // The bare-metal half of failover (witness client, promotion, fencing) is not in
-                // this driver yet: with the default `witness=none` no claim is made, and only an
-                // operator failover could promote.
-                Action::Fence | Action::Promote | Action::AnnounceService | Action::ClaimGeneration { .. } => {
-                    log::warn!("node: {action:?} is not carried out by this driver yet")
-                }
+                Action::Fence => self.fo_fence(),
+                Action::Promote => self.fo_promote(),
+                Action::AnnounceService => self.fo_announce(),
+                Action::ClaimGeneration { generation } => self.fo.witness_claim(generation, now),
             }
         }
     }
@@ -516,7 +544,14 @@ impl Host {
                     for (&gfn, page) in copy.gfns.iter().zip(copy.data.chunks_exact(PAGE)) {
                         self.digests.page(gfn, page);
                     }
-                    let disk = self.guest.disk().unwrap_or(&[]);
+                    let (ptr, len) = self.disk_raw();
+                    let disk = if len == 0 {
+                        &[][..]
+                    } else {
+                        // SAFETY: the guest's disk (module bytes or the engine's merged disk
+                        // after a promotion), unchanged while the guest is paused for the capture.
+                        unsafe { core::slice::from_raw_parts(ptr, len) }
+                    };
                     for &(sector, count) in &written {
                         self.digests.sectors(disk, sector, count);
                     }
@@ -554,11 +589,18 @@ impl Host {
                 // The dirty log starts over: the sync covers every page.
                 let _ = snapshot::take_dirty(&mut self.guest);
                 self.written.borrow_mut().clear();
-                let disk = self.guest.disk().map_or((core::ptr::null(), 0), |d| (d.as_ptr(), d.len()));
+                let disk = self.disk_raw();
                 let digest = verify.then(|| {
                     // SAFETY: the guest is paused (it runs only in `turn`) and alive.
                     self.digests.all(unsafe { ram_slice(self.guest.ram) });
-                    self.digests.all_sectors(self.guest.disk().unwrap_or(&[]));
+                    let bytes = if disk.1 == 0 {
+                        &[][..]
+                    } else {
+                        // SAFETY: `disk` is the guest's disk as just read (above), unchanged
+                        // while the guest is paused.
+                        unsafe { core::slice::from_raw_parts(disk.0, disk.1) }
+                    };
+                    self.digests.all_sectors(bytes);
                     self.digests.digest()
                 });
                 self.last_digest = digest.map(|d| (epoch, d));
@@ -884,8 +926,14 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
     let guest_out = Arc::new(spin::Mutex::new(FrameQueue::new(QUEUE_FRAMES)));
     guest.device_hooks.redirect_output(guest_out.clone());
     let client_in = Arc::new(spin::Mutex::new(FrameQueue::new(QUEUE_FRAMES)));
-    let forward = (config.role == Role::Primary).then(|| client_in.clone());
-    crate::net::set_guest_hook(Box::new(ClientPort { mac, queue: forward }));
+    let serving = Arc::new(core::sync::atomic::AtomicBool::new(config.role == Role::Primary));
+    let guest_ip = Arc::new(core::sync::atomic::AtomicU32::new(0));
+    crate::net::set_guest_hook(Box::new(ClientPort {
+        mac,
+        queue: client_in.clone(),
+        serving: serving.clone(),
+        guest_ip: guest_ip.clone(),
+    }));
     guest.defer_blocks(true);
     let role = if config.role == Role::Primary { NodeRole::Primary } else { NodeRole::Secondary };
     if let Some(name) = spec.disk {
@@ -897,7 +945,10 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
     let sectors = guest.disk().map_or(0, |d| (d.len() / SECTOR) as u64);
 
     let mut node_config = NodeConfig::new(role, pages);
-    node_config.host_id = config.repl_addr.map_or(0, |a| u64::from(u32::from(a.addr)));
+    node_config.host_id = config.host_id.unwrap_or(config.repl_addr.map_or(0, |a| u64::from(u32::from(a.addr))));
+    node_config.miss_limit = config.miss_limit;
+    node_config.witness = if config.witness.is_some() { WitnessMode::External } else { WitnessMode::None };
+    node_config.witness_retry_ms = 200;
     node_config.guest_id = guest_id(boot);
     node_config.checkpoint_ms = config.checkpoint_ms.into();
     node_config.compare_timeout_ms = config.compare_timeout_ms.into();
@@ -914,10 +965,63 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
     };
     let node: Shared = Rc::new(RefCell::new(node));
     let written = Rc::new(RefCell::new(Vec::new()));
+    let promoted = Rc::new(core::cell::Cell::new(false));
     if sectors > 0 {
         let secondary = role == NodeRole::Secondary;
-        guest.set_block_hook(Box::new(DiskHook { node: node.clone(), secondary, written: written.clone() }));
+        guest.set_block_hook(Box::new(DiskHook {
+            node: node.clone(),
+            secondary,
+            promoted: promoted.clone(),
+            written: written.clone(),
+        }));
     }
+    let witness = config.witness.and_then(|addr| {
+        let authority = crate::net::mgmt::format(format_args!("{addr}"));
+        let id = crate::net::mgmt::format(format_args!("{}", node_config.host_id));
+        match crate::witness::etcd::EtcdClient::new(&authority, &config.cluster, &id) {
+            Ok(client) => Some(Witness {
+                addr,
+                client,
+                job: None,
+                request: Vec::new(),
+                sent: 0,
+                reader: crate::witness::http::ResponseReader::new(),
+                lease: None,
+                next_keepalive: 0,
+                holder_put: 0,
+            }),
+            Err(e) => fail(format_args!("witness: {e:?}")),
+        }
+    });
+    match config.witness {
+        Some(addr) => log::info!(
+            "node: witness etcd at {addr}, cluster `{}`, host id {}; heartbeat_ms={} miss_limit={}",
+            config.cluster,
+            node_config.host_id,
+            config.heartbeat_ms,
+            config.miss_limit
+        ),
+        None => log::info!(
+            "node: witness=none: no automatic takeover (only `ctl failover` promotes); heartbeat_ms={} miss_limit={}",
+            config.heartbeat_ms,
+            config.miss_limit
+        ),
+    }
+    let fo = FoState {
+        witness,
+        serving,
+        guest_ip,
+        mac,
+        promoted,
+        peer: config.peer_addr,
+        repl_addr: config.repl_addr,
+        fenced: false,
+        last_heard_ms: 0,
+        first_output_due: false,
+        stall_ms: None,
+        witness_text: config.witness.map_or_else(|| "none".into(), |a| crate::net::mgmt::format(format_args!("{a}"))),
+        next_publish_ms: 0,
+    };
     let committed = match role {
         // SAFETY: the guest has not run yet and is alive; the copy is taken before it runs.
         NodeRole::Secondary => Some(
@@ -960,9 +1064,368 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
         applies: 0,
         published_at: 0,
         published: (LinkState::Down, u64::MAX),
+        fo,
     };
     host.actions(now);
     loop {
         host.turn();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover (issue 12): the witness client, promotion, fencing, status.
+
+/// How long one witness request may take (connect, send, the whole reply). Past it the claim
+/// is answered `Unreachable`; the engine decides when to claim again.
+const WITNESS_DEADLINE_MS: u64 = 1_000;
+/// The holder key's lease, and how often it is kept alive.
+const HOLDER_TTL_S: i64 = 10;
+const HOLDER_KEEPALIVE_MS: u64 = 3_000;
+
+/// What the witness request in flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    /// A generation claim (answered to the engine).
+    Claim(u64),
+    /// Operators' holder key: a lease grant, its keep-alive, the put.
+    LeaseGrant,
+    KeepAlive(i64),
+    Holder(u64, i64),
+}
+
+/// One etcd request at a time over a fresh TCP connection, with a deadline.
+struct Witness {
+    addr: core::net::SocketAddrV4,
+    client: crate::witness::etcd::EtcdClient,
+    job: Option<(Job, u64)>,
+    request: Vec<u8>,
+    sent: usize,
+    reader: crate::witness::http::ResponseReader,
+    lease: Option<i64>,
+    next_keepalive: u64,
+    /// The generation the holder key was last put for.
+    holder_put: u64,
+}
+
+/// The failover part of a host.
+struct FoState {
+    witness: Option<Witness>,
+    /// Whether this host serves clients (shared with the client port).
+    serving: Arc<core::sync::atomic::AtomicBool>,
+    guest_ip: Arc<core::sync::atomic::AtomicU32>,
+    mac: [u8; 6],
+    promoted: Rc<core::cell::Cell<bool>>,
+    peer: Option<core::net::SocketAddrV4>,
+    repl_addr: Option<crate::config::Ipv4Cidr>,
+    fenced: bool,
+    /// The last time link bytes arrived (for the stall measured here).
+    last_heard_ms: u64,
+    /// A takeover happened; the first output released afterwards ends the stall.
+    first_output_due: bool,
+    stall_ms: Option<u64>,
+    witness_text: alloc::string::String,
+    next_publish_ms: u64,
+}
+
+// Status, `ctl failover` and the holder key are looked at every `PUBLISH_MS` too.
+
+impl FoState {
+    /// Starts a claim for `generation` (a request in flight for anything else is dropped).
+    fn witness_claim(&mut self, generation: u64, now: Tick) {
+        let Some(w) = self.witness.as_mut() else {
+            log::warn!("node: a witness claim without witness=");
+            return;
+        };
+        if w.job.is_some_and(|(j, _)| j == Job::Claim(generation)) {
+            return; // the same claim is still out: its answer comes (or its deadline)
+        }
+        log::info!("node: claiming generation {generation} at the witness {}", w.addr);
+        let request = w.client.claim_request(generation);
+        w.start(Job::Claim(generation), request, now.0);
+    }
+}
+
+impl Witness {
+    fn start(&mut self, job: Job, request: Vec<u8>, now_ms: u64) {
+        crate::net::witness_abort();
+        self.job = Some((job, now_ms + WITNESS_DEADLINE_MS));
+        self.request = request;
+        self.sent = 0;
+        self.reader = crate::witness::http::ResponseReader::new();
+        if !crate::net::witness_connect(self.addr) {
+            log::warn!("node: witness {}: connect refused locally", self.addr);
+        }
+    }
+
+    /// Moves the request on; `Some((job, reply))` when it ended (a reply, or `None` for no
+    /// usable answer: closed, reset, deadline, malformed).
+    fn poll(&mut self, now_ms: u64) -> Option<(Job, Option<crate::witness::http::Response>)> {
+        use crate::net::WitnessSocket;
+        let (job, deadline) = self.job?;
+        let state = crate::net::witness_state();
+        if state == WitnessSocket::Open && self.sent < self.request.len() {
+            self.sent += crate::net::witness_send(&self.request[self.sent..]);
+        }
+        let mut buf = [0u8; 2048];
+        loop {
+            let n = crate::net::witness_recv(&mut buf);
+            if n == 0 {
+                break;
+            }
+            match self.reader.push(&buf[..n]) {
+                Ok(Some(response)) => return self.end(Some(response)),
+                Ok(None) => {}
+                Err(e) => {
+                    log::warn!("node: witness reply to {job:?}: {e:?}");
+                    return self.end(None);
+                }
+            }
+        }
+        if state == WitnessSocket::PeerClosed {
+            let r = self.reader.finish().ok();
+            return self.end(r);
+        }
+        if state == WitnessSocket::Closed && self.sent > 0 {
+            return self.end(None);
+        }
+        if now_ms >= deadline {
+            log::warn!("node: witness {}: no answer to {job:?} within {WITNESS_DEADLINE_MS} ms", self.addr);
+            return self.end(None);
+        }
+        None
+    }
+
+    fn end(
+        &mut self,
+        reply: Option<crate::witness::http::Response>,
+    ) -> Option<(Job, Option<crate::witness::http::Response>)> {
+        crate::net::witness_abort();
+        let (job, _) = self.job.take()?;
+        Some((job, reply))
+    }
+}
+
+/// The IPv4 address a client frame is addressed to (ARP target or IPv4 destination).
+fn guest_ip_in(frame: &[u8]) -> Option<core::net::Ipv4Addr> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let ip = match ethertype {
+        0x0806 if frame.len() >= 42 => [frame[38], frame[39], frame[40], frame[41]],
+        0x0800 if frame.len() >= 34 => [frame[30], frame[31], frame[32], frame[33]],
+        _ => return None,
+    };
+    let ip = core::net::Ipv4Addr::from(ip);
+    (!ip.is_broadcast() && !ip.is_multicast() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// A gratuitous ARP request from `mac` announcing `ip`.
+fn gratuitous_arp(mac: [u8; 6], ip: core::net::Ipv4Addr) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&[0x08, 0x06]);
+    f[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip.octets());
+    f[38..42].copy_from_slice(&ip.octets());
+    f
+}
+
+impl Host {
+    /// The guest's disk as bytes: the module's (primary) or the engine's merged disk (promoted).
+    fn disk_raw(&self) -> (*const u8, usize) {
+        if self.fo.promoted.get() {
+            let node = self.node.borrow();
+            return node.disk().map_or((core::ptr::null(), 0), |d| (d.as_bytes().as_ptr(), d.as_bytes().len()));
+        }
+        self.guest.disk().map_or((core::ptr::null(), 0), |d| (d.as_ptr(), d.len()))
+    }
+
+    /// Witness replies, `ctl failover`, the holder key, status.
+    fn fo_poll(&mut self, now: Tick) {
+        if let Some(w) = self.fo.witness.as_mut() {
+            if let Some((job, reply)) = w.poll(now.0) {
+                self.fo_answer(now, job, reply);
+            }
+        }
+        let requested =
+            now.0 >= self.fo.next_publish_ms && crate::stats::with(|s| core::mem::take(&mut s.failover_requested));
+        if requested {
+            log::info!("node: ctl failover");
+            self.fo.first_output_due = true;
+            self.node.borrow_mut().handle(now, Event::Command(crate::colo::node::NodeCommand::Failover));
+            self.actions(now);
+        }
+        if now.0 >= self.fo.next_publish_ms {
+            self.fo.next_publish_ms = now.0 + PUBLISH_MS;
+            self.fo_holder(now);
+            self.fo_publish(now);
+        }
+    }
+
+    fn fo_answer(&mut self, now: Tick, job: Job, reply: Option<crate::witness::http::Response>) {
+        use crate::colo::node::ClaimOutcome as Outcome;
+        use crate::witness::etcd::ClaimOutcome as Etcd;
+        let Some(w) = self.fo.witness.as_mut() else { return };
+        match job {
+            Job::Claim(generation) => {
+                let outcome = match reply.as_ref().map(|r| w.client.parse_claim(r)) {
+                    None => Outcome::Unreachable,
+                    Some(Ok(Etcd::Granted)) => Outcome::Granted,
+                    Some(Ok(Etcd::Denied { holder })) => Outcome::Denied { holder: holder.parse().unwrap_or(u64::MAX) },
+                    Some(Err(e)) => {
+                        log::warn!("node: witness claim {generation}: {e:?}");
+                        Outcome::Error
+                    }
+                };
+                log::info!("node: witness answered claim {generation}: {outcome:?}");
+                if outcome == Outcome::Granted {
+                    // A takeover (promotion or secondary loss): the stall ends with the next
+                    // output released.
+                    self.fo.first_output_due = true;
+                }
+                self.node.borrow_mut().handle(now, Event::ClaimResult { generation, outcome });
+                self.actions(now);
+            }
+            Job::LeaseGrant => match reply.as_ref().map(|r| w.client.parse_lease_grant(r)) {
+                Some(Ok(lease)) => {
+                    w.lease = Some(lease.id);
+                    w.next_keepalive = now.0;
+                }
+                other => log::debug!("node: holder lease: {other:?}"),
+            },
+            Job::KeepAlive(_) => {
+                if !matches!(reply.as_ref().map(|r| w.client.parse_keepalive(r)), Some(Ok(ttl)) if ttl > 0) {
+                    w.lease = None; // expired or unknown: a new one
+                }
+            }
+            Job::Holder(generation, _) => {
+                if matches!(reply.as_ref().map(|r| w.client.parse_put(r)), Some(Ok(()))) {
+                    w.holder_put = generation;
+                }
+            }
+        }
+    }
+
+    /// The serving host keeps `colo/<cluster>/holder` under a lease, for operators. Claims go
+    /// first: nothing here starts while a request is out.
+    fn fo_holder(&mut self, now: Tick) {
+        let (serving, generation) = {
+            let node = self.node.borrow();
+            let st = node.status();
+            (st.role == NodeRole::Primary && st.fenced.is_none(), st.generation)
+        };
+        let Some(w) = self.fo.witness.as_mut() else { return };
+        if !serving || w.job.is_some() {
+            return;
+        }
+        match w.lease {
+            None if now.0 >= w.next_keepalive => {
+                w.next_keepalive = now.0 + HOLDER_KEEPALIVE_MS;
+                let r = w.client.lease_grant_request(HOLDER_TTL_S);
+                w.start(Job::LeaseGrant, r, now.0);
+            }
+            Some(lease) if w.holder_put != generation => {
+                let r = w.client.holder_request(generation, lease);
+                w.start(Job::Holder(generation, lease), r, now.0);
+            }
+            Some(lease) if now.0 >= w.next_keepalive => {
+                w.next_keepalive = now.0 + HOLDER_KEEPALIVE_MS;
+                let r = w.client.keepalive_request(lease);
+                w.start(Job::KeepAlive(lease), r, now.0);
+            }
+            _ => {}
+        }
+    }
+
+    /// `Action::Promote`: this host serves now.
+    fn fo_promote(&mut self) {
+        log::warn!("node: PROMOTED: this host serves the guest's clients now");
+        self.fo.promoted.set(true);
+        self.fo.serving.store(true, core::sync::atomic::Ordering::Relaxed);
+        self.fo.first_output_due = true;
+        self.role = Role::Primary;
+        if let (Some(peer), Some(addr)) = (self.fo.peer, self.fo.repl_addr) {
+            self.port.become_primary(peer, addr);
+        }
+        self.conn = None;
+        // The committed copy of the SVM's RAM is a secondary's: a primary has none.
+        self.committed = None;
+        let _ = snapshot::take_dirty(&mut self.guest);
+        self.written.borrow_mut().clear();
+    }
+
+    /// `Action::AnnounceService`: a gratuitous ARP from the guest's MAC and IP.
+    fn fo_announce(&mut self) {
+        let ip = core::net::Ipv4Addr::from(self.fo.guest_ip.load(core::sync::atomic::Ordering::Relaxed));
+        if ip.is_unspecified() {
+            log::warn!("node: no service address learnt yet; no gratuitous ARP");
+            return;
+        }
+        let frame = gratuitous_arp(self.fo.mac, ip);
+        for _ in 0..2 {
+            let _ = crate::net::send_from_guest(&frame);
+        }
+        log::info!("node: gratuitous ARP for {ip} from the guest's MAC");
+    }
+
+    /// `Action::Fence`: the VM stops for good and nothing with the guest's MAC leaves.
+    fn fo_fence(&mut self) {
+        self.fo.fenced = true;
+        self.paused = true;
+        self.fo.serving.store(false, core::sync::atomic::Ordering::Relaxed);
+        crate::net::fence_mac(self.fo.mac);
+        let why = self.node.borrow().status().fenced;
+        log::warn!("node: FENCED ({why:?}): the guest is stopped and no frame with its MAC leaves this host");
+    }
+
+    /// The first output released after a takeover: the stall measured at this hypervisor.
+    fn fo_first_output(&mut self) {
+        self.fo.first_output_due = false;
+        if self.fo.last_heard_ms > 0 {
+            let stall = time::now_ms().saturating_sub(self.fo.last_heard_ms);
+            self.fo.stall_ms = Some(stall);
+            log::info!("node: takeover stall {stall} ms (peer last heard to first output)");
+        }
+    }
+
+    /// Failover state into the stats registry (status and metrics).
+    fn fo_publish(&mut self, now: Tick) {
+        use crate::colo::node::{ClaimOutcome, FenceReason, PeerState};
+        let node = self.node.borrow();
+        let st = node.status();
+        let info = crate::stats::FailoverInfo {
+            generation: st.generation,
+            role: crate::net::mgmt::format(format_args!("{:?}", st.failover_role)).to_lowercase(),
+            protected: st.protected,
+            peer: match st.peer {
+                PeerState::None => "none",
+                PeerState::Alive => "alive",
+                PeerState::Lost => "lost",
+            },
+            witness: self.fo.witness_text.clone(),
+            last_claim: st.witness.last_claim,
+            last_result: st.witness.last_result.map(|r| match r {
+                ClaimOutcome::Granted => "granted",
+                ClaimOutcome::Denied { .. } => "denied",
+                ClaimOutcome::Unreachable => "unreachable",
+                ClaimOutcome::Error => "error",
+            }),
+            last_latency_ms: st.witness.last_latency_ms,
+            pending: st.witness.pending,
+            failovers: st.stats.failovers,
+            claims: [st.stats.claims, st.stats.claims_granted, st.stats.claims_denied, st.stats.claims_failed],
+            last_promotion_ms: st.last_promotion.map(|t| t.0),
+            stall_ms: self.fo.stall_ms,
+            fenced: st.fenced.map(|f| match f {
+                FenceReason::WitnessDenied { generation, holder } => {
+                    crate::net::mgmt::format(format_args!("the witness gave generation {generation} to host {holder}"))
+                }
+                FenceReason::NewerGeneration { generation } => {
+                    crate::net::mgmt::format(format_args!("the peer serves in the newer generation {generation}"))
+                }
+            }),
+        };
+        let _ = now;
+        crate::stats::with(|s| s.failover = Some(info));
     }
 }

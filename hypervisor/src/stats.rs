@@ -46,6 +46,8 @@ pub struct NicCounters {
     pub tx_dropped: u64,
     /// Frames not sent because they were empty or larger than a transmit buffer.
     pub tx_errors: u64,
+    /// Guest frames refused because this host is fenced (nothing with the guest's MAC leaves).
+    pub tx_fenced: u64,
 }
 
 /// One host NIC in the registry.
@@ -364,6 +366,44 @@ pub struct HypervisorStats {
     pub colo_checkpoint_requests: u64,
     /// `repl_auth=` of a replicating host (`None` on a standalone one).
     pub repl_auth: Option<bool>,
+    /// Failover state of a replicating host (`None` on a standalone host).
+    pub failover: Option<FailoverInfo>,
+    /// `ctl failover` was accepted and the node has not taken it yet.
+    pub failover_requested: bool,
+}
+
+/// Failover state for status and metrics (issue 12), refreshed by the node driver.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FailoverInfo {
+    /// Pair generation.
+    pub generation: u64,
+    /// `primary`, `secondary`, `claiming` ... (the failover machine's role).
+    pub role: String,
+    /// Primary: output compared (true) or released unprotected.
+    pub protected: bool,
+    /// `none`, `alive`, `lost`.
+    pub peer: &'static str,
+    /// The witness: `none` or its `IP:PORT`.
+    pub witness: String,
+    /// The generation of the last claim sent.
+    pub last_claim: Option<u64>,
+    /// Its answer: `granted`, `denied`, `unreachable`, `error`.
+    pub last_result: Option<&'static str>,
+    /// Claim round trip, ms.
+    pub last_latency_ms: u64,
+    /// A claim not answered yet.
+    pub pending: Option<u64>,
+    /// Takeovers by this host.
+    pub failovers: u64,
+    /// Claims sent / granted / denied / failed.
+    pub claims: [u64; 4],
+    /// Uptime (ms) at the last promotion of this host.
+    pub last_promotion_ms: Option<u64>,
+    /// Measured at this hypervisor at the last takeover: ms from the last byte heard from the peer
+    /// to the first output released by this host afterwards.
+    pub stall_ms: Option<u64>,
+    /// Fenced, and why (text).
+    pub fenced: Option<String>,
 }
 
 impl HypervisorStats {
@@ -378,6 +418,8 @@ impl HypervisorStats {
             colo: None,
             colo_checkpoint_requests: 0,
             repl_auth: None,
+            failover: None,
+            failover_requested: false,
         }
     }
 
@@ -419,6 +461,7 @@ impl HypervisorStats {
             t.rx_errors += c.rx_errors;
             t.tx_dropped += c.tx_dropped;
             t.tx_errors += c.tx_errors;
+            t.tx_fenced += c.tx_fenced;
         }
         t
     }

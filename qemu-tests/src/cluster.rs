@@ -126,6 +126,9 @@ pub struct ClusterSpec {
     /// One host only, `role=standalone`, on the same client network and addresses (the
     /// unreplicated baseline of the benchmarks): the primary's slot, no replication NIC.
     pub standalone: bool,
+    /// Start a single-node etcd witness in its own namespace on the client/management network
+    /// (10.78.S.5:2379) and give both hosts `witness=` and `cluster=`.
+    pub witness: bool,
 }
 
 impl ClusterSpec {
@@ -142,6 +145,7 @@ impl ClusterSpec {
             foreign_key: None,
             primary_peer: None,
             standalone: false,
+            witness: false,
         }
     }
 }
@@ -236,7 +240,17 @@ impl Names {
             Net::Repl => (format!("kw{}", self.id), format!("ko{}", self.id)),
         }
     }
+    /// The witness's namespace and its veth pair (bridge end, namespace end).
+    fn etcd_netns(&self) -> String {
+        format!("colo-e{}", self.id)
+    }
+    fn etcd_veth(&self) -> (String, String) {
+        (format!("ke{}", self.id), format!("kf{}", self.id))
+    }
 }
+
+/// The witness's etcd client port.
+pub const WITNESS_PORT: u16 = 2379;
 
 /// Runs `ip ARGS`, failing with its stderr.
 fn ip(args: &[&str]) -> Result<(), ClusterError> {
@@ -297,7 +311,12 @@ impl Cluster {
         // From here on, Drop (stop) removes whatever was made.
         cluster.save()?;
         cluster.create_networks()?;
+        let _ = fs::remove_file(cluster.spec.dir.join("disk.img"));
         cluster.make_images()?;
+        let mut cluster = cluster;
+        if cluster.spec.witness {
+            cluster.start_witness()?;
+        }
         Ok(cluster)
     }
 
@@ -317,10 +336,11 @@ impl Cluster {
         spec.cmdline_extra = get("cmdline_extra").unwrap_or_default();
         spec.guest_extra = get("guest_extra").unwrap_or_default();
         spec.standalone = get("standalone").is_ok_and(|v| v == "true");
+        spec.witness = get("witness").is_ok_and(|w| w == "1");
         let mut pids = BTreeMap::new();
-        for host in Host::BOTH {
-            if let Some(pid) = map.get(&format!("pid_{host}")).and_then(|p| p.parse().ok()) {
-                pids.insert(host.name(), pid);
+        for name in ["primary", "secondary", "etcd"] {
+            if let Some(pid) = map.get(&format!("pid_{name}")).and_then(|p| p.parse().ok()) {
+                pids.insert(name, pid);
             }
         }
         Ok(Self { spec, names: Names { id: get("id")? }, pids, children: Vec::new(), detached: true })
@@ -333,13 +353,14 @@ impl Cluster {
 
     fn save(&self) -> Result<(), ClusterError> {
         let mut text = format!(
-            "id={}\ntag={}\nsubnet={}\ncmdline_extra={}\nguest_extra={}\nstandalone={}\n",
+            "id={}\ntag={}\nsubnet={}\ncmdline_extra={}\nguest_extra={}\nstandalone={}\nwitness={}\n",
             self.names.id,
             self.spec.tag,
             self.spec.subnet,
             self.spec.cmdline_extra,
             self.spec.guest_extra,
-            self.spec.standalone
+            self.spec.standalone,
+            u8::from(self.spec.witness)
         );
         for (host, pid) in &self.pids {
             text += &format!("pid_{host}={pid}\n");
@@ -389,6 +410,11 @@ impl Cluster {
 
     /// The kernel command line of `host`.
     pub fn cmdline(&self, host: Host) -> String {
+        self.cmdline_as(host, host)
+    }
+
+    /// The kernel command line of the `host` slot (its addresses) running as `role`.
+    pub fn cmdline_as(&self, host: Host, role: Host) -> String {
         let s = self.spec.subnet;
         if self.spec.standalone {
             return format!(
@@ -403,17 +429,160 @@ impl Cluster {
             Host::Primary => self.spec.primary_peer.clone().unwrap_or_else(|| format!("10.79.{s}.3:{REPL_PORT}")),
             Host::Secondary => format!("10.79.{s}.2:{REPL_PORT}"),
         };
+        let witness = if self.spec.witness {
+            format!("witness={}:{WITNESS_PORT} cluster=colo-{s} ", self.witness_ip())
+        } else {
+            String::new()
+        };
         // `role=` in the extra words replaces the host's (a standalone host for comparisons).
         let own_role = self.spec.cmdline_extra.split_whitespace().any(|w| w.starts_with("role="));
-        let role = if own_role { String::new() } else { format!("role={host} ") };
+        let role = if own_role { String::new() } else { format!("role={role} ") };
         format!(
-            "{role}mgmt_addr={}/24 nics=mgmt+client,repl repl_addr={}/24 repl_port={REPL_PORT} peer_addr={peer} guest_mem=32M on_idle=halt {}",
+            "{role}mgmt_addr={}/24 nics=mgmt+client,repl repl_addr={}/24 repl_port={REPL_PORT} peer_addr={peer} guest_mem=32M on_idle=halt {witness}{}",
             self.mgmt_ip(host),
             self.repl_ip(host),
             self.spec.cmdline_extra
         )
         .trim_end()
         .to_string()
+    }
+
+    /// The witness's address on the client/management network.
+    pub fn witness_ip(&self) -> String {
+        format!("10.78.{}.5", self.spec.subnet)
+    }
+
+    /// Starts the single-node etcd witness in its own namespace, its data in the state
+    /// directory, and waits until `/health` answers.
+    fn start_witness(&mut self) -> Result<(), ClusterError> {
+        let ns = self.names.etcd_netns();
+        let (veth_host, veth_ns) = self.names.etcd_veth();
+        ip(&["netns", "add", &ns])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["link", "add", &veth_host, "type", "veth", "peer", "name", &veth_ns])?;
+        ip(&["link", "set", &veth_ns, "netns", &ns])?;
+        ip(&["link", "set", &veth_host, "master", &self.names.client_bridge(), "up"])?;
+        let addr = self.witness_ip();
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", &veth_ns])?;
+        ip(&["-n", &ns, "link", "set", &veth_ns, "up"])?;
+        let data = self.spec.dir.join("etcd-data");
+        let _ = fs::remove_dir_all(&data);
+        let url = format!("http://{addr}:{WITNESS_PORT}");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "etcd", "--name", "w", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls"])
+            .args(["http://127.0.0.1:2380", "--initial-cluster", "w=http://127.0.0.1:2380", "--unsafe-no-fsync"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(fs::File::create(self.spec.dir.join("etcd.log"))?))
+            .process_group(0)
+            .spawn()
+            .map_err(|e| ClusterError::Net(format!("cannot start etcd ({e}): install it with `cargo xtask deps`")))?;
+        self.pids.insert("etcd", child.id());
+        self.children.push(child);
+        self.save()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns, "curl", "-s", "-m", "1", &format!("{url}/health")])
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).contains("true") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Net(format!(
+                    "etcd at {url} not healthy within 20 s; log:\n{}",
+                    fs::read_to_string(self.spec.dir.join("etcd.log")).unwrap_or_default()
+                )));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Takes the witness off the network (its veth down) or puts it back.
+    pub fn witness_reachable(&self, up: bool) -> Result<(), ClusterError> {
+        ip(&["link", "set", &self.names.etcd_veth().0, if up { "up" } else { "down" }])
+    }
+
+    /// `ETCDCTL`-free read of a key from the witness (from its namespace, with curl): the
+    /// value, if the key exists.
+    pub fn witness_get(&self, key: &str) -> Option<String> {
+        let body = format!("{{\"key\":\"{}\"}}", base64(key.as_bytes()));
+        let url = format!("http://{}:{WITNESS_PORT}/v3/kv/range", self.witness_ip());
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.names.etcd_netns(), "curl", "-s", "-m", "2", "-X", "POST", &url, "-d", &body])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let value = text.split("\"value\":\"").nth(1)?.split('"').next()?;
+        String::from_utf8(unbase64(value)?).ok()
+    }
+
+    /// The guest's MAC (the same on both hosts).
+    pub fn guest_mac(&self) -> String {
+        format!("52:54:00:c0:{:02x}:10", self.spec.subnet)
+    }
+
+    /// Counts the frames `host` sends on the client network with source MAC `mac` during
+    /// `secs` seconds (an AF_PACKET capture on its client tap).
+    pub fn count_frames_from(&self, host: Host, mac: &str, secs: u32) -> Result<u64, ClusterError> {
+        let script = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.2)
+mac = bytes.fromhex(sys.argv[2].replace(':', ''))
+end = time.time() + float(sys.argv[3])
+n = 0
+while time.time() < end:
+    try:
+        f, a = s.recvfrom(65535)
+    except socket.timeout:
+        continue
+    if a[2] != socket.PACKET_OUTGOING and f[6:12] == mac:
+        n += 1
+print(n)
+"#;
+        let out = Command::new("python3")
+            .args(["-c", script, &self.names.client_tap(host), mac, &secs.to_string()])
+            .output()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| {
+            ClusterError::Net(format!(
+                "capture on {}: {}",
+                self.names.client_tap(host),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    }
+
+    /// Cuts the replication network (both hosts' repl taps down): both hosts stay alive.
+    pub fn cut_link(&self) -> Result<(), ClusterError> {
+        for host in Host::BOTH {
+            ip(&["link", "set", &self.names.repl_tap(host), "down"])?;
+        }
+        Ok(())
+    }
+
+    /// Heals the replication network cut by [`Self::cut_link`].
+    pub fn heal_link(&self) -> Result<(), ClusterError> {
+        for host in Host::BOTH {
+            ip(&["link", "set", &self.names.repl_tap(host), "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Reboots the `host` slot (its addresses) as a new secondary: it joins whichever host
+    /// serves (re-protection). The slot's emulator must not be running.
+    pub fn restart_as_secondary(&mut self, host: Host) -> Result<(), ClusterError> {
+        if self.alive(host) {
+            return Err(ClusterError::BadState(format!("the {host} host is still running: kill it first")));
+        }
+        let kernel = built_kernel()?;
+        let modules = self.modules(host)?;
+        make_image(&kernel, &self.cmdline_as(host, Host::Secondary), &modules, &self.image_path(host))?;
+        self.boot(host)
     }
 
     fn create_networks(&self) -> Result<(), ClusterError> {
@@ -448,6 +617,20 @@ impl Cluster {
 
     fn make_images(&self) -> Result<(), ClusterError> {
         let kernel = built_kernel()?;
+        // One management token per cluster, in its state directory (where `cargo xtask ctl`
+        // looks for it); never on a command line.
+        crate::write_mgmt_token(&self.token_path())?;
+        let _ = fs::remove_file(self.cluster_key_path());
+        let hosts: &[Host] = if self.spec.standalone { &[Host::Primary] } else { &Host::BOTH };
+        for &host in hosts {
+            let modules = self.modules(host)?;
+            make_image(&kernel, &self.cmdline(host), &modules, &self.image_path(host))?;
+        }
+        Ok(())
+    }
+
+    /// The image modules: the guest, its disk (written fresh only when missing), the token.
+    fn modules(&self, host: Host) -> Result<Vec<ImageModule>, ClusterError> {
         let redis = crate::guests::guest_path("guest-redis");
         if !redis.is_file() {
             return Err(HarnessError::Missing { path: redis, hint: "build it with `cargo xtask build`" }.into());
@@ -462,30 +645,26 @@ impl Cluster {
             vec![ImageModule { path: redis, name: "guest-redis".into(), args: guest_args.trim_end().into() }];
         if self.spec.disk_kib > 0 {
             let disk = self.spec.dir.join("disk.img");
-            fs::write(&disk, vec![0u8; self.spec.disk_kib * 1024])?;
+            if !disk.exists() {
+                fs::write(&disk, vec![0u8; self.spec.disk_kib * 1024])?;
+            }
             modules.push(ImageModule { path: disk, name: "disk-data".into(), args: String::new() });
         }
-        // One management token per cluster, in its state directory (where `cargo xtask ctl`
-        // looks for it); never on a command line.
-        crate::write_mgmt_token(&self.token_path())?;
         modules.push(crate::mgmt_token_module(&self.token_path()));
-        // One cluster key (32 random bytes, 0600) for both hosts, unless a test gives one host
-        // a key of its own.
-        crate::write_cluster_key(&self.cluster_key_path())?;
-        let hosts: &[Host] = if self.spec.standalone { &[Host::Primary] } else { &Host::BOTH };
-        for &host in hosts {
-            let mut modules = modules.clone();
-            let key = if self.spec.foreign_key == Some(host) {
-                let path = self.spec.dir.join(format!("cluster-key.{host}"));
-                crate::write_cluster_key(&path)?;
-                path
-            } else {
-                self.cluster_key_path()
-            };
-            modules.push(crate::cluster_key_module(&key));
-            make_image(&kernel, &self.cmdline(host), &modules, &self.image_path(host))?;
-        }
-        Ok(())
+        // One cluster key (32 random bytes, 0600) for both hosts, unless a test gives one host a
+        // key of its own.
+        let key = if self.spec.foreign_key == Some(host) {
+            let path = self.spec.dir.join(format!("cluster-key.{host}"));
+            crate::write_cluster_key(&path)?;
+            path
+        } else {
+            if !self.cluster_key_path().exists() {
+                crate::write_cluster_key(&self.cluster_key_path())?;
+            }
+            self.cluster_key_path()
+        };
+        modules.push(crate::cluster_key_module(&key));
+        Ok(modules)
     }
 
     /// The cluster key file both hosts' `cluster-key` module carries (`cluster-key` in the state
@@ -695,6 +874,17 @@ impl Cluster {
                 kill_emulator(pid, &mut self.children);
             }
         }
+        if let Some(pid) = self.pids.remove("etcd") {
+            if is_pid_named(pid, "etcd") {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            for child in self.children.iter_mut().filter(|c| c.id() == pid) {
+                let _ = child.wait();
+            }
+        }
+        let _ = ip(&["netns", "del", &self.names.etcd_netns()]);
+        let _ = ip(&["link", "del", &self.names.etcd_veth().0]);
+        let _ = fs::remove_dir_all(self.spec.dir.join("etcd-data"));
         for net in [Net::Client, Net::Repl] {
             let _ = ip(&["netns", "del", &self.names.netns(net)]);
             let _ = ip(&["link", "del", &self.names.veth(net).0]);
@@ -735,10 +925,63 @@ fn kill_emulator(pid: u32, children: &mut [std::process::Child]) {
     }
 }
 
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes standard base64 (padding optional); `None` on a character outside the alphabet.
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|&c| c != b'=') {
+        acc = acc << 6 | B64.iter().position(|&b| b == c)? as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// Whether `pid` runs a program whose command line contains `name` (and is not a zombie).
+fn is_pid_named(pid: u32, name: &str) -> bool {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
+    !zombie && String::from_utf8_lossy(&cmdline).contains(name)
+}
+
 /// Whether `pid` is a running QEMU (not a reused pid of something else, not a zombie).
 fn is_our_emulator(pid: u32) -> bool {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
     !zombie && String::from_utf8_lossy(&cmdline).contains("qemu-system")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_round_trips() {
+        for text in ["", "a", "ab", "abc", "colo/colo-1/gen/2", "167772162"] {
+            assert_eq!(super::unbase64(&super::base64(text.as_bytes())).unwrap(), text.as_bytes());
+        }
+        assert_eq!(super::base64(b"colo"), "Y29sbw==");
+        assert_eq!(super::unbase64("!"), None);
+    }
 }

@@ -56,6 +56,7 @@ const SUITES: &[(&str, &str)] = &[
     ("amdv", "the AMD-V backend under QEMU TCG and Bochs ryzen: the same scenarios as `vtx`"),
     ("fuzz", "a hostile guest on both backends: issue 14's six points, seeded hypercall/port/MSR/instruction fuzzing"),
     ("net", "e1000 + management plane: ping, ctl, metrics, malformed input, shutdown (QEMU tap, netns; root)"),
+    ("failover", "two QEMU TCG hosts with an etcd witness: the primary killed under load three times (re-protection between), link cut (root)"),
     ("colo", "two QEMU TCG hosts under COLO (cargo xtask cluster): redis, TIME, pressure, disk digests, bad link bytes (root)"),
     (
         "mgmt",
@@ -69,7 +70,7 @@ const SUITES: &[(&str, &str)] = &[
 ];
 /// `core` is part of `host`, so the full run skips it.
 const DEFAULT_SUITES: &[&str] =
-    &["lint", "host", "boot", "vtx", "amdv", "snapshot", "fuzz", "net", "mgmt", "security", "colo"];
+    &["lint", "host", "boot", "vtx", "amdv", "snapshot", "fuzz", "net", "mgmt", "security", "colo", "failover"];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -517,6 +518,23 @@ fn run_suite(suite: &str) -> Result {
             run_checked(
                 cargo().args(["test", "-p", "qemu-tests", "--test", "colo", "--", "--test-threads=1", "--nocapture"]),
                 "colo tests",
+            )
+        }
+        "failover" => {
+            ensure_deps()?;
+            build_kernel()?;
+            run_checked(
+                cargo().args([
+                    "test",
+                    "-p",
+                    "qemu-tests",
+                    "--test",
+                    "failover",
+                    "--",
+                    "--test-threads=1",
+                    "--nocapture",
+                ]),
+                "failover tests",
             )
         }
         "mgmt" => {

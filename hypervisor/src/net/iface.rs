@@ -249,6 +249,12 @@ struct NetStack {
     next_due_ms: u64,
     /// The next read of the NICs' link status.
     next_link_ms: u64,
+    /// The witness client's one TCP socket (created on first use; bounded buffers).
+    witness: Option<SocketHandle>,
+    /// Local port for the next witness connection (moves on with every attempt).
+    witness_port: u16,
+    /// Fenced: no frame with this source MAC leaves any NIC.
+    fenced_mac: Option<[u8; 6]>,
 }
 
 static NET: spin::Mutex<Option<NetStack>> = spin::Mutex::new(None);
@@ -381,6 +387,9 @@ pub fn bring_up(config: &Config, token: Option<MgmtToken>) -> Result<(), NetErro
         shutdown_at: None,
         next_due_ms: 0,
         next_link_ms: 0,
+        witness: None,
+        witness_port: 49_152 + (time::rdtsc() % 8192) as u16,
+        fenced_mac: None,
     });
     Ok(())
 }
@@ -408,7 +417,8 @@ pub fn clear_guest_hook() {
     }
 }
 
-/// Sends a guest's frame out of the NIC with the `client` role.
+/// Sends a guest's frame out of the NIC with the `client` role. A fenced host ([`fence_mac`])
+/// refuses every frame from the fenced MAC (counted in `tx_fenced`).
 pub fn send_from_guest(frame: &[u8]) -> Result<(), TxError> {
     let mut guard = NET.lock();
     let Some(net) = guard.as_mut() else {
@@ -417,7 +427,104 @@ pub fn send_from_guest(frame: &[u8]) -> Result<(), TxError> {
     let Some(nic) = net.nics.iter_mut().find(|n| n.roles.client) else {
         return Err(TxError::RingFull);
     };
+    if net.fenced_mac.is_some_and(|mac| frame.get(6..12) == Some(&mac[..])) {
+        let index = nic.index;
+        stats::with(|s| s.nic_mut(index).counters.tx_fenced += 1);
+        return Err(TxError::RingFull);
+    }
     transmit_counted(nic, frame.len(), |buf| buf.copy_from_slice(frame)).ok_or(TxError::RingFull)
+}
+
+/// Fencing: from now on no frame with source MAC `mac` leaves this host (the transmit path of
+/// [`send_from_guest`] refuses and counts them). Never undone: a fenced host is restarted.
+pub fn fence_mac(mac: [u8; 6]) {
+    if let Some(net) = NET.lock().as_mut() {
+        net.fenced_mac = Some(mac);
+    }
+}
+
+/// The witness socket's receive and send buffers: one etcd request or reply at a time (the
+/// reader refuses replies above its own bounds anyway).
+const WITNESS_BUFFER: usize = 16 * 1024;
+
+/// The state of the witness client's TCP connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WitnessSocket {
+    /// No networking, or no connection.
+    Closed,
+    /// SYN sent.
+    Connecting,
+    /// Established: bytes can go both ways.
+    Open,
+    /// The peer closed its side (a close-delimited reply is complete).
+    PeerClosed,
+}
+
+/// Opens a new connection to the witness on the management interface (aborting any earlier
+/// one). `false` when networking is not up or smoltcp refused.
+pub fn witness_connect(remote: core::net::SocketAddrV4) -> bool {
+    let mut guard = NET.lock();
+    let Some(net) = guard.as_mut() else { return false };
+    let handle = *net.witness.get_or_insert_with(|| {
+        let rx = tcp::SocketBuffer::new(vec![0; WITNESS_BUFFER]);
+        let tx = tcp::SocketBuffer::new(vec![0; WITNESS_BUFFER]);
+        net.sockets.add(tcp::Socket::new(rx, tx))
+    });
+    let port = net.witness_port;
+    net.witness_port = if port >= 65_000 { 49_152 } else { port + 1 };
+    let socket = net.sockets.get_mut::<tcp::Socket>(handle);
+    socket.abort();
+    // An aborted socket needs a poll to send its RST before it can connect again.
+    let mut device = NicDevice { nic: &mut net.nics[net.mgmt_nic], hook: &mut net.hook, local: true };
+    net.iface.poll(now(), &mut device, &mut net.sockets);
+    let socket = net.sockets.get_mut::<tcp::Socket>(handle);
+    socket.set_timeout(None);
+    let ok = socket.connect(net.iface.context(), (IpAddress::Ipv4(*remote.ip()), remote.port()), port).is_ok();
+    net.next_due_ms = 0;
+    ok
+}
+
+/// The witness connection's state.
+pub fn witness_state() -> WitnessSocket {
+    let guard = NET.lock();
+    let Some(net) = guard.as_ref() else { return WitnessSocket::Closed };
+    let Some(handle) = net.witness else { return WitnessSocket::Closed };
+    let socket = net.sockets.get::<tcp::Socket>(handle);
+    match socket.state() {
+        tcp::State::SynSent | tcp::State::SynReceived => WitnessSocket::Connecting,
+        tcp::State::Established => WitnessSocket::Open,
+        tcp::State::CloseWait => WitnessSocket::PeerClosed,
+        _ if socket.can_recv() => WitnessSocket::PeerClosed,
+        _ => WitnessSocket::Closed,
+    }
+}
+
+/// Queues as much of `data` as the witness socket takes; returns how much.
+pub fn witness_send(data: &[u8]) -> usize {
+    let mut guard = NET.lock();
+    let Some(net) = guard.as_mut() else { return 0 };
+    let Some(handle) = net.witness else { return 0 };
+    let n = net.sockets.get_mut::<tcp::Socket>(handle).send_slice(data).unwrap_or(0);
+    net.next_due_ms = 0;
+    n
+}
+
+/// Reads received witness bytes into `buf`; returns how many.
+pub fn witness_recv(buf: &mut [u8]) -> usize {
+    let mut guard = NET.lock();
+    let Some(net) = guard.as_mut() else { return 0 };
+    let Some(handle) = net.witness else { return 0 };
+    net.sockets.get_mut::<tcp::Socket>(handle).recv_slice(buf).unwrap_or(0)
+}
+
+/// Ends the witness connection (reset).
+pub fn witness_abort() {
+    let mut guard = NET.lock();
+    let Some(net) = guard.as_mut() else { return };
+    if let Some(handle) = net.witness {
+        net.sockets.get_mut::<tcp::Socket>(handle).abort();
+        net.next_due_ms = 0;
+    }
 }
 
 /// One round of work: every NIC's receive ring, the management interface, the servers.

@@ -394,7 +394,7 @@ pub fn render(stats: &HypervisorStats, role: &str, uptime_ms: u64) -> String {
     let _ = writeln!(o, "colo_uptime_seconds {}.{:03}", uptime_ms / 1000, uptime_ms % 1000);
 
     type NicField = fn(&crate::stats::NicCounters) -> u64;
-    let nic_counters: [(&str, &str, NicField); 8] = [
+    let nic_counters: [(&str, &str, NicField); 9] = [
         ("colo_nic_rx_frames_total", "Frames received by the host NIC.", |c| c.rx_frames),
         ("colo_nic_rx_bytes_total", "Bytes received by the host NIC.", |c| c.rx_bytes),
         ("colo_nic_tx_frames_total", "Frames sent by the host NIC.", |c| c.tx_frames),
@@ -403,6 +403,7 @@ pub fn render(stats: &HypervisorStats, role: &str, uptime_ms: u64) -> String {
         ("colo_nic_rx_errors_total", "Received frames that were malformed or flagged by the NIC.", |c| c.rx_errors),
         ("colo_nic_tx_dropped_total", "Frames not sent because the transmit ring was full.", |c| c.tx_dropped),
         ("colo_nic_tx_errors_total", "Frames not sent because they were empty or too large.", |c| c.tx_errors),
+        ("colo_nic_tx_fenced_total", "Guest frames refused because this host is fenced.", |c| c.tx_fenced),
     ];
     for (name, help, get) in nic_counters {
         family(&mut o, name, "counter", help);
@@ -419,6 +420,28 @@ pub fn render(stats: &HypervisorStats, role: &str, uptime_ms: u64) -> String {
         o.push_str("colo_nic_link_up{nic=\"");
         label(&mut o, &nic.name);
         let _ = writeln!(o, "\"}} {}", u8::from(nic.link_up));
+    }
+
+    if let Some(f) = &stats.failover {
+        let gauges: [(&str, &str, &str, u64); 8] = [
+            ("colo_failover_generation", "gauge", "Pair generation this host is in.", f.generation),
+            ("colo_failover_protected", "gauge", "1 while output is compared (protected).", u64::from(f.protected)),
+            ("colo_failover_peer_alive", "gauge", "1 while the peer is heard.", u64::from(f.peer == "alive")),
+            ("colo_failover_fenced", "gauge", "1 once this host fenced itself.", u64::from(f.fenced.is_some())),
+            ("colo_failovers_total", "counter", "Takeovers by this host.", f.failovers),
+            ("colo_witness_claims_total", "counter", "Witness claims sent.", f.claims[0]),
+            ("colo_witness_claim_latency_ms", "gauge", "Round trip of the last answered claim.", f.last_latency_ms),
+            (
+                "colo_failover_stall_ms",
+                "gauge",
+                "Last takeover: peer last heard to first output.",
+                f.stall_ms.unwrap_or(0),
+            ),
+        ];
+        for (name, kind, help, value) in gauges {
+            family(&mut o, name, kind, help);
+            let _ = writeln!(o, "{name} {value}");
+        }
     }
 
     family(&mut o, "colo_guest_state", "gauge", "1 for the state each guest is in, 0 for the others.");

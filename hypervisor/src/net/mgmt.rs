@@ -732,6 +732,9 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
             }
             o.raw("guests", &guests.finish());
             o.raw("heap", &heap_json(&ctx.stats.heap));
+            if let Some(f) = &ctx.stats.failover {
+                o.raw("failover", &failover_json(f));
+            }
             let mut access = Obj::new();
             access.bool("token_configured", ctx.access.gate.has_token());
             access.str("open", if ctx.access.gate.reads_need_token() { "none" } else { "read" });
@@ -804,6 +807,11 @@ fn answer(request: Request, ctx: &mut Context<'_>) -> Reply {
             ));
             o.str("detail", &detail);
         }
+        Request::Failover if ctx.stats.failover.is_some() => {
+            ctx.stats.failover_requested = true;
+            o.bool("ok", true).str("cmd", "failover").bool("accepted", true);
+            o.str("detail", "handed to the node (with a witness: claimed first; witness=none: the operator vouches the peer is gone)");
+        }
         Request::Checkpoint | Request::Failover => {
             let cmd = if request == Request::Checkpoint { "checkpoint" } else { "failover" };
             o.bool("ok", false).str("cmd", cmd).bool("accepted", true).str("error", "not_available");
@@ -871,6 +879,39 @@ fn colo_json(c: &ColoReport) -> String {
     o.finish()
 }
 
+/// The `failover` object of `status` and `stats`.
+fn failover_json(f: &crate::stats::FailoverInfo) -> String {
+    let mut o = Obj::new();
+    o.num("generation", f.generation).str("role", &f.role).bool("protected", f.protected).str("peer", f.peer);
+    let mut w = Obj::new();
+    w.str("witness", &f.witness);
+    match f.last_claim {
+        Some(g) => w.num("last_claim", g),
+        None => w.raw("last_claim", "null"),
+    };
+    w.str("last_result", f.last_result.unwrap_or("none")).num("last_latency_ms", f.last_latency_ms);
+    match f.pending {
+        Some(g) => w.num("pending", g),
+        None => w.raw("pending", "null"),
+    };
+    w.num("claims", f.claims[0]).num("granted", f.claims[1]).num("denied", f.claims[2]).num("failed", f.claims[3]);
+    o.raw("witness", &w.finish());
+    o.num("failovers", f.failovers);
+    match f.last_promotion_ms {
+        Some(t) => o.num("last_promotion_ms", t),
+        None => o.raw("last_promotion_ms", "null"),
+    };
+    match f.stall_ms {
+        Some(t) => o.num("stall_ms", t),
+        None => o.raw("stall_ms", "null"),
+    };
+    match &f.fenced {
+        Some(why) => o.bool("fenced", true).str("fenced_reason", why),
+        None => o.bool("fenced", false),
+    };
+    o.finish()
+}
+
 fn heap_json(h: &HeapUsage) -> String {
     let mut o = Obj::new();
     o.num("size", h.size).num("used", h.used).num("free", h.free);
@@ -895,7 +936,7 @@ fn nics_json(nics: &[NicEntry]) -> String {
         e.num("rx_frames", c.rx_frames).num("rx_bytes", c.rx_bytes);
         e.num("tx_frames", c.tx_frames).num("tx_bytes", c.tx_bytes);
         e.num("rx_dropped", c.rx_dropped).num("rx_errors", c.rx_errors);
-        e.num("tx_dropped", c.tx_dropped).num("tx_errors", c.tx_errors);
+        e.num("tx_dropped", c.tx_dropped).num("tx_errors", c.tx_errors).num("tx_fenced", c.tx_fenced);
         arr.raw(&e.finish());
     }
     arr.finish()
@@ -1429,6 +1470,31 @@ mod tests {
         let j = parse_json(handle(br#"{"cmd":"checkpoint"}"#, &mut c).text.as_bytes()).unwrap();
         assert_eq!(s(&j, "ok"), "false");
         assert_eq!(stats.colo_checkpoint_requests, 1);
+    }
+
+    #[test]
+    fn failover_on_a_replicating_host_is_handed_to_the_node_and_status_shows_its_state() {
+        let mut stats = HypervisorStats::new();
+        stats.failover = Some(crate::stats::FailoverInfo {
+            generation: 3,
+            role: "primary".into(),
+            peer: "lost",
+            witness: "10.78.1.5:2379".into(),
+            last_claim: Some(3),
+            last_result: Some("granted"),
+            last_latency_ms: 4,
+            fenced: Some("the witness gave generation 3 to host 9".into()),
+            ..Default::default()
+        });
+        let (j, _) = reply(r#"{"cmd":"failover"}"#, &mut stats);
+        assert_eq!(s(&j, "ok"), "true");
+        assert!(stats.failover_requested, "the node is asked");
+        let j = handle(br#"{"cmd":"status"}"#, &mut ctx(&mut stats)).text;
+        assert!(parse_json(j.as_bytes()).is_ok(), "{j}");
+        assert!(j.contains(r#""generation":3"#), "{j}");
+        assert!(j.contains(r#""last_result":"granted""#), "{j}");
+        assert!(j.contains(r#""fenced":true"#), "{j}");
+        assert!(j.contains("the witness gave generation 3 to host 9"), "{j}");
     }
 
     #[test]

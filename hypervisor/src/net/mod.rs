@@ -29,6 +29,7 @@ pub mod iface;
 
 #[cfg(feature = "bare-metal")]
 pub use iface::{
-    bring_up, clear_guest_hook, is_up, poll, send_from_guest, serve_until_shutdown, set_guest_hook, take_repl_nic,
-    GuestForward, NetError, PollOutcome,
+    bring_up, clear_guest_hook, fence_mac, is_up, poll, send_from_guest, serve_until_shutdown, set_guest_hook,
+    take_repl_nic, witness_abort, witness_connect, witness_recv, witness_send, witness_state, GuestForward, NetError,
+    PollOutcome, WitnessSocket,
 };

@@ -894,6 +894,16 @@ pub mod nic {
             Ok(Self { link, nic, link_state_at: 0 })
         }
 
+        /// Promotion: this host is the primary now; the link connects to `peer` (a new
+        /// secondary) and keeps reconnecting. Any connection is dropped.
+        pub fn become_primary(&mut self, peer: core::net::SocketAddrV4, addr: crate::config::Ipv4Cidr) {
+            let mac = self.nic.dev.mac();
+            let mode = Mode::Connect { peer };
+            self.link =
+                ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut self.nic, time::now_ms());
+            log::info!("repl: promoted: {}/{} now connects to {peer}", addr.addr, addr.prefix);
+        }
+
         /// One round of link work at the current time. The NIC's link state (a register read,
         /// an exit to the device model under emulation) goes to the registry at most every
         /// [`LINK_STATE_MS`], not at every round: the driver polls many times per millisecond.

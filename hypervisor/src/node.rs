@@ -915,12 +915,21 @@ pub fn run(frames: &mut FrameAllocator, boot: &BootInfo<'_>, config: &Config) ->
     let mut guest = Guest::create(&mut backend, frames, module, &spec, config.guest_mem_bytes)
         .unwrap_or_else(|e| fail(format_args!("guest `{}` not started: {e}", spec.name)));
     let pages = guest.ram.len() / PAGE as u64;
-    let method = match backend.name() {
+    // PML where the CPU has it; elsewhere (AMD-V, VT-x without PML) write protection, whose
+    // collection costs the pages written, not the guest's size.
+    let mut method = match backend.name() {
         "VT-x" => DirtyLogMethod::Pml,
-        _ => DirtyLogMethod::AccessedDirty,
+        _ => DirtyLogMethod::WriteProtect,
     };
     if let Err(e) = guest.vcpu.enable_dirty_log(method, frames) {
-        fail(format_args!("dirty logging: {e}"));
+        if method != DirtyLogMethod::Pml {
+            fail(format_args!("dirty logging: {e}"));
+        }
+        log::info!("node: {e}; using write protection instead");
+        method = DirtyLogMethod::WriteProtect;
+        if let Err(e) = guest.vcpu.enable_dirty_log(method, frames) {
+            fail(format_args!("dirty logging: {e}"));
+        }
     }
     guest.dirty = Some(crate::memory::DirtyLog::new(pages));
     let guest_out = Arc::new(spin::Mutex::new(FrameQueue::new(QUEUE_FRAMES)));

@@ -125,8 +125,46 @@ impl StandaloneHost {
         self.net.run(program, args, timeout_s)
     }
 
+    /// Runs a Python script in the client namespace under `timeout_s`; its stdout. The test
+    /// fails, with the serial console, when the script fails.
+    pub fn python(&self, script: &str, args: &[&str], timeout_s: u32) -> String {
+        let mut all = vec!["-c", script];
+        all.extend_from_slice(args);
+        let out = self.net.run("python3", &all, timeout_s);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "client script failed ({}):\n{stdout}{}\nserial:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.serial()
+        );
+        stdout
+    }
+
     /// The host's scratch directory (image, token, disk).
     pub fn scratch(&self) -> &std::path::Path {
         self.scratch.path()
     }
+}
+
+/// Fails the test unless `promtool check metrics` accepts `body` (a metrics page).
+pub fn assert_promtool_accepts(body: &str) {
+    use std::process::{Command, Stdio};
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package `prometheus`; `cargo xtask deps`)");
+    std::io::Write::write_all(promtool.stdin.as_mut().expect("promtool stdin"), body.as_bytes())
+        .expect("writing to promtool");
+    let result = promtool.wait_with_output().expect("promtool output");
+    assert!(
+        result.status.success(),
+        "promtool check metrics failed:\n{}{}\npage:\n{body}",
+        String::from_utf8_lossy(&result.stdout),
+        String::from_utf8_lossy(&result.stderr)
+    );
 }

@@ -8,7 +8,6 @@
 //! and namespace only. Every client runs under `timeout`; the machine and the network are
 //! removed on drop.
 
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use qemu_tests::standalone::{HostOptions, StandaloneHost};
@@ -35,23 +34,6 @@ impl Setup {
         let options =
             HostOptions { guests, disk_kib, wait_for, timeout: BOOT_TIMEOUT, ..HostOptions::new(tag, subnet) };
         Self(StandaloneHost::boot(&options))
-    }
-
-    /// Runs a Python script in the client namespace under `timeout_s`; returns its stdout,
-    /// failing the test (with the serial console) when it fails.
-    fn python(&self, script: &str, args: &[&str], timeout_s: u32) -> String {
-        let mut all = vec!["-c", script];
-        all.extend_from_slice(args);
-        let out: Output = self.net.run("python3", &all, timeout_s);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "client script failed ({}):\n{stdout}{}\nserial:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.serial()
-        );
-        stdout
     }
 
     /// One JSON request on a fresh connection; the reply line.
@@ -427,21 +409,7 @@ fn metrics_with_heap_gauges_pass_promtool() {
     eprintln!("[figure] heap after boot (QEMU TCG, 512 MiB): size {size}, used {used}, free {free}, high water {high}");
     assert!(size > 0 && used > 0 && used + free == size && high >= used && high <= size, "{body}");
     assert!(body.contains("colo_mgmt_connections_total{server=\"json\",event=\"accepted\"} 1\n"), "{body}");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package `prometheus`; `cargo xtask deps`)");
-    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
-    let result = promtool.wait_with_output().unwrap();
-    assert!(
-        result.status.success(),
-        "promtool check metrics failed:\n{}{}\npage:\n{body}",
-        String::from_utf8_lossy(&result.stdout),
-        String::from_utf8_lossy(&result.stderr)
-    );
+    qemu_tests::standalone::assert_promtool_accepts(&body);
     let status = s.request(r#"{"cmd":"status"}"#);
     assert!(field(&status, "heap", "used") > 0 && field(&status, "heap", "free") > 0, "{status}");
     assert!(field(&status, "heap", "high_water") >= field(&status, "heap", "used"), "{status}");

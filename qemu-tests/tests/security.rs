@@ -6,7 +6,7 @@
 //! the test's own bridge and namespace only. Every client runs under `timeout`; the machine and
 //! the network are removed on drop.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use qemu_tests::standalone::{HostOptions, StandaloneHost};
@@ -58,18 +58,7 @@ impl Setup {
 
     /// Runs a Python script in the client namespace; its stdout (the test fails if it fails).
     fn python(&self, script: &str, args: &[&str]) -> String {
-        let mut all = vec!["-c", script];
-        all.extend_from_slice(args);
-        let out: Output = self.net.run("python3", &all, 60);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "client script failed ({}):\n{stdout}{}\nserial:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.serial()
-        );
-        stdout
+        self.host.python(script, args, 60)
     }
 
     /// JSON requests on one connection from source address `src`, sent one after the other

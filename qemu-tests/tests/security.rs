@@ -464,7 +464,11 @@ def pump(src, dst, tamper):
                     dst.sendall(b); sent += len(b); b = held; held = None; done(m)
                 elif m == "truncate":
                     dst.sendall(b[:max(1, len(b) - 5)]); done(m)
-                    break
+                    # FIN right after the cut record, nothing else: the other pump keeps
+                    # reading the secondary, so no close with unread data turns it into a RST
+                    # (which would discard the cut record before the host reads it).
+                    dst.shutdown(socket.SHUT_WR)
+                    return
             dst.sendall(b)
             sent += len(b)
             last = b

@@ -797,6 +797,16 @@ print(n)
 
     /// One JSON request to `host`'s management API (from the client namespace); the reply line.
     pub fn mgmt(&self, host: Host, request: &str) -> Result<String, ClusterError> {
+        // Every request carries the cluster's token (mutating commands need it; the others
+        // ignore it), as `cargo xtask ctl` sends it.
+        let authed;
+        let request = match (request.trim_start().strip_prefix('{'), fs::read_to_string(self.token_path())) {
+            (Some(rest), Ok(token)) if !request.contains("\"token\"") => {
+                authed = format!("{{\"token\":\"{}\",{rest}", token.trim());
+                authed.as_str()
+            }
+            _ => request,
+        };
         let script = format!(
             "exec 3<>/dev/tcp/{}/{MGMT_PORT} && printf '%s\\n' \"$1\" >&3 && head -n 1 <&3",
             self.mgmt_ip(host)

@@ -186,7 +186,7 @@ fn ctl_checkpoint_raises_the_manual_counter_and_verifies() {
 fn incr_across_checkpoints(c: &Cluster, key: &str, rounds: u32) -> String {
     let script = r#"
 import socket, sys, time
-svc, mgmt, key, rounds = sys.argv[1], sys.argv[2], sys.argv[3].encode(), int(sys.argv[4])
+svc, mgmt, key, rounds, token = sys.argv[1], sys.argv[2], sys.argv[3].encode(), int(sys.argv[4]), sys.argv[5]
 def cmd(*words):
     return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
 s = socket.create_connection((svc, 6379), timeout=30)
@@ -194,7 +194,7 @@ for i in range(rounds):
     s.sendall(cmd(b"INCR", key))
     print(s.recv(100).decode().strip(), flush=True)
     m = socket.create_connection((mgmt, 7070), timeout=30)
-    m.sendall(b'{"cmd":"checkpoint"}\n')
+    m.sendall(b'{"cmd":"checkpoint","token":"%s"}\n' % token.encode())
     assert b'"ok":true' in m.recv(1000)
     m.close()
     time.sleep(1.5)
@@ -202,7 +202,9 @@ s.sendall(cmd(b"GET", key))
 print(s.recv(100).decode().split()[-1], flush=True)
 "#;
     let (svc, mgmt) = (c.service_ip(), c.mgmt_ip(Host::Primary));
-    let out = c.run(Net::Client, "python3", &["-c", script, &svc, &mgmt, key, &rounds.to_string()], 120);
+    let token = std::fs::read_to_string(c.token_path()).expect("the cluster's mgmt-token");
+    let args = ["-c", script, &svc, &mgmt, key, &rounds.to_string(), token.trim()];
+    let out = c.run(Net::Client, "python3", &args, 120);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "client failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     text

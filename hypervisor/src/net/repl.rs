@@ -387,6 +387,11 @@ impl ReplLink {
         self.sealed_out = Vec::with_capacity(MAX_SEALED_RECORD + SEAL_OVERHEAD);
     }
 
+    /// Gives up the sealing configuration (a promoted host moves it to its new link).
+    pub fn take_sealing(&mut self) -> Option<Sealing> {
+        self.sealing.take()
+    }
+
     /// Whether connections are sealed.
     pub fn is_sealed(&self) -> bool {
         self.sealing.is_some()
@@ -899,8 +904,13 @@ pub mod nic {
         pub fn become_primary(&mut self, peer: core::net::SocketAddrV4, addr: crate::config::Ipv4Cidr) {
             let mac = self.nic.dev.mac();
             let mode = Mode::Connect { peer };
+            // The new link keeps the cluster key: the joining secondary expects a sealed link.
+            let sealing = self.link.take_sealing();
             self.link =
                 ReplLink::new(LinkConfig { mode, addr, mac, seed: time::rdtsc() }, &mut self.nic, time::now_ms());
+            if let Some(sealing) = sealing {
+                self.link.set_sealing(sealing);
+            }
             log::info!("repl: promoted: {}/{} now connects to {peer}", addr.addr, addr.prefix);
         }
 
